@@ -1,0 +1,89 @@
+"""Pure ASGI middleware (contract): ``app = SessionAwareMiddleware(app, guard=guard)``.
+
+HTTP and websocket scopes are decided by the Guard; a refused websocket is closed with code 1008 before it is
+accepted. The ticket is released after the app returns (after the last body chunk, on client disconnect, or on an
+exception), shielded from cancellation. The view finds its :class:`~sa_middleware.context.SAContext` in
+``scope["sa_middleware"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import anyio
+
+from .context import RequestInfo
+from .denials import Denial
+from .guard import Admitted, Guard
+from .policy import RouteMatch
+from .responses import denial_response
+
+__all__ = ["SessionAwareMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def request_info(scope: Scope) -> RequestInfo:
+    """A RequestInfo from an ASGI scope (header values decoded as latin-1, repeated headers joined)."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", ()):
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    client = scope.get("client")
+    return RequestInfo(method=scope.get("method", "GET"), path=scope.get("path", "/"), headers=headers,
+                       client=str(client[0]) if client else "", websocket=scope["type"] == "websocket")
+
+
+async def send_denial(scope: Scope, receive: Receive, send: Send, denial: Denial, guard: Guard) -> None:
+    """Answer a refused request: a problem+json response, or a websocket close with 1008."""
+    if scope["type"] == "websocket":
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1008, "reason": denial.code})
+        return
+    status, headers, body = denial_response(denial, guard.realm, guard.retry_after)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def run_admitted(app: ASGIApp, scope: Scope, receive: Receive, send: Send, outcome: Admitted,
+                       guard: Guard) -> None:
+    """Run the app with the context in the scope, and release the ticket on every exit path."""
+    scope["sa_middleware"] = outcome.context
+    try:
+        await app(scope, receive, send)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await guard.arelease(outcome.ticket)
+
+
+class SessionAwareMiddleware:
+    """Session-aware authorisation for any ASGI app."""
+
+    def __init__(self, app: ASGIApp, *, guard: Guard) -> None:
+        if not isinstance(guard, Guard):
+            raise TypeError("SessionAwareMiddleware needs guard=Guard(...)")
+        self.app = app
+        self.guard = guard
+
+    def match(self, scope: Scope, request: RequestInfo) -> RouteMatch | None:
+        """The route match; ``None`` lets the Guard use its own route table (adapters override this)."""
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request = request_info(scope)
+        outcome = await self.guard.aadmit(request, self.match(scope, request))
+        if isinstance(outcome, Denial):
+            await send_denial(scope, receive, send, outcome, self.guard)
+        else:
+            await run_admitted(self.app, scope, receive, send, outcome, self.guard)

@@ -1,0 +1,42 @@
+"""What the middleware reads from a request (RequestInfo) and what the view sees (SAContext)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RequestInfo", "SAContext"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """A framework-neutral view of one request. ``headers`` keys are lower-case."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    client: str = ""
+    websocket: bool = False
+
+    @property
+    def user_agent(self) -> str:
+        return self.headers.get("user-agent", "")[:256]
+
+
+@dataclass(frozen=True, slots=True)
+class SAContext:
+    """The authorisation context of an admitted request, as the view sees it.
+
+    ``principal`` is ``None`` on public routes. ``fencing_tokens`` maps each lock key to its fencing token, a number
+    that strictly increases per key: pass it to your database so a write from an expired holder can be refused.
+    """
+
+    principal: str | None
+    kind: str | None
+    session_id: str | None
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    ticket_id: str | None = None
+    fencing_tokens: Mapping[str, int] = field(default_factory=dict)
+    route: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)

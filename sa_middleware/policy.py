@@ -1,0 +1,277 @@
+"""Per-route policies (a contract) and the route table that matches a request to one.
+
+Routes are keyed ``"METHOD /path/{param}"`` with Starlette's path syntax (``{id}``, ``{id:int}``, ``{id:float}``,
+``{id:uuid}``, ``{rest:path}``); ``"* /path"`` matches any method. The most specific match wins: an exact method
+beats ``*``, then more literal path characters, then fewer ``path`` parameters. ``default_policy`` fills every field
+a route leaves unset, and applies alone to requests that match no route.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+from .errors import ConfigurationError
+
+__all__ = ["EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "render_lock_key"]
+
+SessionLimitAction = Literal["reject", "evict_oldest"]
+LockConflictAction = Literal["reject", "wait", "pause"]
+LockMode = Literal["exclusive", "shared"]
+
+_SESSION_LIMIT_ACTIONS = ("reject", "evict_oldest")
+_LOCK_CONFLICT_ACTIONS = ("reject", "wait", "pause")
+_LOCK_MODES = ("exclusive", "shared")
+
+
+def _str_set(value: Any, name: str) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.split()
+    if not isinstance(value, Iterable):
+        raise ConfigurationError(f"{name} must be a set of strings")
+    items = frozenset(value)
+    if not all(isinstance(item, str) and item for item in items):
+        raise ConfigurationError(f"{name} must contain non-empty strings")
+    return items
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What a route requires. Every field is optional; ``None`` means "unset: take it from ``default_policy``".
+
+    See README "Policy fields" for the meaning and the default of each field.
+    """
+
+    public: bool | None = None
+    scopes: frozenset[str] | None = None
+    max_sessions: int | None = None
+    on_session_limit: SessionLimitAction | None = None
+    max_in_flight: int | None = None
+    exclusive: bool | None = None
+    tags: frozenset[str] | None = None
+    conflicts: frozenset[str] | None = None
+    raises_risk: int | None = None
+    risk_window: float | None = None
+    max_risk: int | None = None
+    locks: tuple[str, ...] | None = None
+    lock_mode: LockMode | None = None
+    on_lock_conflict: LockConflictAction | None = None
+    lock_wait: float | None = None
+    one_time: bool | None = None
+    require_compliant_device: bool | None = None
+    max_auth_age: int | None = None
+    acr_values: tuple[str, ...] | None = None
+    fail_open: bool | None = None
+
+    def __post_init__(self) -> None:
+        setattr_ = object.__setattr__
+        for name in ("scopes", "tags", "conflicts"):
+            setattr_(self, name, _str_set(getattr(self, name), name))
+        for name in ("locks", "acr_values"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, str):
+                    value = (value,) if name == "locks" else tuple(value.split())
+                value = tuple(value)
+                if not all(isinstance(item, str) and item for item in value):
+                    raise ConfigurationError(f"{name} must be a list of non-empty strings")
+                setattr_(self, name, value)
+        for name in ("public", "exclusive", "one_time", "require_compliant_device", "fail_open"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigurationError(f"{name} must be True or False")
+        for name, minimum in (("max_sessions", 1), ("max_in_flight", 1), ("raises_risk", 0),
+                              ("max_risk", 0), ("max_auth_age", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ConfigurationError(f"{name} must be an integer >= {minimum}")
+        for name in ("risk_window", "lock_wait"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+                raise ConfigurationError(f"{name} must be a number of seconds >= 0")
+        for name, allowed in (("on_session_limit", _SESSION_LIMIT_ACTIONS),
+                              ("on_lock_conflict", _LOCK_CONFLICT_ACTIONS), ("lock_mode", _LOCK_MODES)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}")
+        for template in self.locks or ():
+            _lock_fields(template)
+
+    def merged(self, fallback: Policy | None) -> Policy:
+        """This policy with every unset field taken from ``fallback``."""
+        if fallback is None:
+            return self
+        return replace(fallback, **{f.name: getattr(self, f.name) for f in fields(self)
+                                    if getattr(self, f.name) is not None})
+
+    def effective(self) -> EffectivePolicy:
+        """The policy with the library defaults filled in."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return EffectivePolicy(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class EffectivePolicy:
+    """A policy with every field resolved (library defaults for anything left unset)."""
+
+    public: bool = False
+    scopes: frozenset[str] = frozenset()
+    max_sessions: int | None = None
+    on_session_limit: SessionLimitAction = "reject"
+    max_in_flight: int | None = None
+    exclusive: bool = False
+    tags: frozenset[str] = frozenset()
+    conflicts: frozenset[str] = frozenset()
+    raises_risk: int = 0
+    risk_window: float = 60.0
+    max_risk: int | None = None
+    locks: tuple[str, ...] = ()
+    lock_mode: LockMode = "exclusive"
+    on_lock_conflict: LockConflictAction = "reject"
+    lock_wait: float = 5.0
+    one_time: bool = False
+    require_compliant_device: bool = False
+    max_auth_age: int | None = None
+    acr_values: tuple[str, ...] = ()
+    fail_open: bool = False
+
+
+def _lock_fields(template: str) -> list[str]:
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ConfigurationError(f"lock template {template!r} is malformed: {exc}") from None
+    for name in names:
+        if not name.isidentifier():
+            raise ConfigurationError(f"lock template {template!r}: {{{name}}} is not a plain parameter name")
+    return names
+
+
+def render_lock_key(template: str, params: Mapping[str, Any]) -> str:
+    """Render ``"payment:{id}"`` with the route's path parameters."""
+    return template.format_map({key: str(value) for key, value in params.items()})
+
+
+_PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")
+_CONVERTORS: dict[str, tuple[str, Any]] = {
+    "str": ("[^/]+", str),
+    "path": (".*", str),
+    "int": ("[0-9]+", int),
+    "float": (r"[0-9]+(?:\.[0-9]+)?", float),
+    "uuid": ("[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", str),
+}
+_METHODS = frozenset({"*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+                      "WEBSOCKET"})
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """The route a request matched, its path parameters and its resolved policy."""
+
+    route: str | None
+    params: Mapping[str, Any]
+    policy: EffectivePolicy
+    lock_keys: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Route:
+    key: str
+    method: str
+    regex: re.Pattern[str]
+    convert: dict[str, Any]
+    policy: EffectivePolicy
+    rank: tuple[int, int, int]
+    params: frozenset[str] = field(default_factory=frozenset)
+
+
+class RouteTable:
+    """Matches ``(method, path)`` to the most specific route policy."""
+
+    def __init__(self, policies: Mapping[str, Policy] | None, default_policy: Policy | None = None) -> None:
+        if default_policy is not None and not isinstance(default_policy, Policy):
+            raise ConfigurationError("default_policy must be a Policy")
+        self.default_policy = default_policy or Policy()
+        if default_policy is not None and default_policy.locks:
+            raise ConfigurationError("default_policy: locks need a route's path parameters; set them per route")
+        self._default = self.default_policy.effective()
+        self._routes: list[_Route] = []
+        self._cache: dict[tuple[str, str], RouteMatch] = {}
+        for key, policy in (policies or {}).items():
+            self._routes.append(self._compile(key, policy))
+        self._routes.sort(key=lambda r: r.rank, reverse=True)
+
+    def _compile(self, key: str, policy: Policy) -> _Route:
+        if not isinstance(key, str):
+            raise ConfigurationError(f"route {key!r}: keys are strings like 'GET /items/{{id}}'")
+        if not isinstance(policy, Policy):
+            raise ConfigurationError(f"route {key!r}: the value must be a Policy")
+        method, _, path = key.strip().partition(" ")
+        method = method.upper()
+        path = path.strip()
+        if method not in _METHODS or not path.startswith("/"):
+            raise ConfigurationError(f"route {key!r}: expected 'METHOD /path' with METHOD one of "
+                                     f"{', '.join(sorted(_METHODS))}")
+        pattern, convert, literal, path_params, pos = "^", {}, 0, 0, 0
+        for m in _PARAM.finditer(path):
+            pattern += re.escape(path[pos:m.start()])
+            literal += m.start() - pos
+            name, conv = m.group(1), m.group(2) or "str"
+            if conv not in _CONVERTORS:
+                raise ConfigurationError(f"route {key!r}: unknown convertor {conv!r}")
+            if name in convert:
+                raise ConfigurationError(f"route {key!r}: parameter {name!r} appears twice")
+            regex, func = _CONVERTORS[conv]
+            pattern += f"(?P<{name}>{regex})"
+            convert[name] = func
+            path_params += conv == "path"
+            pos = m.end()
+        if "{" in path[pos:] or "}" in path[pos:]:
+            raise ConfigurationError(f"route {key!r}: malformed path parameter")
+        pattern += re.escape(path[pos:]) + "$"
+        literal += len(path) - pos
+        try:
+            merged = policy.merged(self.default_policy)
+            for template in policy.locks or ():
+                missing = [n for n in _lock_fields(template) if n not in convert]
+                if missing:
+                    raise ConfigurationError(f"locks: {template!r} uses {{{missing[0]}}}, not a parameter of the path")
+            effective = merged.effective()
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"route {key!r}: {exc}") from None
+        rank = (literal, -path_params, method != "*")
+        return _Route(key, method, re.compile(pattern), convert, effective, rank, frozenset(convert))
+
+    def match(self, method: str, path: str) -> RouteMatch:
+        """The most specific route for this request, or the default policy (``route=None``)."""
+        cache_key = (method, path)
+        hit = self._cache.get(cache_key)
+        if hit is not None:
+            return hit
+        result = self._match(method.upper(), path)
+        if not result.params and len(self._cache) < 4096:
+            self._cache[cache_key] = result  # parameter-free paths are few; parametrised ones are not cached
+        return result
+
+    def _match(self, method: str, path: str) -> RouteMatch:
+        for route in self._routes:
+            if route.method not in ("*", method) and not (route.method == "GET" and method == "HEAD"):
+                continue
+            m = route.regex.match(path)
+            if m is None:
+                continue
+            params = {name: route.convert[name](value) for name, value in m.groupdict().items()}
+            keys = tuple(render_lock_key(t, params) for t in route.policy.locks)
+            return RouteMatch(route.key, params, route.policy, keys)
+        return RouteMatch(None, {}, self._default, ())
+
+    def resolve(self, policy: Policy | None, route: str | None, params: Mapping[str, Any]) -> RouteMatch:
+        """Build a match for a route found by a framework's own router (used by the adapters)."""
+        merged = (policy or Policy()).merged(self.default_policy).effective()
+        keys = tuple(render_lock_key(t, params) for t in merged.locks)
+        return RouteMatch(route, dict(params), merged, keys)

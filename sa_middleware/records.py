@@ -1,0 +1,186 @@
+"""The values exchanged between the Guard and a store: what to ask (Admission), what is stored, what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "Admission", "LockHolder", "LockInfo", "LockRequest", "Marker", "PrincipalState", "SessionInfo",
+    "SessionStatus", "Snapshot", "Ticket", "TicketRecord", "Verdict",
+]
+
+SessionStatus = Literal["active", "paused", "revoked", "compromised"]
+Kind = Literal["human", "service", "agent"]
+
+
+@dataclass(frozen=True, slots=True)
+class LockRequest:
+    key: str
+    mode: Literal["exclusive", "shared"] = "exclusive"
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Everything a store needs to decide one request atomically. Built by the Guard, pure data."""
+
+    ticket_id: str
+    sub: str
+    kind: str
+    session_id: str
+    token_hash: str
+    token_exp: float
+    token_iat: float | None
+    token_gen: int | None
+    jti: str | None
+    actor: str | None
+    credential: str | None
+    device: str | None
+    client: str
+    user_agent: str
+    route: str
+    token_scopes: frozenset[str] = frozenset()
+    auth_time: float | None = None
+    acr: str | None = None
+    # policy
+    scopes: frozenset[str] = frozenset()
+    max_auth_age: int | None = None
+    acr_values: tuple[str, ...] = ()
+    one_time: bool = False
+    require_compliant_device: bool = False
+    max_sessions: int | None = None
+    on_session_limit: str = "reject"
+    max_in_flight: int | None = None
+    exclusive: bool = False
+    tags: frozenset[str] = frozenset()
+    conflicts: frozenset[str] = frozenset()
+    raises_risk: int = 0
+    risk_window: float = 60.0
+    max_risk: int | None = None
+    locks: tuple[LockRequest, ...] = ()
+    on_lock_conflict: str = "reject"
+    # timing
+    lease: float = 30.0
+    session_idle: float = 900.0
+
+
+@dataclass(slots=True)
+class PrincipalState:
+    generation: int = 0
+    not_before: float | None = None
+    risk: list[tuple[int, float]] = field(default_factory=list)  # (amount, until)
+    privileges: frozenset[str] | None = None
+    privileges_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """A compromise marker: tokens of this principal / actor / credential / device issued before ``at`` (or
+    with a generation <= ``generation``) cannot open a new context."""
+
+    at: float
+    generation: int | None = None
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    """One context of a principal, as stored (and as listed by ``Guard.sessions``)."""
+
+    session_id: str
+    sub: str
+    kind: str
+    status: SessionStatus
+    created: float
+    last_seen: float
+    expires: float
+    client: str = ""
+    user_agent: str = ""
+    device: str | None = None
+    credential: str | None = None
+    actor: str | None = None
+    marked_at: float | None = None
+    marked_generation: int | None = None
+    cleared_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TicketRecord:
+    ticket_id: str
+    sub: str
+    session_id: str
+    token_hash: str
+    client: str
+    tags: frozenset[str]
+    conflicts: frozenset[str]
+    exclusive: bool
+    expires: float
+
+
+@dataclass(frozen=True, slots=True)
+class LockHolder:
+    ticket_id: str
+    mode: str
+    sub: str
+    session_id: str
+    kind: str
+    expires: float
+
+
+@dataclass(frozen=True, slots=True)
+class LockInfo:
+    """A held object lock, as listed by ``Guard.locks``."""
+
+    key: str
+    mode: str
+    fencing_token: int
+    ticket_id: str
+    sub: str
+    session_id: str
+    expires: float
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """The state a store reads, inside its transaction, to decide one admission. Only live rows are included."""
+
+    now: float
+    principal: PrincipalState
+    sessions: list[SessionInfo]
+    tickets: list[TicketRecord]
+    lock_holders: dict[str, list[LockHolder]]
+    fences: dict[str, int]
+    device_compliant: bool | None = None
+    jti_seen: bool = False
+    markers: list[Marker] = field(default_factory=list)  # principal, actor, credential and device markers
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An admitted request: hand it back to ``release``."""
+
+    ticket_id: str
+    sub: str
+    session_id: str
+    fencing_tokens: dict[str, int]
+    expires: float
+
+
+@dataclass(slots=True)
+class Verdict:
+    """The outcome of the rule function: a Ticket or a denial code, and the writes the store must apply.
+
+    Writes are applied whether the request is admitted or not (a newer generation ratchets even if the request is
+    then refused for another reason; a lock conflict may pause a session).
+    """
+
+    ticket: Ticket | None = None
+    code: str | None = None
+    detail: str = ""
+    retry_after: int | None = None
+    new_generation: int | None = None
+    risk: list[tuple[int, float]] | None = None
+    session: SessionInfo | None = None
+    session_status: dict[str, SessionStatus] = field(default_factory=dict)
+    ticket_record: TicketRecord | None = None
+    lock_grants: list[tuple[str, str, int]] = field(default_factory=list)  # key, mode, fencing token
+    record_jti: bool = False

@@ -1,0 +1,174 @@
+"""The admission rule: one pure function that every store evaluates inside its own atomic transaction.
+
+The memory and SQLite stores call :func:`evaluate` on a :class:`~sa_middleware.records.Snapshot` read inside one
+``BEGIN IMMEDIATE`` transaction and apply the returned writes in the same transaction. The Redis store implements the
+same rule in Lua; the conformance suite keeps the two equal. Checks run in the order of DESIGN section 5, and the
+first failure wins, so the same state always gives the same code.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .records import Admission, SessionInfo, SessionStatus, Snapshot, Ticket, TicketRecord, Verdict
+
+__all__ = ["evaluate", "is_newer", "live_risk"]
+
+
+def is_newer(marker_at: float, marker_gen: int | None, token_iat: float | None, token_gen: int | None) -> bool:
+    """Whether a token postdates a compromise marker: a higher generation, or issued after it."""
+    if marker_gen is not None and token_gen is not None and token_gen > marker_gen:
+        return True
+    return token_iat is not None and token_iat > marker_at
+
+
+def live_risk(entries: list[tuple[int, float]], now: float) -> list[tuple[int, float]]:
+    """The risk entries that have not expired."""
+    return [(amount, until) for amount, until in entries if until > now]
+
+
+def _seconds(value: float) -> int:
+    return max(1, math.ceil(value))
+
+
+def evaluate(a: Admission, s: Snapshot) -> Verdict:  # noqa: C901 - one check per step, in the documented order
+    """Decide one admission against a snapshot. Returns the verdict and the writes to apply."""
+    now, p, v = s.now, s.principal, Verdict()
+
+    # generation ratchet and not-before watermark
+    token_gen = a.token_gen if a.token_gen is not None else 0
+    if token_gen < p.generation:
+        return _deny(v, "stale_generation", "the credential generation was superseded; obtain a new token")
+    if token_gen > p.generation:
+        v.new_generation = token_gen
+    if p.not_before is not None and (a.token_iat is None or a.token_iat < p.not_before):
+        return _deny(v, "token_revoked", "tokens issued before the principal's revocation are refused")
+
+    # session status
+    session = next((x for x in s.sessions if x.session_id == a.session_id), None)
+    if session is not None:
+        if session.status == "revoked":
+            return _deny(v, "session_revoked", "this session was revoked or evicted")
+        if session.status == "paused":
+            return _deny(v, "session_paused", "this session is paused until an operator resumes it")
+        if session.status == "compromised":
+            if not is_newer(session.marked_at or now, session.marked_generation, a.token_iat, a.token_gen):
+                return _deny(v, "credential_compromised",
+                             "this context is related to a reported compromise; re-authenticate")
+            v.session_status[a.session_id] = "active"
+
+    # compromise markers (principal, actor, credential, device)
+    cleared_at = session.cleared_at if session is not None else None
+    for marker in s.markers:
+        if cleared_at is not None and marker.at <= cleared_at:
+            continue
+        if not is_newer(marker.at, marker.generation, a.token_iat, a.token_gen):
+            return _deny(v, "credential_compromised", "this context is related to a reported compromise; "
+                                                       "re-authenticate")
+
+    # reuse and replay
+    for t in s.tickets:
+        if t.token_hash == a.token_hash and t.client != a.client:
+            return _deny(v, "token_reuse", "this token is in use by another client")
+    if a.one_time and s.jti_seen:
+        return _deny(v, "token_replayed", "this one-time token was already used")
+
+    # scopes and step-up
+    if a.scopes:
+        granted = a.token_scopes
+        if p.privileges is not None and (a.token_iat is None or p.privileges_at is None
+                                         or a.token_iat < p.privileges_at):
+            granted = granted & p.privileges
+        if not a.scopes <= granted:
+            return _deny(v, "insufficient_scope", "required scope missing or withdrawn")
+    if a.max_auth_age is not None and (a.auth_time is None or now - a.auth_time > a.max_auth_age):
+        return _deny(v, "step_up_required", "a more recent authentication is required")
+    if a.acr_values and a.acr not in a.acr_values:
+        return _deny(v, "step_up_required", "a stronger authentication is required")
+
+    # device posture
+    if a.require_compliant_device:
+        if a.device is None:
+            return _deny(v, "device_noncompliant", "the token names no device")
+        if s.device_compliant is False:
+            return _deny(v, "device_noncompliant", "the device is marked non-compliant")
+
+    # parallel sessions
+    evict: list[str] = []
+    is_active = session is not None and session.last_seen + a.session_idle > now
+    if a.max_sessions is not None and not is_active:
+        others = sorted((x for x in s.sessions if x.session_id != a.session_id and x.status != "revoked"
+                         and x.last_seen + a.session_idle > now), key=lambda x: (x.created, x.session_id))
+        excess = len(others) - a.max_sessions + 1
+        if excess > 0:
+            if a.on_session_limit != "evict_oldest":
+                return _deny(v, "too_many_sessions", f"at most {a.max_sessions} active sessions are allowed")
+            evict = [x.session_id for x in others[:excess]]
+
+    # actions in flight
+    if a.max_in_flight is not None and len(s.tickets) >= a.max_in_flight:
+        return _deny(v, "too_many_in_flight", f"at most {a.max_in_flight} requests may be in flight", 1)
+    for t in s.tickets:
+        if a.exclusive or t.exclusive:
+            return _deny(v, "conflicting_action", "another action of this principal is in flight", 1)
+        if a.conflicts & t.tags or t.conflicts & a.tags:
+            return _deny(v, "conflicting_action", "a conflicting action of this principal is in flight", 1)
+
+    # risk
+    risk = live_risk(p.risk, now)
+    if a.max_risk is not None:
+        level = sum(amount for amount, _ in risk)
+        if level > a.max_risk:
+            until = max(u for _, u in risk)
+            return _deny(v, "risk_too_high", "a recent action raised this principal's risk", _seconds(until - now))
+
+    # object locks
+    grants: list[tuple[str, str, int]] = []
+    for req in a.locks:
+        holders = [h for h in s.lock_holders.get(req.key, []) if h.ticket_id != a.ticket_id]
+        blocking = [h for h in holders if req.mode == "exclusive" or h.mode == "exclusive"]
+        if blocking:
+            retry = _seconds(min(h.expires for h in blocking) - now)
+            if a.on_lock_conflict == "pause":
+                if a.kind != "human":
+                    v.session_status[a.session_id] = "paused"
+                    if session is None:
+                        v.session = _new_session(a, now, "paused")
+                    return _deny(v, "session_paused",
+                                 f"{req.key} is being modified by another principal; this session is paused "
+                                 "until an operator resumes it")
+                for h in blocking:
+                    if h.kind != "human":
+                        v.session_status[h.session_id] = "paused"
+            return _deny(v, "object_locked", f"{req.key} is locked by another request", retry)
+        grants.append((req.key, req.mode, s.fences.get(req.key, 0) + 1))
+
+    # admitted
+    for sid in evict:
+        v.session_status[sid] = "revoked"
+    if session is None:
+        v.session = _new_session(a, now, "active")
+    else:
+        v.session = SessionInfo(
+            session.session_id, session.sub, a.kind, "active", session.created, now, max(session.expires, a.token_exp),
+            a.client, a.user_agent, a.device, a.credential, a.actor, None, None, session.cleared_at)
+    if a.raises_risk:
+        v.risk = [*risk, (a.raises_risk, now + a.risk_window)]
+    v.lock_grants = grants
+    v.record_jti = a.one_time
+    expires = now + a.lease
+    v.ticket_record = TicketRecord(a.ticket_id, a.sub, a.session_id, a.token_hash, a.client, a.tags, a.conflicts,
+                                   a.exclusive, expires)
+    v.ticket = Ticket(a.ticket_id, a.sub, a.session_id, {key: fence for key, _, fence in grants}, expires)
+    return v
+
+
+def _new_session(a: Admission, now: float, status: SessionStatus) -> SessionInfo:
+    return SessionInfo(a.session_id, a.sub, a.kind, status, now, now, a.token_exp, a.client,
+                       a.user_agent, a.device, a.credential, a.actor)
+
+
+def _deny(v: Verdict, code: str, detail: str, retry_after: int | None = None) -> Verdict:
+    v.code, v.detail, v.retry_after = code, detail, retry_after
+    return v
+

@@ -1,0 +1,358 @@
+"""The SQLite store: one host, any number of threads and worker processes sharing one database file.
+
+Every admission is one ``BEGIN IMMEDIATE`` transaction: read a snapshot, run :func:`sa_middleware.rules.evaluate`,
+write the verdict. The database runs in WAL mode with ``synchronous=NORMAL`` and a busy timeout (``?timeout=``,
+default 2 s); a store that stays locked past it answers :class:`~sa_middleware.errors.StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import sqlite_utils
+
+from ..denials import Denial
+from ..errors import ConfigurationError, StoreError, StoreUnavailable
+from ..records import (
+    Admission, LockHolder, LockInfo, Marker, PrincipalState, SessionInfo, Snapshot, Ticket, TicketRecord, Verdict,
+)
+from ..rules import evaluate
+from .base import Store
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+
+_SESSION_COLUMNS = ("session_id, sub, kind, status, created, last_seen, expires, client, user_agent, device, "
+                    "credential, actor, marked_at, marked_generation, cleared_at")
+_PRUNE_EVERY = 10.0  # seconds between sweeps of expired rows
+_TOMBSTONE = 86400.0  # how long a revocation of a session never seen is remembered
+
+
+def _schema(db: sqlite_utils.Database) -> None:
+    db["principals"].create({"sub": str, "generation": int, "not_before": float, "risk": str, "privileges": str,
+                             "privileges_at": float, "marker_at": float, "marker_generation": int},
+                            pk="sub", not_null={"generation"}, defaults={"generation": 0}, if_not_exists=True)
+    db["sessions"].create({"session_id": str, "sub": str, "kind": str, "status": str, "created": float,
+                           "last_seen": float, "expires": float, "client": str, "user_agent": str, "device": str,
+                           "credential": str, "actor": str, "marked_at": float, "marked_generation": int,
+                           "cleared_at": float}, pk="session_id", if_not_exists=True)
+    db["tickets"].create({"ticket_id": str, "sub": str, "session_id": str, "token_hash": str, "client": str,
+                          "tags": str, "conflicts": str, "exclusive": int, "expires": float},
+                         pk="ticket_id", if_not_exists=True)
+    db["locks"].create({"key": str, "ticket_id": str, "mode": str, "sub": str, "session_id": str, "kind": str,
+                        "fence": int, "expires": float}, pk=("key", "ticket_id"), if_not_exists=True)
+    db["fences"].create({"key": str, "value": int}, pk="key", if_not_exists=True)
+    db["devices"].create({"device_id": str, "compliant": int, "updated": float}, pk="device_id",
+                         if_not_exists=True)
+    db["jtis"].create({"jti": str, "expires": float}, pk="jti", if_not_exists=True)
+    db["markers"].create({"kind": str, "value": str, "at": float}, pk=("kind", "value"), if_not_exists=True)
+    for table, columns in (("sessions", ["sub"]), ("sessions", ["actor"]), ("sessions", ["device"]),
+                           ("sessions", ["credential"]), ("tickets", ["sub"]), ("locks", ["ticket_id"])):
+        db[table].create_index(columns, if_not_exists=True)
+
+
+def _session(row: sqlite3.Row | tuple[Any, ...]) -> SessionInfo:
+    return SessionInfo(*row)
+
+
+class SQLiteStore(Store):
+    """Store on a SQLite database file (``sqlite:///relative.db``, ``sqlite:////absolute/path.db``)."""
+
+    def __init__(self, path: str, *, timeout: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+        if not path:
+            raise ConfigurationError("sqlite store needs a file path: sqlite:///sa.db")
+        if timeout <= 0:
+            raise ConfigurationError("sqlite timeout must be > 0 seconds")
+        self.path = path
+        self.timeout = timeout
+        self._clock = clock
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._last_prune = 0.0
+        with self._transaction() as conn:
+            _schema(sqlite_utils.Database(conn))
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> SQLiteStore:
+        parts = urlsplit(uri)
+        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        if parts.netloc:
+            raise ConfigurationError("sqlite URIs have no host: use sqlite:///relative.db or sqlite:////abs/path.db")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if "timeout" in query:
+            try:
+                options.setdefault("timeout", float(query["timeout"]))
+            except ValueError:
+                raise ConfigurationError("sqlite timeout must be a number of seconds") from None
+        return cls(path, **options)
+
+    # -- connections and transactions -------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"sqlite store busy: {exc}") from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise StoreUnavailable(f"sqlite commit failed: {exc}") from exc
+
+    def _write(self, func: Callable[[sqlite3.Connection, float], T]) -> T:
+        try:
+            with self._transaction() as conn:
+                return func(conn, self._clock())
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"sqlite store error: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite store error: {exc}") from exc
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- admission ---------------------------------------------------------------------------------------------
+
+    def admit(self, admission: Admission) -> Ticket | Denial:
+        verdict = self._write(lambda conn, now: self._admit(conn, now, admission))
+        if verdict.ticket is not None:
+            return verdict.ticket
+        assert verdict.code is not None
+        return Denial(verdict.code, verdict.detail, verdict.retry_after)
+
+    def _admit(self, conn: sqlite3.Connection, now: float, a: Admission) -> Verdict:
+        if now - self._last_prune > _PRUNE_EVERY:
+            self._prune(conn, now)
+        verdict = evaluate(a, self._snapshot(conn, now, a))
+        self._apply(conn, now, a, verdict)
+        return verdict
+
+    def _snapshot(self, conn: sqlite3.Connection, now: float, a: Admission) -> Snapshot:
+        principal, markers = PrincipalState(), []
+        for row in conn.execute("SELECT sub, generation, not_before, risk, privileges, privileges_at, marker_at, "
+                                "marker_generation FROM principals WHERE sub IN (?, ?)", (a.sub, a.actor or a.sub)):
+            if row[0] == a.sub:
+                principal = PrincipalState(row[1], row[2], [tuple(x) for x in json.loads(row[3] or "[]")],
+                                           frozenset(json.loads(row[4])) if row[4] is not None else None, row[5])
+                if row[6] is not None:
+                    markers.append(Marker(row[6], row[7]))
+            if row[0] == a.actor and row[6] is not None:
+                markers.append(Marker(row[6], None))
+        sessions = [_session(r) for r in conn.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE (sub = ? AND expires > ?) OR session_id = ?",
+            (a.sub, now, a.session_id))]
+        tickets = [TicketRecord(r[0], r[1], r[2], r[3], r[4], frozenset(json.loads(r[5])), frozenset(json.loads(r[6])),
+                                bool(r[7]), r[8])
+                   for r in conn.execute("SELECT ticket_id, sub, session_id, token_hash, client, tags, conflicts, "
+                                         "exclusive, expires FROM tickets WHERE sub = ? AND expires > ?",
+                                         (a.sub, now))]
+        holders: dict[str, list[LockHolder]] = {}
+        fences: dict[str, int] = {}
+        if a.locks:
+            keys = [lock.key for lock in a.locks]
+            marks = ",".join("?" * len(keys))
+            for r in conn.execute(f"SELECT key, ticket_id, mode, sub, session_id, kind, expires FROM locks "
+                                  f"WHERE key IN ({marks}) AND expires > ?", (*keys, now)):
+                holders.setdefault(r[0], []).append(LockHolder(*r[1:]))
+            fences = dict(conn.execute(f"SELECT key, value FROM fences WHERE key IN ({marks})", keys).fetchall())
+        device_compliant = None
+        if a.device is not None:
+            row = conn.execute("SELECT compliant FROM devices WHERE device_id = ?", (a.device,)).fetchone()
+            device_compliant = None if row is None else bool(row[0])
+        jti_seen = a.one_time and conn.execute(
+            "SELECT 1 FROM jtis WHERE jti = ? AND expires > ?", (a.jti, now)).fetchone() is not None
+        if a.credential is not None or a.device is not None:
+            markers.extend(Marker(r[0]) for r in conn.execute(
+                "SELECT at FROM markers WHERE (kind = 'credential' AND value = ?) OR (kind = 'device' AND value = ?)",
+                (a.credential, a.device)))
+        return Snapshot(now, principal, sessions, tickets, holders, fences, device_compliant, jti_seen, markers)
+
+    def _apply(self, conn: sqlite3.Connection, now: float, a: Admission, v: Verdict) -> None:
+        if v.new_generation is not None or v.risk is not None:
+            conn.execute("INSERT INTO principals (sub, generation, risk) VALUES (?, ?, ?) ON CONFLICT(sub) DO UPDATE "
+                         "SET generation = max(generation, excluded.generation), risk = coalesce(?, risk)",
+                         (a.sub, v.new_generation or 0, json.dumps(v.risk or []),
+                          None if v.risk is None else json.dumps(v.risk)))
+        if v.session is not None:
+            s = v.session
+            conn.execute(f"INSERT OR REPLACE INTO sessions ({_SESSION_COLUMNS}) VALUES "
+                         f"({','.join('?' * 15)})",
+                         (s.session_id, s.sub, s.kind, s.status, s.created, s.last_seen, s.expires, s.client,
+                          s.user_agent, s.device, s.credential, s.actor, s.marked_at, s.marked_generation,
+                          s.cleared_at))
+        for session_id, status in v.session_status.items():
+            if v.session is not None and session_id == v.session.session_id:
+                continue
+            conn.execute("UPDATE sessions SET status = ? WHERE session_id = ?", (status, session_id))
+        if v.ticket_record is not None:
+            t = v.ticket_record
+            conn.execute("INSERT INTO tickets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (t.ticket_id, t.sub, t.session_id, t.token_hash, t.client, json.dumps(sorted(t.tags)),
+                          json.dumps(sorted(t.conflicts)), int(t.exclusive), t.expires))
+            for key, mode, fence in v.lock_grants:
+                conn.execute("INSERT INTO locks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (key, t.ticket_id, mode, a.sub, a.session_id, a.kind, fence, t.expires))
+                conn.execute("INSERT INTO fences (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                             "SET value = excluded.value", (key, fence))
+        if v.record_jti:
+            conn.execute("INSERT OR REPLACE INTO jtis VALUES (?, ?)", (a.jti, a.token_exp))
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+        self._last_prune = now
+        for table in ("tickets", "locks", "sessions", "jtis"):
+            conn.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
+
+    def release(self, ticket_id: str) -> None:
+        def run(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute("DELETE FROM tickets WHERE ticket_id = ?", (ticket_id,))
+            conn.execute("DELETE FROM locks WHERE ticket_id = ?", (ticket_id,))
+        self._write(run)
+
+    def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
+        if not ticket_ids:
+            return
+        marks = ",".join("?" * len(ticket_ids))
+
+        def run(conn: sqlite3.Connection, now: float) -> None:
+            for table in ("tickets", "locks"):
+                conn.execute(f"UPDATE {table} SET expires = ? WHERE ticket_id IN ({marks}) AND expires > ?",
+                             (now + lease, *ticket_ids, now))
+        self._write(run)
+
+    # -- operations --------------------------------------------------------------------------------------------
+
+    def rotate(self, sub: str) -> int:
+        def run(conn: sqlite3.Connection, now: float) -> int:
+            row = conn.execute("INSERT INTO principals (sub, generation) VALUES (?, 1) ON CONFLICT(sub) DO UPDATE "
+                               "SET generation = generation + 1 RETURNING generation", (sub,)).fetchone()
+            return int(row[0])
+        return self._write(run)
+
+    def revoke_principal(self, sub: str) -> float:
+        def run(conn: sqlite3.Connection, now: float) -> float:
+            conn.execute("INSERT INTO principals (sub, not_before) VALUES (?, ?) ON CONFLICT(sub) DO UPDATE "
+                         "SET not_before = max(coalesce(not_before, 0), excluded.not_before)", (sub, now))
+            return now
+        return self._write(run)
+
+    def revoke_session(self, session_id: str) -> bool:
+        def run(conn: sqlite3.Connection, now: float) -> bool:
+            if conn.execute("UPDATE sessions SET status = 'revoked' WHERE session_id = ?", (session_id,)).rowcount:
+                return True
+            conn.execute(f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, '', '', 'revoked', ?, ?, ?, '', '', "
+                         "NULL, NULL, NULL, NULL, NULL, NULL)", (session_id, now, now, now + _TOMBSTONE))
+            return False
+        return self._write(run)
+
+    def report_compromise(self, sub: str | None, session_id: str | None) -> list[str]:
+        if sub is None and session_id is None:
+            raise ConfigurationError("report_compromise needs sub or session_id")
+
+        def run(conn: sqlite3.Connection, now: float) -> list[str]:
+            principal = sub
+            if session_id is not None:
+                row = conn.execute("SELECT sub, credential, device FROM sessions WHERE session_id = ? AND sub != ''",
+                                   (session_id,)).fetchone()
+                if row is None and principal is None:
+                    return []
+                if row is not None:
+                    principal = principal or row[0]
+                    origins = [(row[1], row[2])]
+            assert principal is not None
+            if session_id is None or row is None:
+                origins = conn.execute("SELECT credential, device FROM sessions WHERE sub = ? AND expires > ?",
+                                       (principal, now)).fetchall()
+            credentials = sorted({c for c, _ in origins if c})
+            devices = sorted({d for _, d in origins if d})
+            conn.execute("INSERT INTO principals (sub, generation, marker_at, marker_generation) VALUES (?, 0, ?, 0) "
+                         "ON CONFLICT(sub) DO UPDATE SET marker_at = excluded.marker_at, "
+                         "marker_generation = generation", (principal, now))
+            for kind, values in (("credential", credentials), ("device", devices)):
+                for value in values:
+                    conn.execute("INSERT OR REPLACE INTO markers VALUES (?, ?, ?)", (kind, value, now))
+            where = ["sub = ?", "actor = ?"]
+            params: list[Any] = [principal, principal]
+            for column, values in (("credential", credentials), ("device", devices)):
+                if values:
+                    where.append(f"{column} IN ({','.join('?' * len(values))})")
+                    params.extend(values)
+            rows = conn.execute(
+                f"UPDATE sessions SET status = 'compromised', marked_at = ?, marked_generation = "
+                f"(SELECT generation FROM principals p WHERE p.sub = sessions.sub) "
+                f"WHERE expires > ? AND status != 'revoked' AND ({' OR '.join(where)}) RETURNING session_id",
+                (now, now, *params)).fetchall()
+            return sorted(r[0] for r in rows)
+        return self._write(run)
+
+    def pause_session(self, session_id: str) -> bool:
+        return self._write(lambda conn, now: conn.execute(
+            "UPDATE sessions SET status = 'paused' WHERE session_id = ? AND status IN ('active', 'paused')",
+            (session_id,)).rowcount > 0)
+
+    def resume_session(self, session_id: str) -> bool:
+        return self._write(lambda conn, now: conn.execute(
+            "UPDATE sessions SET status = 'active', cleared_at = ?, marked_at = NULL, marked_generation = NULL "
+            "WHERE session_id = ? AND status IN ('paused', 'compromised')", (now, session_id)).rowcount > 0)
+
+    def set_device_status(self, device_id: str, compliant: bool) -> None:
+        self._write(lambda conn, now: conn.execute(
+            "INSERT OR REPLACE INTO devices VALUES (?, ?, ?)", (device_id, int(compliant), now)))
+
+    def set_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
+        value = None if scopes is None else json.dumps(sorted(set(scopes)))
+        self._write(lambda conn, now: conn.execute(
+            "INSERT INTO principals (sub, generation, privileges, privileges_at) VALUES (?, 0, ?, ?) "
+            "ON CONFLICT(sub) DO UPDATE SET privileges = excluded.privileges, privileges_at = excluded.privileges_at",
+            (sub, value, now)))
+
+    def _read(self, func: Callable[[sqlite3.Connection, float], T]) -> T:
+        try:
+            return func(self._connection(), self._clock())
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"sqlite store error: {exc}") from exc
+
+    def sessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
+        return self._read(lambda conn, now: [_session(r) for r in conn.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE sub = ? AND expires > ? AND last_seen > ? "
+            "ORDER BY created, session_id", (sub, now, now - session_idle))])
+
+    def locks(self) -> list[LockInfo]:
+        return self._read(lambda conn, now: [LockInfo(*r) for r in conn.execute(
+            "SELECT key, mode, fence, ticket_id, sub, session_id, expires FROM locks WHERE expires > ? "
+            "ORDER BY key, fence", (now,))])

@@ -1,0 +1,100 @@
+"""WSGI middleware (contract): ``app.wsgi_app = SessionAwareWSGIMiddleware(app.wsgi_app, guard=guard)``.
+
+The ticket is released when the server closes the response iterable (after the last chunk, streamed responses
+included), or at once when the app raises. The view finds its context in ``environ["sa_middleware"]``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from .context import RequestInfo
+from .denials import Denial
+from .guard import Guard
+from .policy import RouteMatch
+from .records import Ticket
+from .responses import denial_response
+
+__all__ = ["SessionAwareWSGIMiddleware"]
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+def request_info(environ: Environ) -> RequestInfo:
+    """A RequestInfo from a WSGI environ."""
+    headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items()
+               if key.startswith("HTTP_") and isinstance(value, str)}
+    for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if environ.get(key):
+            headers[key.replace("_", "-").lower()] = environ[key]
+    path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")) or "/"
+    return RequestInfo(method=environ.get("REQUEST_METHOD", "GET").upper(), path=path, headers=headers,
+                       client=environ.get("REMOTE_ADDR", ""))
+
+
+def denial_app(denial: Denial, guard: Guard, start_response: StartResponse) -> list[bytes]:
+    """Answer a refused request with its problem+json response."""
+    status, headers, body = denial_response(denial, guard.realm, guard.retry_after)
+    start_response(f"{status} {denial.title}", headers)
+    return [body]
+
+
+class _Releasing:
+    """Wraps the app's iterable: releases the ticket exactly once, when the server closes the response."""
+
+    def __init__(self, iterable: Iterable[bytes], release: Callable[[], None]) -> None:
+        self._iterable = iterable
+        self._release = release
+        self._once = threading.Lock()
+        self._done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._iterable)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            with self._once:
+                done, self._done = self._done, True
+            if not done:
+                self._release()
+
+
+def run_admitted(app: WSGIApp, environ: Environ, start_response: StartResponse, guard: Guard,
+                 ticket: Ticket | None) -> Iterable[bytes]:
+    """Call the app and return its response wrapped so the ticket is released on close or on error."""
+    try:
+        result = app(environ, start_response)
+    except BaseException:
+        guard.release(ticket)
+        raise
+    return _Releasing(result, lambda: guard.release(ticket))
+
+
+class SessionAwareWSGIMiddleware:
+    """Session-aware authorisation for any WSGI app."""
+
+    def __init__(self, app: WSGIApp, *, guard: Guard) -> None:
+        if not isinstance(guard, Guard):
+            raise TypeError("SessionAwareWSGIMiddleware needs guard=Guard(...)")
+        self.app = app
+        self.guard = guard
+
+    def match(self, environ: Environ, request: RequestInfo) -> RouteMatch | None:
+        """The route match; ``None`` lets the Guard use its own route table (adapters override this)."""
+        return None
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        request = request_info(environ)
+        outcome = self.guard.admit(request, self.match(environ, request))
+        if isinstance(outcome, Denial):
+            return denial_app(outcome, self.guard, start_response)
+        environ["sa_middleware"] = outcome.context
+        return run_admitted(self.app, environ, start_response, self.guard, outcome.ticket)
