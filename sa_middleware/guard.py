@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import anyio
 
@@ -43,7 +43,7 @@ class Admitted:
     ticket: Ticket | None
 
 
-Outcome = Union[Admitted, Denial]
+Outcome = Admitted | Denial
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class _Sleep:
     seconds: float
 
 
-_Step = Union[_Admit, _Sleep]
+_Step = _Admit | _Sleep
 
 
 class _Keeper:
@@ -251,7 +251,7 @@ class Guard:
             on_lock_conflict=policy.on_lock_conflict, lease=self.lease, session_idle=self.session_idle)
         return admission, SAContext(sub, kind, session_id, claims, route=match.route, params=match.params)
 
-    def _token(self, request: RequestInfo) -> str | None | InvalidToken:
+    def _token(self, request: RequestInfo) -> str | InvalidToken | None:
         header = request.headers.get("authorization")
         if header is None:
             return None

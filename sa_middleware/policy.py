@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -48,24 +48,24 @@ class Policy:
     """
 
     public: bool | None = None
-    scopes: frozenset[str] | None = None
+    scopes: Set[str] | None = None
     max_sessions: int | None = None
     on_session_limit: SessionLimitAction | None = None
     max_in_flight: int | None = None
     exclusive: bool | None = None
-    tags: frozenset[str] | None = None
-    conflicts: frozenset[str] | None = None
+    tags: Set[str] | None = None
+    conflicts: Set[str] | None = None
     raises_risk: int | None = None
     risk_window: float | None = None
     max_risk: int | None = None
-    locks: tuple[str, ...] | None = None
+    locks: Sequence[str] | None = None
     lock_mode: LockMode | None = None
     on_lock_conflict: LockConflictAction | None = None
     lock_wait: float | None = None
     one_time: bool | None = None
     require_compliant_device: bool | None = None
     max_auth_age: int | None = None
-    acr_values: tuple[str, ...] | None = None
+    acr_values: Sequence[str] | None = None
     fail_open: bool | None = None
 
     def __post_init__(self) -> None:

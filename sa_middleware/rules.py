@@ -31,7 +31,7 @@ def _seconds(value: float) -> int:
     return max(1, math.ceil(value))
 
 
-def evaluate(a: Admission, s: Snapshot) -> Verdict:  # noqa: C901 - one check per step, in the documented order
+def evaluate(a: Admission, s: Snapshot) -> Verdict:
     """Decide one admission against a snapshot. Returns the verdict and the writes to apply."""
     now, p, v = s.now, s.principal, Verdict()
 

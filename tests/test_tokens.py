@@ -354,7 +354,8 @@ def test_failures_are_not_cached(rsa_pair: tuple[Any, str], monkeypatch: pytest.
 
 
 def _forge(alg: Any, signature: str = "", **header: Any) -> str:
-    return f"{b64({'alg': alg, 'typ': 'at+jwt', **header})}.{b64(claims())}.{signature}"
+    fields = {name: value for name, value in {"alg": alg, **TYP, **header}.items() if value is not _DROP}
+    return f"{b64(fields)}.{b64(claims())}.{signature}"
 
 
 def _signed(ctx: dict[str, Any], header: dict[str, Any] | None = None, **claim_overrides: Any) -> str:

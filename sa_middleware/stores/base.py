@@ -132,15 +132,15 @@ class Store(abc.ABC):
         await self._run(self.close)
 
 
-_SCHEMES: dict[str, Callable[[str], Store]] = {}
+_SCHEMES: dict[str, Callable[..., Store]] = {}
 
 
-def register_scheme(scheme: str, factory: Callable[[str], Store]) -> None:
+def register_scheme(scheme: str, factory: Callable[..., Store]) -> None:
     """Make ``open_store`` understand ``scheme://...`` URIs."""
     _SCHEMES[scheme] = factory
 
 
-def _builtin(scheme: str) -> Callable[[str], Store] | None:
+def _builtin(scheme: str) -> Callable[..., Store] | None:
     if scheme == "memory":
         from .memory import MemoryStore
         return MemoryStore.from_uri
@@ -164,6 +164,4 @@ def open_store(uri: str | Store, **options: Any) -> Store:
     if factory is None:
         known = sorted({"memory", "sqlite", *_SCHEMES})
         raise ConfigurationError(f"unknown store scheme {scheme!r}; known: {', '.join(known)}")
-    if options:
-        return factory(uri, **options)  # type: ignore[call-arg]
-    return factory(uri)
+    return factory(uri, **options)

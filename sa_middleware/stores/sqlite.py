@@ -21,7 +21,16 @@ import sqlite_utils
 from ..denials import Denial
 from ..errors import ConfigurationError, StoreError, StoreUnavailable
 from ..records import (
-    Admission, LockHolder, LockInfo, Marker, PrincipalState, SessionInfo, Snapshot, Ticket, TicketRecord, Verdict,
+    Admission,
+    LockHolder,
+    LockInfo,
+    Marker,
+    PrincipalState,
+    SessionInfo,
+    Snapshot,
+    Ticket,
+    TicketRecord,
+    Verdict,
 )
 from ..rules import evaluate
 from .base import Store
@@ -37,26 +46,26 @@ _TOMBSTONE = 86400.0  # how long a revocation of a session never seen is remembe
 
 
 def _schema(db: sqlite_utils.Database) -> None:
-    db["principals"].create({"sub": str, "generation": int, "not_before": float, "risk": str, "privileges": str,
+    db.table("principals").create({"sub": str, "generation": int, "not_before": float, "risk": str, "privileges": str,
                              "privileges_at": float, "marker_at": float, "marker_generation": int},
                             pk="sub", not_null={"generation"}, defaults={"generation": 0}, if_not_exists=True)
-    db["sessions"].create({"session_id": str, "sub": str, "kind": str, "status": str, "created": float,
+    db.table("sessions").create({"session_id": str, "sub": str, "kind": str, "status": str, "created": float,
                            "last_seen": float, "expires": float, "client": str, "user_agent": str, "device": str,
                            "credential": str, "actor": str, "marked_at": float, "marked_generation": int,
                            "cleared_at": float}, pk="session_id", if_not_exists=True)
-    db["tickets"].create({"ticket_id": str, "sub": str, "session_id": str, "token_hash": str, "client": str,
+    db.table("tickets").create({"ticket_id": str, "sub": str, "session_id": str, "token_hash": str, "client": str,
                           "tags": str, "conflicts": str, "exclusive": int, "expires": float},
                          pk="ticket_id", if_not_exists=True)
-    db["locks"].create({"key": str, "ticket_id": str, "mode": str, "sub": str, "session_id": str, "kind": str,
+    db.table("locks").create({"key": str, "ticket_id": str, "mode": str, "sub": str, "session_id": str, "kind": str,
                         "fence": int, "expires": float}, pk=("key", "ticket_id"), if_not_exists=True)
-    db["fences"].create({"key": str, "value": int}, pk="key", if_not_exists=True)
-    db["devices"].create({"device_id": str, "compliant": int, "updated": float}, pk="device_id",
+    db.table("fences").create({"key": str, "value": int}, pk="key", if_not_exists=True)
+    db.table("devices").create({"device_id": str, "compliant": int, "updated": float}, pk="device_id",
                          if_not_exists=True)
-    db["jtis"].create({"jti": str, "expires": float}, pk="jti", if_not_exists=True)
-    db["markers"].create({"kind": str, "value": str, "at": float}, pk=("kind", "value"), if_not_exists=True)
+    db.table("jtis").create({"jti": str, "expires": float}, pk="jti", if_not_exists=True)
+    db.table("markers").create({"kind": str, "value": str, "at": float}, pk=("kind", "value"), if_not_exists=True)
     for table, columns in (("sessions", ["sub"]), ("sessions", ["actor"]), ("sessions", ["device"]),
                            ("sessions", ["credential"]), ("tickets", ["sub"]), ("locks", ["ticket_id"])):
-        db[table].create_index(columns, if_not_exists=True)
+        db.table(table).create_index(columns, if_not_exists=True)
 
 
 def _session(row: sqlite3.Row | tuple[Any, ...]) -> SessionInfo:
