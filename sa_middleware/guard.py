@@ -239,7 +239,7 @@ class Guard:
             ticket_id=uuid.uuid4().hex, sub=sub, kind=kind, session_id=session_id, token_hash=token.fingerprint,
             token_exp=token.expires_at, token_iat=_number(claims.get("iat")), token_gen=gen, jti=jti, actor=actor,
             credential=credential, device=_claim_str(claims, self.device_claim),
-            client=f"{request.client}|{request.user_agent}", user_agent=request.user_agent,
+            client=request.client, user_agent=request.user_agent,
             route=match.route or request.path[:_MAX_ID], token_scopes=scopes, auth_time=_number(auth_time),
             acr=acr if isinstance(acr, str) else None, scopes=policy.scopes, max_auth_age=policy.max_auth_age,
             acr_values=policy.acr_values, one_time=policy.one_time,

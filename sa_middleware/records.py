@@ -109,7 +109,7 @@ class TicketRecord:
     sub: str
     session_id: str
     token_hash: str
-    client: str
+    client: str  # "address|user agent": two different values for one token in flight = token_reuse
     tags: frozenset[str]
     conflicts: frozenset[str]
     exclusive: bool

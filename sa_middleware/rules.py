@@ -67,8 +67,9 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
                                                        "re-authenticate")
 
     # reuse and replay
+    client = f"{a.client}|{a.user_agent}"
     for t in s.tickets:
-        if t.token_hash == a.token_hash and t.client != a.client:
+        if t.token_hash == a.token_hash and t.client != client:
             return _deny(v, "token_reuse", "this token is in use by another client")
     if a.one_time and s.jti_seen:
         return _deny(v, "token_replayed", "this one-time token was already used")
@@ -157,7 +158,7 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
     v.lock_grants = grants
     v.record_jti = a.one_time
     expires = now + a.lease
-    v.ticket_record = TicketRecord(a.ticket_id, a.sub, a.session_id, a.token_hash, a.client, a.tags, a.conflicts,
+    v.ticket_record = TicketRecord(a.ticket_id, a.sub, a.session_id, a.token_hash, client, a.tags, a.conflicts,
                                    a.exclusive, expires)
     v.ticket = Ticket(a.ticket_id, a.sub, a.session_id, {key: fence for key, _, fence in grants}, expires)
     return v

@@ -372,18 +372,20 @@ class TokenVerifier:
             return _pick(self._static, kid)
         keyset = self._current_jwks()
         if kid is not None and kid not in keyset.by_kid:
-            keyset = self._refresh_jwks(keyset, unknown_kid=True)
+            keyset = self._refresh_jwks(keyset)
         return _pick(keyset, kid)
 
     def _current_jwks(self) -> _KeySet:
         keyset = self._jwks_state
         if keyset is None or self._clock() - keyset.fetched_at >= self._jwks_lifespan:
-            return self._refresh_jwks(keyset, unknown_kid=False)
+            return self._refresh_jwks(keyset)
         return keyset
 
-    def _refresh_jwks(self, seen: _KeySet | None, *, unknown_kid: bool) -> _KeySet:
+    def _refresh_jwks(self, seen: _KeySet | None) -> _KeySet:
         """Fetch the JWK set unless a fetch happened within ``jwks_refresh_interval`` (by ``clock``)."""
-        assert self._jwks_client is not None
+        client = self._jwks_client
+        if client is None:
+            raise InvalidToken("signing keys unavailable")
         with self._jwks_lock:
             current = self._jwks_state
             if current is not seen and current is not None:
@@ -393,7 +395,7 @@ class TokenVerifier:
             if last is None or now - last >= self._refresh_interval:
                 self._jwks_last_attempt = now
                 try:
-                    fetched = self._jwks_client.get_jwk_set(refresh=True)
+                    fetched = client.get_jwk_set(refresh=True)
                     keys = list(_keys_from_pyjwks(fetched, self._algorithms))
                     if not keys:
                         raise ValueError("no usable signing keys")
