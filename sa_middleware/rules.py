@@ -47,6 +47,8 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
     # session status
     session = next((x for x in s.sessions if x.session_id == a.session_id), None)
     if session is not None:
+        if session.sub not in ("", a.sub):
+            return _deny(v, "invalid_token", "the session id belongs to another principal")
         if session.status == "revoked":
             return _deny(v, "session_revoked", "this session was revoked or evicted")
         if session.status == "paused":

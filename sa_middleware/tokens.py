@@ -173,9 +173,7 @@ class TokenVerifier:
         self._token_types = _check_token_types(token_type)
         self._max_token_bytes = _check_int("max_token_bytes", max_token_bytes, minimum=16)
         self._cache_size = _check_int("cache_size", cache_size, minimum=0)
-        self._refresh_interval = _check_number(
-            "jwks_refresh_interval", jwks_refresh_interval, allow_zero=False
-        )
+        self._refresh_interval = _check_number("jwks_refresh_interval", jwks_refresh_interval, allow_zero=False)
         if not callable(clock):
             raise ConfigurationError("clock must be a callable returning seconds since the epoch")
         self._clock = clock
@@ -424,9 +422,7 @@ class TokenVerifier:
 # ---------------------------------------------------------------------- helpers
 
 
-def mint_token(
-    key: Any, algorithm: str, claims: Mapping[str, Any], headers: Mapping[str, Any] | None = None
-) -> str:
+def mint_token(key: Any, algorithm: str, claims: Mapping[str, Any], headers: Mapping[str, Any] | None = None) -> str:
     """Sign ``claims`` into a compact JWT (a thin wrapper over :func:`jwt.encode`, for demos and tests)."""
     return jwt.encode(dict(claims), key, algorithm=algorithm, headers=dict(headers) if headers else None)
 
@@ -434,9 +430,7 @@ def mint_token(
 def generate_rsa_key() -> tuple[Any, str]:
     """Return a fresh 2048-bit RSA key: ``(private key object, public key PEM)``."""
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    pem = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return private, pem.decode("ascii")
 
 
@@ -625,9 +619,7 @@ def _load_key(kid: str | None, value: Any, allowed: Sequence[str]) -> _Key:
         raise ConfigurationError(f"RSA keys must be at least {_MIN_RSA_BITS} bits")
     algs = _usable_algorithms(key, allowed)
     if not algs:
-        raise ConfigurationError(
-            f"a {type(key).__name__} cannot verify any of the allowed algorithms {list(allowed)}"
-        )
+        raise ConfigurationError(f"a {type(key).__name__} cannot verify any of the allowed algorithms {list(allowed)}")
     return _Key(kid, key, algs)
 
 

@@ -366,7 +366,7 @@ def _flip_signature(token: str) -> str:
     head, payload, sig = token.split(".")
     middle = len(sig) // 2
     replacement = "A" if sig[middle] != "A" else "B"
-    return f"{head}.{payload}.{sig[:middle]}{replacement}{sig[middle + 1:]}"
+    return f"{head}.{payload}.{sig[:middle]}{replacement}{sig[middle + 1 :]}"
 
 
 def _hmac_with_public_pem(ctx: dict[str, Any]) -> str:

@@ -184,8 +184,8 @@ class SQLiteStore(Store):
             if row[0] == a.actor and row[6] is not None:
                 markers.append(Marker(row[6], None))
         sessions = [_session(r) for r in conn.execute(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE (sub = ? AND expires > ?) OR session_id = ?",
-            (a.sub, now, a.session_id))]
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE (sub = ? OR session_id = ?) AND expires > ?",
+            (a.sub, a.session_id, now))]
         tickets = [TicketRecord(r[0], r[1], r[2], r[3], r[4], frozenset(json.loads(r[5])), frozenset(json.loads(r[6])),
                                 bool(r[7]), r[8])
                    for r in conn.execute("SELECT ticket_id, sub, session_id, token_hash, client, tags, conflicts, "
