@@ -8,6 +8,7 @@ default 2 s); a store that stays locked past it answers :class:`~sa_middleware.e
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -115,9 +116,9 @@ class SQLiteStore(Store):
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None or self._local.pid != os.getpid():  # never reuse a connection across a fork
             conn = self._connect()
-            self._local.conn = conn
+            self._local.conn, self._local.pid = conn, os.getpid()
             with self._connections_lock:
                 self._connections.append(conn)
         return conn

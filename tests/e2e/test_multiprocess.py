@@ -1,0 +1,368 @@
+"""Real processes sharing one SQLite store: admission holds across OS processes, and a crashed holder's lock expires.
+
+Each server is ``python -m tests.e2e.mp_server`` (uvicorn + ``SessionAwareMiddleware``) on its own loopback port.
+The test holds the issuer's private key and mints every token; the servers get the public PEM in a file.
+Run with ``pytest -s`` to see the counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sa_middleware.stores import open_store
+from sa_middleware.tokens import generate_rsa_key, mint_token
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+ISSUER = "https://idp.mp.test"  # keep equal to tests/e2e/mp_server.py
+AUDIENCE = "mp-test"
+SERVERS = 3
+THREADS = 24
+PER_SCENARIO = 300
+READY_TIMEOUT = 20.0
+CRASH_LEASE = 2.0
+
+
+# -- issuer and servers ------------------------------------------------------------------------------------------
+
+class Issuer:
+    """The test's identity provider: the private key stays here, the public PEM goes to the servers."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.key, pem = generate_rsa_key()
+        self.pem_path = tmp / "issuer.pem"
+        self.pem_path.write_text(pem)
+
+    def token(self, sub: str, sid: str, **claims: Any) -> str:
+        now = int(time.time())
+        payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "sid": sid, "iat": now, "exp": now + 600,
+                   "jti": uuid.uuid4().hex, **claims}
+        return mint_token(self.key, "RS256", payload, {"kid": "mp-1"})
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    base: str = ""
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+class Cluster:
+    """Server processes sharing one store; stopped (terminate, then kill) by the fixture's finaliser."""
+
+    def __init__(self, tmp: Path, issuer: Issuer) -> None:
+        self.tmp, self.issuer = tmp, issuer
+        self.db = tmp / "store.db"
+        self.out = tmp / "out"
+        self.out.mkdir(exist_ok=True)
+        self.servers: list[Server] = []
+
+    def start(self, count: int, *, lease: float = 30.0, work_ms: float = 3.0) -> list[Server]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        started = []
+        for _ in range(count):
+            name = f"s{len(self.servers)}"
+            log = self.tmp / f"{name}.log"
+            with log.open("wb") as fh:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "tests.e2e.mp_server", "--db", str(self.db), "--pem",
+                     str(self.issuer.pem_path), "--out", str(self.out), "--name", name, "--lease", str(lease),
+                     "--work-ms", str(work_ms)],
+                    cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            server = Server(name, proc, log)
+            self.servers.append(server)
+            started.append(server)
+        for server in started:
+            self._wait_ready(server)
+        return started
+
+    def _wait_ready(self, server: Server) -> None:
+        """Readiness: the port file exists and ``GET /health`` answers 200 (bounded)."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        port_file = self.out / f"port-{server.name}"
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                pytest.fail(f"server {server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
+            if port_file.exists():
+                server.base = f"http://127.0.0.1:{port_file.read_text().strip()}"
+                try:
+                    if httpx.get(server.base + "/health", timeout=1.0).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.05)
+        pytest.fail(f"server {server.name} not ready within {READY_TIMEOUT}s:\n{server.log_tail()}")
+
+    def stop(self) -> None:
+        for server in self.servers:
+            if server.proc.poll() is None:
+                server.proc.terminate()
+        for server in self.servers:
+            try:
+                server.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                server.proc.wait(5)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {s.name} (pid {s.proc.pid}):\n{s.log_tail()}" for s in self.servers)
+
+    def records(self) -> list[dict[str, Any]]:
+        rows = []
+        for path in sorted(self.out.glob("admitted-*.jsonl")):
+            rows.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        return rows
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, Issuer(tmp_path))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Planned:
+    rid: str
+    scenario: str
+    method: str
+    path: str
+    token: str
+    server: int
+
+
+def code_of(resp: httpx.Response) -> str:
+    if resp.status_code == 200:
+        return "ok"
+    try:
+        return str(resp.json().get("code", "?"))
+    except ValueError:
+        return "?"
+
+
+def headers(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}", "user-agent": "mp-test"}
+
+
+def overlaps(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Pairs of consecutive admitted intervals (sorted by start) that overlap."""
+    ordered = sorted(rows, key=lambda r: (r["start"], r["end"]))
+    return [(a["rid"], b["rid"]) for a, b in itertools.pairwise(ordered) if b["start"] < a["end"]]
+
+
+# -- the tests -----------------------------------------------------------------------------------------------------
+
+def test_contended_admission_across_processes(cluster: Cluster) -> None:
+    """300 requests on one exclusive lock (6 principals) and 300 on max_in_flight=1 (1 principal, 4 sessions), all at
+    once from 24 threads, round-robin over 3 server processes sharing one SQLite file."""
+    servers = cluster.start(SERVERS)
+    run = uuid.uuid4().hex[:8]
+    lock_tokens = [cluster.issuer.token(f"writer-{run}-{i}", f"writer-{run}-{i}-s") for i in range(6)]
+    job_tokens = [cluster.issuer.token(f"agent-{run}", f"agent-{run}-s{i}", sa_kind="agent") for i in range(4)]
+    object_id = f"obj-{run}"
+    lock_key = f"object:{object_id}"
+
+    plan: list[Planned] = []
+    for i in range(2 * PER_SCENARIO):
+        rid = f"r{i}"
+        if i % 2 == 0:
+            plan.append(Planned(rid, "lock", "PUT", f"/objects/{object_id}?rid={rid}",
+                                lock_tokens[(i // 2) % len(lock_tokens)], i % SERVERS))
+        else:
+            plan.append(Planned(rid, "in_flight", "POST", f"/jobs?rid={rid}",
+                                job_tokens[(i // 2) % len(job_tokens)], i % SERVERS))
+
+    barrier = threading.Barrier(THREADS)
+    results: dict[str, tuple[int, str, dict[str, Any]]] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(index: int) -> None:
+        mine = plan[index::THREADS]
+        with httpx.Client(timeout=30.0) as client:
+            barrier.wait(30)
+            for p in mine:
+                try:
+                    resp = client.request(p.method, servers[p.server].base + p.path,
+                                          headers=headers(p.token))
+                    body = resp.json() if resp.headers.get("content-type", "").endswith("json") else {}
+                    outcome = (resp.status_code, code_of(resp), body)
+                except httpx.HTTPError as exc:
+                    outcome = (0, f"{type(exc).__name__}: {exc}", {})
+                with lock:
+                    results[p.rid] = outcome
+                    if outcome[0] == 0:
+                        errors.append(f"{p.rid}: {outcome[1]}")
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(THREADS) as pool:
+        for future in [pool.submit(worker, i) for i in range(THREADS)]:
+            future.result()
+    took = time.monotonic() - started
+
+    records = {r["rid"]: r for r in cluster.records()}
+    expected_refusal = {"lock": (423, "object_locked"), "in_flight": (429, "too_many_in_flight")}
+    summary: dict[str, dict[str, Any]] = {}
+    for scenario in ("lock", "in_flight"):
+        mine = [p for p in plan if p.scenario == scenario]
+        outcomes = Counter((results[p.rid][0], results[p.rid][1]) for p in mine if p.rid in results)
+        admitted_rids = [p.rid for p in mine if results.get(p.rid, (0,))[0] == 200]
+        refused = outcomes[expected_refusal[scenario]]
+        rows = [records[rid] for rid in admitted_rids if rid in records]
+        summary[scenario] = {
+            "sent": len(mine), "answered": sum(outcomes.values()), "admitted": len(admitted_rids),
+            "refused": refused, "recorded": len(rows), "outcomes": dict(outcomes),
+            "pids": sorted(Counter(r["pid"] for r in rows).items()), "overlaps": overlaps(rows), "rows": rows,
+        }
+    report = (f"{len(plan)} requests in {took:.2f}s over {SERVERS} processes "
+              f"(pids {[s.proc.pid for s in servers]}); transport errors: {errors[:5]}\n" + "\n".join(
+                  f"  {name}: sent={s['sent']} admitted={s['admitted']} refused={s['refused']} "
+                  f"recorded={s['recorded']} overlaps={len(s['overlaps'])} admitted-by-pid={s['pids']} "
+                  f"outcomes={s['outcomes']}" for name, s in summary.items()))
+    print("\n" + report)
+
+    assert not errors, f"transport errors:\n{report}\n{cluster.logs()}"
+    for scenario, s in summary.items():
+        allowed = {(200, "ok"), expected_refusal[scenario]}
+        unexpected = {k: v for k, v in s["outcomes"].items() if k not in allowed}
+        assert not unexpected, (
+            f"{scenario}: unexpected answers {unexpected} (never 500/503)\n{report}\n{cluster.logs()}")
+        assert s["admitted"] + s["refused"] == s["sent"], f"{scenario}: admitted + refused != sent\n{report}"
+        assert s["admitted"] >= 1 and s["refused"] >= 1, f"{scenario}: no real contention\n{report}"
+        assert s["recorded"] == s["admitted"], f"{scenario}: every 200 must have its interval record\n{report}"
+        assert not s["overlaps"], f"{scenario}: overlapping admitted intervals {s['overlaps'][:5]}\n{report}"
+        assert len(s["pids"]) >= 2, f"{scenario}: admissions came from fewer than 2 processes\n{report}"
+
+    lock_rows = sorted(summary["lock"]["rows"], key=lambda r: r["start"])
+    fences = [r["fencing_tokens"][lock_key] for r in lock_rows]
+    assert all(r["fencing_tokens"].keys() == {lock_key} for r in lock_rows), report
+    dupes = [f for f, n in Counter(fences).items() if n > 1]
+    assert not dupes, f"duplicate fencing tokens: {dupes[:10]}\n{report}"
+    bad = [(a, b) for a, b in itertools.pairwise(fences) if b <= a]
+    assert not bad, f"fencing tokens not strictly increasing in admission order: {bad[:5]}\n{report}"
+    assert len({r["principal"] for r in lock_rows}) >= 2, f"the lock was won by one principal only\n{report}"
+    assert len({r["session_id"] for r in summary["in_flight"]["rows"]}) >= 2, (
+        f"max_in_flight: admissions came from one session only\n{report}")
+
+
+def test_crashed_holder_lock_expires_within_one_lease(cluster: Cluster) -> None:
+    """A process killed while its request holds an exclusive lock (kept past its first lease by the keeper):
+    another process refuses the lock (423) at first, then admits it within lease + 1 s, with a larger fencing token."""
+    holder_srv, other_srv = cluster.start(2, lease=CRASH_LEASE)
+    run = uuid.uuid4().hex[:8]
+    object_id = f"crash-{run}"
+    lock_key = f"object:{object_id}"
+    holder = cluster.issuer.token(f"holder-{run}", f"holder-{run}-s")
+    other = cluster.issuer.token(f"other-{run}", f"other-{run}-s")
+
+    rid = f"hold-{run}"
+    held: dict[str, Any] = {}
+
+    def hold() -> None:
+        try:
+            held["response"] = httpx.put(f"{holder_srv.base}/hold/{object_id}?rid={rid}", headers=headers(holder),
+                                         timeout=90.0)
+        except httpx.HTTPError as exc:  # expected: the server is killed mid-request
+            held["error"] = exc
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    entered_file = cluster.out / f"entered-{rid}.json"
+    deadline = time.monotonic() + 10.0
+    while not entered_file.exists():  # the view's "entered" signal
+        assert time.monotonic() < deadline, f"the holder never entered the view: {held}\n{cluster.logs()}"
+        time.sleep(0.02)
+    entered = json.loads(entered_file.read_text())
+    assert entered["pid"] == holder_srv.proc.pid
+    holder_fence = entered["fencing_tokens"][lock_key]
+
+    # Let the holder outlive its first lease: the lock must survive only thanks to the keeper's renewals.
+    store = open_store(f"sqlite:///{cluster.db}")
+    try:
+        first_expiry: float | None = None
+        last_expiry, renewals = 0.0, 0
+        deadline = time.monotonic() + 10.0
+        while True:
+            mine = [info for info in store.locks() if info.key == lock_key]
+            assert len(mine) == 1 and mine[0].fencing_token == holder_fence, f"lock lost while held: {mine}"
+            if first_expiry is None:
+                first_expiry = last_expiry = mine[0].expires
+            elif mine[0].expires > last_expiry:
+                last_expiry, renewals = mine[0].expires, renewals + 1
+            if renewals and time.time() > first_expiry + 0.1:
+                break
+            assert time.monotonic() < deadline, f"the lease keeper never renewed the lock\n{cluster.logs()}"
+            time.sleep(0.05)
+    finally:
+        store.close()
+
+    url = f"{other_srv.base}/objects/{object_id}?rid=after"
+    with httpx.Client(timeout=10.0) as client:
+        before = client.put(url, headers=headers(other))
+        assert (before.status_code, code_of(before)) == (423, "object_locked"), before.text
+
+        os.kill(holder_srv.proc.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        holder_srv.proc.wait(5)
+
+        first = client.put(url, headers=headers(other))
+        first_elapsed = time.monotonic() - killed_at
+        assert (first.status_code, code_of(first)) == (423, "object_locked"), (
+            f"right after the kill ({first_elapsed:.3f}s) the lock must still be held: "
+            f"{first.status_code} {first.text}")
+
+        attempts, answers = 1, Counter[tuple[int, str]]()
+        admitted: httpx.Response | None = None
+        limit = time.monotonic() + CRASH_LEASE + 3.0  # bounded; the assertion below is the real bound
+        while time.monotonic() < limit:
+            resp = client.put(url, headers=headers(other))
+            attempts += 1
+            answers[(resp.status_code, code_of(resp))] += 1
+            if resp.status_code == 200:
+                admitted = resp
+                break
+            time.sleep(0.05)
+        elapsed = time.monotonic() - killed_at
+    thread.join(5)
+
+    report = (f"crash: holder pid {entered['pid']} fence {holder_fence} (renewed {renewals}x, past its first lease) "
+              f"killed; first retry 423 after "
+              f"{first_elapsed:.3f}s; admitted after {elapsed:.3f}s (lease {CRASH_LEASE}s, bound "
+              f"{CRASH_LEASE + 1}s) in {attempts} attempts {dict(answers)}")
+    print("\n" + report)
+    assert admitted is not None, f"never admitted after the crash\n{report}\n{cluster.logs()}"
+    assert set(answers) <= {(200, "ok"), (423, "object_locked")}, report
+    assert elapsed <= CRASH_LEASE + 1.0, report
+    body = admitted.json()
+    assert body["pid"] == other_srv.proc.pid, report
+    assert body["fencing_tokens"][lock_key] > holder_fence, f"new fence {body['fencing_tokens']}\n{report}"
+    assert "response" not in held, f"the killed holder answered: {held}"
