@@ -1,0 +1,126 @@
+"""Hot-path benchmarks, measured side by side in one run: medians of repeated batches, and ratios.
+
+    python benchmarks/run.py [--rounds 7] [--batch 300]
+
+What it measures (per request, median over rounds):
+- token verification: uncached (signature checked) vs cached (the verified-token cache);
+- Guard.admit + Guard.release through each store (memory, SQLite file);
+- a trivial ASGI app called directly: bare vs wrapped in SessionAwareMiddleware (memory and SQLite stores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sa_middleware import Guard, Policy, RequestInfo
+from sa_middleware.asgi import SessionAwareMiddleware
+from sa_middleware.demo import DemoIssuer
+from sa_middleware.guard import Admitted
+
+
+def _median_us(samples: list[float], batch: int) -> float:
+    return statistics.median(samples) / batch * 1e6
+
+
+def bench_sync(fn: Callable[[int], None], rounds: int, batch: int) -> float:
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for i in range(batch):
+            fn(i)
+        samples.append(time.perf_counter() - start)
+    return _median_us(samples, batch)
+
+
+def bench_async(fn: Callable[[int], Awaitable[None]], rounds: int, batch: int) -> float:
+    async def run() -> list[float]:
+        samples = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for i in range(batch):
+                await fn(i)
+            samples.append(time.perf_counter() - start)
+        return samples
+    return _median_us(asyncio.run(run()), batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=300)
+    args = parser.parse_args()
+    rounds, batch = args.rounds, args.batch
+    issuer = DemoIssuer()
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = {"memory": "memory://", "sqlite": f"sqlite:///{Path(tmp) / 'bench.db'}"}
+        guards = {name: Guard(store=uri, keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                              audience=issuer.audience, policies={"GET /x/{id}": Policy(locks=["x:{id}"])},
+                              token_cache_size=100_000)
+                  for name, uri in stores.items()}
+        verifier = guards["memory"].verifier
+        fresh = [issuer.token(f"u{i}") for i in range(rounds * batch)]
+        it = iter(fresh)
+        results["verify uncached"] = bench_sync(lambda i: (verifier.verify(next(it)), None)[1], rounds, batch)
+        token = issuer.token("bench", sid="s1")
+        verifier.verify(token)
+        results["verify cached"] = bench_sync(lambda i: (verifier.verify(token), None)[1], rounds, batch)
+
+        headers = {"authorization": f"Bearer {token}", "user-agent": "bench"}
+        for name, guard in guards.items():
+            def admit_release(i: int, guard: Guard = guard) -> None:
+                outcome = guard.admit(RequestInfo("GET", f"/x/{i}", headers, "127.0.0.1"))
+                assert isinstance(outcome, Admitted), outcome
+                guard.release(outcome.ticket)
+            results[f"admit+release {name}"] = bench_sync(admit_release, rounds, batch)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        def caller(target: Any) -> Callable[[int], Awaitable[None]]:
+            async def call(i: int) -> None:
+                statuses: list[int] = []
+
+                async def send(message: dict[str, Any]) -> None:
+                    if message["type"] == "http.response.start":
+                        statuses.append(message["status"])
+                scope = {"type": "http", "method": "GET", "path": f"/x/{uuid.uuid4().hex[:8]}",
+                         "headers": [(b"authorization", f"Bearer {token}".encode()), (b"user-agent", b"bench")],
+                         "client": ("127.0.0.1", 1234), "query_string": b""}
+                await target(scope, receive, send)
+                assert statuses == [200], statuses
+            return call
+
+        results["asgi bare app"] = bench_async(caller(app), rounds, batch)
+        for name, guard in guards.items():
+            results[f"asgi + middleware {name}"] = bench_async(
+                caller(SessionAwareMiddleware(app, guard=guard)), rounds, batch)
+        for guard in guards.values():
+            guard.close()
+
+    print(f"{'measure':<32} {'median us/request':>18}")
+    for name, value in results.items():
+        print(f"{name:<32} {value:>18.1f}")
+    print()
+    print(f"cache speed-up (uncached / cached): {results['verify uncached'] / results['verify cached']:.1f}x")
+    print(f"sqlite / memory admit+release:      "
+          f"{results['admit+release sqlite'] / results['admit+release memory']:.2f}x")
+    for name in stores:
+        overhead = results[f"asgi + middleware {name}"] - results["asgi bare app"]
+        print(f"middleware overhead, {name:<7}       {overhead:.1f} us/request")
+
+
+if __name__ == "__main__":
+    main()
