@@ -133,7 +133,7 @@ class Guard:
         for name, value in (("session_idle", session_idle), ("lease", lease)):
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds")
-        if not isinstance(retry_after, int) or retry_after < 1:
+        if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 1:
             raise ConfigurationError("retry_after must be a positive integer of seconds")
         if realm is not None and ('"' in realm or "\\" in realm):
             raise ConfigurationError("realm must not contain quotes or backslashes")
@@ -210,7 +210,7 @@ class Guard:
         if kind is None:
             client_id = claims.get("client_id", claims.get("azp"))
             kind = "service" if client_id is not None and client_id == sub else "human"
-        if kind not in _KINDS:
+        if not isinstance(kind, str) or kind not in _KINDS:
             raise InvalidToken(f"claim {self.kind_claim} must be one of human, service, agent")
         gen = claims.get(self.generation_claim)
         if gen is not None and (isinstance(gen, bool) or not isinstance(gen, int) or gen < 0):

@@ -1,8 +1,9 @@
 """Per-route policies (a contract) and the route table that matches a request to one.
 
 Routes are keyed ``"METHOD /path/{param}"`` with Starlette's path syntax (``{id}``, ``{id:int}``, ``{id:float}``,
-``{id:uuid}``, ``{rest:path}``); ``"* /path"`` matches any method. The most specific match wins: an exact method
-beats ``*``, then more literal path characters, then fewer ``path`` parameters. ``default_policy`` fills every field
+``{id:uuid}``, ``{rest:path}``); ``"* /path"`` matches any method. The most specific match wins: more literal path
+characters first, then fewer ``path`` parameters, then an exact method over ``*`` (so a catch-all such as
+``GET /{rest:path}`` never shadows ``* /api/payments``). ``default_policy`` fills every field
 a route leaves unset, and applies alone to requests that match no route.
 """
 
@@ -145,10 +146,10 @@ def _lock_fields(template: str) -> list[str]:
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as exc:
-        raise ConfigurationError(f"lock template {template!r} is malformed: {exc}") from None
+        raise ConfigurationError(f"locks: template {template!r} is malformed: {exc}") from None
     for name in names:
         if not name.isidentifier():
-            raise ConfigurationError(f"lock template {template!r}: {{{name}}} is not a plain parameter name")
+            raise ConfigurationError(f"locks: template {template!r}: {{{name}}} is not a plain parameter name")
     return names
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .records import Admission, SessionInfo, SessionStatus, Snapshot, Ticket, TicketRecord, Verdict
+from .records import Admission, LockRequest, SessionInfo, SessionStatus, Snapshot, Ticket, TicketRecord, Verdict
 
 __all__ = ["evaluate", "is_newer", "live_risk"]
 
@@ -53,11 +53,11 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
             return _deny(v, "session_revoked", "this session was revoked or evicted")
         if session.status == "paused":
             return _deny(v, "session_paused", "this session is paused until an operator resumes it")
-        if session.status == "compromised":
-            if not is_newer(session.marked_at or now, session.marked_generation, a.token_iat, a.token_gen):
-                return _deny(v, "credential_compromised",
-                             "this context is related to a reported compromise; re-authenticate")
-            v.session_status[a.session_id] = "active"
+        # a compromised session is re-established by a newer token (written "active" only if admitted)
+        if session.status == "compromised" and not is_newer(
+                session.marked_at or now, session.marked_generation, a.token_iat, a.token_gen):
+            return _deny(v, "credential_compromised", "this context is related to a reported compromise; "
+                                                       "re-authenticate")
 
     # compromise markers (principal, actor, credential, device)
     cleared_at = session.cleared_at if session is not None else None
@@ -127,7 +127,7 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
 
     # object locks
     grants: list[tuple[str, str, int]] = []
-    for req in a.locks:
+    for req in _merge_locks(a.locks):
         holders = [h for h in s.lock_holders.get(req.key, []) if h.ticket_id != a.ticket_id]
         blocking = [h for h in holders if req.mode == "exclusive" or h.mode == "exclusive"]
         if blocking:
@@ -164,6 +164,15 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
                                    a.exclusive, expires)
     v.ticket = Ticket(a.ticket_id, a.sub, a.session_id, {key: fence for key, _, fence in grants}, expires)
     return v
+
+
+def _merge_locks(locks: tuple[LockRequest, ...]) -> list[LockRequest]:
+    """One request per key; exclusive wins when two templates render the same key."""
+    merged: dict[str, LockRequest] = {}
+    for req in locks:
+        if req.key not in merged or req.mode == "exclusive":
+            merged[req.key] = req
+    return list(merged.values())
 
 
 def _new_session(a: Admission, now: float, status: SessionStatus) -> SessionInfo:

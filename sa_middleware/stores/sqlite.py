@@ -43,7 +43,9 @@ T = TypeVar("T")
 _SESSION_COLUMNS = ("session_id, sub, kind, status, created, last_seen, expires, client, user_agent, device, "
                     "credential, actor, marked_at, marked_generation, cleared_at")
 _PRUNE_EVERY = 10.0  # seconds between sweeps of expired rows
-_TOMBSTONE = 86400.0  # how long a revocation of a session never seen is remembered
+_TOMBSTONE = 86400.0  # how long a revocation outlives the session's last token
+_FROM_STATES = {"paused": '["active", "paused"]', "revoked": '["active", "paused", "compromised", "revoked"]',
+                "compromised": '["active", "paused", "compromised"]', "active": '["active"]'}
 
 
 def _schema(db: sqlite_utils.Database) -> None:
@@ -229,7 +231,10 @@ class SQLiteStore(Store):
         for session_id, status in v.session_status.items():
             if v.session is not None and session_id == v.session.session_id:
                 continue
-            conn.execute("UPDATE sessions SET status = ? WHERE session_id = ?", (status, session_id))
+            # pausing never overrides revoked or compromised; revoking is remembered past the token's expiry
+            conn.execute("UPDATE sessions SET status = ?, expires = CASE WHEN ? = 'revoked' THEN max(expires, ?) "
+                         "ELSE expires END WHERE session_id = ? AND status IN (SELECT value FROM json_each(?))",
+                         (status, status, now + _TOMBSTONE, session_id, _FROM_STATES[status]))
         if v.ticket_record is not None:
             t = v.ticket_record
             conn.execute("INSERT INTO tickets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -283,7 +288,8 @@ class SQLiteStore(Store):
 
     def revoke_session(self, session_id: str) -> bool:
         def run(conn: sqlite3.Connection, now: float) -> bool:
-            if conn.execute("UPDATE sessions SET status = 'revoked' WHERE session_id = ?", (session_id,)).rowcount:
+            if conn.execute("UPDATE sessions SET status = 'revoked', expires = max(expires, ?) WHERE session_id = ?",
+                            (now + _TOMBSTONE, session_id)).rowcount:
                 return True
             conn.execute(f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, '', '', 'revoked', ?, ?, ?, '', '', "
                          "NULL, NULL, NULL, NULL, NULL, NULL)", (session_id, now, now, now + _TOMBSTONE))
