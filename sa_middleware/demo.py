@@ -5,7 +5,9 @@ tokens with a generated key, plays every behaviour over HTTP and prints one line
 
 The app has public control routes under ``/_demo/`` so a client can hold a request in flight deterministically:
 a request with ``?hold=NAME`` waits inside the view until ``POST /_demo/release/NAME``; ``GET /_demo/entered/NAME``
-answers once that request is inside the view. Never expose these routes in a real app.
+answers once that request is inside the view, and ``GET /_demo/done/NAME`` once the middleware has finished it (its
+ticket released: that happens after the response was sent, so a client's next request could otherwise overtake it).
+Never expose these routes in a real app.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -77,6 +79,30 @@ def workbench_guard(issuer: DemoIssuer, store: Any, **options: Any) -> Guard:
 class _Gate:
     entered: threading.Event = field(default_factory=threading.Event)
     released: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _hold(query: str) -> str | None:
+    values = parse_qs(query).get("hold")
+    return values[0] if values else None
+
+
+class _AfterClose:
+    """A WSGI response iterable that runs a callback after the wrapped iterable's ``close()``."""
+
+    def __init__(self, iterable: Iterable[bytes], after: Callable[[], None]) -> None:
+        self._iterable, self._after = iterable, after
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._iterable)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._after()
 
 
 class Workbench:
@@ -93,9 +119,9 @@ class Workbench:
 
     def control(self, method: str, path: str) -> tuple[int, Any] | None:
         parts = path.split("/")
-        if len(parts) == 4 and parts[2] == "entered":
-            ok = self.gate(parts[3]).entered.wait(_GATE_TIMEOUT)
-            return (200, {"entered": parts[3]}) if ok else (504, {"error": "never entered"})
+        if len(parts) == 4 and parts[2] in ("entered", "done"):
+            ok = getattr(self.gate(parts[3]), parts[2]).wait(_GATE_TIMEOUT)
+            return (200, {parts[2]: parts[3]}) if ok else (504, {"error": f"never {parts[2]}"})
         if len(parts) == 4 and parts[2] == "release" and method == "POST":
             self.gate(parts[3]).released.set()
             return 200, {"released": parts[3]}
@@ -125,24 +151,46 @@ class Workbench:
             return 200, body
         return 404, {"error": "not found"}
 
-    # -- the two app flavours -------------------------------------------------------------------------------
+    # -- the two app flavours, and the trackers that wrap the middleware around them ---------------------------
+
+    def track_asgi(self, app: Any) -> Any:
+        """Wrap an ASGI app (the middleware) so ``/_demo/done/NAME`` answers once it has finished a held request."""
+        async def tracked(scope: Scope, receive: Receive, send: Send) -> None:
+            hold = _hold(scope.get("query_string", b"").decode("latin-1")) if scope["type"] == "http" else None
+            try:
+                await app(scope, receive, send)
+            finally:
+                if hold:
+                    self.gate(hold).done.set()
+        return tracked
+
+    def track_wsgi(self, app: Any) -> Any:
+        """Wrap a WSGI app (the middleware) so ``/_demo/done/NAME`` answers once it has finished a held request."""
+        def tracked(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            hold = _hold(environ.get("QUERY_STRING", ""))
+            done = self.gate(hold).done.set if hold else (lambda: None)
+            try:
+                result = app(environ, start_response)
+            except BaseException:
+                done()
+                raise
+            return _AfterClose(result, done)
+        return tracked
 
     async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         ctx = scope.get("sa_middleware")
         status, body = await anyio.to_thread.run_sync(
-            self.view, scope["method"], scope["path"], ctx, (query.get("hold") or [None])[0])
+            self.view, scope["method"], scope["path"], ctx, _hold(scope.get("query_string", b"").decode("latin-1")))
         payload = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": payload})
 
     def wsgi(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        query = parse_qs(environ.get("QUERY_STRING", ""))
         status, body = self.view(environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/"),
-                                 environ.get("sa_middleware"), (query.get("hold") or [None])[0])
+                                 environ.get("sa_middleware"), _hold(environ.get("QUERY_STRING", "")))
         start_response(f"{status} X", [("content-type", "application/json")])
         return [json.dumps(body).encode()]
 
@@ -197,8 +245,10 @@ class _Held:
         return status == 200
 
     def release(self) -> tuple[int, dict[str, Any]]:
+        """Let the view finish; returns its response once the middleware has released its ticket."""
         request(self.base, "POST", f"/_demo/release/{self.name}")
         self._thread.join(60)
+        request(self.base, "GET", f"/_demo/done/{self.name}")
         return self.result
 
 
@@ -337,13 +387,13 @@ def run_demo(servers: Iterable[str] = ("asgi", "wsgi"), echo: Callable[[str], No
             bench = Workbench()
             if flavour == "asgi":
                 try:
-                    base, stop = serve_asgi(SessionAwareMiddleware(bench.asgi, guard=guard))
+                    base, stop = serve_asgi(bench.track_asgi(SessionAwareMiddleware(bench.asgi, guard=guard)))
                 except ImportError:
                     echo("asgi: uvicorn is not installed (pip install 'sa-middleware[dev]'); skipped")
                     continue
                 label = "ASGI (uvicorn)"
             else:
-                base, stop = serve_wsgi(SessionAwareWSGIMiddleware(bench.wsgi, guard=guard))
+                base, stop = serve_wsgi(bench.track_wsgi(SessionAwareWSGIMiddleware(bench.wsgi, guard=guard)))
                 label = "WSGI (werkzeug, threaded)"
             echo(f"\n== {label} at {base}, store sqlite:///{flavour}.db (throw-away)")
             echo(f"{'behaviour':<15} {'who':<26} {'request':<28} {'expected':<28} {'got':<28}")

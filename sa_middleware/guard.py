@@ -32,6 +32,7 @@ log = logging.getLogger("sa_middleware")
 
 _KINDS = frozenset({"human", "service", "agent"})
 _MAX_ID = 256
+_MAX_GEN = 2**53 - 1  # exact in every store (SQLite integers, Lua doubles)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,8 +214,8 @@ class Guard:
         if not isinstance(kind, str) or kind not in _KINDS:
             raise InvalidToken(f"claim {self.kind_claim} must be one of human, service, agent")
         gen = claims.get(self.generation_claim)
-        if gen is not None and (isinstance(gen, bool) or not isinstance(gen, int) or gen < 0):
-            raise InvalidToken(f"claim {self.generation_claim} must be a non-negative integer")
+        if gen is not None and (isinstance(gen, bool) or not isinstance(gen, int) or not 0 <= gen <= _MAX_GEN):
+            raise InvalidToken(f"claim {self.generation_claim} must be an integer from 0 to 2**53-1")
         jti = _claim_str(claims, "jti")
         session_id = _claim_str(claims, "sid") or jti or token.fingerprint[:32]
         policy = match.policy

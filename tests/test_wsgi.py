@@ -1,0 +1,563 @@
+"""The WSGI middleware (``sa_middleware.wsgi.SessionAwareWSGIMiddleware``) under werkzeug's threaded server, and
+driven directly for the exactly-once questions.
+
+The ticket must be held until the server closes the response iterable (streamed generators included) and released
+exactly once, also when the app raises. An outer wrapper signals when the server has closed the response (the
+middleware has released by then); gates are events; no sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from werkzeug.test import create_environ
+
+from sa_middleware import Guard, Policy, SAContext
+from sa_middleware.demo import DemoIssuer, serve_wsgi
+from sa_middleware.denials import Denial
+from sa_middleware.records import Admission, Ticket
+from sa_middleware.stores.memory import MemoryStore
+from sa_middleware.wsgi import SessionAwareWSGIMiddleware
+
+WAIT = 10.0  # upper bound of every wait here; reached only when something is broken
+
+Environ = dict[str, Any]
+
+POLICIES = {
+    "GET /public": Policy(public=True),
+    "GET /stream/{id}": Policy(exclusive=True, locks=["stream:{id}"]),
+    "GET /events/{id}": Policy(exclusive=True, locks=["events:{id}"]),
+    "GET /boom/{id}": Policy(exclusive=True, locks=["boom:{id}"]),
+    "GET /boom-mid/{id}": Policy(exclusive=True, locks=["boom:{id}"]),
+    "POST /exclusive": Policy(exclusive=True),
+    "GET /docs/{id}": Policy(locks=["doc:{id}"]),
+    "GET /slot": Policy(max_in_flight=1),
+    "GET /open": Policy(fail_open=True),
+}
+
+
+@pytest.fixture(scope="module")
+def issuer() -> DemoIssuer:
+    return DemoIssuer()
+
+
+def make_guard(issuer: DemoIssuer, store: Any, **options: Any) -> Guard:
+    return Guard(store=store, keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                 audience=issuer.audience, policies=POLICIES, **options)
+
+
+@pytest.fixture
+def guard(issuer: DemoIssuer, tmp_path: Path) -> Iterator[Guard]:
+    g = make_guard(issuer, f"sqlite:///{tmp_path / 'wsgi.db'}")
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def sub() -> str:
+    return f"u-{uuid.uuid4().hex[:8]}"
+
+
+class Gate:
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.released = threading.Event()
+
+
+class App:
+    """A hand-written WSGI app; behaviour chosen by path, ``?hold=NAME`` parks it until the gate is released."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self._gates: dict[str, Gate] = {}
+        self._lock = threading.Lock()
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def gate(self, name: str) -> Gate:
+        with self._lock:
+            return self._gates.setdefault(name, Gate())
+
+    def release_all(self) -> None:
+        with self._lock:
+            for gate in self._gates.values():
+                gate.released.set()
+
+    def _park(self, name: str | None) -> None:
+        if name:
+            gate = self.gate(name)
+            gate.entered.set()
+            assert gate.released.wait(WAIT), f"gate {name} never released"
+
+    def __call__(self, environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        rid, hold = query.get("rid", "-"), query.get("hold")
+        ctx: SAContext | None = environ.get("sa_middleware")
+        record = self.records.setdefault(rid, {})
+        record["ticket_id"] = ctx.ticket_id if ctx else None
+        path = environ["PATH_INFO"]
+        if path.startswith("/boom/"):
+            raise RuntimeError("the app failed")
+        if path.startswith(("/stream/", "/boom-mid/", "/events/")):
+            start_response("200 OK", [("content-type", "text/plain")])
+            return self._stream(path, hold, record)
+        self._park(hold)
+        body: dict[str, Any] = {"principal": None}
+        if ctx is not None:
+            body = {"principal": ctx.principal, "kind": ctx.kind, "session_id": ctx.session_id,
+                    "claims": dict(ctx.claims), "ticket_id": ctx.ticket_id,
+                    "fencing_tokens": dict(ctx.fencing_tokens), "is_context": isinstance(ctx, SAContext),
+                    "locks": [[lk.key, lk.ticket_id] for lk in self.guard.locks()]}
+        start_response("200 OK", [("content-type", "application/json")])
+        return [json.dumps(body).encode()]
+
+    def _stream(self, path: str, hold: str | None, record: dict[str, Any]) -> Iterator[bytes]:
+        try:
+            yield b"first"
+            self._park(hold)
+            if path.startswith("/boom-mid/"):
+                raise RuntimeError("the app failed mid-stream")
+            if path.startswith("/events/"):
+                for _ in range(100_000):  # keeps writing until the server finds the client gone
+                    yield b"x" * 1024
+                record["stream_completed"] = True
+                return
+            yield b"last"
+            # the server asked for more, so it has written the last chunk; the response is not closed yet
+            record["locks_after_last_chunk"] = {lk.ticket_id for lk in self.guard.locks()}
+        except GeneratorExit:
+            record["closed_early"] = True
+            raise
+
+
+class _Closing:
+    def __init__(self, iterable: Iterable[bytes], after_close: Callable[[], None]) -> None:
+        self._iterable, self._after_close = iterable, after_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._iterable)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._after_close()
+
+
+class Finished:
+    """Outer WSGI wrapper: ``done(rid)`` is set when the server has closed the response (the middleware inside
+    has released the ticket by then), or when the call raised."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._done: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def done(self, rid: str) -> threading.Event:
+        with self._lock:
+            return self._done.setdefault(rid, threading.Event())
+
+    def __call__(self, environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        rid = (parse_qs(environ.get("QUERY_STRING", "")).get("rid") or [None])[0]
+        event = self.done(rid) if rid else threading.Event()
+        try:
+            result = self.app(environ, start_response)
+        except BaseException:
+            event.set()
+            raise
+        return _Closing(result, event.set)
+
+
+class Served:
+    """An App behind the middleware, on werkzeug's threaded server."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self.app = App(guard)
+        self.finished = Finished(SessionAwareWSGIMiddleware(self.app, guard=guard))
+        self.base, self._stop = serve_wsgi(self.finished)
+        self._threads: list[threading.Thread] = []
+
+    def url(self, path: str, rid: str | None = None) -> str:
+        if rid:
+            path += ("&" if "?" in path else "?") + f"rid={rid}"
+        return self.base + path
+
+    def request(self, method: str, path: str, token: str | None = None, *, rid: str | None = None,
+                headers: dict[str, str] | None = None) -> httpx.Response:
+        """One request; with ``rid``, returns only once the server has closed the response."""
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers["authorization"] = f"Bearer {token}"
+        resp = httpx.request(method, self.url(path, rid), headers=all_headers, timeout=WAIT)
+        if rid:
+            assert self.finished.done(rid).wait(WAIT), f"the server never closed the response of {path}"
+        return resp
+
+    def hold(self, method: str, path: str, token: str) -> Gate:
+        name = uuid.uuid4().hex[:10]
+        gate = self.app.gate(name)
+        out: dict[str, httpx.Response] = {}
+        sep = "&" if "?" in path else "?"
+
+        def run() -> None:
+            out["response"] = self.request(method, f"{path}{sep}hold={name}", token, rid=uuid.uuid4().hex)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        for _ in range(int(WAIT / 0.05)):
+            if gate.entered.wait(0.05):
+                return gate
+            if not thread.is_alive():
+                pytest.fail(f"held request was not admitted: {out.get('response') and out['response'].text}")
+        pytest.fail("held request never entered the app")
+
+    def close(self) -> None:
+        self.app.release_all()
+        for thread in self._threads:
+            thread.join(WAIT)
+        self._stop()
+
+
+@contextmanager
+def served(guard: Guard) -> Iterator[Served]:
+    srv = Served(guard)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+@pytest.fixture
+def server(guard: Guard) -> Iterator[Served]:
+    with served(guard) as srv:
+        yield srv
+
+
+def problem(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = resp.json()
+    assert body["code"] == code
+    assert body["status"] == status
+    assert body["type"] and body["title"] and body["detail"]
+    assert int(resp.headers["content-length"]) == len(resp.content)
+    if status in (409, 423, 429, 503):
+        assert int(resp.headers["retry-after"]) >= 1
+        assert "www-authenticate" not in resp.headers
+    else:
+        assert "retry-after" not in resp.headers
+    return body
+
+
+# -- over real HTTP ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("claims", "kind"), [({}, "human"), ({"sa_kind": "service"}, "service"),
+                                              ({"client_id": "SUB"}, "service")])
+def test_context_in_environ(server: Served, issuer: DemoIssuer, claims: dict[str, Any], kind: str) -> None:
+    who = sub()
+    claims = {k: (who if v == "SUB" else v) for k, v in claims.items()}
+    token = issuer.token(who, sid=f"{who}-s1", team="red", **claims)
+    body = server.request("GET", "/docs/5", token, rid=uuid.uuid4().hex).json()
+    assert body["is_context"] is True
+    assert (body["principal"], body["kind"], body["session_id"]) == (who, kind, f"{who}-s1")
+    assert body["claims"]["team"] == "red" and body["claims"]["sub"] == who
+    assert isinstance(body["ticket_id"], str) and body["ticket_id"]
+    assert body["locks"] == [["doc:5", body["ticket_id"]]]
+    assert body["fencing_tokens"] == {"doc:5": 1}
+    assert server.request("GET", "/docs/5", token, rid=uuid.uuid4().hex).json()["fencing_tokens"] == {"doc:5": 2}
+
+
+def test_public_route(server: Served, issuer: DemoIssuer) -> None:
+    body = server.request("GET", "/public", rid=uuid.uuid4().hex).json()
+    assert body["is_context"] is True and body["principal"] is None and body["ticket_id"] is None
+    who = sub()
+    assert server.request("GET", "/public", issuer.token(who)).status_code == 200
+    assert server.guard.sessions(who) == []
+
+
+def test_streamed_response_holds_ticket_until_the_server_closes_it(server: Served, issuer: DemoIssuer) -> None:
+    who = sub()
+    name, rid = uuid.uuid4().hex[:8], uuid.uuid4().hex
+    gate = server.app.gate(name)
+    with httpx.stream("GET", server.url(f"/stream/1?hold={name}", rid),
+                      headers={"authorization": f"Bearer {issuer.token(who)}"}, timeout=WAIT) as resp:
+        assert resp.status_code == 200
+        chunks = resp.iter_raw()
+        first = b""
+        while first != b"first":
+            first += next(chunks)
+        assert gate.entered.wait(WAIT)  # the generator is parked between its chunks
+        ticket = server.app.records[rid]["ticket_id"]
+        assert {lk.ticket_id for lk in server.guard.locks()} == {ticket}
+        problem(server.request("POST", "/exclusive", issuer.token(who), rid=uuid.uuid4().hex), 409,
+                "conflicting_action")
+        gate.released.set()
+        assert b"".join(chunks) == b"last"
+    assert server.finished.done(rid).wait(WAIT)
+    assert server.app.records[rid]["locks_after_last_chunk"] == {ticket}
+    assert server.guard.locks() == []
+    assert server.request("POST", "/exclusive", issuer.token(who), rid=uuid.uuid4().hex).status_code == 200
+
+
+def test_release_when_app_raises_over_http(server: Served, issuer: DemoIssuer) -> None:
+    who = sub()
+    assert server.request("GET", "/boom/1", issuer.token(who), rid=uuid.uuid4().hex).status_code == 500
+    assert server.guard.locks() == []
+    assert server.request("POST", "/exclusive", issuer.token(who), rid=uuid.uuid4().hex).status_code == 200
+
+
+def test_release_when_generator_raises_mid_stream(server: Served, issuer: DemoIssuer) -> None:
+    who = sub()
+    name, rid = uuid.uuid4().hex[:8], uuid.uuid4().hex
+    gate = server.app.gate(name)
+    with httpx.stream("GET", server.url(f"/boom-mid/2?hold={name}", rid),
+                      headers={"authorization": f"Bearer {issuer.token(who)}"}, timeout=WAIT) as resp:
+        chunks = resp.iter_raw()
+        assert next(chunks) == b"first"
+        assert gate.entered.wait(WAIT)
+        assert [lk.key for lk in server.guard.locks()] == ["boom:2"]
+        gate.released.set()
+        with pytest.raises(httpx.HTTPError):  # the server drops the half-sent response
+            b"".join(chunks)
+    assert server.finished.done(rid).wait(WAIT)
+    assert server.guard.locks() == []
+    assert server.request("POST", "/exclusive", issuer.token(who), rid=uuid.uuid4().hex).status_code == 200
+
+
+def test_release_when_client_disconnects_mid_stream(server: Served, issuer: DemoIssuer) -> None:
+    who = sub()
+    name, rid = uuid.uuid4().hex[:8], uuid.uuid4().hex
+    gate = server.app.gate(name)
+    parts = urlsplit(server.base)
+    assert parts.hostname is not None and parts.port is not None
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=WAIT)
+    try:
+        sock.sendall(f"GET /events/1?rid={rid}&hold={name} HTTP/1.1\r\nHost: {parts.hostname}\r\n"
+                     f"Authorization: Bearer {issuer.token(who)}\r\n\r\n".encode())
+        received = b""
+        while b"first" not in received:
+            data = sock.recv(4096)
+            assert data, f"connection closed before the first chunk: {received!r}"
+            received += data
+        assert gate.entered.wait(WAIT)
+        assert [lk.key for lk in server.guard.locks()] == ["events:1"]
+    finally:
+        sock.close()  # the client goes away mid-stream
+    gate.released.set()
+    assert server.finished.done(rid).wait(WAIT), "the server never closed the response after the disconnect"
+    assert server.app.records[rid].get("closed_early") is True
+    assert "stream_completed" not in server.app.records[rid]
+    assert server.guard.locks() == []
+    assert server.request("POST", "/exclusive", issuer.token(who), rid=uuid.uuid4().hex).status_code == 200
+
+
+def test_denials_format(server: Served, issuer: DemoIssuer) -> None:
+    missing = server.request("GET", "/docs/1")
+    problem(missing, 401, "missing_token")
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert missing.headers["cache-control"] == "no-store"
+    problem(server.request("GET", "/docs/1", headers={"authorization": "Basic dXNlcjpwYXNz"}), 401,
+            "missing_token")
+    token = issuer.token(sub())
+    forged = token[: len(token) // 2] + "." + token[len(token) // 2:]
+    invalid = server.request("GET", "/docs/1", forged)
+    problem(invalid, 401, "invalid_token")
+    assert invalid.headers["www-authenticate"].startswith('Bearer error="invalid_token"')
+    assert forged not in invalid.text
+
+    a, b, c = sub(), sub(), sub()
+    server.hold("POST", "/exclusive", issuer.token(a))
+    problem(server.request("GET", "/docs/1", issuer.token(a)), 409, "conflicting_action")
+    server.hold("GET", "/docs/7", issuer.token(b))
+    problem(server.request("GET", "/docs/7", issuer.token(c)), 423, "object_locked")
+    server.hold("GET", "/slot", issuer.token(c))
+    problem(server.request("GET", "/slot", issuer.token(c)), 429, "too_many_in_flight")
+
+    d = sub()
+    tok = issuer.token(d, sa_kind="agent", sid=f"{d}-s")
+    assert server.request("GET", "/docs/2", tok, rid=uuid.uuid4().hex).status_code == 200
+    assert server.guard.pause_session(f"{d}-s")
+    paused = server.request("GET", "/docs/2", tok)
+    problem(paused, 403, "session_paused")
+    assert paused.headers["www-authenticate"].startswith("Bearer")
+
+
+class Broken(MemoryStore):
+    def admit(self, admission: Admission) -> Ticket | Denial:
+        raise RuntimeError("store down s3cr3t")
+
+
+def test_store_failure_is_503_and_fail_open_admits(issuer: DemoIssuer) -> None:
+    g = make_guard(issuer, Broken(), retry_after=4)
+    try:
+        with served(g) as srv:
+            who = sub()
+            down = srv.request("GET", "/docs/1", issuer.token(who))
+            problem(down, 503, "store_unavailable")
+            assert down.headers["retry-after"] == "4"
+            assert "s3cr3t" not in down.text
+            opened = srv.request("GET", "/open", issuer.token(who), rid=uuid.uuid4().hex)
+            assert opened.status_code == 200
+            assert (opened.json()["principal"], opened.json()["ticket_id"]) == (who, None)
+            problem(srv.request("GET", "/open"), 401, "missing_token")
+    finally:
+        g.close()
+
+
+# -- driven directly: exactly once -----------------------------------------------------------------------------
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.released: Counter[str] = Counter()
+        self._count_lock = threading.Lock()
+
+    def release(self, ticket_id: str) -> None:
+        with self._count_lock:
+            self.released[ticket_id] += 1
+        super().release(ticket_id)
+
+
+@pytest.fixture
+def counting(issuer: DemoIssuer) -> Iterator[tuple[Guard, CountingStore]]:
+    store = CountingStore()
+    g = make_guard(issuer, store)
+    try:
+        yield g, store
+    finally:
+        g.close()
+
+
+def environ(path: str, token: str | None) -> Environ:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    env: Environ = create_environ(path, headers=headers)
+    env["REMOTE_ADDR"] = "127.0.0.1"
+    return env
+
+
+def _start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+    _start_response.status = status  # type: ignore[attr-defined]
+    return lambda data: None
+
+
+class ClosingBody:
+    """A response iterable with a close() that can be told to fail."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.closes = 0
+        self.fail = fail
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"body"
+
+    def close(self) -> None:
+        self.closes += 1
+        if self.fail:
+            raise OSError("close failed")
+
+
+def test_released_on_close_not_when_the_app_returns(counting: tuple[Guard, CountingStore],
+                                                    issuer: DemoIssuer) -> None:
+    g, store = counting
+    seen: dict[str, Any] = {}
+    body = ClosingBody()
+
+    def app(environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        seen["ctx"] = environ["sa_middleware"]
+        start_response("200 OK", [])
+        return body
+
+    result = SessionAwareWSGIMiddleware(app, guard=g)(environ("/docs/3", issuer.token(sub())), _start_response)
+    ticket = seen["ctx"].ticket_id
+    assert [lk.ticket_id for lk in g.locks()] == [ticket]  # the app returned; the response is not sent yet
+    assert list(result) == [b"body"]
+    assert [lk.ticket_id for lk in g.locks()] == [ticket]  # iterated, but not closed yet
+    result.close()  # type: ignore[attr-defined]
+    assert g.locks() == []
+    result.close()  # type: ignore[attr-defined]  # a second close (some servers do) releases nothing more
+    assert store.released == {ticket: 1}
+    assert body.closes == 2  # the app's own close() is always forwarded
+
+
+def test_concurrent_closes_release_once(counting: tuple[Guard, CountingStore], issuer: DemoIssuer) -> None:
+    g, store = counting
+
+    def app(environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return [b"x"]
+
+    result: Any = SessionAwareWSGIMiddleware(app, guard=g)(environ("/docs/4", issuer.token(sub())), _start_response)
+    barrier = threading.Barrier(8)
+
+    def close() -> None:
+        barrier.wait(WAIT)
+        result.close()
+    threads = [threading.Thread(target=close) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert list(store.released.values()) == [1]
+
+
+def test_release_when_the_apps_close_raises(counting: tuple[Guard, CountingStore], issuer: DemoIssuer) -> None:
+    g, store = counting
+    body = ClosingBody(fail=True)
+
+    def app(environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return body
+
+    result: Any = SessionAwareWSGIMiddleware(app, guard=g)(environ("/docs/5", issuer.token(sub())), _start_response)
+    list(result)
+    with pytest.raises(OSError, match="close failed"):
+        result.close()
+    assert g.locks() == []
+    assert sum(store.released.values()) == 1
+
+
+def test_release_when_the_app_raises_direct(counting: tuple[Guard, CountingStore], issuer: DemoIssuer) -> None:
+    g, store = counting
+
+    def app(environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        assert [lk.key for lk in g.locks()] == ["doc:6"]
+        raise KeyError("app bug")
+
+    with pytest.raises(KeyError, match="app bug"):
+        SessionAwareWSGIMiddleware(app, guard=g)(environ("/docs/6", issuer.token(sub())), _start_response)
+    assert g.locks() == []
+    assert sum(store.released.values()) == 1
+
+
+def test_refused_request_never_reaches_the_app(counting: tuple[Guard, CountingStore]) -> None:
+    g, store = counting
+    calls: list[Environ] = []
+
+    def app(environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        calls.append(environ)
+        return []
+
+    body = SessionAwareWSGIMiddleware(app, guard=g)(environ("/docs/1", None), _start_response)
+    assert calls == []
+    assert _start_response.status.startswith("401 ")  # type: ignore[attr-defined]
+    assert json.loads(b"".join(body))["code"] == "missing_token"
+    assert store.released == Counter()
+
+
+def test_constructor_needs_a_guard() -> None:
+    with pytest.raises(TypeError):
+        SessionAwareWSGIMiddleware(App, guard=None)  # type: ignore[arg-type]
