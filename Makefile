@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LINT_PATHS := sa_middleware adapters tests benchmarks $(wildcard examples)
 
 .PHONY: demo test lint typecheck bench clean
 
@@ -19,12 +20,12 @@ demo: $(STAMP)
 	$(VENV)/bin/sa-middleware demo
 
 test: $(STAMP)
-	$(PY) -m ruff check sa_middleware adapters tests examples benchmarks
+	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check sa_middleware adapters tests examples benchmarks
+	$(PY) -m ruff check $(LINT_PATHS)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
