@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -32,7 +32,7 @@ from .context import SAContext
 from .guard import Guard
 from .policy import Policy
 from .tokens import generate_rsa_key, mint_token
-from .wsgi import SessionAwareWSGIMiddleware, StartResponse
+from .wsgi import AfterClose, SessionAwareWSGIMiddleware, StartResponse
 
 __all__ = ["DemoIssuer", "Workbench", "play", "run_demo", "workbench_guard", "workbench_policies"]
 
@@ -85,24 +85,6 @@ class _Gate:
 def _hold(query: str) -> str | None:
     values = parse_qs(query).get("hold")
     return values[0] if values else None
-
-
-class _AfterClose:
-    """A WSGI response iterable that runs a callback after the wrapped iterable's ``close()``."""
-
-    def __init__(self, iterable: Iterable[bytes], after: Callable[[], None]) -> None:
-        self._iterable, self._after = iterable, after
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._iterable)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._iterable, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._after()
 
 
 class Workbench:
@@ -174,7 +156,7 @@ class Workbench:
             except BaseException:
                 done()
                 raise
-            return _AfterClose(result, done)
+            return AfterClose(result, done)
         return tracked
 
     async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:

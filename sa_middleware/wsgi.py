@@ -17,7 +17,7 @@ from .policy import RouteMatch
 from .records import Ticket
 from .responses import denial_response
 
-__all__ = ["SessionAwareWSGIMiddleware"]
+__all__ = ["AfterClose", "SessionAwareWSGIMiddleware"]
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -43,12 +43,13 @@ def denial_app(denial: Denial, guard: Guard, start_response: StartResponse) -> l
     return [body]
 
 
-class _Releasing:
-    """Wraps the app's iterable: releases the ticket exactly once, when the server closes the response."""
+class AfterClose:
+    """A response iterable that runs ``callback`` exactly once, after the wrapped iterable's ``close()`` (which
+    the server calls when the response is done, streamed or not), even if that ``close()`` raises."""
 
-    def __init__(self, iterable: Iterable[bytes], release: Callable[[], None]) -> None:
+    def __init__(self, iterable: Iterable[bytes], callback: Callable[[], None]) -> None:
         self._iterable = iterable
-        self._release = release
+        self._callback = callback
         self._once = threading.Lock()
         self._done = False
 
@@ -64,7 +65,7 @@ class _Releasing:
             with self._once:
                 done, self._done = self._done, True
             if not done:
-                self._release()
+                self._callback()
 
 
 def run_admitted(app: WSGIApp, environ: Environ, start_response: StartResponse, guard: Guard,
@@ -75,7 +76,7 @@ def run_admitted(app: WSGIApp, environ: Environ, start_response: StartResponse, 
     except BaseException:
         guard.release(ticket)
         raise
-    return _Releasing(result, lambda: guard.release(ticket))
+    return AfterClose(result, lambda: guard.release(ticket))
 
 
 class SessionAwareWSGIMiddleware:
