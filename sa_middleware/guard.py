@@ -1,8 +1,9 @@
 """The Guard: one decision flow for every request, shared by the ASGI and WSGI middleware and every adapter.
 
-The flow is written once as a generator that yields what it needs from the store (:class:`_Admit`) or from the
-clock (:class:`_Sleep`, for ``lock_wait``); :meth:`Guard.admit` drives it with blocking calls and
-:meth:`Guard.aadmit` with awaits, so the two paths cannot drift apart.
+The flow is written once as a generator that yields what it needs: a token verified (:class:`_Verify`, which may
+fetch a JWKS), an admission decided by the store (:class:`_Admit`) or a pause (:class:`_Sleep`, for ``lock_wait``);
+:meth:`Guard.admit` drives it with blocking calls and :meth:`Guard.aadmit` with awaits, so the two paths cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ Outcome = Admitted | Denial
 
 
 @dataclass(frozen=True, slots=True)
+class _Verify:
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Admit:
     admission: Admission
 
@@ -57,7 +63,7 @@ class _Sleep:
     seconds: float
 
 
-_Step = _Admit | _Sleep
+_Step = _Verify | _Admit | _Sleep
 
 
 class _Keeper:
@@ -159,14 +165,17 @@ class Guard:
         """The route and policy for a request (adapters pass their own router's match to ``admit`` instead)."""
         return self.routes.match("WEBSOCKET" if request.websocket else request.method, request.path)
 
-    def _flow(self, request: RequestInfo, match: RouteMatch | None,
-              token: VerifiedToken | InvalidToken | None) -> Generator[_Step, Any, Outcome]:
+    def _flow(self, request: RequestInfo, match: RouteMatch | None) -> Generator[_Step, Any, Outcome]:
         match = match or self.match(request)
         policy = match.policy
         if policy.public:
             return Admitted(SAContext(None, None, None, route=match.route, params=match.params), None)
-        if token is None:
+        raw = self._token(request)
+        if raw is None:
             return Denial("missing_token", "this route needs a bearer token")
+        if isinstance(raw, InvalidToken):
+            return Denial("invalid_token", str(raw))
+        token: VerifiedToken | InvalidToken = yield _Verify(raw)
         if isinstance(token, InvalidToken):
             return Denial("invalid_token", str(token))
         try:
@@ -266,48 +275,42 @@ class Guard:
 
     def admit(self, request: RequestInfo, match: RouteMatch | None = None) -> Outcome:
         """Decide a request, blocking (WSGI). Never raises for bad input or a failing store."""
-        raw = self._token(request)
-        token: VerifiedToken | InvalidToken | None
-        if isinstance(raw, str):
-            try:
-                token = self.verifier.verify(raw)
-            except InvalidToken as exc:
-                token = exc
-        else:
-            token = raw
-        flow = self._flow(request, match, token)
+        flow = self._flow(request, match)
+        answer: Any = None
         try:
-            step = next(flow)
             while True:
-                if isinstance(step, _Sleep):
+                step = flow.send(answer)
+                if isinstance(step, _Verify):
+                    try:
+                        answer = self.verifier.verify(step.token)
+                    except InvalidToken as exc:
+                        answer = exc
+                elif isinstance(step, _Sleep):
                     time.sleep(step.seconds)
-                    step = flow.send(None)
+                    answer = None
                 else:
-                    step = flow.send(self._admit_sync(step.admission))
+                    answer = self._admit_sync(step.admission)
         except StopIteration as stop:
             outcome: Outcome = stop.value
             return outcome
 
     async def aadmit(self, request: RequestInfo, match: RouteMatch | None = None) -> Outcome:
         """Decide a request without blocking the event loop (ASGI). Never raises for bad input or a failing store."""
-        raw = self._token(request)
-        token: VerifiedToken | InvalidToken | None
-        if isinstance(raw, str):
-            try:
-                token = await self.verifier.averify(raw)
-            except InvalidToken as exc:
-                token = exc
-        else:
-            token = raw
-        flow = self._flow(request, match, token)
+        flow = self._flow(request, match)
+        answer: Any = None
         try:
-            step = next(flow)
             while True:
-                if isinstance(step, _Sleep):
+                step = flow.send(answer)
+                if isinstance(step, _Verify):
+                    try:
+                        answer = await self.verifier.averify(step.token)
+                    except InvalidToken as exc:
+                        answer = exc
+                elif isinstance(step, _Sleep):
                     await anyio.sleep(step.seconds)
-                    step = flow.send(None)
+                    answer = None
                 else:
-                    step = flow.send(await self._admit_async(step.admission))
+                    answer = await self._admit_async(step.admission)
         except StopIteration as stop:
             outcome: Outcome = stop.value
             return outcome
