@@ -68,8 +68,23 @@ class Policy:
     max_auth_age: int | None = None
     acr_values: Sequence[str] | None = None
     fail_open: bool | None = None
+    _problem: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Values are normalised now; a bad value is reported by validate(), which the Guard (naming the route) and
+        # the adapters' @policy decorators (naming the view) call, so the error says where the policy sits.
+        try:
+            self._normalise()
+        except ConfigurationError as exc:
+            object.__setattr__(self, "_problem", str(exc))
+
+    def validate(self, where: str = "policy") -> Policy:
+        """Raise :class:`ConfigurationError` naming ``where`` and the field if any value is invalid."""
+        if self._problem is not None:
+            raise ConfigurationError(f"{where}: {self._problem}")
+        return self
+
+    def _normalise(self) -> None:
         setattr_ = object.__setattr__
         for name in ("scopes", "tags", "conflicts"):
             setattr_(self, name, _str_set(getattr(self, name), name))
@@ -108,11 +123,11 @@ class Policy:
         if fallback is None:
             return self
         return replace(fallback, **{f.name: getattr(self, f.name) for f in fields(self)
-                                    if getattr(self, f.name) is not None})
+                                    if f.init and getattr(self, f.name) is not None})
 
     def effective(self) -> EffectivePolicy:
         """The policy with the library defaults filled in."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init and getattr(self, f.name) is not None}
         return EffectivePolicy(**values)
 
 
@@ -197,7 +212,7 @@ class RouteTable:
     def __init__(self, policies: Mapping[str, Policy] | None, default_policy: Policy | None = None) -> None:
         if default_policy is not None and not isinstance(default_policy, Policy):
             raise ConfigurationError("default_policy must be a Policy")
-        self.default_policy = default_policy or Policy()
+        self.default_policy = (default_policy or Policy()).validate("default_policy")
         if default_policy is not None and default_policy.locks:
             raise ConfigurationError("default_policy: locks need a route's path parameters; set them per route")
         self._default = self.default_policy.effective()
@@ -236,6 +251,7 @@ class RouteTable:
             raise ConfigurationError(f"route {key!r}: malformed path parameter")
         pattern += re.escape(path[pos:]) + "$"
         literal += len(path) - pos
+        policy.validate(f"route {key!r}")
         try:
             merged = policy.merged(self.default_policy)
             for template in policy.locks or ():
@@ -273,6 +289,6 @@ class RouteTable:
 
     def resolve(self, policy: Policy | None, route: str | None, params: Mapping[str, Any]) -> RouteMatch:
         """Build a match for a route found by a framework's own router (used by the adapters)."""
-        merged = (policy or Policy()).merged(self.default_policy).effective()
+        merged = (policy or Policy()).validate(f"route {route!r}").merged(self.default_policy).effective()
         keys = tuple(render_lock_key(t, params) for t in merged.locks)
         return RouteMatch(route, dict(params), merged, keys)

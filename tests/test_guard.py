@@ -633,3 +633,10 @@ def test_good_guard_options() -> None:
         assert (g.session_idle, g.lease, g.retry_after, g.realm) == (60.0, 5.5, 3, "payments")
     finally:
         g.close()
+
+
+def test_invalid_route_policy_fails_at_guard_naming_route_and_field() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        make_guard(policies={"POST /payments/{id}/approve": Policy(exclusive=True, max_risk=-1)})
+    assert "'POST /payments/{id}/approve'" in str(info.value)
+    assert "max_risk" in str(info.value)

@@ -56,22 +56,34 @@ from sa_middleware.policy import EffectivePolicy, Policy, RouteTable, render_loc
         ("lock_mode", "read"),
     ],
 )
-def test_bad_field_names_the_field(field: str, value: Any) -> None:
-    with pytest.raises(ConfigurationError, match=rf"\b{field}\b"):
-        Policy(**{field: value})
+def test_bad_field_names_the_route_and_the_field(field: str, value: Any) -> None:
+    policy = Policy(**{field: value})  # reported where the policy is used, so the error can name the route
+    with pytest.raises(ConfigurationError, match=rf"\b{field}\b") as info:
+        RouteTable({"POST /p/{id}": policy})
+    assert str(info.value).startswith("route 'POST /p/{id}': ")
+    with pytest.raises(ConfigurationError, match=rf"^default_policy: .*\b{field}\b"):
+        RouteTable(None, policy)
+    with pytest.raises(ConfigurationError, match=rf"^my_view: .*\b{field}\b"):
+        policy.validate("my_view")
 
 
 @pytest.mark.parametrize("template", ["payment:{id", "payment:{0}", "payment:{a.b}", "payment:{}", "x:{id[0]}",
                                       "x:}"])
-def test_bad_lock_template_names_the_field(template: str) -> None:
+def test_bad_lock_template_names_the_route_and_the_field(template: str) -> None:
     with pytest.raises(ConfigurationError, match=r"\blocks\b") as info:
-        Policy(locks=[template])
+        RouteTable({"POST /p/{id}": Policy(locks=[template])})
     assert template in str(info.value)
+    assert "'POST /p/{id}'" in str(info.value)
+
+
+def test_valid_policy_validates_to_itself() -> None:
+    policy = Policy(max_sessions=2, locks=["x:{id}"])
+    assert policy.validate("anywhere") is policy
 
 
 def test_configuration_error_is_a_value_error() -> None:
     with pytest.raises(ValueError):
-        Policy(max_sessions=0)
+        Policy(max_sessions=0).validate()
 
 
 def test_values_are_normalised() -> None:

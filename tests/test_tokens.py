@@ -737,12 +737,17 @@ def test_jwks_url_fetches_once_and_rate_limits_unknown_kids(
     assert len(server.hits) == 3
 
 
+def jwks_url_verifier(server: JWKSServer, private: Any, **options: Any) -> tuple[FakeClock, TokenVerifier, str]:
+    """A verifier of ``server``'s JWKS URL on a fake clock, and a token signed with ``private`` (kid ``a``)."""
+    clock = FakeClock()
+    verifier = TokenVerifier(jwks_url=server.url, algorithms=["RS256"], clock=clock, **options)
+    now = int(clock())
+    return clock, verifier, mint_token(private, "RS256", claims(iat=now, exp=now + 3600), {"kid": "a"})
+
+
 def test_jwks_url_refreshes_after_lifespan(rsa_pair: tuple[Any, str], server: JWKSServer) -> None:
     server.jwks = {"keys": [jwk_of(rsa_pair[0], "a")]}
-    clock = FakeClock()
-    verifier = TokenVerifier(jwks_url=server.url, algorithms=["RS256"], clock=clock, cache_size=0)
-    now = int(clock())
-    tok = mint_token(rsa_pair[0], "RS256", claims(iat=now, exp=now + 3600), {"kid": "a"})
+    clock, verifier, tok = jwks_url_verifier(server, rsa_pair[0], cache_size=0)
     verifier.verify(tok)
     clock.advance(299)
     verifier.verify(tok)
@@ -754,10 +759,7 @@ def test_jwks_url_refreshes_after_lifespan(rsa_pair: tuple[Any, str], server: JW
 
 def test_jwks_url_fetch_failure_fails_closed(rsa_pair: tuple[Any, str], server: JWKSServer) -> None:
     server.status = 500
-    clock = FakeClock()
-    verifier = TokenVerifier(jwks_url=server.url, algorithms=["RS256"], clock=clock)
-    now = int(clock())
-    tok = mint_token(rsa_pair[0], "RS256", claims(iat=now, exp=now + 3600), {"kid": "a"})
+    clock, verifier, tok = jwks_url_verifier(server, rsa_pair[0])
     for _ in range(5):
         with pytest.raises(InvalidToken) as info:
             verifier.verify(tok)
@@ -772,10 +774,7 @@ def test_jwks_url_fetch_failure_fails_closed(rsa_pair: tuple[Any, str], server: 
 
 def test_jwks_url_keeps_last_good_set_for_a_while(rsa_pair: tuple[Any, str], server: JWKSServer) -> None:
     server.jwks = {"keys": [jwk_of(rsa_pair[0], "a")]}
-    clock = FakeClock()
-    verifier = TokenVerifier(jwks_url=server.url, algorithms=["RS256"], clock=clock, cache_size=0)
-    now = int(clock())
-    tok = mint_token(rsa_pair[0], "RS256", claims(iat=now, exp=now + 3600), {"kid": "a"})
+    clock, verifier, tok = jwks_url_verifier(server, rsa_pair[0], cache_size=0)
     verifier.verify(tok)
     server.status = 500
     clock.advance(301)  # stale: refresh fails, the previous set still serves

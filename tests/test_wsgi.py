@@ -9,90 +9,36 @@ middleware has released by then); gates are events; no sleeps.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
+import support
+from support import WAIT, Gates, Served, Tracker, make_guard, sub
 from werkzeug.test import create_environ
 
-from sa_middleware import Guard, Policy, SAContext
+from sa_middleware import Guard, SAContext
 from sa_middleware.demo import DemoIssuer, serve_wsgi
 from sa_middleware.denials import Denial
 from sa_middleware.records import Admission, Ticket
 from sa_middleware.stores.memory import MemoryStore
 from sa_middleware.wsgi import SessionAwareWSGIMiddleware
 
-WAIT = 10.0  # upper bound of every wait here; reached only when something is broken
-
 Environ = dict[str, Any]
 
-POLICIES = {
-    "GET /public": Policy(public=True),
-    "GET /stream/{id}": Policy(exclusive=True, locks=["stream:{id}"]),
-    "GET /events/{id}": Policy(exclusive=True, locks=["events:{id}"]),
-    "GET /boom/{id}": Policy(exclusive=True, locks=["boom:{id}"]),
-    "GET /boom-mid/{id}": Policy(exclusive=True, locks=["boom:{id}"]),
-    "POST /exclusive": Policy(exclusive=True),
-    "GET /docs/{id}": Policy(locks=["doc:{id}"]),
-    "GET /slot": Policy(max_in_flight=1),
-    "GET /open": Policy(fail_open=True),
-}
 
-
-@pytest.fixture(scope="module")
-def issuer() -> DemoIssuer:
-    return DemoIssuer()
-
-
-def make_guard(issuer: DemoIssuer, store: Any, **options: Any) -> Guard:
-    return Guard(store=store, keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
-                 audience=issuer.audience, policies=POLICIES, **options)
-
-
-@pytest.fixture
-def guard(issuer: DemoIssuer, tmp_path: Path) -> Iterator[Guard]:
-    g = make_guard(issuer, f"sqlite:///{tmp_path / 'wsgi.db'}")
-    try:
-        yield g
-    finally:
-        g.close()
-
-
-def sub() -> str:
-    return f"u-{uuid.uuid4().hex[:8]}"
-
-
-class Gate:
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.released = threading.Event()
-
-
-class App:
+class App(Gates):
     """A hand-written WSGI app; behaviour chosen by path, ``?hold=NAME`` parks it until the gate is released."""
 
     def __init__(self, guard: Guard) -> None:
+        super().__init__()
         self.guard = guard
-        self._gates: dict[str, Gate] = {}
-        self._lock = threading.Lock()
         self.records: dict[str, dict[str, Any]] = {}
-
-    def gate(self, name: str) -> Gate:
-        with self._lock:
-            return self._gates.setdefault(name, Gate())
-
-    def release_all(self) -> None:
-        with self._lock:
-            for gate in self._gates.values():
-                gate.released.set()
 
     def _park(self, name: str | None) -> None:
         if name:
@@ -141,125 +87,23 @@ class App:
             raise
 
 
-class _Closing:
-    def __init__(self, iterable: Iterable[bytes], after_close: Callable[[], None]) -> None:
-        self._iterable, self._after_close = iterable, after_close
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._iterable)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._iterable, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._after_close()
-
-
-class Finished:
-    """Outer WSGI wrapper: ``done(rid)`` is set when the server has closed the response (the middleware inside
-    has released the ticket by then), or when the call raised."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self._done: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def done(self, rid: str) -> threading.Event:
-        with self._lock:
-            return self._done.setdefault(rid, threading.Event())
-
-    def __call__(self, environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        rid = (parse_qs(environ.get("QUERY_STRING", "")).get("rid") or [None])[0]
-        event = self.done(rid) if rid else threading.Event()
-        try:
-            result = self.app(environ, start_response)
-        except BaseException:
-            event.set()
-            raise
-        return _Closing(result, event.set)
-
-
-class Served:
-    """An App behind the middleware, on werkzeug's threaded server."""
-
-    def __init__(self, guard: Guard) -> None:
-        self.guard = guard
-        self.app = App(guard)
-        self.finished = Finished(SessionAwareWSGIMiddleware(self.app, guard=guard))
-        self.base, self._stop = serve_wsgi(self.finished)
-        self._threads: list[threading.Thread] = []
-
-    def url(self, path: str, rid: str | None = None) -> str:
-        if rid:
-            path += ("&" if "?" in path else "?") + f"rid={rid}"
-        return self.base + path
-
-    def request(self, method: str, path: str, token: str | None = None, *, rid: str | None = None,
-                headers: dict[str, str] | None = None) -> httpx.Response:
-        """One request; with ``rid``, returns only once the server has closed the response."""
-        all_headers = dict(headers or {})
-        if token is not None:
-            all_headers["authorization"] = f"Bearer {token}"
-        resp = httpx.request(method, self.url(path, rid), headers=all_headers, timeout=WAIT)
-        if rid:
-            assert self.finished.done(rid).wait(WAIT), f"the server never closed the response of {path}"
-        return resp
-
-    def hold(self, method: str, path: str, token: str) -> Gate:
-        name = uuid.uuid4().hex[:10]
-        gate = self.app.gate(name)
-        out: dict[str, httpx.Response] = {}
-        sep = "&" if "?" in path else "?"
-
-        def run() -> None:
-            out["response"] = self.request(method, f"{path}{sep}hold={name}", token, rid=uuid.uuid4().hex)
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-        for _ in range(int(WAIT / 0.05)):
-            if gate.entered.wait(0.05):
-                return gate
-            if not thread.is_alive():
-                pytest.fail(f"held request was not admitted: {out.get('response') and out['response'].text}")
-        pytest.fail("held request never entered the app")
-
-    def close(self) -> None:
-        self.app.release_all()
-        for thread in self._threads:
-            thread.join(WAIT)
-        self._stop()
-
-
-@contextmanager
-def served(guard: Guard) -> Iterator[Served]:
-    srv = Served(guard)
-    try:
-        yield srv
-    finally:
-        srv.close()
+def served(guard: Guard) -> Served[App]:
+    """An App behind the middleware, on werkzeug's threaded server (a context manager)."""
+    app = App(guard)
+    finished = Tracker(SessionAwareWSGIMiddleware(app, guard=guard))
+    return Served(guard, app, finished, serve_wsgi(finished.wsgi))
 
 
 @pytest.fixture
-def server(guard: Guard) -> Iterator[Served]:
+def server(guard: Guard) -> Iterator[Served[App]]:
     with served(guard) as srv:
         yield srv
 
 
 def problem(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = resp.json()
-    assert body["code"] == code
-    assert body["status"] == status
-    assert body["type"] and body["title"] and body["detail"]
+    """``support.problem``, and the body is exactly as long as the content-length says."""
+    body = support.problem(resp, status, code)
     assert int(resp.headers["content-length"]) == len(resp.content)
-    if status in (409, 423, 429, 503):
-        assert int(resp.headers["retry-after"]) >= 1
-        assert "www-authenticate" not in resp.headers
-    else:
-        assert "retry-after" not in resp.headers
     return body
 
 
@@ -291,10 +135,7 @@ def test_public_route(server: Served, issuer: DemoIssuer) -> None:
 
 def test_streamed_response_holds_ticket_until_the_server_closes_it(server: Served, issuer: DemoIssuer) -> None:
     who = sub()
-    name, rid = uuid.uuid4().hex[:8], uuid.uuid4().hex
-    gate = server.app.gate(name)
-    with httpx.stream("GET", server.url(f"/stream/1?hold={name}", rid),
-                      headers={"authorization": f"Bearer {issuer.token(who)}"}, timeout=WAIT) as resp:
+    with server.stream("/stream/1", issuer.token(who)) as (resp, gate, rid):
         assert resp.status_code == 200
         chunks = resp.iter_raw()
         first = b""
@@ -309,23 +150,18 @@ def test_streamed_response_holds_ticket_until_the_server_closes_it(server: Serve
         assert b"".join(chunks) == b"last"
     assert server.finished.done(rid).wait(WAIT)
     assert server.app.records[rid]["locks_after_last_chunk"] == {ticket}
-    assert server.guard.locks() == []
-    assert server.request("POST", "/exclusive", issuer.token(who), rid=uuid.uuid4().hex).status_code == 200
+    server.assert_released(issuer.token(who))
 
 
 def test_release_when_app_raises_over_http(server: Served, issuer: DemoIssuer) -> None:
     who = sub()
     assert server.request("GET", "/boom/1", issuer.token(who), rid=uuid.uuid4().hex).status_code == 500
-    assert server.guard.locks() == []
-    assert server.request("POST", "/exclusive", issuer.token(who), rid=uuid.uuid4().hex).status_code == 200
+    server.assert_released(issuer.token(who))
 
 
 def test_release_when_generator_raises_mid_stream(server: Served, issuer: DemoIssuer) -> None:
     who = sub()
-    name, rid = uuid.uuid4().hex[:8], uuid.uuid4().hex
-    gate = server.app.gate(name)
-    with httpx.stream("GET", server.url(f"/boom-mid/2?hold={name}", rid),
-                      headers={"authorization": f"Bearer {issuer.token(who)}"}, timeout=WAIT) as resp:
+    with server.stream("/boom-mid/2", issuer.token(who)) as (resp, gate, rid):
         chunks = resp.iter_raw()
         assert next(chunks) == b"first"
         assert gate.entered.wait(WAIT)
@@ -334,35 +170,21 @@ def test_release_when_generator_raises_mid_stream(server: Served, issuer: DemoIs
         with pytest.raises(httpx.HTTPError):  # the server drops the half-sent response
             b"".join(chunks)
     assert server.finished.done(rid).wait(WAIT)
-    assert server.guard.locks() == []
-    assert server.request("POST", "/exclusive", issuer.token(who), rid=uuid.uuid4().hex).status_code == 200
+    server.assert_released(issuer.token(who))
 
 
 def test_release_when_client_disconnects_mid_stream(server: Served, issuer: DemoIssuer) -> None:
     who = sub()
     name, rid = uuid.uuid4().hex[:8], uuid.uuid4().hex
     gate = server.app.gate(name)
-    parts = urlsplit(server.base)
-    assert parts.hostname is not None and parts.port is not None
-    sock = socket.create_connection((parts.hostname, parts.port), timeout=WAIT)
-    try:
-        sock.sendall(f"GET /events/1?rid={rid}&hold={name} HTTP/1.1\r\nHost: {parts.hostname}\r\n"
-                     f"Authorization: Bearer {issuer.token(who)}\r\n\r\n".encode())
-        received = b""
-        while b"first" not in received:
-            data = sock.recv(4096)
-            assert data, f"connection closed before the first chunk: {received!r}"
-            received += data
+    with server.raw_stream(f"/events/1?rid={rid}&hold={name}", issuer.token(who)):  # then the client goes away
         assert gate.entered.wait(WAIT)
         assert [lk.key for lk in server.guard.locks()] == ["events:1"]
-    finally:
-        sock.close()  # the client goes away mid-stream
     gate.released.set()
     assert server.finished.done(rid).wait(WAIT), "the server never closed the response after the disconnect"
     assert server.app.records[rid].get("closed_early") is True
     assert "stream_completed" not in server.app.records[rid]
-    assert server.guard.locks() == []
-    assert server.request("POST", "/exclusive", issuer.token(who), rid=uuid.uuid4().hex).status_code == 200
+    server.assert_released(issuer.token(who))
 
 
 def test_denials_format(server: Served, issuer: DemoIssuer) -> None:

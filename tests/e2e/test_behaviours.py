@@ -11,13 +11,13 @@ import queue
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import httpx
 import pytest
+from support import Tracker
 
 from sa_middleware import Guard, demo
 from sa_middleware.asgi import SessionAwareMiddleware
@@ -29,61 +29,6 @@ from sa_middleware.wsgi import SessionAwareWSGIMiddleware
 
 WAIT = 15.0  # upper bound for any wait in this module; reached only when something is broken
 _demo_request = demo.request
-
-
-class Tracker:
-    """Wraps the middleware from outside and signals when it has returned for a request (``?rid=ID``).
-
-    The middleware releases a ticket *after* the last body chunk is sent, so a client that got its response may
-    race the release with its next request. The test client waits for this signal after every response, so each
-    request sees the state its predecessors left behind.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self._done: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def done(self, rid: str) -> threading.Event:
-        with self._lock:
-            return self._done.setdefault(rid, threading.Event())
-
-    def _rid(self, query: str) -> str | None:
-        return (parse_qs(query).get("rid") or [None])[0]
-
-    async def asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        rid = self._rid(scope.get("query_string", b"").decode("latin-1")) if scope["type"] == "http" else None
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            if rid:
-                self.done(rid).set()
-
-    def wsgi(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        rid = self._rid(environ.get("QUERY_STRING", ""))
-        try:
-            result = self.app(environ, start_response)
-        except BaseException:
-            if rid:
-                self.done(rid).set()
-            raise
-        return _Closing(result, (lambda: self.done(rid).set()) if rid else (lambda: None))
-
-
-class _Closing:
-    def __init__(self, iterable: Iterable[bytes], after_close: Callable[[], None]) -> None:
-        self._iterable, self._after_close = iterable, after_close
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._iterable)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._iterable, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._after_close()
 
 
 class Held:
@@ -142,10 +87,7 @@ class Server:
         self._held: list[Held] = []
         if flavour == "asgi":
             self.tracker = Tracker(self.bench.track_asgi(SessionAwareMiddleware(self.bench.asgi, guard=self.guard)))
-
-            async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:  # a function: ASGI 3
-                await self.tracker.asgi(scope, receive, send)
-            self.base, self._stop = serve_asgi(app)
+            self.base, self._stop = serve_asgi(self.tracker.asgi_app())
         else:
             self.tracker = Tracker(self.bench.track_wsgi(SessionAwareWSGIMiddleware(self.bench.wsgi,
                                                                                     guard=self.guard)))
@@ -324,11 +266,17 @@ def test_higher_generation_ratchets_without_rotate(server: Server) -> None:
 
 # -- 3. a human and a non-human workflow modify the same object ---------------------------------------------------
 
-def test_human_writes_first_workflow_is_paused(server: Server) -> None:
+def human_and_workflow(server: Server) -> tuple[str, str, str, str]:
+    """A human and a workflow (a service) of a fresh run and a token for each one's session: human, flow, tokens."""
     run = run_id()
     human, flow = f"alice-{run}", f"workflow-{run}"
     htok = server.issuer.token(human, sid=f"{human}-s1")
     ftok = server.issuer.token(flow, sa_kind="service", sid=f"{flow}-s1")
+    return human, flow, htok, ftok
+
+
+def test_human_writes_first_workflow_is_paused(server: Server) -> None:
+    human, flow, htok, ftok = human_and_workflow(server)
 
     write = server.hold("PUT", "/objects/7", htok)
     write.wait_entered()
@@ -354,10 +302,7 @@ def test_human_writes_first_workflow_is_paused(server: Server) -> None:
 
 
 def test_workflow_writes_first_human_gets_locked_and_workflow_paused(server: Server) -> None:
-    run = run_id()
-    human, flow = f"alice-{run}", f"workflow-{run}"
-    htok = server.issuer.token(human, sid=f"{human}-s1")
-    ftok = server.issuer.token(flow, sa_kind="service", sid=f"{flow}-s1")
+    human, flow, htok, ftok = human_and_workflow(server)
 
     write = server.hold("PUT", "/objects/8", ftok)
     write.wait_entered()
