@@ -9,6 +9,7 @@ drift apart.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -21,7 +22,7 @@ import anyio
 
 from .context import RequestInfo, SAContext
 from .denials import Denial
-from .errors import ConfigurationError, InvalidToken, SAMiddlewareError
+from .errors import ConfigurationError, InvalidToken, StoreError
 from .policy import Policy, RouteMatch, RouteTable
 from .records import Admission, LockInfo, LockRequest, SessionInfo, Ticket
 from .stores.base import Store, open_store
@@ -102,7 +103,7 @@ class _Keeper:
             if ids:
                 try:
                     self._store.renew(ids, self._lease)
-                except SAMiddlewareError as exc:  # the next round tries again; leases bound the damage
+                except Exception as exc:  # the next round tries again; leases bound the damage
                     log.warning("sa-middleware: lease renewal failed: %s", exc)
 
 
@@ -138,8 +139,8 @@ class Guard:
         retry_after: int = 1,
     ) -> None:
         for name, value in (("session_idle", session_idle), ("lease", lease)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigurationError(f"{name} must be a positive number of seconds")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ConfigurationError(f"{name} must be a positive, finite number of seconds")
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 1:
             raise ConfigurationError("retry_after must be a positive integer of seconds")
         if realm is not None and ('"' in realm or "\\" in realm):
@@ -150,6 +151,7 @@ class Guard:
             cache_size=token_cache_size)
         self.routes = RouteTable(policies, default_policy)
         self.store: Store = open_store(store)
+        self.leeway = float(leeway)
         self.session_idle = float(session_idle)
         self.lease = float(lease)
         self.kind_claim = kind_claim
@@ -191,7 +193,7 @@ class Guard:
                 ctx = SAContext(context.principal, context.kind, context.session_id, context.claims,
                                 result.ticket_id, result.fencing_tokens, match.route, match.params)
                 return Admitted(ctx, result)
-            if result.code == "store_unavailable" and policy.fail_open:
+            if result.code == "store_unavailable" and policy.fail_open and "unexpected" not in result.extra:
                 log.warning("sa-middleware: store unavailable; admitting %s %s for %s (fail_open)",
                             request.method, match.route, context.principal)
                 return Admitted(context, None)
@@ -243,14 +245,19 @@ class Guard:
             scopes = frozenset(scope)
         else:
             scopes = frozenset()
-        auth_time = claims.get("auth_time")
+        auth_time = _number(claims.get("auth_time"))
+        if auth_time is not None and auth_time > time.time() + self.leeway:
+            raise InvalidToken("auth_time is in the future")
+        if "auth_time" in claims and auth_time is None:
+            raise InvalidToken("claim auth_time must be a number")
         acr = claims.get("acr")
         admission = Admission(
             ticket_id=uuid.uuid4().hex, sub=sub, kind=kind, session_id=session_id, token_hash=token.fingerprint,
-            token_exp=token.expires_at, token_iat=_number(claims.get("iat")), token_gen=gen, jti=jti, actor=actor,
+            token_exp=token.expires_at + self.leeway,  # the token is accepted until then
+            token_iat=_number(claims.get("iat")), token_gen=gen, jti=jti, actor=actor,
             credential=credential, device=_claim_str(claims, self.device_claim),
             client=request.client, user_agent=request.user_agent,
-            route=match.route or request.path[:_MAX_ID], token_scopes=scopes, auth_time=_number(auth_time),
+            route=match.route or request.path[:_MAX_ID], token_scopes=scopes, auth_time=auth_time,
             acr=acr if isinstance(acr, str) else None, scopes=policy.scopes, max_auth_age=policy.max_auth_age,
             acr_values=policy.acr_values, one_time=policy.one_time,
             require_compliant_device=policy.require_compliant_device, max_sessions=policy.max_sessions,
@@ -316,12 +323,14 @@ class Guard:
             return outcome
 
     def _unavailable(self, exc: BaseException) -> Denial:
-        if isinstance(exc, SAMiddlewareError):
+        extra: dict[str, object] = {}
+        if isinstance(exc, StoreError):
             log.warning("sa-middleware: store unavailable: %s", exc)
-        else:
+        else:  # a failure that is not the store's being unreachable: never a reason to fail open
             log.exception("sa-middleware: store failed")
+            extra["unexpected"] = True
         return Denial("store_unavailable", "the authorisation store did not answer; try again",
-                      retry_after=self.retry_after)
+                      retry_after=self.retry_after, extra=extra)
 
     def _admit_sync(self, admission: Admission) -> Ticket | Denial:
         try:
@@ -439,13 +448,27 @@ def _claim_str(claims: Mapping[str, Any], name: str) -> str | None:
     value = claims.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > _MAX_ID:
+    if not isinstance(value, str) or not value or len(value) > _MAX_ID or not _encodable(value):
         raise InvalidToken(f"claim {name} must be a non-empty string of at most {_MAX_ID} characters")
     return value
 
 
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True
+
+
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _arg(value: str, name: str) -> str:

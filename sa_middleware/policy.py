@@ -9,8 +9,10 @@ a route leaves unset, and applies alone to requests that match no route.
 
 from __future__ import annotations
 
+import math
 import re
 import string
+import uuid
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -108,8 +110,9 @@ class Policy:
                 raise ConfigurationError(f"{name} must be an integer >= {minimum}")
         for name in ("risk_window", "lock_wait"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
-                raise ConfigurationError(f"{name} must be a number of seconds >= 0")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value) or value < 0):
+                raise ConfigurationError(f"{name} must be a finite number of seconds >= 0")
         for name, allowed in (("on_session_limit", _SESSION_LIMIT_ACTIONS),
                               ("on_lock_conflict", _LOCK_CONFLICT_ACTIONS), ("lock_mode", _LOCK_MODES)):
             value = getattr(self, name)
@@ -179,7 +182,7 @@ _CONVERTORS: dict[str, tuple[str, Any]] = {
     "path": (".*", str),
     "int": ("[0-9]+", int),
     "float": (r"[0-9]+(?:\.[0-9]+)?", float),
-    "uuid": ("[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", str),
+    "uuid": ("[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", uuid.UUID),
 }
 _METHODS = frozenset({"*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
                       "WEBSOCKET"})
@@ -282,7 +285,10 @@ class RouteTable:
             m = route.regex.match(path)
             if m is None:
                 continue
-            params = {name: route.convert[name](value) for name, value in m.groupdict().items()}
+            try:
+                params = {name: route.convert[name](value) for name, value in m.groupdict().items()}
+            except (ValueError, OverflowError):  # e.g. an int of more digits than Python converts: not this route
+                continue
             keys = tuple(render_lock_key(t, params) for t in route.policy.locks)
             return RouteMatch(route.key, params, route.policy, keys)
         return RouteMatch(None, {}, self._default, ())

@@ -12,13 +12,18 @@ import math
 
 from .records import Admission, LockRequest, SessionInfo, SessionStatus, Snapshot, Ticket, TicketRecord, Verdict
 
-__all__ = ["evaluate", "is_newer", "live_risk"]
+__all__ = ["STATUS_RETENTION", "evaluate", "is_newer", "live_risk"]
+
+#: seconds a paused, revoked or compromised session is remembered beyond its last token's expiry, so a refreshed
+#: token with the same session id cannot bring it back without an operator
+STATUS_RETENTION = 86400.0
 
 
 def is_newer(marker_at: float, marker_gen: int | None, token_iat: float | None, token_gen: int | None) -> bool:
-    """Whether a token postdates a compromise marker: a higher generation, or issued after it."""
-    if marker_gen is not None and token_gen is not None and token_gen > marker_gen:
-        return True
+    """Whether a token postdates a compromise marker: a higher generation when both carry one; otherwise (a token
+    without a generation claim, or a marker of an actor, credential or device) issued after the marker."""
+    if marker_gen is not None and token_gen is not None:
+        return token_gen > marker_gen
     return token_iat is not None and token_iat > marker_at
 
 
@@ -176,7 +181,8 @@ def _merge_locks(locks: tuple[LockRequest, ...]) -> list[LockRequest]:
 
 
 def _new_session(a: Admission, now: float, status: SessionStatus) -> SessionInfo:
-    return SessionInfo(a.session_id, a.sub, a.kind, status, now, now, a.token_exp, a.client,
+    expires = a.token_exp if status == "active" else max(a.token_exp, now + STATUS_RETENTION)
+    return SessionInfo(a.session_id, a.sub, a.kind, status, now, now, expires, a.client,
                        a.user_agent, a.device, a.credential, a.actor)
 
 

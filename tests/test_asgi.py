@@ -504,8 +504,20 @@ def test_store_failure_is_503(issuer: DemoIssuer, tmp_path: Path, base: type[SQL
     assert b"s3cr3t" not in sent[1]["body"]
 
 
-def test_store_failure_over_http_and_fail_open(issuer: DemoIssuer, tmp_path: Path) -> None:
+def test_unexpected_store_failure_never_fails_open(issuer: DemoIssuer, tmp_path: Path) -> None:
+    # a failure that is not the store being unreachable (a bug, bad data) is 503 even on a fail_open route
     g = make_guard(issuer, broken(SQLiteStore, RuntimeError("down"), tmp_path / "b.db"))
+    try:
+        with served(g) as srv:
+            who = sub()
+            problem(srv.request("GET", "/docs/1", issuer.token(who)), 503, "store_unavailable")
+            problem(srv.request("GET", "/open", issuer.token(who)), 503, "store_unavailable")
+    finally:
+        g.close()
+
+
+def test_store_failure_over_http_and_fail_open(issuer: DemoIssuer, tmp_path: Path) -> None:
+    g = make_guard(issuer, broken(SQLiteStore, StoreUnavailable("down"), tmp_path / "b.db"))
     try:
         with served(g) as srv:
             who = sub()

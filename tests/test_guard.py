@@ -296,7 +296,7 @@ def test_claims_feed_the_admission(guard: Guard, store: SpyStore) -> None:
     assert (a.auth_time, a.acr, a.device, a.actor, a.credential) == (now - 5, "urn:example:mfa", "dev-1",
                                                                      "agent-7", "thumb")
     assert a.token_hash == hashlib.sha256(raw.encode()).hexdigest()
-    assert a.token_iat == now - 60 and a.token_exp == now + 600
+    assert a.token_iat == now - 60 and a.token_exp == now + 600 + guard.leeway  # accepted until exp + leeway
     assert a.client == "10.1.1.1" and a.user_agent == "ua/1"
     assert (a.max_auth_age, a.acr_values) == (300, ("urn:example:mfa",))
     assert a.route == "POST /mfa"
@@ -440,8 +440,11 @@ def test_unexpected_store_exception_gives_store_unavailable(guard: Guard, store:
 async def test_async_store_failures(guard: Guard, store: SpyStore, exc: Exception) -> None:
     store.fail_with = exc
     denied(await guard.aadmit(request("GET", "/items", token())), "store_unavailable")
-    result = admitted(await guard.aadmit(request("GET", "/open", token())))
-    assert result.ticket is None
+    outcome = await guard.aadmit(request("GET", "/open", token()))
+    if isinstance(exc, StoreUnavailable):  # fail_open admits only when the store is unreachable
+        assert admitted(outcome).ticket is None
+    else:  # an unexpected failure (a bug, bad data) never fails open
+        denied(outcome, "store_unavailable")
 
 
 RELEASE_FAILURES = [StoreUnavailable("down"), RuntimeError("boom")]
@@ -605,6 +608,8 @@ async def test_operation_arguments_are_validated(guard: Guard, twin: bool, name:
         {"session_idle": "900"},
         {"lease": 0},
         {"lease": "30"},
+        {"lease": float("inf")},
+        {"session_idle": float("nan")},
         {"retry_after": 0},
         {"retry_after": 1.5},
         {"retry_after": True},
@@ -640,3 +645,15 @@ def test_invalid_route_policy_fails_at_guard_naming_route_and_field() -> None:
         make_guard(policies={"POST /payments/{id}/approve": Policy(exclusive=True, max_risk=-1)})
     assert "'POST /payments/{id}/approve'" in str(info.value)
     assert "max_risk" in str(info.value)
+
+
+@pytest.mark.parametrize("claims", [{"device_id": "\ud800"}, {"sid": "a\udfffb"}, {"act": {"sub": "\ud83d"}}],
+                         ids=["device", "sid", "actor"])
+def test_claim_strings_that_cannot_be_stored_are_invalid_token(guard: Guard, claims: dict[str, Any]) -> None:
+    denied(guard.admit(request("GET", "/open", token(**claims))), "invalid_token")  # never a fail_open admit
+
+
+@pytest.mark.parametrize("auth_time", [10**400, "yesterday", float(2**62)], ids=["huge", "string", "future"])
+def test_bad_auth_time_is_invalid_token(guard: Guard, auth_time: Any) -> None:
+    denied(guard.admit(request("POST", "/mfa", token(auth_time=auth_time, acr="urn:example:mfa"))),
+           "invalid_token")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import uuid
 from typing import Any
 
 import pytest
@@ -49,6 +50,9 @@ from sa_middleware.policy import EffectivePolicy, Policy, RouteTable, render_loc
         ("risk_window", "60"),
         ("risk_window", True),
         ("lock_wait", -0.1),
+        ("lock_wait", float("inf")),
+        ("lock_wait", float("nan")),
+        ("risk_window", float("inf")),
         ("lock_wait", True),
         ("on_session_limit", "drop"),
         ("on_session_limit", "EVICT_OLDEST"),
@@ -187,7 +191,8 @@ def test_float_and_uuid_parameters() -> None:
     rt = table("GET /price/{p:float}", "GET /users/{u:uuid}")
     assert rt.match("GET", "/price/3.5").params == {"p": 3.5}
     uid = "12345678-1234-1234-1234-123456789abc"
-    assert rt.match("GET", f"/users/{uid}").params == {"u": uid}
+    assert rt.match("GET", f"/users/{uid}").params == {"u": uuid.UUID(uid)}
+    assert rt.match("GET", f"/users/{uid.upper()}").params == {"u": uuid.UUID(uid)}  # one object, one lock key
     assert matched(rt, "GET", "/users/not-a-uuid") is None
 
 
@@ -357,3 +362,8 @@ def test_default_policy_errors() -> None:
         RouteTable(None, {"max_sessions": 1})  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="default_policy"):
         RouteTable(None, Policy(locks=["x:{id}"]))
+
+
+def test_an_int_parameter_too_long_to_convert_matches_no_route() -> None:
+    rt = table("PUT /objects/{id:int}")
+    assert matched(rt, "PUT", "/objects/" + "1" * 5000) is None  # falls back to the default policy, never raises

@@ -22,7 +22,7 @@ import support
 from support import WAIT, Gates, Served, Tracker, make_guard, sub
 from werkzeug.test import create_environ
 
-from sa_middleware import Guard, SAContext
+from sa_middleware import Guard, SAContext, StoreUnavailable
 from sa_middleware.demo import DemoIssuer, serve_wsgi
 from sa_middleware.denials import Denial
 from sa_middleware.records import Admission, Ticket
@@ -220,7 +220,7 @@ def test_denials_format(server: Served, issuer: DemoIssuer) -> None:
 
 class Broken(MemoryStore):
     def admit(self, admission: Admission) -> Ticket | Denial:
-        raise RuntimeError("store down s3cr3t")
+        raise StoreUnavailable("store down s3cr3t")
 
 
 def test_store_failure_is_503_and_fail_open_admits(issuer: DemoIssuer) -> None:

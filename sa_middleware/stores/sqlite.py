@@ -33,7 +33,7 @@ from ..records import (
     TicketRecord,
     Verdict,
 )
-from ..rules import evaluate
+from ..rules import STATUS_RETENTION, evaluate
 from .base import Store
 
 __all__ = ["SQLiteStore"]
@@ -43,7 +43,6 @@ T = TypeVar("T")
 _SESSION_COLUMNS = ("session_id, sub, kind, status, created, last_seen, expires, client, user_agent, device, "
                     "credential, actor, marked_at, marked_generation, cleared_at")
 _PRUNE_EVERY = 10.0  # seconds between sweeps of expired rows
-_TOMBSTONE = 86400.0  # how long a revocation outlives the session's last token
 _FROM_STATES = {"paused": '["active", "paused"]', "revoked": '["active", "paused", "compromised", "revoked"]',
                 "compromised": '["active", "paused", "compromised"]', "active": '["active"]'}
 
@@ -231,10 +230,10 @@ class SQLiteStore(Store):
         for session_id, status in v.session_status.items():
             if v.session is not None and session_id == v.session.session_id:
                 continue
-            # pausing never overrides revoked or compromised; revoking is remembered past the token's expiry
-            conn.execute("UPDATE sessions SET status = ?, expires = CASE WHEN ? = 'revoked' THEN max(expires, ?) "
-                         "ELSE expires END WHERE session_id = ? AND status IN (SELECT value FROM json_each(?))",
-                         (status, status, now + _TOMBSTONE, session_id, _FROM_STATES[status]))
+            # pausing never overrides revoked or compromised; the status is remembered past the token's expiry
+            conn.execute("UPDATE sessions SET status = ?, expires = max(expires, ?) "
+                         "WHERE session_id = ? AND status IN (SELECT value FROM json_each(?))",
+                         (status, now + STATUS_RETENTION, session_id, _FROM_STATES[status]))
         if v.ticket_record is not None:
             t = v.ticket_record
             conn.execute("INSERT INTO tickets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -289,10 +288,10 @@ class SQLiteStore(Store):
     def revoke_session(self, session_id: str) -> bool:
         def run(conn: sqlite3.Connection, now: float) -> bool:
             if conn.execute("UPDATE sessions SET status = 'revoked', expires = max(expires, ?) WHERE session_id = ?",
-                            (now + _TOMBSTONE, session_id)).rowcount:
+                            (now + STATUS_RETENTION, session_id)).rowcount:
                 return True
             conn.execute(f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, '', '', 'revoked', ?, ?, ?, '', '', "
-                         "NULL, NULL, NULL, NULL, NULL, NULL)", (session_id, now, now, now + _TOMBSTONE))
+                         "NULL, NULL, NULL, NULL, NULL, NULL)", (session_id, now, now, now + STATUS_RETENTION))
             return False
         return self._write(run)
 
@@ -329,17 +328,17 @@ class SQLiteStore(Store):
                     where.append(f"{column} IN ({','.join('?' * len(values))})")
                     params.extend(values)
             rows = conn.execute(
-                f"UPDATE sessions SET status = 'compromised', marked_at = ?, marked_generation = "
-                f"(SELECT generation FROM principals p WHERE p.sub = sessions.sub) "
+                f"UPDATE sessions SET status = 'compromised', marked_at = ?, expires = max(expires, ?), "
+                f"marked_generation = (SELECT generation FROM principals p WHERE p.sub = sessions.sub) "
                 f"WHERE expires > ? AND status != 'revoked' AND ({' OR '.join(where)}) RETURNING session_id",
-                (now, now, *params)).fetchall()
+                (now, now + STATUS_RETENTION, now, *params)).fetchall()
             return sorted(r[0] for r in rows)
         return self._write(run)
 
     def pause_session(self, session_id: str) -> bool:
         return self._write(lambda conn, now: conn.execute(
-            "UPDATE sessions SET status = 'paused' WHERE session_id = ? AND status IN ('active', 'paused')",
-            (session_id,)).rowcount > 0)
+            "UPDATE sessions SET status = 'paused', expires = max(expires, ?) WHERE session_id = ? "
+            "AND status IN ('active', 'paused')", (now + STATUS_RETENTION, session_id)).rowcount > 0)
 
     def resume_session(self, session_id: str) -> bool:
         return self._write(lambda conn, now: conn.execute(

@@ -309,6 +309,18 @@ def test_revoked_session_stays_revoked_after_its_token_expires(d: Driver) -> Non
     d.deny("session_revoked", token_iat=d.clock(), token_exp=d.clock() + 3600)
 
 
+def test_paused_session_stays_paused_after_its_token_expires(d: Driver) -> None:
+    # needs_clock. Only an operator resumes a paused session: a refreshed token with the same sid, presented after
+    # the old one expired and the store pruned, must still be refused.
+    d.passes(token_exp=d.clock() + 2)
+    d.store.pause_session("alice-1")
+    d.clock.advance(15)
+    d.passes(session_id="alice-other")  # any admission (gives stores a chance to prune)
+    d.deny("session_paused", token_iat=d.clock(), token_exp=d.clock() + 3600)
+    assert d.store.resume_session("alice-1") is True
+    d.passes(token_iat=d.clock(), token_exp=d.clock() + 3600)
+
+
 def test_session_id_of_another_principal_is_refused(d: Driver) -> None:
     d.passes(session_id="shared-sid")
     d.deny("invalid_token", sub="bob", session_id="shared-sid")
@@ -437,6 +449,16 @@ def test_compromise_re_established_by_a_newer_generation(d: Driver) -> None:
     d.passes(token_gen=1)
     d.deny("stale_generation", token_gen=0)
     d.passes(session_id="alice-2", token_gen=1)  # new sessions too
+
+
+def test_compromise_of_a_generation_token_needs_a_newer_generation(d: Driver) -> None:
+    # a token that carries a generation is re-established only by a higher generation, never by a later iat:
+    # whoever holds the leaked credential could mint a fresh token of the same generation
+    d.passes(token_gen=3)
+    d.store.report_compromise("alice", None)
+    d.deny("credential_compromised", token_gen=3, token_iat=later(d.clock))
+    d.deny("credential_compromised", session_id="alice-2", token_gen=3, token_iat=later(d.clock))
+    d.passes(token_gen=4)
 
 
 def test_compromise_re_established_by_a_token_issued_after_the_report(d: Driver) -> None:
