@@ -5,7 +5,8 @@
 What it measures (per request, median over rounds):
 - token verification: uncached (signature checked) vs cached (the verified-token cache);
 - Guard.admit + Guard.release through each store (memory, SQLite file);
-- a trivial ASGI app called directly: bare vs wrapped in SessionAwareMiddleware (memory and SQLite stores).
+- a trivial ASGI app called directly: bare vs wrapped in SessionAwareMiddleware (memory and SQLite stores; SQLite
+  both inline-first, the default, and with every store call in a worker thread, ``inline=False``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sa_middleware import Guard, Policy, RequestInfo
 from sa_middleware.asgi import SessionAwareMiddleware
 from sa_middleware.demo import DemoIssuer
 from sa_middleware.guard import Admitted
+from sa_middleware.stores.sqlite import SQLiteStore
 
 
 def _median_us(samples: list[float], batch: int) -> float:
@@ -61,7 +63,11 @@ def main() -> None:
     issuer = DemoIssuer()
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        stores = {"memory": "memory://", "sqlite": f"sqlite:///{Path(tmp) / 'bench.db'}"}
+        stores: dict[str, Any] = {
+            "memory": "memory://",
+            "sqlite": f"sqlite:///{Path(tmp) / 'bench.db'}",
+            "sqlite-threaded": SQLiteStore(str(Path(tmp) / "bench-threaded.db"), inline=False),
+        }
         guards = {name: Guard(store=uri, keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
                               audience=issuer.audience, policies={"GET /x/{id}": Policy(locks=["x:{id}"])},
                               token_cache_size=100_000)
@@ -110,16 +116,18 @@ def main() -> None:
         for guard in guards.values():
             guard.close()
 
-    print(f"{'measure':<32} {'median us/request':>18}")
+    print(f"{'measure':<40} {'median us/request':>18}")
     for name, value in results.items():
-        print(f"{name:<32} {value:>18.1f}")
+        print(f"{name:<40} {value:>18.1f}")
     print()
     print(f"cache speed-up (uncached / cached): {results['verify uncached'] / results['verify cached']:.1f}x")
     print(f"sqlite / memory admit+release:      "
           f"{results['admit+release sqlite'] / results['admit+release memory']:.2f}x")
     for name in stores:
         overhead = results[f"asgi + middleware {name}"] - results["asgi bare app"]
-        print(f"middleware overhead, {name:<7}       {overhead:.1f} us/request")
+        print(f"middleware overhead, {name:<16} {overhead:7.1f} us/request")
+    print(f"sqlite inline-first vs threaded (ASGI): "
+          f"{results['asgi + middleware sqlite-threaded'] / results['asgi + middleware sqlite']:.2f}x faster")
 
 
 if __name__ == "__main__":

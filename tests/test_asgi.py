@@ -485,6 +485,9 @@ def broken(base: type[SQLiteStore], exc: BaseException, path: Path) -> SQLiteSto
         def admit(self, admission: Admission) -> Ticket | Denial:
             raise exc
 
+        async def aadmit(self, admission: Admission) -> Ticket | Denial:  # the SQLite store decides inline first
+            raise exc
+
     return Broken() if base is MemoryStore else Broken(str(path))
 
 

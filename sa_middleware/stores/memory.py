@@ -33,7 +33,7 @@ class MemoryStore(SQLiteStore):
     def from_uri(cls, uri: str, **options: Any) -> MemoryStore:
         return cls(**options)
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self, nowait: bool = False) -> sqlite3.Connection:
         return self._conn
 
     @contextmanager

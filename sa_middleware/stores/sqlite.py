@@ -3,6 +3,11 @@
 Every admission is one ``BEGIN IMMEDIATE`` transaction: read a snapshot, run :func:`sa_middleware.rules.evaluate`,
 write the verdict. The database runs in WAL mode with ``synchronous=NORMAL`` and a busy timeout (``?timeout=``,
 default 2 s); a store that stays locked past it answers :class:`~sa_middleware.errors.StoreUnavailable`.
+
+On the event loop, admission and release first try the transaction inline on a connection that never waits
+(busy timeout 0, no automatic checkpoint): when the write lock is free this costs no thread hop; when another
+writer holds it, the attempt is rolled back at once and the work goes to a worker thread, which may wait. WAL
+checkpoints, which fsync, run on a maintenance thread, never on the loop.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -43,6 +48,11 @@ T = TypeVar("T")
 _SESSION_COLUMNS = ("session_id, sub, kind, status, created, last_seen, expires, client, user_agent, device, "
                     "credential, actor, marked_at, marked_generation, cleared_at")
 _PRUNE_EVERY = 10.0  # seconds between sweeps of expired rows
+_CHECKPOINT_EVERY = 256  # inline commits between WAL checkpoints (run on the maintenance thread)
+
+
+class _Busy(StoreUnavailable):
+    """The write lock is taken; the inline attempt was rolled back and must be retried off the loop."""
 _FROM_STATES = {"paused": '["active", "paused"]', "revoked": '["active", "paused", "compromised", "revoked"]',
                 "compromised": '["active", "paused", "compromised"]', "active": '["active"]'}
 
@@ -74,10 +84,18 @@ def _session(row: sqlite3.Row | tuple[Any, ...]) -> SessionInfo:
     return SessionInfo(*row)
 
 
+def _outcome(verdict: Verdict) -> Ticket | Denial:
+    if verdict.ticket is not None:
+        return verdict.ticket
+    assert verdict.code is not None
+    return Denial(verdict.code, verdict.detail, verdict.retry_after)
+
+
 class SQLiteStore(Store):
     """Store on a SQLite database file (``sqlite:///relative.db``, ``sqlite:////absolute/path.db``)."""
 
-    def __init__(self, path: str, *, timeout: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str, *, timeout: float = 2.0, clock: Callable[[], float] = time.time,
+                 inline: bool = True) -> None:
         if not path:
             raise ConfigurationError("sqlite store needs a file path: sqlite:///sa.db")
         if timeout <= 0:
@@ -89,6 +107,10 @@ class SQLiteStore(Store):
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._last_prune = 0.0
+        self.inline = inline
+        self._inline_commits = 0
+        self._checkpoint_due = threading.Event()
+        self._maintenance: threading.Thread | None = None
         with self._transaction() as conn:
             _schema(sqlite_utils.Database(conn))
 
@@ -108,21 +130,63 @@ class SQLiteStore(Store):
 
     # -- connections and transactions -------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+    def _connect(self, nowait: bool = False) -> sqlite3.Connection:
+        timeout = 0.0 if nowait else self.timeout
+        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
+        if nowait:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+        with self._connections_lock:
+            self._connections.append(conn)
         return conn
 
-    def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():  # never reuse a connection across a fork
-            conn = self._connect()
-            self._local.conn, self._local.pid = conn, os.getpid()
-            with self._connections_lock:
-                self._connections.append(conn)
+    def _connection(self, nowait: bool = False) -> sqlite3.Connection:
+        name = "nowait" if nowait else "conn"
+        conn: sqlite3.Connection | None = getattr(self._local, name, None)
+        if conn is None or getattr(self._local, f"{name}_pid", None) != os.getpid():  # never reuse across a fork
+            conn = self._connect(nowait)
+            setattr(self._local, name, conn)
+            setattr(self._local, f"{name}_pid", os.getpid())
         return conn
+
+    def _inline_write(self, func: Callable[[sqlite3.Connection, float], T]) -> T:
+        """Run a write transaction on the calling thread without ever waiting; raises _Busy instead."""
+        try:
+            conn = self._connection(nowait=True)
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise _Busy(str(exc)) from exc
+        try:
+            result = func(conn, self._clock())
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            conn.execute("ROLLBACK")
+            raise _Busy(str(exc)) from exc
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise StoreError(f"sqlite store error: {exc}") from exc
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._inline_commits += 1
+        if self._inline_commits % _CHECKPOINT_EVERY == 0:
+            self._request_checkpoint()
+        return result
+
+    def _request_checkpoint(self) -> None:
+        if self._maintenance is None or not self._maintenance.is_alive():
+            self._maintenance = threading.Thread(target=self._checkpoints, name="sa-middleware-sqlite-checkpoint",
+                                                 daemon=True)
+            self._maintenance.start()
+        self._checkpoint_due.set()
+
+    def _checkpoints(self) -> None:
+        while self._checkpoint_due.wait():
+            self._checkpoint_due.clear()
+            with suppress(sqlite3.Error):  # the next checkpoint, or any connection's automatic one, catches up
+                self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -161,14 +225,26 @@ class SQLiteStore(Store):
     # -- admission ---------------------------------------------------------------------------------------------
 
     def admit(self, admission: Admission) -> Ticket | Denial:
-        verdict = self._write(lambda conn, now: self._admit(conn, now, admission))
-        if verdict.ticket is not None:
-            return verdict.ticket
-        assert verdict.code is not None
-        return Denial(verdict.code, verdict.detail, verdict.retry_after)
+        return _outcome(self._write(lambda conn, now: self._admit(conn, now, admission)))
 
-    def _admit(self, conn: sqlite3.Connection, now: float, a: Admission) -> Verdict:
-        if now - self._last_prune > _PRUNE_EVERY:
+    async def aadmit(self, admission: Admission) -> Ticket | Denial:
+        if self.inline and not self.inline_async:
+            try:
+                return _outcome(self._inline_write(lambda conn, now: self._admit(conn, now, admission, False)))
+            except _Busy:
+                pass
+        return await super().aadmit(admission)
+
+    async def arelease(self, ticket_id: str) -> None:
+        if self.inline and not self.inline_async:
+            try:
+                return self._inline_write(lambda conn, now: self._release(conn, ticket_id))
+            except _Busy:
+                pass
+        await super().arelease(ticket_id)
+
+    def _admit(self, conn: sqlite3.Connection, now: float, a: Admission, prune: bool = True) -> Verdict:
+        if prune and now - self._last_prune > _PRUNE_EVERY:
             self._prune(conn, now)
         verdict = evaluate(a, self._snapshot(conn, now, a))
         self._apply(conn, now, a, verdict)
@@ -253,10 +329,12 @@ class SQLiteStore(Store):
             conn.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
 
     def release(self, ticket_id: str) -> None:
-        def run(conn: sqlite3.Connection, now: float) -> None:
-            conn.execute("DELETE FROM tickets WHERE ticket_id = ?", (ticket_id,))
-            conn.execute("DELETE FROM locks WHERE ticket_id = ?", (ticket_id,))
-        self._write(run)
+        self._write(lambda conn, now: self._release(conn, ticket_id))
+
+    @staticmethod
+    def _release(conn: sqlite3.Connection, ticket_id: str) -> None:
+        conn.execute("DELETE FROM tickets WHERE ticket_id = ?", (ticket_id,))
+        conn.execute("DELETE FROM locks WHERE ticket_id = ?", (ticket_id,))
 
     def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
         if not ticket_ids:

@@ -1,0 +1,117 @@
+"""SQLite-specific behaviour: the inline-first async path and its fallback to a worker thread."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from sa_middleware.denials import Denial
+from sa_middleware.records import Admission, LockRequest, Ticket
+from sa_middleware.stores.sqlite import SQLiteStore
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def admission(**overrides: Any) -> Admission:
+    now = time.time()
+    values: dict[str, Any] = dict(
+        ticket_id=uuid.uuid4().hex, sub="alice", kind="human", session_id="alice-1", token_hash="h",
+        token_exp=now + 3600, token_iat=now - 60, token_gen=None, jti=None, actor=None, credential=None,
+        device=None, client="127.0.0.1", user_agent="ua", route="PUT /objects/{id}",
+        locks=(LockRequest("object:1"),))
+    values.update(overrides)
+    return Admission(**values)
+
+
+@pytest.mark.anyio
+async def test_free_database_is_decided_inline_without_a_thread(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SQLiteStore(str(tmp_path / "sa.db"))
+
+    async def no_threads(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a worker thread was used while the write lock was free")
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", no_threads)
+    try:
+        ticket = await store.aadmit(admission())
+        assert isinstance(ticket, Ticket)
+        assert isinstance(await store.aadmit(admission()), Denial)  # the lock is held
+        await store.arelease(ticket.ticket_id)
+        assert isinstance(await store.aadmit(admission()), Ticket)
+    finally:
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_locked_database_waits_in_a_thread_and_never_blocks_the_loop(tmp_path: Path) -> None:
+    db = tmp_path / "sa.db"
+    store = SQLiteStore(str(db), timeout=30.0)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    results: list[Ticket | Denial] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            async def admit() -> None:
+                results.append(await store.aadmit(admission()))
+            tg.start_soon(admit)
+            for _ in range(20):  # the loop keeps running while the admission waits for the lock
+                await anyio.sleep(0.001)
+            assert results == [], "the admission finished although the write lock was held"
+            blocker.execute("COMMIT")
+        assert len(results) == 1 and isinstance(results[0], Ticket)
+    finally:
+        blocker.close()
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_inline_off_uses_worker_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SQLiteStore(str(tmp_path / "sa.db"), inline=False)
+    calls: list[str] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(func, "__name__", "call"))
+        return await run_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    try:
+        ticket = await store.aadmit(admission())
+        assert isinstance(ticket, Ticket)
+        await store.arelease(ticket.ticket_id)
+        assert len(calls) == 2
+    finally:
+        store.close()
+
+
+def test_many_inline_commits_with_checkpoints_leave_a_sound_database(tmp_path: Path) -> None:
+    db = tmp_path / "sa.db"
+    store = SQLiteStore(str(db))
+
+    async def churn() -> None:
+        for i in range(600):  # more than two checkpoint rounds
+            ticket = await store.aadmit(admission(session_id=f"s-{i % 3}"))
+            assert isinstance(ticket, Ticket), ticket
+            await store.arelease(ticket.ticket_id)
+
+    try:
+        anyio.run(churn)
+    finally:
+        store.close()
+    check = sqlite3.connect(db)
+    try:
+        assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert check.execute("SELECT count(*) FROM tickets").fetchone() == (0,)
+        assert check.execute("SELECT value FROM fences WHERE key = 'object:1'").fetchone() == (600,)
+    finally:
+        check.close()
