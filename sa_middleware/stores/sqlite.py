@@ -126,6 +126,10 @@ class SQLiteStore(Store):
                 options.setdefault("timeout", float(query["timeout"]))
             except ValueError:
                 raise ConfigurationError("sqlite timeout must be a number of seconds") from None
+        if "inline" in query:
+            if query["inline"] not in ("true", "false"):
+                raise ConfigurationError("sqlite inline must be true or false")
+            options.setdefault("inline", query["inline"] == "true")
         return cls(path, **options)
 
     # -- connections and transactions -------------------------------------------------------------------------

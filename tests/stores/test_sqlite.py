@@ -115,3 +115,15 @@ def test_many_inline_commits_with_checkpoints_leave_a_sound_database(tmp_path: P
         assert check.execute("SELECT value FROM fences WHERE key = 'object:1'").fetchone() == (600,)
     finally:
         check.close()
+
+
+def test_uri_options(tmp_path: Path) -> None:
+    from sa_middleware.errors import ConfigurationError
+    from sa_middleware.stores import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'a.db'}?timeout=0.5&inline=false")
+    assert isinstance(store, SQLiteStore) and (store.timeout, store.inline) == (0.5, False)
+    store.close()
+    for bad in ("timeout=soon", "inline=maybe"):
+        with pytest.raises(ConfigurationError):
+            open_store(f"sqlite:///{tmp_path / 'b.db'}?{bad}")
