@@ -37,8 +37,8 @@ class MemoryStore(SQLiteStore):
         return self._conn
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, super()._transaction() as conn:
+    def _transaction(self, nowait: bool = False) -> Iterator[sqlite3.Connection]:
+        with self._lock, super()._transaction(nowait) as conn:
             yield conn
 
     def _read(self, func: Callable[[sqlite3.Connection, float], Any]) -> Any:

@@ -155,29 +155,19 @@ class SQLiteStore(Store):
             setattr(self._local, f"{name}_pid", os.getpid())
         return conn
 
-    def _inline_write(self, func: Callable[[sqlite3.Connection, float], T]) -> T:
-        """Run a write transaction on the calling thread without ever waiting; raises _Busy instead."""
+    def _try_inline(self, func: Callable[[sqlite3.Connection, float], T]) -> tuple[bool, T | None]:
+        """On the event loop: run the write transaction inline if the write lock is free, never waiting for it.
+        Returns ``(False, None)`` when the caller must run the sync operation in a worker thread instead."""
+        if not self.inline or self.inline_async:
+            return False, None
         try:
-            conn = self._connection(nowait=True)
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise _Busy(str(exc)) from exc
-        try:
-            result = func(conn, self._clock())
-            conn.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
-            conn.execute("ROLLBACK")
-            raise _Busy(str(exc)) from exc
-        except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            raise StoreError(f"sqlite store error: {exc}") from exc
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            result = self._write(func, nowait=True)
+        except _Busy:
+            return False, None
         self._inline_commits += 1
         if self._inline_commits % _CHECKPOINT_EVERY == 0:
             self._request_checkpoint()
-        return result
+        return True, result
 
     def _request_checkpoint(self) -> None:
         if self._maintenance is None or not self._maintenance.is_alive():
@@ -193,29 +183,26 @@ class SQLiteStore(Store):
                 self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, nowait: bool = False) -> Iterator[sqlite3.Connection]:
         try:
-            conn = self._connection()
+            conn = self._connection(nowait)
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"sqlite store busy: {exc}") from exc
+            raise (_Busy if nowait else StoreUnavailable)(f"sqlite store busy: {exc}") from exc
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            raise StoreUnavailable(f"sqlite commit failed: {exc}") from exc
 
-    def _write(self, func: Callable[[sqlite3.Connection, float], T]) -> T:
+    def _write(self, func: Callable[[sqlite3.Connection, float], T], nowait: bool = False) -> T:
+        """One write transaction; ``nowait`` never waits for the write lock and raises _Busy instead."""
         try:
-            with self._transaction() as conn:
+            with self._transaction(nowait) as conn:
                 return func(conn, self._clock())
         except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"sqlite store error: {exc}") from exc
+            raise (_Busy if nowait else StoreUnavailable)(f"sqlite store error: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite store error: {exc}") from exc
 
@@ -232,20 +219,16 @@ class SQLiteStore(Store):
         return _outcome(self._write(lambda conn, now: self._admit(conn, now, admission)))
 
     async def aadmit(self, admission: Admission) -> Ticket | Denial:
-        if self.inline and not self.inline_async:
-            try:
-                return _outcome(self._inline_write(lambda conn, now: self._admit(conn, now, admission, False)))
-            except _Busy:
-                pass
+        # inline admissions never sweep expired rows (a large write); the threaded ones do
+        done, verdict = self._try_inline(lambda conn, now: self._admit(conn, now, admission, prune=False))
+        if done and verdict is not None:
+            return _outcome(verdict)
         return await super().aadmit(admission)
 
     async def arelease(self, ticket_id: str) -> None:
-        if self.inline and not self.inline_async:
-            try:
-                return self._inline_write(lambda conn, now: self._release(conn, ticket_id))
-            except _Busy:
-                pass
-        await super().arelease(ticket_id)
+        done, _ = self._try_inline(lambda conn, now: self._release(conn, ticket_id))
+        if not done:
+            await super().arelease(ticket_id)
 
     def _admit(self, conn: sqlite3.Connection, now: float, a: Admission, prune: bool = True) -> Verdict:
         if prune and now - self._last_prune > _PRUNE_EVERY:
