@@ -292,3 +292,9 @@ class RouteTable:
             keys = tuple(render_lock_key(t, params) for t in route.policy.locks)
             return RouteMatch(route.key, params, route.policy, keys)
         return RouteMatch(None, {}, self._default, ())
+
+    def resolve(self, policy: Policy | None, route: str | None, params: Mapping[str, Any]) -> RouteMatch:
+        """Build a match for a route found by a framework's own router (used by the adapters)."""
+        merged = (policy or Policy()).validate(f"route {route!r}").merged(self.default_policy).effective()
+        keys = tuple(render_lock_key(t, params) for t in merged.locks)
+        return RouteMatch(route, dict(params), merged, keys)
