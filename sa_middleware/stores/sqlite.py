@@ -138,13 +138,25 @@ class SQLiteStore(Store):
         timeout = 0.0 if nowait else self.timeout
         conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        self._use_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         if nowait:
             conn.execute("PRAGMA wal_autocheckpoint = 0")
         with self._connections_lock:
             self._connections.append(conn)
         return conn
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the database to WAL once (the mode is persistent). Switching needs a moment alone with the file,
+        which the busy handler does not wait for, so workers opening a new database together retry it."""
+        deadline = time.monotonic() + self.timeout
+        while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)  # another process holds the file; bounded by the store's timeout
 
     def _connection(self, nowait: bool = False) -> sqlite3.Connection:
         name = "nowait" if nowait else "conn"

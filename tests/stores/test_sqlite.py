@@ -127,3 +127,35 @@ def test_uri_options(tmp_path: Path) -> None:
     for bad in ("timeout=soon", "inline=maybe"):
         with pytest.raises(ConfigurationError):
             open_store(f"sqlite:///{tmp_path / 'b.db'}?{bad}")
+
+
+def _open_and_write(path: str, barrier: Any, results: Any) -> None:
+    barrier.wait()
+    try:
+        SQLiteStore(path).rotate("alice")
+        results.put("ok")
+    except Exception as exc:
+        results.put(repr(exc))
+
+
+def test_workers_opening_a_new_database_together_all_succeed(tmp_path: Path) -> None:
+    # switching a new database to WAL needs the file alone; worker processes starting at once must not fail
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    failures: list[str] = []
+    for round_ in range(8):
+        path = str(tmp_path / f"new-{round_}.db")
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_and_write, args=(path, barrier, results)) for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(60)
+        failures += [o for o in outcomes if o != "ok"]
+        check = sqlite3.connect(path)
+        assert check.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert check.execute("SELECT generation FROM principals WHERE sub = 'alice'").fetchone() == (6,)
+        check.close()
+    assert failures == []
