@@ -207,6 +207,7 @@ class _Route:
     policy: EffectivePolicy
     rank: tuple[int, int, int]
     params: frozenset[str] = field(default_factory=frozenset)
+    raw: Policy = field(default_factory=lambda: Policy())
 
 
 class RouteTable:
@@ -221,6 +222,7 @@ class RouteTable:
         self._default = self.default_policy.effective()
         self._routes: list[_Route] = []
         self._cache: dict[tuple[str, str], RouteMatch] = {}
+        self._resolved: dict[tuple[Policy | None, Policy | None], EffectivePolicy] = {}
         for key, policy in (policies or {}).items():
             self._routes.append(self._compile(key, policy))
         self._routes.sort(key=lambda r: r.rank, reverse=True)
@@ -265,7 +267,7 @@ class RouteTable:
         except ConfigurationError as exc:
             raise ConfigurationError(f"route {key!r}: {exc}") from None
         rank = (literal, -path_params, method != "*")
-        return _Route(key, method, re.compile(pattern), convert, effective, rank, frozenset(convert))
+        return _Route(key, method, re.compile(pattern), convert, effective, rank, frozenset(convert), policy)
 
     def match(self, method: str, path: str) -> RouteMatch:
         """The most specific route for this request, or the default policy (``route=None``)."""
@@ -278,7 +280,7 @@ class RouteTable:
             self._cache[cache_key] = result  # parameter-free paths are few; parametrised ones are not cached
         return result
 
-    def _match(self, method: str, path: str) -> RouteMatch:
+    def _find(self, method: str, path: str) -> tuple[_Route, dict[str, Any]] | None:
         for route in self._routes:
             if route.method not in ("*", method) and not (route.method == "GET" and method == "HEAD"):
                 continue
@@ -289,12 +291,46 @@ class RouteTable:
                 params = {name: route.convert[name](value) for name, value in m.groupdict().items()}
             except (ValueError, OverflowError):  # e.g. an int of more digits than Python converts: not this route
                 continue
-            keys = tuple(render_lock_key(t, params) for t in route.policy.locks)
-            return RouteMatch(route.key, params, route.policy, keys)
-        return RouteMatch(None, {}, self._default, ())
+            return route, params
+        return None
 
-    def resolve(self, policy: Policy | None, route: str | None, params: Mapping[str, Any]) -> RouteMatch:
-        """Build a match for a route found by a framework's own router (used by the adapters)."""
-        merged = (policy or Policy()).validate(f"route {route!r}").merged(self.default_policy).effective()
-        keys = tuple(render_lock_key(t, params) for t in merged.locks)
-        return RouteMatch(route, dict(params), merged, keys)
+    def _match(self, method: str, path: str) -> RouteMatch:
+        found = self._find(method, path)
+        if found is None:
+            return RouteMatch(None, {}, self._default, ())
+        route, params = found
+        keys = tuple(render_lock_key(t, params) for t in route.policy.locks)
+        return RouteMatch(route.key, params, route.policy, keys)
+
+    def resolve(self, policy: Policy | None, route: str | None, params: Mapping[str, Any], *,
+                method: str | None = None, path: str | None = None) -> RouteMatch:
+        """A match for a route found by a framework's own router (the adapters call this).
+
+        The fields set by the endpoint's ``policy`` win over the Guard table's policy for this request (looked up
+        by ``method`` and ``path`` when both are given), which wins over ``default_policy``. ``route`` names the
+        route (``"POST /payments/<int:id>/approve"``); ``params`` are the framework's path parameters, which fill
+        the lock keys (over the table route's own parameters of the same name). A lock template that names a
+        parameter neither provides raises :class:`ConfigurationError`.
+        """
+        where = f"route {route!r}"
+        if policy is not None:
+            policy.validate(where)
+        table: Policy | None = None
+        merged_params: dict[str, Any] = dict(params)
+        if method is not None and path is not None:
+            found = self._find(method.upper(), path)
+            if found is not None:
+                table = found[0].raw
+                merged_params = {**found[1], **merged_params}
+        key = (policy, table)
+        effective = self._resolved.get(key)
+        if effective is None:
+            base = table.merged(self.default_policy) if table is not None else self.default_policy
+            effective = (policy or Policy()).merged(base).effective()
+            if len(self._resolved) < 4096:
+                self._resolved[key] = effective
+        try:
+            keys = tuple(render_lock_key(t, merged_params) for t in effective.locks)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigurationError(f"{where}: a lock template names a missing path parameter {exc}") from None
+        return RouteMatch(route, merged_params, effective, keys)

@@ -367,3 +367,24 @@ def test_default_policy_errors() -> None:
 def test_an_int_parameter_too_long_to_convert_matches_no_route() -> None:
     rt = table("PUT /objects/{id:int}")
     assert matched(rt, "PUT", "/objects/" + "1" * 5000) is None  # falls back to the default policy, never raises
+
+
+def test_resolve_combines_endpoint_table_and_default() -> None:
+    rt = RouteTable({"POST /payments/{id}/approve": Policy(exclusive=True, locks=["payment:{id}"], max_risk=0),
+                     "* /api/{rest:path}": Policy(scopes={"api"})},
+                    Policy(max_sessions=4))
+    m = rt.resolve(Policy(max_risk=2, scopes={"pay"}), "POST /payments/<int:id>/approve", {"id": 9},
+                   method="POST", path="/payments/9/approve")
+    assert m.policy.exclusive is True          # from the table
+    assert m.policy.max_risk == 2              # the endpoint wins
+    assert m.policy.scopes == frozenset({"pay"})
+    assert m.policy.max_sessions == 4          # from default_policy
+    assert m.lock_keys == ("payment:9",) and m.route == "POST /payments/<int:id>/approve"
+    # without method/path the table is not consulted
+    alone = rt.resolve(Policy(max_risk=2), "r", {"id": 9})
+    assert alone.policy.exclusive is False and alone.lock_keys == ()
+    # a lock template naming a parameter nobody provides is a configuration error naming the route
+    with pytest.raises(ConfigurationError, match="route 'r'"):
+        rt.resolve(Policy(locks=["x:{nope}"]), "r", {})
+    with pytest.raises(ConfigurationError, match="route 'bad'"):
+        rt.resolve(Policy(max_sessions=0), "bad", {})
