@@ -7,10 +7,22 @@ from typing import Any
 
 import click
 
+from .errors import SAMiddlewareError
+
 __all__ = ["main"]
 
 
-@click.group()
+class _Group(click.Group):
+    """Reports the library's own errors (bad configuration, an unreachable store) as one clear line, exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SAMiddlewareError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="sa-middleware")
 def main() -> None:
     """Session-aware authorisation: operator and developer commands."""
@@ -18,13 +30,15 @@ def main() -> None:
 
 @main.command()
 @click.option("--server", type=click.Choice(["asgi", "wsgi", "both"]), default="both", show_default=True,
-              help="Which server flavour to play the behaviours on.")
-def demo(server: str) -> None:
+              help="Which server flavour to play the built-in workbench on.")
+@click.option("--examples", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Also play against the example apps in this directory (the repository's examples/).")
+def demo(server: str, examples: str | None) -> None:
     """Play the five mission behaviours over real HTTP on a throw-away SQLite store."""
     from .demo import run_demo
 
     servers = ("asgi", "wsgi") if server == "both" else (server,)
-    sys.exit(1 if run_demo(servers, click.echo) else 0)
+    sys.exit(1 if run_demo(servers, click.echo, examples) else 0)
 
 
 @main.command()

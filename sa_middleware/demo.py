@@ -12,6 +12,7 @@ Never expose these routes in a real app.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -20,9 +21,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import anyio.to_thread
@@ -34,7 +35,8 @@ from .policy import Policy
 from .tokens import generate_rsa_key, mint_token
 from .wsgi import AfterClose, SessionAwareWSGIMiddleware, StartResponse
 
-__all__ = ["DemoIssuer", "Workbench", "play", "run_demo", "workbench_guard", "workbench_policies"]
+__all__ = ["DemoIssuer", "Held", "Issuer", "Step", "Target", "Workbench", "play", "run_demo", "workbench_guard",
+           "workbench_policies"]
 
 ISSUER = "https://idp.demo.local"
 AUDIENCE = "workbench"
@@ -191,7 +193,9 @@ class Step:
 
     @property
     def ok(self) -> bool:
-        return self.expected == self.got
+        """The same code, and the same status (for success: any 2xx, as a create may answer 201)."""
+        (want, code), (status, got) = self.expected, self.got
+        return code == got and (want == status or (code == "ok" and 200 <= status < 300))
 
 
 def request(base: str, method: str, path: str, token: str | None = None,
@@ -208,10 +212,22 @@ def request(base: str, method: str, path: str, token: str | None = None,
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-class _Held:
-    """A request held in flight inside the view until ``release()``."""
+class Held(Protocol):
+    """A request held in flight inside the view: ``wait_entered()`` once it is there, ``release()`` to finish it."""
 
-    def __init__(self, base: str, method: str, path: str, token: str) -> None:
+    def wait_entered(self) -> bool: ...
+
+    def release(self) -> tuple[int, dict[str, Any]]: ...
+
+
+HoldFactory = Callable[[str, str, str, str, str], Held]
+"""``hold(base, method, path, token, principal)`` starts a request that stays in flight until released."""
+
+
+class _Held:
+    """A request to the workbench held in flight inside the view (``?hold=``) until ``release()``."""
+
+    def __init__(self, base: str, method: str, path: str, token: str, principal: str = "") -> None:
         self.base, self.name = base, uuid.uuid4().hex[:8]
         sep = "&" if "?" in path else "?"
         self.result: tuple[int, dict[str, Any]] = (0, {})
@@ -234,15 +250,27 @@ class _Held:
         return self.result
 
 
-def play(base: str, guard: Guard, issuer: DemoIssuer, report: Callable[[Step], None]) -> list[Step]:
-    """Play the five mission behaviours against a running workbench; every step is reported as it completes."""
+class Issuer(Protocol):
+    """Mints a token for ``sub`` with extra claims (DemoIssuer; the examples' development key)."""
+
+    def token(self, sub: str, **claims: Any) -> str: ...
+
+
+def play(base: str, guard: Guard, issuer: Issuer, report: Callable[[Step], None],
+         hold: HoldFactory = _Held) -> list[Step]:
+    """Play the five mission behaviours against a running workbench; every step is reported as it completes.
+
+    ``guard`` is the operator's handle on the app's store (rotate, resume, compromise, revoke); ``hold`` starts the
+    requests that must be in flight while another one arrives (the workbench's ``?hold=`` gates by default).
+    """
     steps: list[Step] = []
     run = uuid.uuid4().hex[:6]
 
     def check(behaviour: str, who: str, method: str, path: str, token: str, expected: tuple[int, str],
               result: tuple[int, dict[str, Any]] | None = None) -> Step:
         status, body = result if result is not None else request(base, method, path, token)
-        step = Step(behaviour, who, f"{method} {path}", expected, (status, str(body.get("code", "ok"))))
+        code = str(body.get("code") or ("ok" if 200 <= status < 300 else "no code"))
+        step = Step(behaviour, who, f"{method} {path}", expected, (status, code))
         steps.append(step)
         report(step)
         return step
@@ -251,7 +279,7 @@ def play(base: str, guard: Guard, issuer: DemoIssuer, report: Callable[[Step], N
     # 1. an agent opens a ticket; its simultaneous payment approval is refused, then its raised risk refuses it
     agent = f"agent-{run}"
     tok = issuer.token(agent, sa_kind="agent", sid=f"{agent}-s1", scope="tickets payments:approve")
-    held = _Held(base, "POST", "/tickets", tok)
+    held = hold(base, "POST", "/tickets", tok, agent)
     held.wait_entered()
     check("1 agent risk", agent, "POST", "/payments/42/approve", tok, (409, "conflicting_action"))
     check("1 agent risk", agent, "POST", "/tickets", tok, ok, held.release())
@@ -272,13 +300,13 @@ def play(base: str, guard: Guard, issuer: DemoIssuer, report: Callable[[Step], N
     human, flow = f"alice-{run}", f"workflow-{run}"
     htok = issuer.token(human, sid=f"{human}-s1")
     ftok = issuer.token(flow, sa_kind="service", sid=f"{flow}-s1")
-    held = _Held(base, "PUT", "/objects/7", htok)
+    held = hold(base, "PUT", "/objects/7", htok, human)
     held.wait_entered()
     check("3 object lock", flow, "PUT", "/objects/7", ftok, (403, "session_paused"))
     check("3 object lock", flow, "GET", "/whoami", ftok, (403, "session_paused"))
     check("3 object lock", human, "PUT", "/objects/7", htok, ok, held.release())
     guard.resume_session(f"{flow}-s1")
-    held = _Held(base, "PUT", "/objects/8", ftok)  # now the workflow writes first and the human arrives
+    held = hold(base, "PUT", "/objects/8", ftok, flow)  # now the workflow writes first and the human arrives
     held.wait_entered()
     check("3 object lock", human, "PUT", "/objects/8", htok, (423, "object_locked"))
     check("3 object lock", flow, "PUT", "/objects/8", ftok, ok, held.release())
@@ -359,44 +387,90 @@ def serve_asgi(app: Any) -> tuple[str, Callable[[], None]]:
     return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
 
 
-def run_demo(servers: Iterable[str] = ("asgi", "wsgi"), echo: Callable[[str], None] = print) -> int:
-    """Play the demo on each server flavour; returns the number of mismatches."""
-    failures = 0
-    with tempfile.TemporaryDirectory(prefix="sa-demo-") as tmp:
-        for flavour in servers:
-            issuer = DemoIssuer()
-            guard = workbench_guard(issuer, f"sqlite:///{os.path.join(tmp, flavour + '.db')}")
-            bench = Workbench()
-            if flavour == "asgi":
-                try:
-                    base, stop = serve_asgi(bench.track_asgi(SessionAwareMiddleware(bench.asgi, guard=guard)))
-                except ImportError:
-                    echo("asgi: uvicorn is not installed (pip install 'sa-middleware[dev]'); skipped")
-                    continue
-                label = "ASGI (uvicorn)"
-            else:
-                base, stop = serve_wsgi(bench.track_wsgi(SessionAwareWSGIMiddleware(bench.wsgi, guard=guard)))
-                label = "WSGI (werkzeug, threaded)"
-            echo(f"\n== {label} at {base}, store sqlite:///{flavour}.db (throw-away)")
-            echo(f"{'behaviour':<15} {'who':<26} {'request':<28} {'expected':<28} {'got':<28}")
+@dataclass
+class Target:
+    """An app the demo plays against: a label, its base URL, and the handles the player needs."""
 
-            def report(step: Step) -> None:
-                mark = "ok" if step.ok else "MISMATCH"
-                echo(f"{step.behaviour:<15} {step.who[:26]:<26} {step.what:<28} "
-                     f"{_fmt(step.expected):<28} {_fmt(step.got):<28} {mark}")
+    label: str
+    base: str
+    guard: Guard
+    issuer: Issuer
+    hold: HoldFactory
+    stop: Callable[[], None]
+
+
+def _builtin_targets(servers: Iterable[str], tmp: str, echo: Callable[[str], None]) -> Iterator[Target]:
+    for flavour in servers:
+        issuer = DemoIssuer()
+        guard = workbench_guard(issuer, f"sqlite:///{os.path.join(tmp, flavour + '.db')}")
+        bench = Workbench()
+        if flavour == "asgi":
             try:
-                steps = play(base, guard, issuer, report)
-            finally:
-                stop()
+                base, stop = serve_asgi(bench.track_asgi(SessionAwareMiddleware(bench.asgi, guard=guard)))
+            except ImportError:
+                echo("core ASGI: uvicorn is not installed (pip install 'sa-middleware[dev]'); skipped")
                 guard.close()
+                continue
+            label = "core ASGI"
+        else:
+            base, stop = serve_wsgi(bench.track_wsgi(SessionAwareWSGIMiddleware(bench.wsgi, guard=guard)))
+            label = "core WSGI"
+
+        def stop_all(stop: Callable[[], None] = stop, guard: Guard = guard) -> None:
+            stop()
+            guard.close()
+        yield Target(label, base, guard, issuer, _Held, stop_all)
+
+
+def run_demo(servers: Iterable[str] = ("asgi", "wsgi"), echo: Callable[[str], None] = print,
+             examples: str | None = None) -> int:
+    """Play the demo on each target (the built-in workbench on each server flavour, then each example app when
+    ``examples`` names the examples directory), print the framework x behaviour table; returns the mismatches."""
+    results: list[tuple[str, list[Step]]] = []
+    with tempfile.TemporaryDirectory(prefix="sa-demo-") as tmp:
+        targets: Iterator[Target] = _builtin_targets(servers, tmp, echo)
+        if examples is not None:
+            from .demo_examples import example_targets
+
+            targets = itertools.chain(targets, example_targets(examples, tmp, echo))
+        for target in targets:
+            try:
+                steps = play(target.base, target.guard, target.issuer, lambda step: None, target.hold)
+            finally:
+                target.stop()
             bad = sum(not s.ok for s in steps)
-            failures += bad
-            echo(f"-- {len(steps) - bad}/{len(steps)} as expected")
+            echo(f"{target.label:<22} {target.base:<24} {len(steps) - bad}/{len(steps)} steps as expected")
+            results.append((target.label, steps))
+    failures = sum(not s.ok for _, steps in results for s in steps)
+    if results:
+        _print_tables(results, echo)
     echo("\nall behaviours as expected" if failures == 0 else f"\n{failures} mismatches")
     return failures
 
 
+def _print_tables(results: list[tuple[str, list[Step]]], echo: Callable[[str], None]) -> None:
+    labels = [label for label, _ in results]
+    width = max(11, *(len(label) for label in labels)) + 2
+    echo("\nEvery step, expected and got on each target ('ok' = got what was expected):")
+    echo(f"{'behaviour':<15} {'who':<24} {'request':<27} {'expected':<29}" + "".join(f"{x:<{width}}" for x in labels))
+    for row in zip(*(steps for _, steps in results), strict=True):
+        first = row[0]
+        got = "".join(f"{'ok' if s.ok else _fmt(s.got):<{width}}" for s in row)
+        mark = "ok" if all(s.ok for s in row) else "MISMATCH"
+        echo(f"{first.behaviour:<15} {first.who[:24]:<24} {first.what:<27} {_fmt(first.expected):<29}{got}{mark}")
+    behaviours = list(dict.fromkeys(s.behaviour for s in results[0][1]))
+    echo("\nFramework x behaviour (steps as expected / steps):")
+    echo((f"{'framework':<{width}}" + "".join(f"{b:<16}" for b in behaviours)).rstrip())
+    for label, steps in results:
+        cells = []
+        for b in behaviours:
+            mine = [s for s in steps if s.behaviour == b]
+            good = sum(s.ok for s in mine)
+            cells.append(f"{good}/{len(mine)} {'ok' if good == len(mine) else 'MISMATCH'}")
+        echo((f"{label:<{width}}" + "".join(f"{c:<16}" for c in cells)).rstrip())
+
+
 def _fmt(result: tuple[int, str]) -> str:
+    if result[1] == "ok":
+        return "2xx ok"
     return f"{result[0]} {result[1]}"
-
-
