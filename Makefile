@@ -34,4 +34,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-django42 build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The "agent workbench" API on Django, protected by sa-middleware (see ``settings.SA_MIDDLEWARE``)."""
