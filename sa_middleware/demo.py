@@ -392,6 +392,7 @@ class Target:
     """An app the demo plays against: a label, its base URL, and the handles the player needs."""
 
     label: str
+    short: str  # a column heading
     base: str
     guard: Guard
     issuer: Issuer
@@ -411,22 +412,22 @@ def _builtin_targets(servers: Iterable[str], tmp: str, echo: Callable[[str], Non
                 echo("core ASGI: uvicorn is not installed (pip install 'sa-middleware[dev]'); skipped")
                 guard.close()
                 continue
-            label = "core ASGI"
+            label, short = "core ASGI (uvicorn)", "core-asgi"
         else:
             base, stop = serve_wsgi(bench.track_wsgi(SessionAwareWSGIMiddleware(bench.wsgi, guard=guard)))
-            label = "core WSGI"
+            label, short = "core WSGI (werkzeug)", "core-wsgi"
 
         def stop_all(stop: Callable[[], None] = stop, guard: Guard = guard) -> None:
             stop()
             guard.close()
-        yield Target(label, base, guard, issuer, _Held, stop_all)
+        yield Target(label, short, base, guard, issuer, _Held, stop_all)
 
 
 def run_demo(servers: Iterable[str] = ("asgi", "wsgi"), echo: Callable[[str], None] = print,
              examples: str | None = None) -> int:
     """Play the demo on each target (the built-in workbench on each server flavour, then each example app when
     ``examples`` names the examples directory), print the framework x behaviour table; returns the mismatches."""
-    results: list[tuple[str, list[Step]]] = []
+    results: list[tuple[str, str, list[Step]]] = []
     with tempfile.TemporaryDirectory(prefix="sa-demo-") as tmp:
         targets: Iterator[Target] = _builtin_targets(servers, tmp, echo)
         if examples is not None:
@@ -439,35 +440,37 @@ def run_demo(servers: Iterable[str] = ("asgi", "wsgi"), echo: Callable[[str], No
             finally:
                 target.stop()
             bad = sum(not s.ok for s in steps)
-            echo(f"{target.label:<22} {target.base:<24} {len(steps) - bad}/{len(steps)} steps as expected")
-            results.append((target.label, steps))
-    failures = sum(not s.ok for _, steps in results for s in steps)
+            echo(f"{target.label:<24} {target.base:<24} {len(steps) - bad}/{len(steps)} steps as expected")
+            results.append((target.label, target.short, steps))
+    failures = sum(not s.ok for _, _, steps in results for s in steps)
     if results:
         _print_tables(results, echo)
     echo("\nall behaviours as expected" if failures == 0 else f"\n{failures} mismatches")
     return failures
 
 
-def _print_tables(results: list[tuple[str, list[Step]]], echo: Callable[[str], None]) -> None:
-    labels = [label for label, _ in results]
-    width = max(11, *(len(label) for label in labels)) + 2
+def _print_tables(results: list[tuple[str, str, list[Step]]], echo: Callable[[str], None]) -> None:
+    shorts = [short for _, short, _ in results]
+    width = max(len(short) for short in shorts) + 2
     echo("\nEvery step, expected and got on each target ('ok' = got what was expected):")
-    echo(f"{'behaviour':<15} {'who':<24} {'request':<27} {'expected':<29}" + "".join(f"{x:<{width}}" for x in labels))
-    for row in zip(*(steps for _, steps in results), strict=True):
+    columns = "".join(f"{x:<{width}}" for x in shorts)
+    echo(f"{'behaviour':<15} {'who':<24} {'request':<27} {'expected':<29}{columns}all")
+    for row in zip(*(steps for _, _, steps in results), strict=True):
         first = row[0]
         got = "".join(f"{'ok' if s.ok else _fmt(s.got):<{width}}" for s in row)
         mark = "ok" if all(s.ok for s in row) else "MISMATCH"
         echo(f"{first.behaviour:<15} {first.who[:24]:<24} {first.what:<27} {_fmt(first.expected):<29}{got}{mark}")
-    behaviours = list(dict.fromkeys(s.behaviour for s in results[0][1]))
+    behaviours = list(dict.fromkeys(s.behaviour for s in results[0][2]))
+    wide = max(len(label) for label, _, _ in results) + 2
     echo("\nFramework x behaviour (steps as expected / steps):")
-    echo((f"{'framework':<{width}}" + "".join(f"{b:<16}" for b in behaviours)).rstrip())
-    for label, steps in results:
+    echo((f"{'framework':<{wide}}" + "".join(f"{b:<16}" for b in behaviours)).rstrip())
+    for label, _, steps in results:
         cells = []
         for b in behaviours:
             mine = [s for s in steps if s.behaviour == b]
             good = sum(s.ok for s in mine)
             cells.append(f"{good}/{len(mine)} {'ok' if good == len(mine) else 'MISMATCH'}")
-        echo((f"{label:<{width}}" + "".join(f"{c:<16}" for c in cells)).rstrip())
+        echo((f"{label:<{wide}}" + "".join(f"{c:<16}" for c in cells)).rstrip())
 
 
 def _fmt(result: tuple[int, str]) -> str:

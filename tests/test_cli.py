@@ -2,29 +2,119 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sa_middleware import Guard
+from sa_middleware.context import RequestInfo
+from sa_middleware.denials import Denial
+from sa_middleware.devkeys import DEV_AUDIENCE, DEV_ISSUER, dev_key
 
 ROOT = Path(__file__).resolve().parents[1]
+BEHAVIOURS = ("1 agent risk", "2 rotation", "3 object lock", "4 compromise", "5 sessions")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "sa_middleware.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
+                          timeout=300, env=full_env, cwd=cwd)
+
+
+def step_rows(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith(BEHAVIOURS)]
 
 
 def test_demo_plays_every_behaviour_as_expected() -> None:
     result = run_cli("demo", "--server", "both")
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.endswith((" ok", "MISMATCH"))]
-    assert len(lines) >= 60, result.stdout
-    assert all(line.endswith(" ok") for line in lines), result.stdout
-    for behaviour in ("1 agent risk", "2 rotation", "3 object lock", "4 compromise", "5 sessions"):
-        assert sum(line.startswith(behaviour) for line in lines) >= 4, behaviour
+    rows = step_rows(result.stdout)
+    assert len(rows) == 32, result.stdout
+    assert all(row.endswith(" ok") and "MISMATCH" not in row for row in rows), result.stdout
+    for behaviour in BEHAVIOURS:
+        assert sum(row.startswith(behaviour) for row in rows) >= 3, behaviour
+    summary = [line for line in result.stdout.splitlines() if line.startswith(("core ASGI", "core WSGI"))]
+    assert len(summary) == 4  # the progress line and the framework x behaviour line of each
     assert "all behaviours as expected" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_against_every_example_app() -> None:
+    result = run_cli("demo", "--server", "asgi", "--examples", "examples")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = step_rows(result.stdout)
+    assert len(rows) == 32 and all(row.endswith(" ok") for row in rows), result.stdout
+    header = next(line for line in result.stdout.splitlines() if line.startswith("behaviour "))
+    assert header.split()[4:] == ["core-asgi", "starlette", "fastapi", "flask", "django-wsgi", "django-asgi", "all"]
+    for framework in ("Starlette", "FastAPI", "Flask", "Django WSGI", "Django ASGI"):
+        line = next(x for x in result.stdout.splitlines() if x.startswith(framework) and "http" not in x)
+        assert line.count(" ok") == 5 and "MISMATCH" not in line, line
+    assert "skipped" not in result.stdout and "all behaviours as expected" in result.stdout
+
+
+def test_demo_refuses_a_directory_that_is_not_the_examples(tmp_path: Path) -> None:
+    result = run_cli("demo", "--server", "asgi", "--examples", str(tmp_path))
+    assert result.returncode != 0
+    assert "not the examples directory" in result.stdout + result.stderr
+
+
+def _claims(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+
+
+def test_token_mints_with_a_local_key_that_an_app_trusts(tmp_path: Path) -> None:
+    key_file = tmp_path / "dev.pem"
+    result = run_cli("token", "bot-1", "--kind", "agent", "--scope", "tickets payments:approve", "--sid", "s1",
+                     "--gen", "3", "--act", "alice", "--claim", "acr=\"gold\"", "--claim", "tier=2",
+                     "--key-file", str(key_file))
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    claims = _claims(token)
+    assert claims["sub"] == "bot-1" and claims["sa_kind"] == "agent" and claims["gen"] == 3
+    assert claims["scope"] == "tickets payments:approve" and claims["sid"] == "s1"
+    assert claims["act"] == {"sub": "alice"} and claims["acr"] == "gold" and claims["tier"] == 2
+    assert claims["iss"] == DEV_ISSUER and claims["aud"] == DEV_AUDIENCE and claims["exp"] - claims["iat"] == 600
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    # an app that trusts the same key file admits the token; a second key does not
+    guard = Guard(store="memory://", keys=dev_key(key_file).public_pem, algorithms=["RS256"], issuer=DEV_ISSUER,
+                  audience=DEV_AUDIENCE)
+    other = Guard(store="memory://", keys=dev_key(tmp_path / "other.pem").public_pem, algorithms=["RS256"],
+                  issuer=DEV_ISSUER, audience=DEV_AUDIENCE)
+    try:
+        request = RequestInfo("GET", "/x", {"authorization": f"Bearer {token}"})
+        admitted = guard.admit(request)
+        assert not isinstance(admitted, Denial) and admitted.context.principal == "bot-1"
+        guard.release(admitted.ticket)
+        refused = other.admit(request)
+        assert isinstance(refused, Denial) and refused.code == "invalid_token"
+    finally:
+        guard.close()
+        other.close()
+    # the public key is printed on request, and the env var names the key file
+    pem = run_cli("token", "x", "--public-key", env={"SA_DEV_KEY": str(key_file)})
+    assert pem.stdout == dev_key(key_file).public_pem
+
+
+def test_token_rejects_bad_claims(tmp_path: Path) -> None:
+    result = run_cli("token", "x", "--claim", "novalue", "--key-file", str(tmp_path / "k.pem"))
+    assert result.returncode == 2 and "NAME=JSON" in result.stderr
+    result = run_cli("token", "x", "--gen", "-1", "--key-file", str(tmp_path / "k.pem"))
+    assert result.returncode == 2
+
+
+def test_dev_key_file_that_is_not_a_key_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    result = run_cli("token", "x", "--key-file", str(bad))
+    assert result.returncode != 0 and "not a readable PEM private key" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
 
 
 def test_version() -> None:
