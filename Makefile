@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sa-middleware demo
+	$(VENV)/bin/sa-middleware demo --examples examples
 
 test: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)

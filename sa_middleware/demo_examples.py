@@ -111,13 +111,14 @@ def _django(root: Path, entry: str) -> Any:
     return importlib.import_module(f"workbench.{entry}").application
 
 
-# label, server flavour, loader(examples directory) -> app
-EXAMPLES: list[tuple[str, str, Callable[[Path], Any]]] = [
-    ("Starlette (uvicorn)", "asgi", lambda root: _module(root / "starlette_app.py", "sa_example_starlette").app),
-    ("FastAPI (uvicorn)", "asgi", lambda root: _module(root / "fastapi_app.py", "sa_example_fastapi").app),
-    ("Flask (werkzeug)", "wsgi", lambda root: _module(root / "flask_app.py", "sa_example_flask").app),
-    ("Django WSGI (werkzeug)", "wsgi", lambda root: _django(root, "wsgi")),
-    ("Django ASGI (uvicorn)", "asgi", lambda root: _django(root, "asgi")),
+# label, column heading, server flavour, loader(examples directory) -> app
+EXAMPLES: list[tuple[str, str, str, Callable[[Path], Any]]] = [
+    ("Starlette (uvicorn)", "starlette", "asgi",
+     lambda root: _module(root / "starlette_app.py", "sa_example_starlette").app),
+    ("FastAPI (uvicorn)", "fastapi", "asgi", lambda root: _module(root / "fastapi_app.py", "sa_example_fastapi").app),
+    ("Flask (werkzeug)", "flask", "wsgi", lambda root: _module(root / "flask_app.py", "sa_example_flask").app),
+    ("Django WSGI (werkzeug)", "django-wsgi", "wsgi", lambda root: _django(root, "wsgi")),
+    ("Django ASGI (uvicorn)", "django-asgi", "asgi", lambda root: _django(root, "asgi")),
 ]
 
 
@@ -136,7 +137,7 @@ def example_targets(directory: str, tmp: str, echo: Callable[[str], None]) -> It
     os.environ.update(env)
     operator = Guard(store=store, keys=key.public_pem, algorithms=["RS256"], issuer=DEV_ISSUER, audience=DEV_AUDIENCE)
     try:
-        for label, flavour, load in EXAMPLES:
+        for label, short, flavour, load in EXAMPLES:
             try:
                 app = load(root)
             except ImportError as exc:
@@ -146,7 +147,7 @@ def example_targets(directory: str, tmp: str, echo: Callable[[str], None]) -> It
                 base, stop = serve_asgi(bench.track_asgi(app))
             else:
                 base, stop = serve_wsgi(bench.track_wsgi(app))
-            yield Target(label, base, operator, _DevIssuer(key), backend.hold, stop)
+            yield Target(label, short, base, operator, _DevIssuer(key), backend.hold, stop)
     finally:
         backend_stop()
         operator.close()
