@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from .cli_events import events
 from .errors import SAMiddlewareError
 
 __all__ = ["main"]
@@ -81,6 +82,8 @@ def token(sub: str, kind: str | None, scope: str | None, sid: str | None, gen: i
             claims[name] = value  # a bare word is taken as a string
     click.echo(key.mint(sub, audience=audience or DEV_AUDIENCE, ttl=ttl, **claims))
 
+
+main.add_command(events)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

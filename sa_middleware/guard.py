@@ -413,6 +413,54 @@ class Guard:
         """Every object lock held now, with its fencing token."""
         return self.store.locks()
 
+    # -- operations of security events (sa_middleware.events; also usable directly) ------------------------------
+
+    def revoke_sessions(self, sub: str, before: float | None = None) -> list[str]:
+        """Revoke every session of ``sub`` whose token was issued at or before ``before`` (default, and at most:
+        now): they are refused with ``session_revoked``, while a token issued later opens a new session. Returns
+        the ids of the stored sessions marked revoked (CAEP ``session-revoked`` for a principal)."""
+        return self.store.revoke_sessions(_arg(sub, "sub"), _time(before, "before"))
+
+    def disable_principal(self, sub: str) -> float:
+        """Refuse every token of ``sub`` (``token_revoked``) until :meth:`enable_principal`; tokens issued before
+        now stay refused after that too (RISC ``account-disabled``). Returns the time of the watermark."""
+        return self.store.disable_principal(_arg(sub, "sub"))
+
+    def enable_principal(self, sub: str) -> bool:
+        """Undo :meth:`disable_principal`: tokens issued since then are admitted again (RISC ``account-enabled``).
+        Returns whether ``sub`` was disabled."""
+        return self.store.enable_principal(_arg(sub, "sub"))
+
+    def set_assurance(self, sub: str, level: str | None, at: float | None = None) -> None:
+        """Record ``sub``'s current assurance level (an ``acr`` value) as of ``at`` (default, and at most: now):
+        for tokens issued before then, step-up (``acr_values``) checks ``level`` instead of the token's ``acr``
+        (CAEP ``assurance-level-change``). ``level=None`` forgets it."""
+        if level is not None:
+            level = _arg(level, "level")
+        self.store.set_assurance(_arg(sub, "sub"), level, _time(at, "at"))
+
+    def raise_risk(self, sub: str, amount: int, window: float) -> None:
+        """Add ``amount`` to ``sub``'s risk for ``window`` seconds, as an action with ``raises_risk`` would
+        (CAEP ``risk-level-change``); routes with ``max_risk`` below it refuse with ``risk_too_high``."""
+        self.store.raise_risk(_arg(sub, "sub"), *_risk_args(amount, window))
+
+    async def arevoke_sessions(self, sub: str, before: float | None = None) -> list[str]:
+        return await self.store.arevoke_sessions(_arg(sub, "sub"), _time(before, "before"))
+
+    async def adisable_principal(self, sub: str) -> float:
+        return await self.store.adisable_principal(_arg(sub, "sub"))
+
+    async def aenable_principal(self, sub: str) -> bool:
+        return await self.store.aenable_principal(_arg(sub, "sub"))
+
+    async def aset_assurance(self, sub: str, level: str | None, at: float | None = None) -> None:
+        if level is not None:
+            level = _arg(level, "level")
+        await self.store.aset_assurance(_arg(sub, "sub"), level, _time(at, "at"))
+
+    async def araise_risk(self, sub: str, amount: int, window: float) -> None:
+        await self.store.araise_risk(_arg(sub, "sub"), *_risk_args(amount, window))
+
     async def arotate(self, sub: str) -> int:
         return await self.store.arotate(_arg(sub, "sub"))
 
@@ -475,6 +523,24 @@ def _arg(value: str, name: str) -> str:
     if not isinstance(value, str) or not value or len(value) > _MAX_ID:
         raise ConfigurationError(f"{name} must be a non-empty string of at most {_MAX_ID} characters")
     return value
+
+
+def _time(value: float | None, name: str) -> float | None:
+    if value is None:
+        return None
+    number = _number(value)
+    if number is None:
+        raise ConfigurationError(f"{name} must be a finite number of seconds since the epoch, or None")
+    return number
+
+
+def _risk_args(amount: int, window: float) -> tuple[int, float]:
+    if isinstance(amount, bool) or not isinstance(amount, int) or not 1 <= amount <= _MAX_GEN:
+        raise ConfigurationError("amount must be a positive integer")
+    number = _number(window)
+    if number is None or number <= 0:
+        raise ConfigurationError("window must be a positive, finite number of seconds")
+    return amount, number
 
 
 def _compromise_args(sub: str | None, session_id: str | None) -> tuple[str | None, str | None]:

@@ -71,6 +71,11 @@ class PrincipalState:
     risk: list[tuple[int, float]] = field(default_factory=list)  # (amount, until)
     privileges: frozenset[str] | None = None
     privileges_at: float | None = None
+    # set by security events (sa_middleware.events): see Store.revoke_sessions, disable_principal, set_assurance
+    sessions_before: float | None = None  # a token issued at or before this cannot hold a session
+    disabled_at: float | None = None  # the account is disabled: every token is refused
+    assurance: str | None = None  # the assurance level (acr) that replaces older tokens' acr for step-up
+    assurance_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

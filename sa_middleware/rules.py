@@ -48,12 +48,16 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
         v.new_generation = token_gen
     if p.not_before is not None and (a.token_iat is None or a.token_iat < p.not_before):
         return _deny(v, "token_revoked", "tokens issued before the principal's revocation are refused")
+    if p.disabled_at is not None:
+        return _deny(v, "token_revoked", "the principal's account is disabled")
 
     # session status
     session = next((x for x in s.sessions if x.session_id == a.session_id), None)
+    if session is not None and session.sub not in ("", a.sub):
+        return _deny(v, "invalid_token", "the session id belongs to another principal")
+    if p.sessions_before is not None and (a.token_iat is None or a.token_iat <= p.sessions_before):
+        return _deny(v, "session_revoked", "the principal's sessions were revoked; sign in again")
     if session is not None:
-        if session.sub not in ("", a.sub):
-            return _deny(v, "invalid_token", "the session id belongs to another principal")
         if session.status == "revoked":
             return _deny(v, "session_revoked", "this session was revoked or evicted")
         if session.status == "paused":
@@ -91,7 +95,10 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
             return _deny(v, "insufficient_scope", "required scope missing or withdrawn")
     if a.max_auth_age is not None and (a.auth_time is None or now - a.auth_time > a.max_auth_age):
         return _deny(v, "step_up_required", "a more recent authentication is required")
-    if a.acr_values and a.acr not in a.acr_values:
+    acr = a.acr
+    if p.assurance_at is not None and (a.token_iat is None or a.token_iat < p.assurance_at):
+        acr = p.assurance  # the assurance level reported since the token was issued replaces its acr
+    if a.acr_values and acr not in a.acr_values:
         return _deny(v, "step_up_required", "a stronger authentication is required")
 
     # device posture

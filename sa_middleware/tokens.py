@@ -18,7 +18,10 @@ Defaults and rules:
 - Tokens longer than ``max_token_bytes`` (**8192**) are refused before anything is decoded; so is anything
   that is not three non-empty, unpadded base64url segments.
 - Required claims default to **exp, iat, sub**. ``exp`` is always required, whatever ``required_claims``
-  says: a verified token always has an expiry, which bounds the cache and the session. ``exp``, ``nbf``
+  says: a verified token always has an expiry, which bounds the cache and the session. The one exception is a
+  verifier built with ``require_expiry=False`` (for Security Event Tokens, which must not carry ``exp``, RFC 8417
+  and SSF 1.0): a token without ``exp`` then verifies with ``expires_at`` infinite, and such a verifier keeps no
+  cache. ``exp``, ``nbf``
   and ``iat`` must be JSON numbers (not booleans, not strings); ``sub``, when present, a non-empty string.
 - When ``audience`` is None the ``aud`` claim is not checked (a token that carries one is accepted); when
   ``issuer`` is None ``iss`` is not checked.
@@ -103,7 +106,8 @@ class VerifiedToken:
     fingerprint: str
     """SHA-256 hex digest of the raw token string: a stable, non-secret handle for this exact token."""
     expires_at: float
-    """The ``exp`` claim, as a float (seconds since the epoch)."""
+    """The ``exp`` claim, as a float (seconds since the epoch); infinite for a token without ``exp`` accepted by a
+    verifier built with ``require_expiry=False``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,15 +168,17 @@ class TokenVerifier:
         cache_size: int = 4096,
         jwks_refresh_interval: float = 60.0,
         clock: Callable[[], float] = time.time,
+        require_expiry: bool = True,
     ) -> None:
         self._algorithms = _check_algorithms(algorithms)
         self._issuer = _check_str_or_strs("issuer", issuer)
         self._audience = _check_str_or_strs("audience", audience)
         self._leeway = _check_number("leeway", leeway, allow_zero=True)
-        self._required = _check_required(required_claims)
+        self._require_expiry = bool(require_expiry)
+        self._required = _check_required(required_claims, self._require_expiry)
         self._token_types = _check_token_types(token_type)
         self._max_token_bytes = _check_int("max_token_bytes", max_token_bytes, minimum=16)
-        self._cache_size = _check_int("cache_size", cache_size, minimum=0)
+        self._cache_size = _check_int("cache_size", cache_size, minimum=0) if self._require_expiry else 0
         self._refresh_interval = _check_number("jwks_refresh_interval", jwks_refresh_interval, allow_zero=False)
         if not callable(clock):
             raise ConfigurationError("clock must be a callable returning seconds since the epoch")
@@ -211,6 +217,11 @@ class TokenVerifier:
         }
 
     # ------------------------------------------------------------------ public
+
+    @property
+    def issuer(self) -> str | tuple[str, ...] | None:
+        """The accepted ``iss`` value(s), or None when ``iss`` is not checked."""
+        return self._issuer
 
     def verify(self, token: str) -> VerifiedToken:
         """Verify ``token`` and return its claims; raise :class:`InvalidToken` for any failure."""
@@ -347,10 +358,10 @@ class TokenVerifier:
                 value = claims[name]
                 if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                     raise InvalidToken(f"invalid claim: {name}")
-        if "exp" not in claims:
+        if "exp" not in claims and self._require_expiry:
             raise InvalidToken("missing claim: exp")
         now = self._clock()
-        exp = float(claims["exp"])
+        exp = float(claims["exp"]) if "exp" in claims else math.inf
         if exp <= now - self._leeway:
             raise InvalidToken("token expired")
         if "nbf" in claims and claims["nbf"] > now + self._leeway:
@@ -527,10 +538,10 @@ def _check_token_types(value: str | Sequence[str] | None) -> frozenset[str] | No
     return frozenset(_normalise_typ(v) for v in values)
 
 
-def _check_required(claims: Sequence[str]) -> tuple[str, ...]:
+def _check_required(claims: Sequence[str], require_expiry: bool = True) -> tuple[str, ...]:
     if isinstance(claims, str) or not isinstance(claims, Sequence):
         raise ConfigurationError("required_claims must be a list of claim names")
-    result = ["exp"]
+    result = ["exp"] if require_expiry else []
     for claim in claims:
         if not isinstance(claim, str) or not claim:
             raise ConfigurationError("required_claims must contain non-empty strings")

@@ -38,7 +38,7 @@ from ..records import (
     TicketRecord,
     Verdict,
 )
-from ..rules import STATUS_RETENTION, evaluate
+from ..rules import STATUS_RETENTION, evaluate, live_risk
 from .base import Store
 
 __all__ = ["SQLiteStore"]
@@ -75,6 +75,14 @@ def _schema(db: sqlite_utils.Database) -> None:
                          if_not_exists=True)
     db.table("jtis").create({"jti": str, "expires": float}, pk="jti", if_not_exists=True)
     db.table("markers").create({"kind": str, "value": str, "at": float}, pk=("kind", "value"), if_not_exists=True)
+    # security events (sa_middleware.events): principal state they set, and the events seen (replay protection);
+    # added as columns so a database created before them is upgraded in place
+    principals = db.table("principals")
+    for column, kind in (("sessions_before", float), ("disabled_at", float), ("assurance", str),
+                         ("assurance_at", float)):
+        if column not in principals.columns_dict:
+            principals.add_column(column, kind)
+    db.table("events_seen").create({"key": str, "expires": float}, pk="key", if_not_exists=True)
     for table, columns in (("sessions", ["sub"]), ("sessions", ["actor"]), ("sessions", ["device"]),
                            ("sessions", ["credential"]), ("tickets", ["sub"]), ("locks", ["ticket_id"])):
         db.table(table).create_index(columns, if_not_exists=True)
@@ -252,10 +260,12 @@ class SQLiteStore(Store):
     def _snapshot(self, conn: sqlite3.Connection, now: float, a: Admission) -> Snapshot:
         principal, markers = PrincipalState(), []
         for row in conn.execute("SELECT sub, generation, not_before, risk, privileges, privileges_at, marker_at, "
-                                "marker_generation FROM principals WHERE sub IN (?, ?)", (a.sub, a.actor or a.sub)):
+                                "marker_generation, sessions_before, disabled_at, assurance, assurance_at "
+                                "FROM principals WHERE sub IN (?, ?)", (a.sub, a.actor or a.sub)):
             if row[0] == a.sub:
                 principal = PrincipalState(row[1], row[2], [tuple(x) for x in json.loads(row[3] or "[]")],
-                                           frozenset(json.loads(row[4])) if row[4] is not None else None, row[5])
+                                           frozenset(json.loads(row[4])) if row[4] is not None else None, row[5],
+                                           *row[8:12])
                 if row[6] is not None:
                     markers.append(Marker(row[6], row[7]))
             if row[0] == a.actor and row[6] is not None:
@@ -324,7 +334,7 @@ class SQLiteStore(Store):
 
     def _prune(self, conn: sqlite3.Connection, now: float) -> None:
         self._last_prune = now
-        for table in ("tickets", "locks", "sessions", "jtis"):
+        for table in ("tickets", "locks", "sessions", "jtis", "events_seen"):
             conn.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
 
     def release(self, ticket_id: str) -> None:
@@ -432,6 +442,58 @@ class SQLiteStore(Store):
             "INSERT INTO principals (sub, generation, privileges, privileges_at) VALUES (?, 0, ?, ?) "
             "ON CONFLICT(sub) DO UPDATE SET privileges = excluded.privileges, privileges_at = excluded.privileges_at",
             (sub, value, now)))
+
+    # -- operations of security events -------------------------------------------------------------------------
+
+    def revoke_sessions(self, sub: str, before: float | None) -> list[str]:
+        def run(conn: sqlite3.Connection, now: float) -> list[str]:
+            cut = now if before is None else min(before, now)
+            conn.execute("INSERT INTO principals (sub, generation, sessions_before) VALUES (?, 0, ?) "
+                         "ON CONFLICT(sub) DO UPDATE SET sessions_before = "
+                         "max(coalesce(sessions_before, excluded.sessions_before), excluded.sessions_before)",
+                         (sub, cut))
+            rows = conn.execute("UPDATE sessions SET status = 'revoked', expires = max(expires, ?) WHERE sub = ? "
+                                "AND created <= ? AND expires > ? AND status != 'revoked' RETURNING session_id",
+                                (now + STATUS_RETENTION, sub, cut, now)).fetchall()
+            return sorted(r[0] for r in rows)
+        return self._write(run)
+
+    def disable_principal(self, sub: str) -> float:
+        def run(conn: sqlite3.Connection, now: float) -> float:
+            conn.execute("INSERT INTO principals (sub, generation, not_before, disabled_at) VALUES (?, 0, ?, ?) "
+                         "ON CONFLICT(sub) DO UPDATE SET disabled_at = coalesce(disabled_at, excluded.disabled_at), "
+                         "not_before = max(coalesce(not_before, 0), excluded.not_before)", (sub, now, now))
+            return now
+        return self._write(run)
+
+    def enable_principal(self, sub: str) -> bool:
+        return self._write(lambda conn, now: conn.execute(
+            "UPDATE principals SET disabled_at = NULL WHERE sub = ? AND disabled_at IS NOT NULL", (sub,)).rowcount > 0)
+
+    def set_assurance(self, sub: str, level: str | None, at: float | None) -> None:
+        def run(conn: sqlite3.Connection, now: float) -> None:
+            when = None if level is None else (now if at is None else min(at, now))
+            conn.execute("INSERT INTO principals (sub, generation, assurance, assurance_at) VALUES (?, 0, ?, ?) "
+                         "ON CONFLICT(sub) DO UPDATE SET assurance = excluded.assurance, "
+                         "assurance_at = excluded.assurance_at", (sub, level, when))
+        self._write(run)
+
+    def raise_risk(self, sub: str, amount: int, window: float) -> None:
+        def run(conn: sqlite3.Connection, now: float) -> None:
+            row = conn.execute("SELECT risk FROM principals WHERE sub = ?", (sub,)).fetchone()
+            entries = live_risk([(x[0], x[1]) for x in json.loads(row[0] or "[]")] if row else [], now)
+            risk = json.dumps([*entries, (amount, now + window)])
+            conn.execute("INSERT INTO principals (sub, generation, risk) VALUES (?, 0, ?) "
+                         "ON CONFLICT(sub) DO UPDATE SET risk = excluded.risk", (sub, risk))
+        self._write(run)
+
+    def seen_event(self, key: str, ttl: float) -> bool:
+        return self._write(lambda conn, now: conn.execute(
+            "INSERT INTO events_seen (key, expires) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+            "SET expires = excluded.expires WHERE events_seen.expires <= ?", (key, now + ttl, now)).rowcount == 0)
+
+    def forget_event(self, key: str) -> None:
+        self._write(lambda conn, now: conn.execute("DELETE FROM events_seen WHERE key = ?", (key,)))
 
     def _read(self, func: Callable[[sqlite3.Connection, float], T]) -> T:
         try:
