@@ -81,6 +81,43 @@ class Store(abc.ABC):
     def locks(self) -> list[LockInfo]:
         """Every lock held now."""
 
+    # -- operations of security events (sa_middleware.events) ----------------------------------------------------
+    # Every store must implement these; the base raises NotImplementedError (rather than declaring them abstract)
+    # so a store written before them still opens, and only the security-event features fail on it.
+
+    def revoke_sessions(self, sub: str, before: float | None) -> list[str]:
+        """Revoke every session of ``sub`` whose token was issued at or before ``min(before, now)`` (``None``:
+        now): existing sessions created by then are marked revoked, and a token of ``sub`` issued at or before
+        that time is refused (``session_revoked``) for any session. Returns the ids of the sessions marked."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement revoke_sessions")
+
+    def disable_principal(self, sub: str) -> float:
+        """Refuse every token of ``sub`` (``token_revoked``) until :meth:`enable_principal`, and set the not-before
+        watermark to now, so tokens issued before stay refused after that. Returns now."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement disable_principal")
+
+    def enable_principal(self, sub: str) -> bool:
+        """Undo :meth:`disable_principal` (the watermark stays); returns whether ``sub`` was disabled."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement enable_principal")
+
+    def set_assurance(self, sub: str, level: str | None, at: float | None) -> None:
+        """Record ``sub``'s assurance level as of ``min(at, now)`` (``None``: now): for tokens issued before that
+        time, ``level`` replaces the token's ``acr`` in the ``acr_values`` check. ``level=None`` forgets it."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement set_assurance")
+
+    def raise_risk(self, sub: str, amount: int, window: float) -> None:
+        """Add ``amount`` to ``sub``'s risk for ``window`` seconds from now (as an admitted ``raises_risk``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement raise_risk")
+
+    def seen_event(self, key: str, ttl: float) -> bool:
+        """Record the security event ``key`` for ``ttl`` seconds, atomically; returns True when it was already
+        recorded (and not expired): a duplicate."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement seen_event")
+
+    def forget_event(self, key: str) -> None:
+        """Forget the security event ``key`` (its processing failed; a redelivery must be applied)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forget_event")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the store's connections."""
 
@@ -128,6 +165,27 @@ class Store(abc.ABC):
     async def alocks(self) -> list[LockInfo]:
         return await self._run(self.locks)
 
+    async def arevoke_sessions(self, sub: str, before: float | None) -> list[str]:
+        return await self._run(self.revoke_sessions, sub, before)
+
+    async def adisable_principal(self, sub: str) -> float:
+        return await self._run(self.disable_principal, sub)
+
+    async def aenable_principal(self, sub: str) -> bool:
+        return await self._run(self.enable_principal, sub)
+
+    async def aset_assurance(self, sub: str, level: str | None, at: float | None) -> None:
+        await self._run(self.set_assurance, sub, level, at)
+
+    async def araise_risk(self, sub: str, amount: int, window: float) -> None:
+        await self._run(self.raise_risk, sub, amount, window)
+
+    async def aseen_event(self, key: str, ttl: float) -> bool:
+        return await self._run(self.seen_event, key, ttl)
+
+    async def aforget_event(self, key: str) -> None:
+        await self._run(self.forget_event, key)
+
     async def aclose(self) -> None:
         await self._run(self.close)
 
@@ -140,6 +198,9 @@ def register_scheme(scheme: str, factory: Callable[..., Store]) -> None:
     _SCHEMES[scheme] = factory
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster")
+
+
 def _builtin(scheme: str) -> Callable[..., Store] | None:
     if scheme == "memory":
         from .memory import MemoryStore
@@ -147,11 +208,19 @@ def _builtin(scheme: str) -> Callable[..., Store] | None:
     if scheme == "sqlite":
         from .sqlite import SQLiteStore
         return SQLiteStore.from_uri
+    if scheme in _REDIS_SCHEMES:
+        try:
+            from .redis import RedisStore
+        except ImportError as exc:
+            raise ConfigurationError(f"{scheme}:// stores need the redis extra: pip install 'sa-middleware[redis]' "
+                                     f"({exc})") from exc
+        return RedisStore.from_uri
     return None
 
 
 def open_store(uri: str | Store, **options: Any) -> Store:
-    """Open a store from a URI: ``memory://``, ``sqlite:///path/to/file.db`` (see README "Stores").
+    """Open a store from a URI: ``memory://``, ``sqlite:///path/to/file.db``, ``redis://host:6379/0``,
+    ``rediss://``, ``redis+unix://``, ``redis+sentinel://``, ``redis+cluster://`` (see README "Stores").
 
     A :class:`Store` object is returned as it is.
     """
@@ -162,6 +231,6 @@ def open_store(uri: str | Store, **options: Any) -> Store:
     scheme = urlsplit(uri).scheme.lower()
     factory = _SCHEMES.get(scheme) or _builtin(scheme)
     if factory is None:
-        known = sorted({"memory", "sqlite", *_SCHEMES})
+        known = sorted({"memory", "sqlite", *_REDIS_SCHEMES, *_SCHEMES})
         raise ConfigurationError(f"unknown store scheme {scheme!r}; known: {', '.join(known)}")
     return factory(uri, **options)
