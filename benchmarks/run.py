@@ -6,13 +6,16 @@ What it measures (per request, median over rounds):
 - token verification: uncached (signature checked) vs cached (the verified-token cache);
 - Guard.admit + Guard.release through each store (memory, SQLite file);
 - a trivial ASGI app called directly: bare vs wrapped in SessionAwareMiddleware (memory and SQLite stores; SQLite
-  both inline-first, the default, and with every store call in a worker thread, ``inline=False``).
+  both inline-first, the default, and with every store call in a worker thread, ``inline=False``);
+- a one-route Starlette app and a one-route Flask app: bare, behind the core middleware (the Guard's route table),
+  and behind the framework adapter (the framework's router and ``@policy`` on the view), on the memory store.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import statistics
 import tempfile
 import time
@@ -52,6 +55,85 @@ def bench_async(fn: Callable[[int], Awaitable[None]], rounds: int, batch: int) -
             samples.append(time.perf_counter() - start)
         return samples
     return _median_us(asyncio.run(run()), batch)
+
+
+def bench_adapters(guard: Guard, token: str, rounds: int, batch: int) -> dict[str, float]:
+    """A one-route Starlette app and a one-route Flask app: bare, behind the core middleware (Guard table), and
+    behind the framework adapter (the framework's router and an @policy on the view), on the memory store."""
+    from flask import Flask
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from sa_middleware.adapters import flask as flask_adapter
+    from sa_middleware.adapters import starlette as starlette_adapter
+    from sa_middleware.wsgi import SessionAwareWSGIMiddleware
+
+    results: dict[str, float] = {}
+    headers = [(b"authorization", f"Bearer {token}".encode()), (b"user-agent", b"bench")]
+
+    async def endpoint(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    def starlette_app(with_policy: bool) -> Starlette:
+        view = starlette_adapter.policy(locks=["x:{id}"])(endpoint) if with_policy else endpoint
+        return Starlette(routes=[Route("/x/{id}", view)])
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    def asgi_call(target: Any) -> Callable[[int], Awaitable[None]]:
+        async def call(i: int) -> None:
+            statuses: list[int] = []
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    statuses.append(message["status"])
+            scope = {"type": "http", "method": "GET", "path": f"/x/{uuid.uuid4().hex[:8]}", "headers": headers,
+                     "client": ("127.0.0.1", 1234), "query_string": b"", "scheme": "http", "root_path": "",
+                     "server": ("127.0.0.1", 80), "http_version": "1.1"}
+            await target(scope, receive, send)
+            assert statuses == [200], statuses
+        return call
+
+    results["starlette bare"] = bench_async(asgi_call(starlette_app(False)), rounds, batch)
+    core_app = starlette_app(False)
+    core_app.add_middleware(SessionAwareMiddleware, guard=guard)
+    results["starlette + core middleware memory"] = bench_async(asgi_call(core_app), rounds, batch)
+    adapted = starlette_app(True)
+    adapted.add_middleware(starlette_adapter.SessionAwareMiddleware, guard=guard)
+    results["starlette + adapter memory"] = bench_async(asgi_call(adapted), rounds, batch)
+
+    def flask_app(with_policy: bool) -> Flask:
+        app = Flask("bench")
+
+        def view(id: str) -> str:
+            return "ok"
+        app.add_url_rule("/x/<id>", "x", flask_adapter.policy(locks=["x:{id}"])(view) if with_policy else view)
+        return app
+
+    def wsgi_call(target: Any) -> Callable[[int], None]:
+        def call(i: int) -> None:
+            statuses: list[str] = []
+            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/x/{uuid.uuid4().hex[:8]}", "SCRIPT_NAME": "",
+                       "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "REMOTE_ADDR": "127.0.0.1",
+                       "HTTP_AUTHORIZATION": f"Bearer {token}", "HTTP_USER_AGENT": "bench", "wsgi.url_scheme": "http",
+                       "wsgi.input": io.BytesIO(b""), "SERVER_PROTOCOL": "HTTP/1.1"}
+            body = target(environ, lambda status, hdrs, exc=None: statuses.append(status))
+            b"".join(body)
+            getattr(body, "close", lambda: None)()
+            assert statuses and statuses[0].startswith("200"), statuses
+        return call
+
+    plain = flask_app(False)
+    results["flask bare"] = bench_sync(wsgi_call(plain.wsgi_app), rounds, batch)
+    core = flask_app(False)
+    core.wsgi_app = SessionAwareWSGIMiddleware(core.wsgi_app, guard=guard)  # type: ignore[method-assign]
+    results["flask + core middleware memory"] = bench_sync(wsgi_call(core.wsgi_app), rounds, batch)
+    adapted_flask = flask_app(True)
+    flask_adapter.SessionAware(adapted_flask, guard=guard)
+    results["flask + adapter memory"] = bench_sync(wsgi_call(adapted_flask.wsgi_app), rounds, batch)
+    return results
 
 
 def main() -> None:
@@ -113,6 +195,7 @@ def main() -> None:
         for name, guard in guards.items():
             results[f"asgi + middleware {name}"] = bench_async(
                 caller(SessionAwareMiddleware(app, guard=guard)), rounds, batch)
+        results.update(bench_adapters(guards["memory"], token, rounds, batch))
         for guard in guards.values():
             guard.close()
 
@@ -126,6 +209,11 @@ def main() -> None:
     for name in stores:
         overhead = results[f"asgi + middleware {name}"] - results["asgi bare app"]
         print(f"middleware overhead, {name:<16} {overhead:7.1f} us/request")
+    for framework in ("starlette", "flask"):
+        bare, core = results[f"{framework} bare"], results[f"{framework} + core middleware memory"]
+        adapter = results[f"{framework} + adapter memory"]
+        print(f"{framework} adapter vs core middleware:  {adapter - bare:7.1f} vs {core - bare:7.1f} us/request "
+              f"overhead ({adapter / core:.2f}x the time per request)")
     print(f"sqlite inline-first vs threaded (ASGI): "
           f"{results['asgi + middleware sqlite-threaded'] / results['asgi + middleware sqlite']:.2f}x faster")
 
