@@ -36,8 +36,29 @@ def request_info(scope: Scope) -> RequestInfo:
         value = raw_value.decode("latin-1")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     client = scope.get("client")
+    websocket = scope["type"] == "websocket"
     return RequestInfo(method=scope.get("method", "GET"), path=scope.get("path", "/"), headers=headers,
-                       client=str(client[0]) if client else "", websocket=scope["type"] == "websocket")
+                       client=str(client[0]) if client else "", websocket=websocket,
+                       scheme=str(scope.get("scheme") or ("ws" if websocket else "http")),
+                       host=headers.get("host") or _server(scope), client_cert=_client_cert(scope))
+
+
+def _server(scope: Scope) -> str:
+    server = scope.get("server")
+    if not server or not isinstance(server, list | tuple) or server[0] is None:
+        return ""
+    host = str(server[0])
+    host = f"[{host}]" if ":" in host else host
+    return host if len(server) < 2 or server[1] is None else f"{host}:{server[1]}"
+
+
+def _client_cert(scope: Scope) -> str | None:
+    """The client certificate (PEM) of the ASGI ``tls`` extension, when the server reports one."""
+    tls = (scope.get("extensions") or {}).get("tls")
+    chain = tls.get("client_cert_chain") if isinstance(tls, dict) else None
+    if isinstance(chain, list | tuple) and chain and isinstance(chain[0], str) and chain[0]:
+        return chain[0]
+    return None
 
 
 async def send_denial(scope: Scope, receive: Receive, send: Send, denial: Denial, guard: Guard) -> None:

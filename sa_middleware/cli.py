@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from .cli_events import events
+from .cli_operator import COMMANDS
 from .errors import SAMiddlewareError
 
 __all__ = ["main"]
@@ -84,6 +85,8 @@ def token(sub: str, kind: str | None, scope: str | None, sid: str | None, gen: i
 
 
 main.add_command(events)
+for _command in COMMANDS:  # the operator commands: sessions, locks, revoke, rotate, ..., audit
+    main.add_command(_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

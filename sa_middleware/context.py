@@ -11,13 +11,21 @@ __all__ = ["RequestInfo", "SAContext"]
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
-    """A framework-neutral view of one request. ``headers`` keys are lower-case."""
+    """A framework-neutral view of one request. ``headers`` keys are lower-case.
+
+    ``scheme`` and ``host`` (the ``Host`` header, or the server's address) give the URI a DPoP proof must name;
+    ``client_cert`` is the PEM of the TLS client certificate when the server reports one (for certificate-bound
+    tokens, RFC 8705).
+    """
 
     method: str
     path: str
     headers: Mapping[str, str]
     client: str = ""
     websocket: bool = False
+    scheme: str = "http"
+    host: str = ""
+    client_cert: str | None = None
 
     @property
     def user_agent(self) -> str:

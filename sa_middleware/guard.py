@@ -1,9 +1,10 @@
 """The Guard: one decision flow for every request, shared by the ASGI and WSGI middleware and every adapter.
 
 The flow is written once as a generator that yields what it needs: a token verified (:class:`_Verify`, which may
-fetch a JWKS), an admission decided by the store (:class:`_Admit`) or a pause (:class:`_Sleep`, for ``lock_wait``);
+fetch a JWKS), an admission decided by the store (:class:`_Admit`), a pause (:class:`_Sleep`, for ``lock_wait``) or
+a compromise reported after a ``token_reuse`` denial (:class:`_Report`, with ``reuse_is_compromise``);
 :meth:`Guard.admit` drives it with blocking calls and :meth:`Guard.aadmit` with awaits, so the two paths cannot
-drift apart.
+drift apart. Sender-constrained tokens (DPoP, mTLS) are checked by :mod:`sa_middleware.dpop`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +23,12 @@ import anyio
 
 from .context import RequestInfo, SAContext
 from .denials import Denial
+from .dpop import DEFAULT_DPOP_ALGORITHMS, Binding, SenderConstraints
 from .errors import ConfigurationError, InvalidToken, StoreError
+from .operations import Operations, _number
 from .policy import Policy, RouteMatch, RouteTable
-from .records import Admission, LockInfo, LockRequest, SessionInfo, Ticket
-from .stores.base import Store, open_store
+from .records import Admission, AuditRecord, LockRequest, Ticket
+from .stores.base import Store
 from .tokens import TokenVerifier, VerifiedToken
 
 __all__ = ["Admitted", "Guard", "Outcome"]
@@ -64,27 +67,48 @@ class _Sleep:
     seconds: float
 
 
-_Step = _Verify | _Admit | _Sleep
+@dataclass(frozen=True, slots=True)
+class _Report:
+    """``reuse_is_compromise``: report the session of a ``token_reuse`` denial compromised."""
+
+    sub: str
+    session_id: str
+
+
+_Step = _Verify | _Admit | _Sleep | _Report
 
 
 class _Keeper:
-    """Renews the leases of this process's live tickets, in one batched store call every ``lease / 3`` seconds."""
+    """Renews the leases of this process's live tickets, in one batched store call every ``lease / 3`` seconds, and
+    writes the buffered audit records (``flush``) every ``flush_every`` seconds."""
 
-    def __init__(self, store: Store, lease: float) -> None:
+    def __init__(self, store: Store, lease: float, flush: Callable[[], object] | None = None,
+                 flush_every: float = 1.0) -> None:
         self._store, self._lease = store, lease
+        self._flush, self._flush_every = flush, flush_every
         self._live: dict[str, None] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
 
+    def _ensure(self) -> None:
+        if self._thread is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="sa-middleware-keeper", daemon=True)
+            self._thread.start()
+
     def add(self, ticket_id: str) -> None:
         with self._lock:
             self._live[ticket_id] = None
-            if self._thread is None or self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="sa-middleware-keeper", daemon=True)
-                self._thread.start()
+            self._ensure()
+
+    def poke(self) -> None:
+        """Make sure the thread runs (something was buffered for it to write)."""
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._lock:
+            self._ensure()
 
     def discard(self, ticket_id: str) -> None:
         with self._lock:
@@ -98,19 +122,31 @@ class _Keeper:
         self._wake.set()
 
     def _run(self) -> None:
-        while not self._wake.wait(self._lease / 3):
-            ids = self.live()
-            if ids:
+        every = self._lease / 3
+        tick = every if self._flush is None else min(every, self._flush_every)
+        renew_at = time.monotonic() + every
+        while not self._wake.wait(tick):
+            if time.monotonic() >= renew_at:
+                renew_at = time.monotonic() + every
+                ids = self.live()
+                if ids:
+                    try:
+                        self._store.renew(ids, self._lease)
+                    except Exception as exc:  # the next round tries again; leases bound the damage
+                        log.warning("sa-middleware: lease renewal failed: %s", exc)
+            if self._flush is not None:
                 try:
-                    self._store.renew(ids, self._lease)
-                except Exception as exc:  # the next round tries again; leases bound the damage
-                    log.warning("sa-middleware: lease renewal failed: %s", exc)
+                    self._flush()
+                except Exception as exc:  # kept for the next round (bounded)
+                    log.warning("sa-middleware: audit flush failed: %s", exc)
 
 
-class Guard:
+class Guard(Operations):
     """Decides every request against the token, the route's policy and the state of all related contexts.
 
-    Keyword arguments are validated here, so a mistake fails at start-up. See README "Guard options".
+    Keyword arguments are validated here, so a mistake fails at start-up. See README "Guard options". The
+    operations (``rotate``, ``sessions``, ``audit``...) are inherited from :class:`~sa_middleware.operations.
+    Operations`.
     """
 
     def __init__(
@@ -137,6 +173,14 @@ class Guard:
         device_claim: str = "device_id",
         realm: str | None = None,
         retry_after: int = 1,
+        reuse_is_compromise: bool = False,
+        sender_constraint: str = "verify",
+        dpop_algorithms: Sequence[str] = DEFAULT_DPOP_ALGORITHMS,
+        dpop_max_age: float = 60.0,
+        audit_admissions: bool = False,
+        audit_retention: float | None = None,
+        audit_max_records: int | None = None,
+        audit_buffer: int = 10_000,
     ) -> None:
         for name, value in (("session_idle", session_idle), ("lease", lease)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
@@ -150,7 +194,11 @@ class Guard:
             leeway=leeway, required_claims=required_claims, token_type=token_type, max_token_bytes=max_token_bytes,
             cache_size=token_cache_size)
         self.routes = RouteTable(policies, default_policy)
-        self.store: Store = open_store(store)
+        if not isinstance(audit_admissions, bool):
+            raise ConfigurationError("audit_admissions must be True or False")
+        self.audit_admissions = audit_admissions
+        Operations.__init__(self, store, session_idle=session_idle, audit_retention=audit_retention,
+                            audit_max_records=audit_max_records, audit_buffer=audit_buffer)
         self.leeway = float(leeway)
         self.session_idle = float(session_idle)
         self.lease = float(lease)
@@ -159,7 +207,12 @@ class Guard:
         self.device_claim = device_claim
         self.realm = realm
         self.retry_after = retry_after
-        self._keeper = _Keeper(self.store, self.lease)
+        if not isinstance(reuse_is_compromise, bool):
+            raise ConfigurationError("reuse_is_compromise must be True or False")
+        self.reuse_is_compromise = reuse_is_compromise
+        self.constraints = SenderConstraints(mode=sender_constraint, algorithms=dpop_algorithms,
+                                             max_age=dpop_max_age, leeway=self.leeway)
+        self._keeper = _Keeper(self.store, self.lease, self.flush_audit)
 
     # -- the decision flow -----------------------------------------------------------------------------------
 
@@ -168,6 +221,12 @@ class Guard:
         return self.routes.match("WEBSOCKET" if request.websocket else request.method, request.path)
 
     def _flow(self, request: RequestInfo, match: RouteMatch | None) -> Generator[_Step, Any, Outcome]:
+        outcome = yield from self._decide(request, match)
+        if isinstance(outcome, Denial) and _scheme(request) == "dpop" and "auth_scheme" not in outcome.extra:
+            outcome = self.constraints.challenge(outcome)  # answer in the scheme the client used (RFC 9449 7.1)
+        return outcome
+
+    def _decide(self, request: RequestInfo, match: RouteMatch | None) -> Generator[_Step, Any, Outcome]:
         match = match or self.match(request)
         policy = match.policy
         if policy.public:
@@ -180,10 +239,16 @@ class Guard:
         token: VerifiedToken | InvalidToken = yield _Verify(raw)
         if isinstance(token, InvalidToken):
             return Denial("invalid_token", str(token))
+        binding = self.constraints.check(request, _scheme(request), raw, token.claims)
         try:
-            admission, context = self._build(request, match, token)
+            admission, context = self._build(request, match, token,
+                                             binding if isinstance(binding, Binding) else None)
         except InvalidToken as exc:
             return Denial("invalid_token", str(exc))
+        if isinstance(binding, Denial):
+            if binding.code == "token_reuse" and self.reuse_is_compromise:
+                yield _Report(admission.sub, admission.session_id)
+            return binding
         deadline = None
         delay = 0.01
         while True:
@@ -204,6 +269,8 @@ class Guard:
                     yield _Sleep(min(delay, deadline - now))
                     delay = min(delay * 2, 0.25)
                     continue
+            if result.code == "token_reuse" and self.reuse_is_compromise:
+                yield _Report(admission.sub, admission.session_id)
             return self._challenge(result, admission)
 
     def _challenge(self, denial: Denial, a: Admission) -> Denial:
@@ -213,7 +280,8 @@ class Guard:
             return Denial(denial.code, denial.detail, max_age=a.max_auth_age, acr_values=a.acr_values)
         return denial
 
-    def _build(self, request: RequestInfo, match: RouteMatch, token: VerifiedToken) -> tuple[Admission, SAContext]:
+    def _build(self, request: RequestInfo, match: RouteMatch, token: VerifiedToken,
+               binding: Binding | None = None) -> tuple[Admission, SAContext]:
         claims = token.claims
         sub = _claim_str(claims, "sub")
         if sub is None:
@@ -256,7 +324,7 @@ class Guard:
             token_exp=token.expires_at + self.leeway,  # the token is accepted until then
             token_iat=_number(claims.get("iat")), token_gen=gen, jti=jti, actor=actor,
             credential=credential, device=_claim_str(claims, self.device_claim),
-            client=request.client, user_agent=request.user_agent,
+            client=(binding or Binding()).client(request.client), user_agent=request.user_agent,
             route=match.route or request.path[:_MAX_ID], token_scopes=scopes, auth_time=auth_time,
             acr=acr if isinstance(acr, str) else None, scopes=policy.scopes, max_auth_age=policy.max_auth_age,
             acr_values=policy.acr_values, one_time=policy.one_time,
@@ -265,7 +333,8 @@ class Guard:
             exclusive=policy.exclusive, tags=policy.tags, conflicts=policy.conflicts,
             raises_risk=policy.raises_risk, risk_window=policy.risk_window, max_risk=policy.max_risk,
             locks=tuple(LockRequest(key, policy.lock_mode) for key in match.lock_keys),
-            on_lock_conflict=policy.on_lock_conflict, lease=self.lease, session_idle=self.session_idle)
+            on_lock_conflict=policy.on_lock_conflict, lease=self.lease, session_idle=self.session_idle,
+            audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait")
         return admission, SAContext(sub, kind, session_id, claims, route=match.route, params=match.params)
 
     def _token(self, request: RequestInfo) -> str | InvalidToken | None:
@@ -273,7 +342,7 @@ class Guard:
         if header is None:
             return None
         scheme, _, value = header.strip().partition(" ")
-        if scheme.lower() != "bearer":
+        if scheme.lower() not in ("bearer", "dpop"):  # DPoP: RFC 9449 section 7.1
             return None
         value = value.strip()
         if not value:
@@ -284,43 +353,106 @@ class Guard:
         """Decide a request, blocking (WSGI). Never raises for bad input or a failing store."""
         flow = self._flow(request, match)
         answer: Any = None
+        verified: Any = None
+        asked: Admission | None = None
         try:
             while True:
                 step = flow.send(answer)
                 if isinstance(step, _Verify):
                     try:
-                        answer = self.verifier.verify(step.token)
+                        answer = verified = self.verifier.verify(step.token)
                     except InvalidToken as exc:
                         answer = exc
                 elif isinstance(step, _Sleep):
                     time.sleep(step.seconds)
                     answer = None
+                elif isinstance(step, _Report):
+                    self._report_reuse(step)
                 else:
-                    answer = self._admit_sync(step.admission)
+                    asked = step.admission
+                    answer = self._admit_sync(asked)
         except StopIteration as stop:
             outcome: Outcome = stop.value
+            if not (isinstance(outcome, Admitted) and (outcome.ticket is not None or asked is None)):
+                self._audit_outcome(outcome, request, match, asked, answer, verified)
             return outcome
 
     async def aadmit(self, request: RequestInfo, match: RouteMatch | None = None) -> Outcome:
         """Decide a request without blocking the event loop (ASGI). Never raises for bad input or a failing store."""
         flow = self._flow(request, match)
         answer: Any = None
+        verified: Any = None
+        asked: Admission | None = None
         try:
             while True:
                 step = flow.send(answer)
                 if isinstance(step, _Verify):
                     try:
-                        answer = await self.verifier.averify(step.token)
+                        answer = verified = await self.verifier.averify(step.token)
                     except InvalidToken as exc:
                         answer = exc
                 elif isinstance(step, _Sleep):
                     await anyio.sleep(step.seconds)
                     answer = None
+                elif isinstance(step, _Report):
+                    await self._areport_reuse(step)
                 else:
-                    answer = await self._admit_async(step.admission)
+                    asked = step.admission
+                    answer = await self._admit_async(asked)
         except StopIteration as stop:
             outcome: Outcome = stop.value
+            if not (isinstance(outcome, Admitted) and (outcome.ticket is not None or asked is None)):
+                self._audit_outcome(outcome, request, match, asked, answer, verified)
             return outcome
+
+    def _audit_outcome(self, outcome: Outcome, request: RequestInfo, match: RouteMatch | None,
+                       asked: Admission | None, answer: Any, verified: Any) -> None:
+        """Buffer the audit record of an outcome the store did not record itself: a denial decided before the
+        store was asked (no token, an invalid one), ``store_unavailable``, the last ``object_locked`` of a lock
+        wait, and a ``fail_open`` admission. Everything else the store recorded in the admission's transaction."""
+        if isinstance(outcome, Admitted):  # admitted without a ticket after asking the store: fail_open
+            if asked is not None:
+                self._buffer(AuditRecord("admission", "fail_open", "middleware", asked.sub, asked.session_id,
+                                         asked.route, "admitted while the store was unavailable (fail_open)",
+                                         time.time()))
+            return
+        if asked is not None and isinstance(answer, Denial) and answer.code == outcome.code \
+                and answer.code != "store_unavailable" and (asked.audit_locked or answer.code != "object_locked"):
+            return  # the store recorded it
+        sub: str | None
+        session_id: str | None
+        if asked is not None:
+            sub, session_id, route = asked.sub, asked.session_id, asked.route
+        else:
+            claims = verified.claims if isinstance(verified, VerifiedToken) else {}
+            value = claims.get("sub")
+            sub = value if isinstance(value, str) and 0 < len(value) <= 256 else None
+            session_id = None
+            route = (match or self.match(request)).route or request.path[:256]
+        self._buffer(AuditRecord("denial", outcome.code, "middleware", sub, session_id, route, outcome.detail,
+                                 time.time()))
+
+    def _buffer(self, record: AuditRecord) -> None:
+        super()._buffer(record)
+        self._keeper.poke()
+
+    def _report_reuse(self, step: _Report) -> None:
+        """``reuse_is_compromise``: every context related to the session must re-authenticate. Only on this
+        (rare) denial path, so admissions pay nothing for the option; a failure is logged, the denial stands."""
+        log.warning("sa-middleware: token reuse in session %s of %s: reporting a compromise", step.session_id,
+                    step.sub)
+        try:
+            self.report_compromise(step.sub, step.session_id, source="middleware")
+        except Exception:
+            log.exception("sa-middleware: the compromise of session %s could not be reported", step.session_id)
+
+    async def _areport_reuse(self, step: _Report) -> None:
+        log.warning("sa-middleware: token reuse in session %s of %s: reporting a compromise", step.session_id,
+                    step.sub)
+        try:
+            await self.areport_compromise(step.sub, step.session_id, source="middleware")
+        except Exception:
+            log.exception("sa-middleware: the compromise of session %s could not be reported", step.session_id)
 
     def _unavailable(self, exc: BaseException) -> Denial:
         extra: dict[str, object] = {}
@@ -367,129 +499,14 @@ class Guard:
                         exc_info=True)
 
     def close(self) -> None:
-        """Stop the lease keeper and close the store."""
+        """Stop the lease keeper, write the buffered audit records (best effort) and close the store."""
         self._keeper.stop()
-        self.store.close()
+        super().close()
 
-    # -- operations (contract) ---------------------------------------------------------------------------------
 
-    def rotate(self, sub: str) -> int:
-        """Bump ``sub``'s generation: every token of a lower generation is refused from now on."""
-        return self.store.rotate(_arg(sub, "sub"))
-
-    def revoke_principal(self, sub: str) -> float:
-        """Refuse every token of ``sub`` issued before now (not-before watermark)."""
-        return self.store.revoke_principal(_arg(sub, "sub"))
-
-    def revoke_session(self, session_id: str) -> bool:
-        """Revoke one session (also one not seen yet)."""
-        return self.store.revoke_session(_arg(session_id, "session_id"))
-
-    def report_compromise(self, sub: str | None = None, session_id: str | None = None) -> list[str]:
-        """Mark every context related to ``sub`` or ``session_id`` compromised; returns their session ids."""
-        return self.store.report_compromise(*_compromise_args(sub, session_id))
-
-    def pause_session(self, session_id: str) -> bool:
-        """Pause a session until :meth:`resume_session`."""
-        return self.store.pause_session(_arg(session_id, "session_id"))
-
-    def resume_session(self, session_id: str) -> bool:
-        """Clear a paused or compromised session (an operator's decision)."""
-        return self.store.resume_session(_arg(session_id, "session_id"))
-
-    def set_device_status(self, device_id: str, compliant: bool) -> None:
-        """Mark a device compliant or non-compliant."""
-        self.store.set_device_status(_arg(device_id, "device_id"), bool(compliant))
-
-    def set_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
-        """Limit the scopes of ``sub``'s tokens issued before now (``None`` lifts the limit)."""
-        self.store.set_privileges(_arg(sub, "sub"), _scopes(scopes))
-
-    def sessions(self, sub: str) -> list[SessionInfo]:
-        """``sub``'s active sessions with their status."""
-        return self.store.sessions(_arg(sub, "sub"), self.session_idle)
-
-    def locks(self) -> list[LockInfo]:
-        """Every object lock held now, with its fencing token."""
-        return self.store.locks()
-
-    # -- operations of security events (sa_middleware.events; also usable directly) ------------------------------
-
-    def revoke_sessions(self, sub: str, before: float | None = None) -> list[str]:
-        """Revoke every session of ``sub`` whose token was issued at or before ``before`` (default, and at most:
-        now): they are refused with ``session_revoked``, while a token issued later opens a new session. Returns
-        the ids of the stored sessions marked revoked (CAEP ``session-revoked`` for a principal)."""
-        return self.store.revoke_sessions(_arg(sub, "sub"), _time(before, "before"))
-
-    def disable_principal(self, sub: str) -> float:
-        """Refuse every token of ``sub`` (``token_revoked``) until :meth:`enable_principal`; tokens issued before
-        now stay refused after that too (RISC ``account-disabled``). Returns the time of the watermark."""
-        return self.store.disable_principal(_arg(sub, "sub"))
-
-    def enable_principal(self, sub: str) -> bool:
-        """Undo :meth:`disable_principal`: tokens issued since then are admitted again (RISC ``account-enabled``).
-        Returns whether ``sub`` was disabled."""
-        return self.store.enable_principal(_arg(sub, "sub"))
-
-    def set_assurance(self, sub: str, level: str | None, at: float | None = None) -> None:
-        """Record ``sub``'s current assurance level (an ``acr`` value) as of ``at`` (default, and at most: now):
-        for tokens issued before then, step-up (``acr_values``) checks ``level`` instead of the token's ``acr``
-        (CAEP ``assurance-level-change``). ``level=None`` forgets it."""
-        if level is not None:
-            level = _arg(level, "level")
-        self.store.set_assurance(_arg(sub, "sub"), level, _time(at, "at"))
-
-    def raise_risk(self, sub: str, amount: int, window: float) -> None:
-        """Add ``amount`` to ``sub``'s risk for ``window`` seconds, as an action with ``raises_risk`` would
-        (CAEP ``risk-level-change``); routes with ``max_risk`` below it refuse with ``risk_too_high``."""
-        self.store.raise_risk(_arg(sub, "sub"), *_risk_args(amount, window))
-
-    async def arevoke_sessions(self, sub: str, before: float | None = None) -> list[str]:
-        return await self.store.arevoke_sessions(_arg(sub, "sub"), _time(before, "before"))
-
-    async def adisable_principal(self, sub: str) -> float:
-        return await self.store.adisable_principal(_arg(sub, "sub"))
-
-    async def aenable_principal(self, sub: str) -> bool:
-        return await self.store.aenable_principal(_arg(sub, "sub"))
-
-    async def aset_assurance(self, sub: str, level: str | None, at: float | None = None) -> None:
-        if level is not None:
-            level = _arg(level, "level")
-        await self.store.aset_assurance(_arg(sub, "sub"), level, _time(at, "at"))
-
-    async def araise_risk(self, sub: str, amount: int, window: float) -> None:
-        await self.store.araise_risk(_arg(sub, "sub"), *_risk_args(amount, window))
-
-    async def arotate(self, sub: str) -> int:
-        return await self.store.arotate(_arg(sub, "sub"))
-
-    async def arevoke_principal(self, sub: str) -> float:
-        return await self.store.arevoke_principal(_arg(sub, "sub"))
-
-    async def arevoke_session(self, session_id: str) -> bool:
-        return await self.store.arevoke_session(_arg(session_id, "session_id"))
-
-    async def areport_compromise(self, sub: str | None = None, session_id: str | None = None) -> list[str]:
-        return await self.store.areport_compromise(*_compromise_args(sub, session_id))
-
-    async def apause_session(self, session_id: str) -> bool:
-        return await self.store.apause_session(_arg(session_id, "session_id"))
-
-    async def aresume_session(self, session_id: str) -> bool:
-        return await self.store.aresume_session(_arg(session_id, "session_id"))
-
-    async def aset_device_status(self, device_id: str, compliant: bool) -> None:
-        await self.store.aset_device_status(_arg(device_id, "device_id"), bool(compliant))
-
-    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
-        await self.store.aset_privileges(_arg(sub, "sub"), _scopes(scopes))
-
-    async def asessions(self, sub: str) -> list[SessionInfo]:
-        return await self.store.asessions(_arg(sub, "sub"), self.session_idle)
-
-    async def alocks(self) -> list[LockInfo]:
-        return await self.store.alocks()
+def _scheme(request: RequestInfo) -> str:
+    """The request's Authorization scheme, lower-case ("" without one)."""
+    return request.headers.get("authorization", "").strip().partition(" ")[0].lower()
 
 
 def _claim_str(claims: Mapping[str, Any], name: str) -> str | None:
@@ -507,56 +524,3 @@ def _encodable(value: str) -> bool:
     except UnicodeEncodeError:  # lone surrogates
         return False
     return True
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _arg(value: str, name: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > _MAX_ID:
-        raise ConfigurationError(f"{name} must be a non-empty string of at most {_MAX_ID} characters")
-    return value
-
-
-def _time(value: float | None, name: str) -> float | None:
-    if value is None:
-        return None
-    number = _number(value)
-    if number is None:
-        raise ConfigurationError(f"{name} must be a finite number of seconds since the epoch, or None")
-    return number
-
-
-def _risk_args(amount: int, window: float) -> tuple[int, float]:
-    if isinstance(amount, bool) or not isinstance(amount, int) or not 1 <= amount <= _MAX_GEN:
-        raise ConfigurationError("amount must be a positive integer")
-    number = _number(window)
-    if number is None or number <= 0:
-        raise ConfigurationError("window must be a positive, finite number of seconds")
-    return amount, number
-
-
-def _compromise_args(sub: str | None, session_id: str | None) -> tuple[str | None, str | None]:
-    if sub is None and session_id is None:
-        raise ConfigurationError("report_compromise needs sub or session_id")
-    return (None if sub is None else _arg(sub, "sub"),
-            None if session_id is None else _arg(session_id, "session_id"))
-
-
-def _scopes(scopes: Iterable[str] | None) -> list[str] | None:
-    if scopes is None:
-        return None
-    if isinstance(scopes, str):
-        scopes = scopes.split()
-    result = list(scopes)
-    if not all(isinstance(s, str) and s for s in result):
-        raise ConfigurationError("scopes must be non-empty strings")
-    return result
-

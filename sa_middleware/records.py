@@ -6,11 +6,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
-    "Admission", "LockHolder", "LockInfo", "LockRequest", "Marker", "PrincipalState", "SessionInfo",
-    "SessionStatus", "Snapshot", "Ticket", "TicketRecord", "Verdict",
+    "Admission", "AuditKind", "AuditRecord", "LockHolder", "LockInfo", "LockRequest", "Marker", "PrincipalState",
+    "SessionInfo", "SessionStatus", "Snapshot", "Ticket", "TicketRecord", "Verdict",
 ]
 
 SessionStatus = Literal["active", "paused", "revoked", "compromised"]
+#: ``denial`` a refused request; ``admission`` an admitted one (``Guard(audit_admissions=True)``, and ``fail_open``);
+#: ``operation`` an operation (operator, CLI, security event); ``change`` a state change the store decided or
+#: detected (``session_paused``, ``session_evicted``, ``state_loss``) and ``audit_dropped``
+AuditKind = Literal["denial", "admission", "operation", "change"]
 Kind = Literal["human", "service", "agent"]
 
 
@@ -62,6 +66,10 @@ class Admission:
     # timing
     lease: float = 30.0
     session_idle: float = 900.0
+    # audit trail: record the admission too (Guard(audit_admissions=True)); record an object_locked refusal (False
+    # while the Guard waits for the lock and retries: it records the final refusal itself)
+    audit_admitted: bool = False
+    audit_locked: bool = True
 
 
 @dataclass(slots=True)
@@ -189,3 +197,29 @@ class Verdict:
     ticket_record: TicketRecord | None = None
     lock_grants: list[tuple[str, str, int]] = field(default_factory=list)  # key, mode, fencing token
     record_jti: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One entry of the audit trail (``Guard.audit``, ``sa-middleware audit``).
+
+    ``code`` is the denial code (kind ``denial``), ``admitted`` / ``fail_open`` (kind ``admission``), the operation's
+    name, e.g. ``rotate`` (kind ``operation``), or ``session_paused`` / ``session_evicted`` / ``state_loss`` /
+    ``audit_dropped`` (kind ``change``). ``source`` is ``middleware``, ``operator`` (Python calls), ``cli``,
+    ``event:<type>`` (a security event) or ``store``. ``detail`` is short and never holds a token. ``time`` is
+    seconds since the epoch; ``None`` only on a record handed to a store, which then stamps it with its own clock.
+    """
+
+    kind: AuditKind
+    code: str
+    source: str
+    sub: str | None = None
+    session_id: str | None = None
+    route: str | None = None
+    detail: str = ""
+    time: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict (``sa-middleware audit --json``)."""
+        return {"time": self.time, "kind": self.kind, "code": self.code, "source": self.source, "sub": self.sub,
+                "session_id": self.session_id, "route": self.route, "detail": self.detail}

@@ -19,11 +19,15 @@ def _quote(value: str) -> str:
 
 
 def _challenge(denial: Denial, realm: str | None) -> str | None:
+    # the DPoP scheme (RFC 9449 section 7.1) when the request used it or the token needs it; else Bearer
+    dpop = denial.extra.get("auth_scheme") == "DPoP"
     params: list[str] = [f'realm="{realm}"'] if realm else []
     if denial.code == "missing_token":
         pass  # RFC 6750 section 3.1: no error attribute when the request carried no token
     elif denial.status == 401:
         error = "insufficient_user_authentication" if denial.code == "step_up_required" else "invalid_token"
+        if dpop and denial.extra.get("auth_error") == "invalid_dpop_proof":
+            error = "invalid_dpop_proof"
         params += [f'error="{error}"', f'error_description="{_quote(denial.detail)}"']
         if denial.max_age is not None:
             params.append(f'max_age="{denial.max_age}"')
@@ -35,7 +39,11 @@ def _challenge(denial: Denial, realm: str | None) -> str | None:
             params.append(f'scope="{_quote(" ".join(denial.scope))}"')
     elif denial.status != 403:
         return None
-    return "Bearer " + ", ".join(params) if params else "Bearer"
+    algs = denial.extra.get("dpop_algs")
+    if dpop and isinstance(algs, str) and algs:
+        params.append(f'algs="{_quote(algs)}"')
+    scheme = "DPoP" if dpop else "Bearer"
+    return f"{scheme} " + ", ".join(params) if params else scheme
 
 
 def denial_response(denial: Denial, realm: str | None = None,

@@ -32,8 +32,18 @@ def request_info(environ: Environ) -> RequestInfo:
         if environ.get(key):
             headers[key.replace("_", "-").lower()] = environ[key]
     path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")) or "/"
+    scheme = str(environ.get("wsgi.url_scheme") or "http")
+    cert = environ.get("SSL_CLIENT_CERT")  # werkzeug and mod_ssl (SSLOptions +ExportCertData); never from a header
     return RequestInfo(method=environ.get("REQUEST_METHOD", "GET").upper(), path=path, headers=headers,
-                       client=environ.get("REMOTE_ADDR", ""))
+                       client=environ.get("REMOTE_ADDR", ""), scheme=scheme,
+                       host=headers.get("host") or _server(environ),
+                       client_cert=cert if isinstance(cert, str) and cert else None)
+
+
+def _server(environ: Environ) -> str:
+    name, port = str(environ.get("SERVER_NAME", "")), str(environ.get("SERVER_PORT", ""))
+    default = {"http": "80", "https": "443"}.get(str(environ.get("wsgi.url_scheme")))
+    return name if not name or not port or port == default else f"{name}:{port}"
 
 
 def denial_app(denial: Denial, guard: Guard, start_response: StartResponse) -> list[bytes]:

@@ -95,8 +95,8 @@ def store() -> SpyStore:
 
 
 @pytest.fixture
-def guard(store: SpyStore) -> Iterator[Guard]:
-    g = make_guard(store)
+def guard(store: SpyStore, request: pytest.FixtureRequest) -> Iterator[Guard]:
+    g = make_guard(store, **getattr(request, "param", {}))
     try:
         yield g
     finally:
@@ -285,6 +285,7 @@ def test_token_reuse_from_another_client(guard: Guard) -> None:
 # ------------------------------------------------------------------------------------------ claims -> admission
 
 
+@pytest.mark.parametrize("guard", [{"sender_constraint": "upstream"}], indirect=True)  # cnf as a relation only
 def test_claims_feed_the_admission(guard: Guard, store: SpyStore) -> None:
     now = int(time.time())
     raw = token(sid="s-1", jti="j-1", gen=4, scp=["a", "b"], auth_time=now - 5, acr="urn:example:mfa",
@@ -332,6 +333,7 @@ def test_custom_device_claim() -> None:
         g.close()
 
 
+@pytest.mark.parametrize("guard", [{"sender_constraint": "upstream"}], indirect=True)  # cnf as a relation only
 def test_compromise_reaches_actor_and_credential_contexts(guard: Guard) -> None:
     fresh = int(time.time()) + 5
     admitted(guard.admit(request("GET", "/items", token(sub="bob", sid="bob-agent", act={"sub": "agent-7"}))))

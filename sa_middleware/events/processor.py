@@ -126,7 +126,7 @@ class EventProcessor:
             return self._duplicate(event)
         try:
             for action in result.actions:
-                getattr(self.guard, action.op)(*action.args)
+                getattr(self.guard, action.op)(*action.args, source=_source(event))
         except BaseException:
             with suppress(Exception):
                 store.forget_event(event.key)
@@ -142,12 +142,17 @@ class EventProcessor:
             return self._duplicate(event)
         try:
             for action in result.actions:
-                await getattr(self.guard, "a" + action.op)(*action.args)
+                await getattr(self.guard, "a" + action.op)(*action.args, source=_source(event))
         except BaseException:
             with anyio.CancelScope(shield=True), suppress(Exception):
                 await store.aforget_event(event.key)
             raise
         return self._outcome(event, result)
+
+
+def _source(event: SecurityEvent) -> str:
+    """The audit source of an event's operations: ``event:<short type>``, e.g. ``event:session-revoked``."""
+    return f"event:{event.short_type}"
 
 
 def log_refusal(error: SETError, where: str) -> None:

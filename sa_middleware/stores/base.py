@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio.to_thread
 
 from ..denials import Denial
 from ..errors import ConfigurationError
-from ..records import Admission, LockInfo, SessionInfo, Ticket
+from ..records import Admission, AuditRecord, LockInfo, SessionInfo, Ticket
 
-__all__ = ["Store", "open_store", "register_scheme"]
+__all__ = [
+    "DEFAULT_AUDIT_MAX_RECORDS", "DEFAULT_AUDIT_RETENTION", "Store", "check_audit_retention", "open_store",
+    "register_scheme",
+]
+
+#: how long audit records are kept (seconds), and how many at most: see README "Audit trail"
+DEFAULT_AUDIT_RETENTION = 7 * 86400.0
+DEFAULT_AUDIT_MAX_RECORDS = 100_000
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -28,6 +36,9 @@ class Store(abc.ABC):
 
     #: whether the sync operations are cheap and never wait (then the async twins call them inline)
     inline_async: bool = False
+    #: audit records older than this many seconds, or beyond this many (oldest first), are pruned by the store
+    audit_retention: float = DEFAULT_AUDIT_RETENTION
+    audit_max_records: int = DEFAULT_AUDIT_MAX_RECORDS
 
     @abc.abstractmethod
     def admit(self, admission: Admission) -> Ticket | Denial:
@@ -118,6 +129,31 @@ class Store(abc.ABC):
         """Forget the security event ``key`` (its processing failed; a redelivery must be applied)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement forget_event")
 
+    # -- the audit trail (see README "Audit trail") ---------------------------------------------------------------
+    # Like the security-event operations, these raise NotImplementedError in the base so an older store still opens;
+    # the Guard then logs once and drops its audit records.
+
+    def configure_audit(self, *, retention: float | None = None, max_records: int | None = None) -> None:
+        """Set the audit retention: records older than ``retention`` seconds or beyond the newest ``max_records``
+        are pruned (by the store itself, as it writes). ``None`` keeps the current value."""
+        check_audit_retention(retention, max_records)
+        if retention is not None:
+            self.audit_retention = float(retention)
+        if max_records is not None:
+            self.audit_max_records = max_records
+
+    def record_audit(self, records: Sequence[AuditRecord]) -> None:
+        """Append audit records in one operation; a record without ``time`` is stamped with the store's clock.
+        Denials, pauses and evictions decided by ``admit`` are recorded by ``admit`` itself, in its transaction."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement record_audit")
+
+    def audit(self, *, sub: str | None = None, session_id: str | None = None, code: str | None = None,
+              kind: str | None = None, since: float | None = None, until: float | None = None,
+              limit: int = 100) -> list[AuditRecord]:
+        """The audit records that match every given filter (``since <= time <= until``), newest first, at most
+        ``limit``; records past the retention are never returned, even before they are pruned."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement audit")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the store's connections."""
 
@@ -186,8 +222,28 @@ class Store(abc.ABC):
     async def aforget_event(self, key: str) -> None:
         await self._run(self.forget_event, key)
 
+    async def arecord_audit(self, records: Sequence[AuditRecord]) -> None:
+        await self._run(self.record_audit, records)
+
+    async def aaudit(self, *, sub: str | None = None, session_id: str | None = None, code: str | None = None,
+                     kind: str | None = None, since: float | None = None, until: float | None = None,
+                     limit: int = 100) -> list[AuditRecord]:
+        return await self._run(lambda: self.audit(sub=sub, session_id=session_id, code=code, kind=kind, since=since,
+                                                  until=until, limit=limit))
+
     async def aclose(self) -> None:
         await self._run(self.close)
+
+
+def check_audit_retention(retention: float | None, max_records: int | None) -> None:
+    """Raise ConfigurationError unless ``retention`` is None or a positive number of seconds and ``max_records``
+    None or a positive integer."""
+    if retention is not None and (isinstance(retention, bool) or not isinstance(retention, int | float)
+                                  or not math.isfinite(retention) or retention <= 0):
+        raise ConfigurationError("audit_retention must be a positive, finite number of seconds")
+    if max_records is not None and (isinstance(max_records, bool) or not isinstance(max_records, int)
+                                    or max_records < 1):
+        raise ConfigurationError("audit_max_records must be a positive integer")
 
 
 _SCHEMES: dict[str, Callable[..., Store]] = {}
@@ -218,9 +274,35 @@ def _builtin(scheme: str) -> Callable[..., Store] | None:
     return None
 
 
+_AUDIT_OPTIONS = ("audit_retention", "audit_max_records")
+
+
+def _audit_options(uri: str) -> tuple[str, dict[str, Any]]:
+    """Take the audit options (``?audit_retention=604800&audit_max_records=100000``) out of a store URI: every
+    store understands them, so they are applied here rather than by each store's own URI parser."""
+    base, _, rest = uri.partition("?")
+    text, hash_, fragment = rest.partition("#")
+    if "audit_" not in text:
+        return uri, {}
+    query = parse_qsl(text, keep_blank_values=True)
+    found = {k: v for k, v in query if k in _AUDIT_OPTIONS}
+    options: dict[str, Any] = {}
+    try:
+        if "audit_retention" in found:
+            options["retention"] = float(found["audit_retention"])
+        if "audit_max_records" in found:
+            options["max_records"] = int(found["audit_max_records"])
+    except ValueError:
+        raise ConfigurationError("audit_retention must be a number of seconds and audit_max_records an integer") \
+            from None
+    others = urlencode([(k, v) for k, v in query if k not in _AUDIT_OPTIONS])
+    return base + ("?" + others if others else "") + hash_ + fragment, options
+
+
 def open_store(uri: str | Store, **options: Any) -> Store:
     """Open a store from a URI: ``memory://``, ``sqlite:///path/to/file.db``, ``redis://host:6379/0``,
-    ``rediss://``, ``redis+unix://``, ``redis+sentinel://``, ``redis+cluster://`` (see README "Stores").
+    ``rediss://``, ``redis+unix://``, ``redis+sentinel://``, ``redis+cluster://`` (see README "Stores"). Every URI
+    also takes the audit options ``audit_retention`` (seconds) and ``audit_max_records``.
 
     A :class:`Store` object is returned as it is.
     """
@@ -233,4 +315,11 @@ def open_store(uri: str | Store, **options: Any) -> Store:
     if factory is None:
         known = sorted({"memory", "sqlite", *_REDIS_SCHEMES, *_SCHEMES})
         raise ConfigurationError(f"unknown store scheme {scheme!r}; known: {', '.join(known)}")
-    return factory(uri, **options)
+    uri, audit = _audit_options(uri)
+    store = factory(uri, **options)
+    try:
+        store.configure_audit(**audit)
+    except ConfigurationError:
+        store.close()
+        raise
+    return store

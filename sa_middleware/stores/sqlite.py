@@ -13,6 +13,7 @@ checkpoints, which fsync, run on a maintenance thread, never on the loop.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -28,6 +29,7 @@ from ..denials import Denial
 from ..errors import ConfigurationError, StoreError, StoreUnavailable
 from ..records import (
     Admission,
+    AuditRecord,
     LockHolder,
     LockInfo,
     Marker,
@@ -48,6 +50,10 @@ T = TypeVar("T")
 _SESSION_COLUMNS = ("session_id, sub, kind, status, created, last_seen, expires, client, user_agent, device, "
                     "credential, actor, marked_at, marked_generation, cleared_at")
 _PRUNE_EVERY = 10.0  # seconds between sweeps of expired rows
+_AUDIT_COLUMNS = "time, kind, code, source, sub, session_id, route, detail"
+_AUDIT_PRUNE_EVERY = 64  # audit records written between two bounded prunes of the oldest ones
+_AUDIT_PRUNE_BATCH = 512  # the oldest records looked at by one bounded prune
+_AUDIT_DETAIL = 512  # characters of an audit detail kept
 _CHECKPOINT_EVERY = 256  # inline commits between WAL checkpoints (run on the maintenance thread)
 
 
@@ -83,6 +89,11 @@ def _schema(db: sqlite_utils.Database) -> None:
         if column not in principals.columns_dict:
             principals.add_column(column, kind)
     db.table("events_seen").create({"key": str, "expires": float}, pk="key", if_not_exists=True)
+    # the audit trail: ids grow with every insert (INTEGER PRIMARY KEY), which bounds the count cheaply
+    db.table("audit").create({"id": int, "time": float, "kind": str, "code": str, "source": str, "sub": str,
+                              "session_id": str, "route": str, "detail": str}, pk="id", if_not_exists=True)
+    for columns in (["time"], ["sub", "time"], ["session_id", "time"], ["code", "time"]):
+        db.table("audit").create_index(columns, if_not_exists=True)
     for table, columns in (("sessions", ["sub"]), ("sessions", ["actor"]), ("sessions", ["device"]),
                            ("sessions", ["credential"]), ("tickets", ["sub"]), ("locks", ["ticket_id"])):
         db.table(table).create_index(columns, if_not_exists=True)
@@ -90,6 +101,29 @@ def _schema(db: sqlite_utils.Database) -> None:
 
 def _session(row: sqlite3.Row | tuple[Any, ...]) -> SessionInfo:
     return SessionInfo(*row)
+
+
+def _admission_audit(a: Admission, v: Verdict, before: dict[str, tuple[str, str]]) -> list[AuditRecord]:
+    """What one admission adds to the audit trail: its denial (or, when asked, the admission) and the sessions it
+    paused or evicted. Shared by every SQL-backed store; the Redis store does the same in Lua."""
+    records: list[AuditRecord] = []
+    if v.code is not None and (a.audit_locked or v.code != "object_locked"):
+        records.append(AuditRecord("denial", v.code, "middleware", a.sub, a.session_id, a.route, v.detail))
+    elif v.ticket is not None and a.audit_admitted:
+        locks = " ".join(f"{key}#{fence}" for key, fence in sorted(v.ticket.fencing_tokens.items()))
+        records.append(AuditRecord("admission", "admitted", "middleware", a.sub, a.session_id, a.route,
+                                   f"{a.kind}; ticket {a.ticket_id}" + (f"; locks {locks}" if locks else "")))
+    for session_id, status in v.session_status.items():
+        sub, was = before.get(session_id, (a.sub, None))
+        if status == "paused" and was in (None, "active"):
+            why = (f"paused by a lock conflict: {v.detail}" if session_id == a.session_id else
+                   f"paused by a lock conflict with session {a.session_id} of {a.sub} on {a.route}")
+            records.append(AuditRecord("change", "session_paused", "middleware", sub or a.sub, session_id, a.route,
+                                       why))
+        elif status == "revoked" and was not in (None, "revoked"):
+            records.append(AuditRecord("change", "session_evicted", "middleware", sub or a.sub, session_id, a.route,
+                                       f"evicted by the new session {a.session_id} (max_sessions={a.max_sessions})"))
+    return records
 
 
 def _outcome(verdict: Verdict) -> Ticket | Denial:
@@ -115,6 +149,7 @@ class SQLiteStore(Store):
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._last_prune = 0.0
+        self._audit_writes = 0
         self.inline = inline
         self._inline_commits = 0
         self._checkpoint_due = threading.Event()
@@ -254,8 +289,68 @@ class SQLiteStore(Store):
         if prune and now - self._last_prune > _PRUNE_EVERY:
             self._prune(conn, now)
         verdict = evaluate(a, self._snapshot(conn, now, a))
+        before = self._statuses(conn, verdict) if verdict.session_status else {}
         self._apply(conn, now, a, verdict)
+        self._add_audit(conn, now, _admission_audit(a, verdict, before))
         return verdict
+
+    @staticmethod
+    def _statuses(conn: sqlite3.Connection, v: Verdict) -> dict[str, tuple[str, str]]:
+        """The stored (sub, status) of the sessions a verdict changes: the audit records what actually changed."""
+        ids = list(v.session_status)
+        marks = ",".join("?" * len(ids))
+        return {r[0]: (r[1], r[2]) for r in conn.execute(
+            f"SELECT session_id, sub, status FROM sessions WHERE session_id IN ({marks})", ids)}
+
+    # -- the audit trail -----------------------------------------------------------------------------------------
+
+    def _add_audit(self, conn: sqlite3.Connection, now: float, records: Sequence[AuditRecord]) -> None:
+        if not records:
+            return
+        conn.executemany(f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         [(now if r.time is None else r.time, r.kind, r.code, r.source, r.sub, r.session_id, r.route,
+                           r.detail[:_AUDIT_DETAIL]) for r in records])
+        self._audit_writes += len(records)
+        if self._audit_writes >= _AUDIT_PRUNE_EVERY:
+            self._audit_writes = 0
+            self._prune_audit(conn, now, _AUDIT_PRUNE_BATCH)
+
+    def _prune_audit(self, conn: sqlite3.Connection, now: float, batch: int | None = None) -> None:
+        """Delete the records past the retention (age or count). ``batch``: look at that many of the oldest only,
+        so a prune on the admission path costs a bounded amount of work; the periodic sweep deletes them all."""
+        top = conn.execute("SELECT max(id) FROM audit").fetchone()[0]
+        if top is None:
+            return
+        floor, cutoff = top - self.audit_max_records, now - self.audit_retention
+        if batch is None:
+            conn.execute("DELETE FROM audit WHERE id <= ? OR time < ?", (floor, cutoff))
+        else:
+            conn.execute("DELETE FROM audit WHERE id IN (SELECT id FROM (SELECT id, time FROM audit ORDER BY id "
+                         "LIMIT ?) WHERE id <= ? OR time < ?)", (batch, floor, cutoff))
+
+    def record_audit(self, records: Sequence[AuditRecord]) -> None:
+        if records:
+            self._write(lambda conn, now: self._add_audit(conn, now, records))
+
+    def audit(self, *, sub: str | None = None, session_id: str | None = None, code: str | None = None,
+              kind: str | None = None, since: float | None = None, until: float | None = None,
+              limit: int = 100) -> list[AuditRecord]:
+        def run(conn: sqlite3.Connection, now: float) -> list[AuditRecord]:
+            top = conn.execute("SELECT max(id) FROM audit").fetchone()[0] or 0
+            where = ["id > ?", "time >= ?"]
+            params: list[Any] = [top - self.audit_max_records,
+                                 max(now - self.audit_retention, -math.inf if since is None else since)]
+            for column, value in (("sub", sub), ("session_id", session_id), ("code", code), ("kind", kind)):
+                if value is not None:
+                    where.append(f"{column} = ?")
+                    params.append(value)
+            if until is not None:
+                where.append("time <= ?")
+                params.append(until)
+            rows = conn.execute(f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where)} "
+                                "ORDER BY time DESC, id DESC LIMIT ?", (*params, limit)).fetchall()
+            return [AuditRecord(r[1], r[2], r[3], r[4], r[5], r[6], r[7] or "", r[0]) for r in rows]
+        return self._read(run)
 
     def _snapshot(self, conn: sqlite3.Connection, now: float, a: Admission) -> Snapshot:
         principal, markers = PrincipalState(), []
@@ -336,6 +431,7 @@ class SQLiteStore(Store):
         self._last_prune = now
         for table in ("tickets", "locks", "sessions", "jtis", "events_seen"):
             conn.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
+        self._prune_audit(conn, now)
 
     def release(self, ticket_id: str) -> None:
         self._write(lambda conn, now: self._release(conn, ticket_id))
