@@ -14,6 +14,7 @@ timestamps relative to the store's "now".
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -86,10 +87,48 @@ def _sqlite(tmp_path: Path, clock: Callable[[], float]) -> Store:
     return SQLiteStore(str(tmp_path / "sa.db"), timeout=30.0, clock=clock)
 
 
+# Redis: the machine's shared Redis, and the private Cluster and Sentinel of tests/redis_support.py. Each test gets a
+# fresh key prefix, bootstrapped as a brand-new store, and deleted when the store closes. The Redis store uses the
+# server's TIME; here it takes the test's FakeClock instead (its ``clock`` test hook), so the clock tests do not
+# wait in real time: SA_REDIS_REAL_CLOCK=1 runs them on the server's TIME with a RealClock (about a minute more per
+# case). tests/stores/test_redis.py checks TIME-based expiry on its own. Under CI=true these cases never skip.
+_REDIS_REAL_CLOCK = os.environ.get("SA_REDIS_REAL_CLOCK", "").strip().lower() not in ("", "0", "false", "no")
+_redis_uris: dict[tuple[str, Path], str] = {}
+
+
+def _redis(kind: str, *, first: bool) -> StoreFactory:
+    def make(tmp_path: Path, clock: Callable[[], float]) -> Store:
+        import redis_support
+
+        from sa_middleware.stores.redis import RedisStore
+
+        if (kind, tmp_path) not in _redis_uris:
+            _redis_uris[(kind, tmp_path)] = redis_support.store_uri(kind, tmp_path)
+        uri = _redis_uris[(kind, tmp_path)]
+        store = RedisStore.from_uri(uri, timeout=10.0, clock=None if _REDIS_REAL_CLOCK else clock)
+        if first:  # the store under test cleans up after the test; peers only close
+            close = store.close
+
+            def close_and_forget() -> None:
+                try:
+                    close()
+                finally:
+                    redis_support.forget_prefix(_redis_uris.pop((kind, tmp_path), uri))
+            store.close = close_and_forget  # type: ignore[method-assign]
+        return store
+    return make
+
+
+def _redis_case(kind: str) -> StoreCase:
+    return StoreCase(make=_redis(kind, first=True), peer=_redis(kind, first=False), fake_clock=not _REDIS_REAL_CLOCK)
+
+
 STORE_CASES: dict[str, StoreCase] = {
     "memory": StoreCase(make=lambda tmp_path, clock: MemoryStore(clock=clock)),
     "sqlite": StoreCase(make=_sqlite, peer=_sqlite),
-    # "redis": StoreCase(make=..., peer=..., fake_clock=False, marks=(pytest.mark.redis,)),
+    "redis": _redis_case("redis"),
+    "redis-cluster": _redis_case("cluster"),
+    "redis-sentinel": _redis_case("sentinel"),
 }
 
 

@@ -1,0 +1,542 @@
+-- sa-middleware Redis store: admission and release.
+--
+-- sa.evaluate is sa_middleware/rules.py's `evaluate`, line for line: the same checks in the same order with the same
+-- codes, details and Retry-After values. The conformance suite keeps the two equal.
+
+local COMPROMISED = 'this context is related to a reported compromise; re-authenticate'
+
+local function deny(v, code, detail, retry)
+  v.code, v.detail, v.retry = code, detail, retry
+  return v
+end
+
+function sa.is_newer(m_at, m_gen, iat, gen)
+  if m_gen ~= nil and gen ~= nil then return gen > m_gen end
+  return iat ~= nil and iat > m_at
+end
+
+function sa.new_session(a, now, status)
+  local e = a.exp
+  if status ~= 'active' then e = math.max(a.exp, now + sa.RET) end
+  return {id = a.sid, s = a.sub, k = a.kind, st = status, c = now, l = now, e = e, cl = a.client, ua = a.ua,
+          dv = a.dev, cr = a.cred, ac = a.actor}
+end
+
+local function set_status(v, sid, sub, status)
+  if v.status[sid] == nil then v.status_order[#v.status_order + 1] = sid end
+  v.status[sid] = {sub = sub, st = status}
+end
+
+-- the state one admission is decided on. `facts` come from other slots (cluster) or are read here (one server).
+-- Returns nil when the session is unknown to the principal and the session index was not consulted yet.
+function sa.snapshot(a, now, since, facts)
+  local s = {now = now, since = since, markers = {}}
+  s.p = sa.principal(a.sub)
+  s.sessions = sa.records(sa.key('p', a.sub, ':ss'), now, true)
+  for _, x in ipairs(s.sessions) do
+    if x.id == a.sid then s.session = x end
+  end
+  s.tickets = sa.records(sa.key('p', a.sub, ':tk'), now, true)
+  if facts == nil then -- one server: read the other facts here
+    facts = {}
+    local keep_for = a.exp - now + sa.RET
+    if a.dev ~= nil then sa.fact({'dev', a.dev}, nil, keep_for, facts) end
+    if a.cred ~= nil then sa.fact({'cred', a.cred}, nil, keep_for, facts) end
+    if a.actor ~= nil then sa.fact({'actor', a.actor}, nil, keep_for, facts) end
+    if a.one_time and a.jti ~= nil then sa.fact({'jti', a.jti}, nil, keep_for, facts) end
+    if s.session == nil then
+      local h = redis.call('HMGET', sa.key('s', a.sid), 'o', 'st')
+      if h[1] then facts.idx = {o = h[1], st = h[2]} else facts.idx = false end
+    end
+  elseif s.session == nil and facts.idx == nil then
+    return nil
+  end
+  s.facts = facts
+  if (facts.since or 0) > s.since then s.since = facts.since end
+  -- a session id held by another principal (or revoked before it was ever seen) stands in for the session
+  if s.session == nil and facts.idx and facts.idx.o ~= a.sub then
+    s.session = {id = a.sid, s = facts.idx.o, st = facts.idx.st or 'active', l = 0, e = 0, c = 0}
+  end
+  if s.p.ma ~= nil then s.markers[#s.markers + 1] = {at = s.p.ma, gen = s.p.mg} end
+  if facts.actor_ma ~= nil then s.markers[#s.markers + 1] = {at = facts.actor_ma} end
+  if facts.cred_ma ~= nil then s.markers[#s.markers + 1] = {at = facts.cred_ma} end
+  if facts.dev_ma ~= nil then s.markers[#s.markers + 1] = {at = facts.dev_ma} end
+  s.dev_ok = facts.dev_ok
+  s.jti_seen = facts.jti == true
+  return s
+end
+
+function sa.evaluate(a, s, with_locks)
+  local now, p = s.now, s.p
+  local v = {status = {}, status_order = {}, grants = {}}
+
+  -- generation ratchet and not-before watermark (a detected state loss is a watermark too)
+  local gen = a.gen or 0
+  if gen < p.g then
+    return deny(v, 'stale_generation', 'the credential generation was superseded; obtain a new token')
+  end
+  if gen > p.g then v.gen = gen end
+  if p.nb ~= nil and (a.iat == nil or a.iat < p.nb) then
+    return deny(v, 'token_revoked', "tokens issued before the principal's revocation are refused")
+  end
+  if s.since > 0 and (a.iat == nil or a.iat < s.since) then
+    return deny(v, 'token_revoked', 'tokens issued before the authorisation store lost its state are refused')
+  end
+  if p.da ~= nil then return deny(v, 'token_revoked', "the principal's account is disabled") end
+
+  -- session status
+  local session = s.session
+  if session ~= nil and session.s ~= '' and session.s ~= a.sub then
+    return deny(v, 'invalid_token', 'the session id belongs to another principal')
+  end
+  if p.sb ~= nil and (a.iat == nil or a.iat <= p.sb) then
+    return deny(v, 'session_revoked', "the principal's sessions were revoked; sign in again")
+  end
+  if session ~= nil then
+    if session.st == 'revoked' then return deny(v, 'session_revoked', 'this session was revoked or evicted') end
+    if session.st == 'paused' then
+      return deny(v, 'session_paused', 'this session is paused until an operator resumes it')
+    end
+    if session.st == 'compromised' and not sa.is_newer(session.ma or now, session.mg, a.iat, a.gen) then
+      return deny(v, 'credential_compromised', COMPROMISED)
+    end
+  end
+
+  -- compromise markers (principal, actor, credential, device)
+  local cleared = nil
+  if session ~= nil then cleared = session.ca end
+  for _, m in ipairs(s.markers) do
+    if not (cleared ~= nil and m.at <= cleared) and not sa.is_newer(m.at, m.gen, a.iat, a.gen) then
+      return deny(v, 'credential_compromised', COMPROMISED)
+    end
+  end
+
+  -- reuse and replay
+  local client = a.client .. '|' .. a.ua
+  for _, t in ipairs(s.tickets) do
+    if t.th == a.th and t.cl ~= client then return deny(v, 'token_reuse', 'this token is in use by another client') end
+  end
+  if a.one_time and s.jti_seen then return deny(v, 'token_replayed', 'this one-time token was already used') end
+
+  -- scopes and step-up
+  if #a.scopes > 0 then
+    local granted = sa.set(a.tscopes)
+    if p.pv ~= nil and (a.iat == nil or p.pa == nil or a.iat < p.pa) then
+      local kept = {}
+      for x in pairs(granted) do if p.pv[x] then kept[x] = true end end
+      granted = kept
+    end
+    for _, x in ipairs(a.scopes) do
+      if not granted[x] then return deny(v, 'insufficient_scope', 'required scope missing or withdrawn') end
+    end
+  end
+  if a.max_auth_age ~= nil and (a.auth_time == nil or now - a.auth_time > a.max_auth_age) then
+    return deny(v, 'step_up_required', 'a more recent authentication is required')
+  end
+  local acr = a.acr
+  if p.aa ~= nil and (a.iat == nil or a.iat < p.aa) then
+    acr = p.as -- the assurance level reported since the token was issued replaces its acr
+  end
+  if #a.acr_values > 0 then
+    local met = false
+    for _, x in ipairs(a.acr_values) do if x == acr then met = true end end
+    if not met then return deny(v, 'step_up_required', 'a stronger authentication is required') end
+  end
+
+  -- device posture
+  if a.rcd then
+    if a.dev == nil then return deny(v, 'device_noncompliant', 'the token names no device') end
+    if s.dev_ok == false then return deny(v, 'device_noncompliant', 'the device is marked non-compliant') end
+  end
+
+  -- parallel sessions
+  local evict = {}
+  local is_active = session ~= nil and session.l + a.idle > now
+  if a.max_sessions ~= nil and not is_active then
+    local others = {}
+    for _, x in ipairs(s.sessions) do
+      if x.id ~= a.sid and x.st ~= 'revoked' and x.l + a.idle > now then others[#others + 1] = x end
+    end
+    table.sort(others, function(x, y)
+      if x.c ~= y.c then return x.c < y.c end
+      return x.id < y.id
+    end)
+    local excess = #others - a.max_sessions + 1
+    if excess > 0 then
+      if a.on_limit ~= 'evict_oldest' then
+        return deny(v, 'too_many_sessions', 'at most ' .. a.max_sessions .. ' active sessions are allowed')
+      end
+      for i = 1, excess do evict[#evict + 1] = others[i].id end
+    end
+  end
+
+  -- actions in flight
+  if a.max_in_flight ~= nil and #s.tickets >= a.max_in_flight then
+    return deny(v, 'too_many_in_flight', 'at most ' .. a.max_in_flight .. ' requests may be in flight', 1)
+  end
+  local tags, conflicts = sa.set(a.tags), sa.set(a.conflicts)
+  for _, t in ipairs(s.tickets) do
+    if a.exclusive or t.x then
+      return deny(v, 'conflicting_action', 'another action of this principal is in flight', 1)
+    end
+    if sa.intersects(t.tg, conflicts) or sa.intersects(t.cf, tags) then
+      return deny(v, 'conflicting_action', 'a conflicting action of this principal is in flight', 1)
+    end
+  end
+
+  -- risk
+  local risk = {}
+  for _, e in ipairs(p.risk) do if e[2] > now then risk[#risk + 1] = e end end
+  if a.max_risk ~= nil then
+    local level, last = 0, nil
+    for _, e in ipairs(risk) do
+      level = level + e[1]
+      if last == nil or e[2] > last then last = e[2] end
+    end
+    if level > a.max_risk then
+      return deny(v, 'risk_too_high', "a recent action raised this principal's risk", sa.seconds(last - now))
+    end
+  end
+
+  -- object locks (in a cluster they are decided by the lock step, on the locks' own slots)
+  if with_locks then
+    for _, req in ipairs(a.locks) do
+      local lock, mode = req[1], req[2]
+      local blocking = sa.blocking(s.holders[lock], mode, a.tid)
+      if #blocking > 0 then
+        local soonest = nil
+        for _, h in ipairs(blocking) do if soonest == nil or h.e < soonest then soonest = h.e end end
+        if a.on_conflict == 'pause' then
+          if a.kind ~= 'human' then
+            set_status(v, a.sid, a.sub, 'paused')
+            if session == nil then v.session = sa.new_session(a, now, 'paused') end
+            return deny(v, 'session_paused', lock .. ' is being modified by another principal; this session is ' ..
+                                             'paused until an operator resumes it')
+          end
+          for _, h in ipairs(blocking) do
+            if h.k ~= 'human' then set_status(v, h.sid, h.s, 'paused') end
+          end
+        end
+        return deny(v, 'object_locked', lock .. ' is locked by another request', sa.seconds(soonest - now))
+      end
+      v.grants[#v.grants + 1] = {lock, mode, s.fences[lock] + 1}
+    end
+  end
+
+  -- admitted
+  for _, sid in ipairs(evict) do set_status(v, sid, a.sub, 'revoked') end
+  if session == nil then
+    v.session = sa.new_session(a, now, 'active')
+    v.new_session = true
+  else
+    v.session = {id = session.id, s = session.s, k = a.kind, st = 'active', c = session.c, l = now,
+                 e = math.max(session.e, a.exp), cl = a.client, ua = a.ua, dv = a.dev, cr = a.cred, ac = a.actor,
+                 ca = session.ca, ix = session.ix}
+  end
+  if a.raises_risk ~= 0 then
+    risk[#risk + 1] = {a.raises_risk, now + a.risk_window, a.tid}
+    v.risk = risk
+  end
+  v.jti = a.one_time
+  local locks = {}
+  for _, req in ipairs(a.locks) do locks[#locks + 1] = req[1] end
+  v.ticket = {sid = a.sid, th = a.th, cl = client, tg = a.tags, cf = a.conflicts, x = a.exclusive,
+              e = now + a.lease, lk = locks}
+  return v
+end
+
+-- the principal-slot writes of a verdict. Returns the undo record (what a compensation restores) and, when the
+-- session index's lease must be extended, the seconds it must live from now.
+function sa.apply_principal(a, s, v, now, writer)
+  local pkey = sa.key('p', a.sub)
+  local undo = {ev = {}}
+  if v.gen ~= nil or v.risk ~= nil then
+    if v.gen ~= nil and v.gen > s.p.g then redis.call('HSET', pkey, 'g', sa.fmt(v.gen)) end
+    sa.touch_principal(a.sub)
+    if v.risk ~= nil then
+      redis.call('HSET', pkey, 'rk', sa.encode_risk(v.risk))
+      undo.r = true
+    end
+  end
+  local touch = nil
+  if v.session ~= nil then
+    local rec, skey = v.session, sa.key('p', a.sub, ':ss')
+    undo.s = (s.session ~= nil and s.session.raw) or false
+    if v.new_session or rec.ix == nil or rec.ix < rec.e + sa.RET / 2 then
+      rec.ix = rec.e + sa.RET
+      touch = rec.ix - now
+    end
+    rec.w = writer
+    redis.call('HSET', skey, rec.id, sa.enc(rec))
+    sa.keep(skey, rec.e - now)
+  end
+  for _, sid in ipairs(v.status_order) do
+    local st = v.status[sid]
+    if not (v.session ~= nil and sid == v.session.id) then
+      local prev = sa.update_status(st.sub, sid, st.st, now, writer)
+      if prev ~= nil and st.sub == a.sub then undo.ev[sid] = prev end
+    end
+  end
+  return undo, touch
+end
+
+-- the audit records of an admission (stores/sqlite.py `_admission_audit`): its denial (or, when asked, the
+-- admission) and the sessions it paused or evicted, judged by their status before the verdict was applied
+function sa.before(v)
+  local out = {}
+  for _, sid in ipairs(v.status_order) do
+    local raw = redis.call('HGET', sa.key('p', v.status[sid].sub, ':ss'), sid)
+    if raw then out[sid] = cjson.decode(raw).st end
+  end
+  return out
+end
+
+function sa.admitted_detail(a, fences)
+  local keys, parts = {}, {}
+  for key in pairs(fences) do keys[#keys + 1] = key end
+  table.sort(keys)
+  for _, key in ipairs(keys) do parts[#parts + 1] = key .. '#' .. fences[key] end
+  local detail = a.kind .. '; ticket ' .. a.tid
+  if #parts > 0 then detail = detail .. '; locks ' .. table.concat(parts, ' ') end
+  return detail
+end
+
+function sa.admission_audit(a, v, before, with_admitted)
+  local out = {}
+  if v.code ~= nil then
+    if a.audit_locked or v.code ~= 'object_locked' then
+      out[#out + 1] = {k = 'denial', c = v.code, s = 'middleware', u = a.sub, i = a.sid, r = a.route, d = v.detail}
+    end
+  elseif v.ticket ~= nil and a.audit_admitted and with_admitted then
+    local fences = {}
+    for _, g in ipairs(v.grants) do fences[g[1]] = sa.fmt(g[3]) end
+    out[#out + 1] = {k = 'admission', c = 'admitted', s = 'middleware', u = a.sub, i = a.sid, r = a.route,
+                     d = sa.admitted_detail(a, fences)}
+  end
+  for _, sid in ipairs(v.status_order) do
+    local st, was = v.status[sid], before[sid]
+    if st.st == 'paused' and (was == nil or was == 'active') then
+      local why
+      if sid == a.sid then why = 'paused by a lock conflict: ' .. v.detail
+      else why = 'paused by a lock conflict with session ' .. a.sid .. ' of ' .. a.sub .. ' on ' .. a.route end
+      out[#out + 1] = {k = 'change', c = 'session_paused', s = 'middleware', u = st.sub, i = sid, r = a.route, d = why}
+    elseif st.st == 'revoked' and was ~= nil and was ~= 'revoked' then
+      out[#out + 1] = {k = 'change', c = 'session_evicted', s = 'middleware', u = st.sub, i = sid, r = a.route,
+                       d = 'evicted by the new session ' .. a.sid .. ' (max_sessions=' .. a.max_sessions .. ')'}
+    end
+  end
+  return out
+end
+
+function sa.result(v)
+  if v.code ~= nil then return {d = v.code, m = v.detail, r = v.retry} end
+  local fences = {}
+  for _, g in ipairs(v.grants) do fences[g[1]] = sa.fmt(g[3]) end
+  return {ok = 1, e = sa.fmt(v.ticket.e), f = fences}
+end
+
+-- one server: the whole admission, one script, one round trip
+sa.ops.admit = function(a, now, since)
+  local s = sa.snapshot(a, now, since, nil)
+  s.holders, s.fences = {}, {}
+  for _, req in ipairs(a.locks) do
+    s.holders[req[1]] = sa.holders(req[1], now)
+    s.fences[req[1]] = sa.fence(req[1], s.since)
+  end
+  local v = sa.evaluate(a, s, true)
+  local before = {}
+  if #v.status_order > 0 then before = sa.before(v) end
+  local _, touch = sa.apply_principal(a, s, v, now, nil)
+  if v.session ~= nil then
+    local rec = v.session
+    local keep_for = rec.e - now + sa.RET
+    if touch ~= nil then
+      local ikey = sa.key('s', a.sid)
+      redis.call('HSET', ikey, 'o', a.sub)
+      redis.call('HDEL', ikey, 'st')
+      redis.call('PEXPIRE', ikey, math.ceil(touch * 1000) + sa.SLACK)
+    end
+    local out = {}
+    if rec.dv ~= nil then sa.fact({'dev', rec.dv}, a.sub, keep_for, out) end
+    if rec.cr ~= nil then sa.fact({'cred', rec.cr}, a.sub, keep_for, out) end
+    if rec.ac ~= nil then sa.fact({'actor', rec.ac}, a.sub, keep_for, out) end
+  end
+  if v.ticket ~= nil then
+    local tkey = sa.key('p', a.sub, ':tk')
+    redis.call('HSET', tkey, a.tid, sa.enc(v.ticket))
+    sa.keep(tkey, v.ticket.e - now)
+    for _, g in ipairs(v.grants) do sa.grant(g[1], g[2], g[3], a, v.ticket.e, now) end
+    if v.jti and a.jti ~= nil then
+      local ms = math.ceil((a.exp - now) * 1000)
+      if ms > 0 then redis.call('SET', sa.key('j', a.jti), a.tid, 'PX', ms) end
+    end
+  end
+  sa.audit(sa.admission_audit(a, v, before, true), now)
+  return sa.result(v)
+end
+
+-- cluster, step 1 (the principal's slot): every check but the locks; on success the ticket is written, pending
+-- its locks. Returns {need = 'index'} when the session is new to the principal and the index was not claimed yet.
+sa.ops.principal = function(p, now, since)
+  local a = p.a
+  local s = sa.snapshot(a, now, since, p.f)
+  if s == nil then return {need = 'index'} end
+  local v = sa.evaluate(a, s, false)
+  local before = {}
+  if #v.status_order > 0 then before = sa.before(v) end
+  local undo, touch = sa.apply_principal(a, s, v, now, a.tid)
+  if v.ticket ~= nil then
+    v.ticket.u = undo
+    local tkey = sa.key('p', a.sub, ':tk')
+    redis.call('HSET', tkey, a.tid, sa.enc(v.ticket))
+    sa.keep(tkey, v.ticket.e - now)
+  end
+  local r = sa.result(v)
+  if touch ~= nil and not (v.new_session and p.f.idx) then r.touch = sa.fmt(touch) end
+  if v.code ~= nil then
+    sa.audit(sa.admission_audit(a, v, before, false), now)
+  else -- written by the store once the later steps succeed (a compensation would make them untrue)
+    r.au = sa.admission_audit(a, v, before, false)
+  end
+  return r
+end
+
+-- cluster: the facts of other slots (device, credential, actor, jti), read on their own slot
+sa.ops.facts = function(p, now, since)
+  local out = {since = since}
+  for _, item in ipairs(p.items) do sa.fact(item, p.sub, p.exp - now + sa.RET, out) end
+  return out
+end
+
+-- cluster: claim a session id for a principal in the session index (or extend the claim)
+sa.ops.claim = function(p, now, since)
+  local key = sa.key('s', p.sid)
+  local h = redis.call('HMGET', key, 'o', 'st')
+  if not h[1] then
+    redis.call('HSET', key, 'o', p.sub)
+    h[1] = p.sub
+  end
+  if h[1] == p.sub then sa.keep(key, p.ttl and tonumber(p.ttl) or (p.exp - now + sa.RET)) end
+  return {since = since, idx = {o = h[1], st = h[2] or nil}}
+end
+
+-- cluster: claim a one-time token's jti
+sa.ops.jti = function(p, now, since)
+  local ms = math.ceil((p.exp - now) * 1000)
+  if ms <= 0 then return {ok = 1} end
+  if redis.call('SET', sa.key('j', p.jti), p.tid, 'PX', ms, 'NX') then return {ok = 1} end
+  return {ok = 0}
+end
+
+-- cluster, step 2 (one lock slot): all the locks of this slot, or none
+sa.ops.lock = function(p, now, since)
+  local fences, expires = {}, now + p.lease
+  local checked = {}
+  for _, req in ipairs(p.locks) do
+    local lock, mode = req[1], req[2]
+    local blocking = sa.blocking(sa.holders(lock, now), mode, p.tid)
+    if #blocking > 0 then
+      local soonest, who = nil, {}
+      for _, h in ipairs(blocking) do
+        if soonest == nil or h.e < soonest then soonest = h.e end
+        who[#who + 1] = {h.s, h.sid, h.k}
+      end
+      return {ok = 0, key = lock, r = sa.seconds(soonest - now), h = who}
+    end
+    checked[#checked + 1] = {lock, mode, sa.fence(lock, since) + 1}
+  end
+  for _, g in ipairs(checked) do
+    sa.grant(g[1], g[2], g[3], p, expires, now)
+    fences[g[1]] = sa.fmt(g[3])
+  end
+  return {ok = 1, f = fences}
+end
+
+-- cluster: compensate step 1 when a later step refused: remove the ticket and restore what it changed (unless a
+-- later admission changed it since); optionally pause the requesting session (on_lock_conflict="pause")
+sa.ops.undo = function(p, now, since)
+  local a = p.a
+  local tkey, skey = sa.key('p', a.sub, ':tk'), sa.key('p', a.sub, ':ss')
+  local raw = redis.call('HGET', tkey, a.tid)
+  if raw then
+    redis.call('HDEL', tkey, a.tid)
+    local u = cjson.decode(raw).u or {}
+    local cur = redis.call('HGET', skey, a.sid)
+    if cur and cjson.decode(cur).w == a.tid then
+      if u.s then redis.call('HSET', skey, a.sid, u.s) else redis.call('HDEL', skey, a.sid) end
+    end
+    for sid, prev in pairs(u.ev or {}) do
+      local c = redis.call('HGET', skey, sid)
+      if c and cjson.decode(c).w == a.tid then redis.call('HSET', skey, sid, prev) end
+    end
+    if u.r then
+      local pkey = sa.key('p', a.sub)
+      local rk = redis.call('HGET', pkey, 'rk')
+      if rk then
+        local kept = {}
+        for _, e in ipairs(cjson.decode(rk)) do if e[3] ~= a.tid then kept[#kept + 1] = e end end
+        redis.call('HSET', pkey, 'rk', cjson.encode(kept))
+      end
+    end
+  end
+  local records = p.audit or {}
+  if p.pause then
+    local raw = redis.call('HGET', skey, a.sid)
+    local was = nil
+    if raw then was = cjson.decode(raw).st end
+    if not sa.update_status(a.sub, a.sid, 'paused', now) and not raw then
+      local rec = sa.new_session(a, now, 'paused')
+      redis.call('HSET', skey, a.sid, sa.enc(rec))
+      sa.keep(skey, rec.e - now)
+    end
+    if was == nil or was == 'active' then
+      records[#records + 1] = {k = 'change', c = 'session_paused', s = 'middleware', u = a.sub, i = a.sid,
+                               r = a.route, d = 'paused by a lock conflict: ' .. p.detail}
+    end
+  end
+  sa.audit(records, now)
+  return {ok = 1}
+end
+
+-- append audit records (in this call's slot)
+sa.ops.record = function(p, now, since)
+  sa.audit(p.records, now)
+  return {ok = 1}
+end
+
+-- release: drop a ticket from its principal's tickets and from the holders of its locks (the hashes named in the
+-- payload, all in this call's slot), and a claimed jti if it is still this ticket's
+sa.ops.release = function(p, now, since)
+  for _, sub in ipairs(p.subs or {}) do redis.call('HDEL', sa.key('p', sub, ':tk'), p.tid) end
+  for _, lock in ipairs(p.locks or {}) do redis.call('HDEL', sa.key('l', lock), p.tid) end
+  if p.jti ~= nil then
+    local jkey = sa.key('j', p.jti)
+    if redis.call('GET', jkey) == p.tid then redis.call('DEL', jkey) end
+  end
+  return {ok = 1}
+end
+
+-- renew: extend live records (tickets and lock holders) by `lease` from now; expired ones stay expired
+sa.ops.renew = function(p, now, since)
+  local expires = now + p.lease
+  for _, item in ipairs(p.items) do
+    local key
+    if item[1] == 'p' then key = sa.key('p', item[2], ':tk') else key = sa.key('l', item[2]) end
+    local tids = item[3]
+    local values = redis.call('HMGET', key, unpack(tids))
+    local renewed = false
+    for i, raw in ipairs(tids) do
+      local value = values[i]
+      if value then
+        local r = sa.dec(value)
+        if r.e > now then
+          r.e = expires
+          redis.call('HSET', key, raw, sa.enc(r))
+          renewed = true
+        end
+      end
+    end
+    if renewed then sa.keep(key, p.lease) end
+  end
+  return {ok = 1}
+end

@@ -1,0 +1,252 @@
+-- sa-middleware Redis store: shared helpers.
+--
+-- The store runs ONE script (lib.lua, admission.lua, operations.lua and main.lua concatenated, in that order) and
+-- picks the operation with ARGV[1]. ARGV[2] is a clock override for tests ('' = the server's TIME), ARGV[3] the key
+-- prefix, ARGV[4] the operation's payload (JSON). KEYS[1] is the epoch marker of the slot the call runs in; the other
+-- KEYS only route the call (in a cluster every key a call touches lives in KEYS[1]'s slot).
+--
+-- Times are seconds (floats) of the server's clock. Records are JSON; numbers inside them are written as strings
+-- with 17 significant digits, because cjson keeps only 14 and a watermark must compare exactly.
+
+local sa = {ops = {}}
+local RET = 86400.0 -- rules.STATUS_RETENTION: a status outlives the token it was set on by a day
+sa.RET = RET
+local PREFIX = ARGV[3]
+local CLOCK = ARGV[2]
+
+function sa.fmt(x)
+  if x == nil then return nil end
+  return string.format('%.17g', x)
+end
+
+-- the audit trail: a stream in the slot of KEYS[1] (next to its epoch marker); ARGV[5] = [max records, retention]
+local AUDIT_KEY = (string.gsub(KEYS[1], 'epoch$', 'audit'))
+local AUDIT_LIMITS = cjson.decode(ARGV[5] or '[100000, 604800]')
+
+function sa.audit(records, now)
+  if #records == 0 then return end
+  -- `w`: when the record arrived (the server's microseconds), which orders the streams of a cluster's slots
+  local t = redis.call('TIME')
+  local arrival = t[1] .. string.format('%06d', tonumber(t[2]))
+  for _, r in ipairs(records) do
+    local fields = {'t', sa.fmt(r.t or now), 'w', arrival, 'k', r.k, 'c', r.c, 's', r.s}
+    if r.u ~= nil then fields[#fields + 1] = 'u'; fields[#fields + 1] = r.u end
+    if r.i ~= nil then fields[#fields + 1] = 'i'; fields[#fields + 1] = r.i end
+    if r.r ~= nil then fields[#fields + 1] = 'r'; fields[#fields + 1] = r.r end
+    fields[#fields + 1] = 'd'
+    fields[#fields + 1] = string.sub(r.d or '', 1, 512)
+    redis.call('XADD', AUDIT_KEY, 'MAXLEN', '~', AUDIT_LIMITS[1], '*', unpack(fields))
+  end
+  -- the stream's ids are the server's milliseconds: drop what is past the retention
+  local cutoff = tonumber(t[1]) * 1000 - math.floor(AUDIT_LIMITS[2] * 1000)
+  if cutoff > 0 then redis.call('XTRIM', AUDIT_KEY, 'MINID', '~', cutoff) end
+end
+
+function sa.clock()
+  if CLOCK ~= nil and CLOCK ~= '' then return tonumber(CLOCK) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- key names: PREFIX:{kind:id}suffix, with '%', '{' and '}' escaped so the hash tag is always the whole id
+local ESC = {['%'] = '%25', ['{'] = '%7B', ['}'] = '%7D'}
+function sa.key(kind, id, suffix)
+  return PREFIX .. ':{' .. kind .. ':' .. string.gsub(id, '[%%{}]', ESC) .. '}' .. (suffix or '')
+end
+
+-- the epoch marker: present since the store was first used (value: the time of a detected state loss, 0 for a
+-- store bootstrapped as new). A missing marker means the state was lost: record the loss time and recreate it.
+function sa.epoch(now)
+  local v = redis.call('GET', KEYS[1])
+  if v then return tonumber(v), false end
+  redis.call('SET', KEYS[1], sa.fmt(now))
+  return now, true
+end
+
+-- make a key live at least `seconds` more (never shortens a TTL; keys without one get one). Records carry their own
+-- expiry; a key outlives its records by a second (by a minute under a test clock, which real time does not move)
+local SLACK = 1000
+if CLOCK ~= nil and CLOCK ~= '' then SLACK = 60000 end
+sa.SLACK = SLACK
+function sa.keep(key, seconds)
+  local ms = math.ceil(seconds * 1000) + SLACK
+  local ttl = redis.call('PTTL', key)
+  if ttl == -2 then return end
+  if ttl == -1 or ttl < ms then redis.call('PEXPIRE', key, ms) end
+end
+
+function sa.hdel(key, fields)
+  for i = 1, #fields, 500 do
+    redis.call('HDEL', key, unpack(fields, i, math.min(i + 499, #fields)))
+  end
+end
+
+local NUMS = {c = true, l = true, e = true, ma = true, mg = true, ca = true, ix = true, f = true}
+
+function sa.dec(raw)
+  local r = cjson.decode(raw)
+  for k in pairs(NUMS) do
+    local v = r[k]
+    if v ~= nil then r[k] = tonumber(v) end
+  end
+  return r
+end
+
+function sa.enc(r)
+  local o = {}
+  for k, v in pairs(r) do
+    if k ~= 'id' and k ~= 'raw' then
+      if NUMS[k] then o[k] = sa.fmt(v) else o[k] = v end
+    end
+  end
+  return cjson.encode(o)
+end
+
+-- live records of a hash (field = id, value = JSON with an expiry `e`); dead ones are deleted when `prune`
+function sa.records(key, now, prune)
+  local h = redis.call('HGETALL', key)
+  local live, dead = {}, {}
+  for i = 1, #h, 2 do
+    local r = sa.dec(h[i + 1])
+    r.id, r.raw = h[i], h[i + 1]
+    if r.e > now then live[#live + 1] = r else dead[#dead + 1] = h[i] end
+  end
+  if prune and #dead > 0 then sa.hdel(key, dead) end
+  return live
+end
+
+function sa.set(list)
+  local s = {}
+  if list then for _, x in ipairs(list) do s[x] = true end end
+  return s
+end
+
+function sa.intersects(list, set)
+  if list then for _, x in ipairs(list) do if set[x] then return true end end end
+  return false
+end
+
+-- a principal's state: generation, not-before watermark, risk, privileges, compromise marker, and what security
+-- events set: sessions revoked before a time, disabled, assurance level
+function sa.principal(sub)
+  local h = redis.call('HGETALL', sa.key('p', sub))
+  local p = {g = 0, risk = {}, exists = #h > 0}
+  for i = 1, #h, 2 do
+    local f, v = h[i], h[i + 1]
+    if f == 'g' then p.g = tonumber(v)
+    elseif f == 'nb' then p.nb = tonumber(v)
+    elseif f == 'pa' then p.pa = tonumber(v)
+    elseif f == 'ma' then p.ma = tonumber(v)
+    elseif f == 'mg' then p.mg = tonumber(v)
+    elseif f == 'sb' then p.sb = tonumber(v)
+    elseif f == 'da' then p.da = tonumber(v)
+    elseif f == 'as' then p.as = v
+    elseif f == 'aa' then p.aa = tonumber(v)
+    elseif f == 'pv' then p.pv = sa.set(cjson.decode(v))
+    elseif f == 'rk' then
+      for _, e in ipairs(cjson.decode(v)) do p.risk[#p.risk + 1] = {tonumber(e[1]), tonumber(e[2]), e[3]} end
+    end
+  end
+  return p
+end
+
+function sa.encode_risk(risk)
+  local out = {}
+  for _, e in ipairs(risk) do out[#out + 1] = {sa.fmt(e[1]), sa.fmt(e[2]), e[3]} end
+  return cjson.encode(out)
+end
+
+-- the principal row exists from its first write on (SQLite: INSERT ... generation 0)
+function sa.touch_principal(sub)
+  redis.call('HSETNX', sa.key('p', sub), 'g', '0')
+end
+
+-- statuses a session may move from (sqlite._FROM_STATES)
+sa.FROM = {
+  paused = {active = true, paused = true},
+  revoked = {active = true, paused = true, compromised = true, revoked = true},
+  compromised = {active = true, paused = true, compromised = true},
+  active = {active = true},
+}
+
+-- set a session's status if its current status allows it; returns the previous record (raw JSON) when changed
+function sa.update_status(sub, sid, status, now, writer)
+  local key = sa.key('p', sub, ':ss')
+  local raw = redis.call('HGET', key, sid)
+  if not raw then return nil end
+  local r = sa.dec(raw)
+  if not sa.FROM[status][r.st] then return nil end
+  r.st = status
+  r.e = math.max(r.e, now + RET)
+  if writer ~= nil then r.w = writer end
+  redis.call('HSET', key, sid, sa.enc(r))
+  sa.keep(key, r.e - now)
+  return raw
+end
+
+-- lock holders (live) and the fencing counter of one lock key; after a state loss the counter starts above every
+-- fencing token issued before it (the loss time in microseconds; 0 for a bootstrapped store)
+function sa.holders(lock, now)
+  return sa.records(sa.key('l', lock), now, true)
+end
+
+function sa.fence(lock, since)
+  local f = tonumber(redis.call('GET', sa.key('l', lock, ':f')) or '0')
+  return math.max(f, math.floor(since * 1000000)) -- a restored (older) counter also resumes above the loss
+end
+
+function sa.blocking(holders, mode, tid)
+  local out = {}
+  for _, h in ipairs(holders) do
+    if h.id ~= tid and (mode == 'exclusive' or h.m == 'exclusive') then out[#out + 1] = h end
+  end
+  return out
+end
+
+function sa.grant(lock, mode, fence, who, expires, now)
+  local hk = sa.key('l', lock)
+  redis.call('SET', sa.key('l', lock, ':f'), sa.fmt(fence))
+  redis.call('HSET', hk, who.tid, sa.enc({key = lock, m = mode, s = who.sub, sid = who.sid, k = who.kind, f = fence,
+                                          e = expires}))
+  sa.keep(hk, expires - now)
+end
+
+function sa.seconds(x)
+  return math.max(1, math.ceil(x))
+end
+
+-- facts that live outside the principal's slot: a device, a credential, an actor, a one-time jti. In a cluster the
+-- store reads them with the `facts` operation on their own slot before the principal step; on one server the
+-- admission script reads them itself. Devices, credentials and actors also index the principals that use them,
+-- so a compromise can find every related context.
+function sa.fact(item, sub, keep_for, out)
+  local t, id = item[1], item[2]
+  if t == 'dev' then
+    local key = sa.key('d', id)
+    local v = redis.call('HMGET', key, 'ok', 'ma')
+    if v[1] then out.dev_ok = (v[1] == '1') end
+    if v[2] then out.dev_ma = tonumber(v[2]) end
+    if sub ~= nil then
+      redis.call('SADD', key .. ':ix', sub)
+      sa.keep(key .. ':ix', keep_for)
+    end
+  elseif t == 'cred' then
+    local key = sa.key('c', id)
+    local v = redis.call('HGET', key, 'ma')
+    if v then out.cred_ma = tonumber(v) end
+    if sub ~= nil then
+      redis.call('SADD', key .. ':ix', sub)
+      sa.keep(key .. ':ix', keep_for)
+    end
+  elseif t == 'actor' then
+    local v = redis.call('HGET', sa.key('p', id), 'ma')
+    if v then out.actor_ma = tonumber(v) end
+    if sub ~= nil then
+      local ax = sa.key('p', id, ':ax')
+      redis.call('SADD', ax, sub)
+      sa.keep(ax, keep_for)
+    end
+  elseif t == 'jti' then
+    out.jti = redis.call('EXISTS', sa.key('j', id)) == 1
+  end
+end

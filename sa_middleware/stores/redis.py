@@ -1,0 +1,1160 @@
+"""The Redis store: every worker on every host shares contexts, tickets and locks (see README "Redis store").
+
+URIs (options in the query string or as keyword arguments of :func:`~sa_middleware.stores.open_store`)::
+
+    redis://[user:password@]host[:port][/db]           rediss://...  (TLS)
+    redis+unix:///path/to/redis.sock[?db=0]
+    redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]
+    redis+cluster://[user:password@]host:port[,host:port...]
+
+Store options: ``prefix`` (key prefix, default ``sa``), ``timeout`` (seconds a call may take, default 0.25; also the
+connect timeout unless ``connect_timeout`` is given), ``max_connections`` (pool size per process and server,
+default 128), ``bootstrap`` (see below). Every other keyword argument goes to the redis-py client (``ssl_ca_certs``,
+``health_check_interval``, ``client_name``, ``sentinel_kwargs``...).
+
+How it works: the rules run in ONE Lua script (package data ``stores/lua/*.lua``), called with EVALSHA and loaded
+again after a NOSCRIPT. On one server (or behind Sentinel) an admission is one script call and a release another;
+every expiry uses the server's clock (``TIME``). In a cluster a principal's keys share a hash tag and each object
+lock has its own slot: an admission is a principal step followed by lock steps, compensated when a lock is refused.
+
+Every call first checks an epoch marker; a missing marker means Redis lost its state (flushed, or restarted
+without persistence): the store then refuses every token issued before the loss. A brand-new store looks the same,
+so tokens issued before its first use are refused once, unless the store is bootstrapped: :meth:`RedisStore.
+bootstrap` (or ``bootstrap=true``) marks an empty store as new, before first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal, TypeVar, cast
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
+
+try:
+    import redis
+    import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.asyncio.retry
+    import redis.asyncio.sentinel
+    import redis.cluster
+    import redis.sentinel
+    from redis.backoff import NoBackoff
+    from redis.crc import key_slot
+    from redis.exceptions import NoScriptError
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("the Redis store needs the redis extra: pip install 'sa-middleware[redis]'") from exc
+
+from ..denials import Denial
+from ..errors import ConfigurationError, StoreError, StoreUnavailable
+from ..records import Admission, AuditKind, AuditRecord, LockInfo, SessionInfo, Ticket
+from ..rules import _merge_locks
+from .base import Store
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger("sa_middleware")
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 0.25
+DEFAULT_MAX_CONNECTIONS = 128
+_SCRIPT_FILES = ("lib.lua", "admission.lua", "operations.lua", "main.lua")
+#: one call per cluster master, on the epoch markers of all its slots (KEYS[1] routes; the markers are ARGV)
+_CLUSTER_SCRIPTS = ("cluster_bootstrap.lua", "cluster_declare_loss.lua")
+_SLOTS = 16384
+_STORE_OPTIONS = ("prefix", "timeout", "connect_timeout", "max_connections", "bootstrap")
+#: what redis-py raises (RedisClusterException is not a RedisError: "cannot be connected" at start-up, ...)
+_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
+_UNAVAILABLE = (redis.exceptions.RedisClusterException, redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
+                redis.exceptions.MasterDownError, redis.exceptions.ReadOnlyError, redis.exceptions.BusyLoadingError,
+                redis.exceptions.SlotNotCoveredError, redis.exceptions.ClusterError,
+                redis.exceptions.MaxConnectionsError)
+
+
+def _lua(name: str) -> str:
+    return (resources.files("sa_middleware.stores") / "lua").joinpath(name).read_text("utf-8")
+
+
+def _script() -> str:
+    """The store's script: the files of :data:`_SCRIPT_FILES`, in order."""
+    return "\n".join(_lua(name) for name in _SCRIPT_FILES)
+
+
+def _esc(value: str) -> str:
+    """Escape an id for a hash tag (the Lua side does the same): the tag is then always the whole id."""
+    return value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+_slot_tags: list[str] = []
+_slot_tags_lock = threading.Lock()
+
+
+def _slot_tag(slot: int) -> str:
+    """A short string that hashes to ``slot``: the hash tag of that slot's epoch marker in a cluster."""
+    with _slot_tags_lock:
+        if not _slot_tags:  # about 150,000 CRC16s, once per process (0.3 s)
+            tags: list[str | None] = [None] * _SLOTS
+            missing, i = _SLOTS, 0
+            while missing:
+                s = binascii.crc_hqx(b"e%d" % i, 0) & (_SLOTS - 1)  # the cluster's key slot of "e<i>"
+                if tags[s] is None:
+                    tags[s] = f"e{i}"
+                    missing -= 1
+                i += 1
+            _slot_tags.extend(t for t in tags if t is not None)
+    return _slot_tags[slot]
+
+
+def _seq(value: Any) -> list[Any]:
+    """A JSON list from Lua (cjson writes an empty table as ``{}``)."""
+    return list(value) if isinstance(value, list) else []
+
+
+def _map(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Any) -> int:
+    return int(float(value))
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One script call: operation ``op`` on the slot of ``route`` (a key of that slot)."""
+
+    op: str
+    route: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """Every key matching ``pattern`` (all primaries of a cluster)."""
+
+    pattern: str
+
+
+@dataclass(frozen=True, slots=True)
+class _XRange:
+    """Entries of the stream ``key``, newest first, from ``start`` (``+`` or ``(id``), at most ``count``."""
+
+    key: str
+    start: str
+    count: int
+
+
+_Step = _Call | _Scan | _XRange
+_Flow = Generator[_Step, Any, T]
+
+
+class _AsyncClient:
+    """A ``redis.asyncio`` client of one event loop, and whether it is initialised."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.lock = asyncio.Lock()
+        self.ready = False
+
+
+@dataclass(slots=True)
+class _Issued:
+    """A ticket this store admitted and has not released: where its records live."""
+
+    sub: str
+    locks: tuple[str, ...]
+    deadline: float  # monotonic; after it the ticket has expired anyway
+
+
+def _unavailable(exc: Exception) -> StoreError:
+    if isinstance(exc, _UNAVAILABLE):
+        return StoreUnavailable(f"redis store unavailable: {type(exc).__name__}: {exc}")
+    return StoreError(f"redis store error: {type(exc).__name__}: {exc}")
+
+
+def _denial_record(a: Admission, code: str, detail: str) -> dict[str, Any]:
+    return {"k": "denial", "c": code, "s": "middleware", "u": a.sub, "i": a.session_id, "r": a.route, "d": detail}
+
+
+def _audit_fields(record: AuditRecord) -> dict[str, Any]:
+    fields: dict[str, Any] = {"k": record.kind, "c": record.code, "s": record.source, "d": record.detail}
+    for name, value in (("t", record.time), ("u", record.sub), ("i", record.session_id), ("r", record.route)):
+        if value is not None:
+            fields[name] = value
+    return fields
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where the server is: one URL (standalone), Sentinels and a service, or cluster nodes."""
+
+    mode: Literal["standalone", "sentinel", "cluster"]
+    url: str = ""
+    nodes: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def _parse_nodes(netloc: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    nodes = []
+    for part in (p.strip() for p in netloc.split(",")):
+        if not part:
+            continue
+        if part.startswith("["):  # [IPv6]:port
+            host, _, rest = part[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port = part.partition(":")
+        try:
+            number = int(port) if port else default_port
+        except ValueError:
+            raise ConfigurationError(f"bad port in redis URI: {part!r}") from None
+        if not host or not 0 < number < 65536:
+            raise ConfigurationError(f"bad host:port in redis URI: {part!r}")
+        nodes.append((host, number))
+    if not nodes:
+        raise ConfigurationError("the redis URI names no host:port")
+    return tuple(nodes)
+
+
+def _parse_uri(uri: str, options: dict[str, Any]) -> _Target:
+    """Split a store URI into a target; store options in the query string go to ``options`` (keywords win)."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    query = parse_qs(parts.query, keep_blank_values=True)
+    for name in _STORE_OPTIONS:
+        if name in query:
+            options.setdefault(name, query.pop(name)[-1])
+    rest = urlencode([(k, v) for k, values in query.items() for v in values])
+    if scheme in ("redis", "rediss"):
+        return _Target("standalone", urlunsplit((scheme, parts.netloc, parts.path, rest, "")))
+    if scheme == "redis+unix":
+        if not parts.path:
+            raise ConfigurationError("redis+unix URIs need a socket path: redis+unix:///run/redis.sock")
+        auth = parts.netloc.rpartition("@")[0]  # only credentials: a socket has no host
+        return _Target("standalone", f"unix://{auth + '@' if auth else ''}{parts.path}" + (f"?{rest}" if rest else ""))
+    if rest:
+        raise ConfigurationError(f"unknown options in {scheme} URI: {', '.join(sorted(query))} "
+                                 f"(store options: {', '.join(_STORE_OPTIONS)}; pass client options as keywords)")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, _, secret = userinfo.partition(":")
+        username, password = unquote(user) or None, unquote(secret) or None
+    if scheme == "redis+sentinel":
+        path = [p for p in parts.path.split("/") if p]
+        if not path or len(path) > 2:
+            raise ConfigurationError("redis+sentinel URIs name the service: redis+sentinel://host:26379/mymaster[/db]")
+        try:
+            db = int(path[1]) if len(path) == 2 else 0
+        except ValueError:
+            raise ConfigurationError("the database of a redis+sentinel URI must be a number") from None
+        return _Target("sentinel", nodes=_parse_nodes(hosts, 26379), service=unquote(path[0]), db=db,
+                       username=username, password=password)
+    if scheme == "redis+cluster":
+        if parts.path not in ("", "/"):
+            raise ConfigurationError("redis+cluster URIs have no database or path: redis+cluster://host:port,...")
+        return _Target("cluster", nodes=_parse_nodes(hosts, 6379), username=username, password=password)
+    raise ConfigurationError(f"not a redis URI: {scheme}://")
+
+
+def _number(value: Any, name: str, *, minimum: float = 0.0) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"redis {name} must be a number of seconds") from None
+    if isinstance(value, bool) or not math.isfinite(number) or number <= minimum:
+        raise ConfigurationError(f"redis {name} must be a positive, finite number of seconds")
+    return number
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigurationError(f"redis {name} must be true or false")
+
+
+class RedisStore(Store):
+    """Store on Redis: one server, a Sentinel-managed master, or a Redis Cluster. Open it with
+    :func:`~sa_middleware.stores.open_store` (``redis://``, ``rediss://``, ``redis+unix://``, ``redis+sentinel://``,
+    ``redis+cluster://``) or :meth:`from_uri`.
+
+    ``clock`` is for tests only: when given, the scripts use ``clock()`` instead of the server's ``TIME``.
+    """
+
+    def __init__(self, target: _Target, *, prefix: str = "sa", timeout: float = DEFAULT_TIMEOUT,
+                 connect_timeout: float | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 bootstrap: bool = False, clock: Callable[[], float] | None = None, **client_options: Any) -> None:
+        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "{}") or len(prefix) > 64:
+            raise ConfigurationError("redis prefix must be a non-empty string of at most 64 characters without braces")
+        self.timeout = _number(timeout, "timeout")
+        self.connect_timeout = self.timeout if connect_timeout is None else _number(connect_timeout,
+                                                                                    "connect_timeout")
+        try:
+            pool_size = int(max_connections)
+        except (TypeError, ValueError):
+            raise ConfigurationError("redis max_connections must be a positive integer") from None
+        if isinstance(max_connections, bool) or pool_size < 1 or pool_size != float(max_connections):
+            raise ConfigurationError("redis max_connections must be a positive integer")
+        if clock is not None and not callable(clock):
+            raise ConfigurationError("clock must be a callable returning seconds")
+        for name in ("retry", "socket_timeout", "socket_connect_timeout", "connection_pool"):
+            if name in client_options:
+                raise ConfigurationError(f"redis option {name!r} is set by the store: use timeout / "
+                                         "connect_timeout / max_connections")
+        self.target = target
+        self.prefix = prefix
+        self.max_connections = pool_size
+        self.cluster = target.mode == "cluster"
+        self._clock = clock
+        self._client_options = client_options
+        self._script = _script()
+        self._sha = hashlib.sha1(self._script.encode()).hexdigest()
+        self._issued: dict[str, _Issued] = {}
+        self._issued_lock = threading.Lock()
+        self._sync_client: Any = None
+        self._sync_lock = threading.Lock()
+        # cluster and Sentinel pools refuse at once when full: calls wait for a free connection here instead (up to
+        # `timeout`, like the blocking pool of a single server)
+        self._bounded = target.mode != "standalone"
+        self._sync_slots = threading.BoundedSemaphore(pool_size)
+        self._async_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = \
+            weakref.WeakKeyDictionary()
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncClient] = \
+            weakref.WeakKeyDictionary()
+        self._async_lock = threading.Lock()
+        try:
+            self._sync_client = self._make_sync_client()
+            if target.mode == "standalone":  # connections open lazily: check their options now
+                pool = self._sync_client.connection_pool
+                pool.connection_class(**pool.connection_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"bad redis client option: {exc}") from exc
+        except _ERRORS as exc:  # a cluster client connects at once: down now, it is made again at first use
+            log.warning("sa-middleware: redis store unreachable at start-up: %s", exc)
+        if _flag(bootstrap, "bootstrap"):
+            self.bootstrap()
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> RedisStore:
+        target = _parse_uri(uri, options)
+        for name in ("timeout", "connect_timeout"):
+            if isinstance(options.get(name), str):
+                options[name] = _number(options[name], name)
+        if isinstance(options.get("max_connections"), str):
+            try:
+                options["max_connections"] = int(options["max_connections"])
+            except ValueError:
+                raise ConfigurationError("redis max_connections must be a positive integer") from None
+        return cls(target, **options)
+
+    # -- clients -----------------------------------------------------------------------------------------------
+
+    def _common(self) -> dict[str, Any]:
+        return {"socket_timeout": self.timeout, "socket_connect_timeout": self.connect_timeout,
+                **self._client_options}
+
+    def _make_sync_client(self) -> Any:
+        return self._make_client(redis.Redis, redis.BlockingConnectionPool, redis.sentinel.Sentinel,
+                                 redis.cluster.RedisCluster, redis.cluster.ClusterNode, Retry(NoBackoff(), 0))
+
+    def _make_async_client(self) -> Any:
+        return self._make_client(redis.asyncio.Redis, redis.asyncio.BlockingConnectionPool,
+                                 redis.asyncio.sentinel.Sentinel, redis.asyncio.cluster.RedisCluster,
+                                 redis.asyncio.cluster.ClusterNode, redis.asyncio.retry.Retry(NoBackoff(), 0))
+
+    def _make_client(self, client: Any, pool: Any, sentinel: Any, cluster: Any, node: Any, no_retry: Any) -> Any:
+        """A redis-py client (sync or ``redis.asyncio``: the classes are passed in) that never retries on its own:
+        a failing call is the store's StoreUnavailable at once, and the next call reconnects."""
+        t, common = self.target, self._common()
+        if t.mode == "standalone":
+            return client(connection_pool=pool.from_url(t.url, max_connections=self.max_connections,
+                                                        timeout=self.timeout, retry=no_retry, **common))
+        if t.mode == "sentinel":
+            sentinel_kwargs = {"socket_timeout": self.timeout, "socket_connect_timeout": self.connect_timeout,
+                               **common.pop("sentinel_kwargs", {})}
+            return sentinel(list(t.nodes), sentinel_kwargs=sentinel_kwargs).master_for(
+                t.service, db=t.db, username=t.username, password=t.password, max_connections=self.max_connections,
+                retry=no_retry, **common)
+        return cluster(startup_nodes=[node(h, p) for h, p in t.nodes], username=t.username, password=t.password,
+                       max_connections=self.max_connections, retry=no_retry, **common)
+
+    async def _async_client(self) -> Any:
+        """This event loop's ``redis.asyncio`` client (its connections belong to the loop that opened them)."""
+        loop = asyncio.get_running_loop()
+        with self._async_lock:
+            entry = self._async_clients.get(loop)
+            if entry is None:
+                entry = self._async_clients[loop] = _AsyncClient(self._make_async_client())
+        if not entry.ready:
+            # a cluster client initialised lazily by a burst of first calls routes many of them to the wrong
+            # master (MOVED, then a reset of connections in use): initialise it once, first
+            async with entry.lock:
+                if not entry.ready:
+                    if self.cluster:
+                        await entry.client.initialize()
+                    entry.ready = True
+        return entry.client
+
+    @staticmethod
+    def _on_asyncio() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # another event loop (trio): the sync client, in a worker thread
+            return False
+        return True
+
+    def close(self) -> None:
+        with self._sync_lock:
+            client, self._sync_client = self._sync_client, None
+        if client is not None:
+            client.close()
+        with self._async_lock:
+            self._async_clients = weakref.WeakKeyDictionary()
+
+    async def aclose(self) -> None:
+        if self._on_asyncio():
+            with self._async_lock:
+                entry = self._async_clients.pop(asyncio.get_running_loop(), None)
+            if entry is not None:
+                await entry.client.aclose()
+        self.close()  # closes sockets only: never waits on the network
+
+    def _client(self) -> Any:
+        client = self._sync_client
+        if client is None:
+            with self._sync_lock:
+                if self._sync_client is None:
+                    self._sync_client = self._make_sync_client()
+                client = self._sync_client
+        return client
+
+    # -- keys and calls ----------------------------------------------------------------------------------------
+
+    def _key(self, kind: str, ident: str, suffix: str = "") -> str:
+        return f"{self.prefix}:{{{kind}:{_esc(ident)}}}{suffix}"
+
+    def _slot(self, key: str) -> int:
+        return int(key_slot(key.encode()))
+
+    def _keys(self, route: str) -> list[str]:
+        if not self.cluster:
+            return [f"{self.prefix}:epoch"]
+        return [f"{self.prefix}:{{{_slot_tag(self._slot(route))}}}:epoch", route]
+
+    def _args(self, call: _Call) -> list[str]:
+        clock = "" if self._clock is None else repr(float(self._clock()))
+        return [call.op, clock, self.prefix, json.dumps(call.payload, separators=(",", ":"), allow_nan=False),
+                json.dumps([self.audit_max_records, self.audit_retention])]
+
+    def _answer(self, raw: Any) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(raw)
+        if result.get("lost"):
+            log.warning("sa-middleware: the Redis store lost its state (its epoch marker was missing: flushed, or "
+                        "restarted without persistence); tokens issued before %s are refused", result.get("since"))
+        return result
+
+    def _execute(self, step: _Step) -> Any:
+        if not self._bounded:
+            return self._execute_now(step)
+        if not self._sync_slots.acquire(timeout=self.timeout):
+            raise redis.exceptions.ConnectionError(f"no free connection within {self.timeout}s")
+        try:
+            return self._execute_now(step)
+        finally:
+            self._sync_slots.release()
+
+    async def _aexecute(self, step: _Step) -> Any:
+        if not self._bounded:
+            return await self._aexecute_now(step)
+        loop = asyncio.get_running_loop()
+        with self._async_lock:
+            slots = self._async_slots.get(loop)
+            if slots is None:
+                slots = self._async_slots[loop] = asyncio.Semaphore(self.max_connections)
+        try:
+            await asyncio.wait_for(slots.acquire(), self.timeout)
+        except TimeoutError:
+            raise redis.exceptions.ConnectionError(f"no free connection within {self.timeout}s") from None
+        try:
+            return await self._aexecute_now(step)
+        finally:
+            slots.release()
+
+    def _execute_now(self, step: _Step) -> Any:
+        client = self._client()
+        if isinstance(step, _Scan):
+            return [k.decode() if isinstance(k, bytes) else k for k in client.scan_iter(match=step.pattern, count=1000)]
+        if isinstance(step, _XRange):
+            return client.xrevrange(step.key, max=step.start, min="-", count=step.count)
+        keys, args = self._keys(step.route), self._args(step)
+        try:
+            raw = client.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH): load it again
+            raw = client.eval(self._script, len(keys), *keys, *args)
+        return self._answer(raw)
+
+    async def _aexecute_now(self, step: _Step) -> Any:
+        client = await self._async_client()
+        if isinstance(step, _Scan):
+            return [k.decode() if isinstance(k, bytes) else k
+                    async for k in client.scan_iter(match=step.pattern, count=1000)]
+        if isinstance(step, _XRange):
+            return await client.xrevrange(step.key, max=step.start, min="-", count=step.count)
+        keys, args = self._keys(step.route), self._args(step)
+        try:
+            raw = await client.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            raw = await client.eval(self._script, len(keys), *keys, *args)
+        return self._answer(raw)
+
+    def _drive(self, flow: _Flow[T]) -> T:
+        """Run a flow with blocking calls. A failed call is thrown into the flow, which may compensate (more calls)
+        before it gives up; what escapes is StoreUnavailable (or StoreError)."""
+        answer: Any = None
+        error: Exception | None = None
+        try:
+            while True:
+                step = flow.send(answer) if error is None else flow.throw(error)
+                error = None
+                try:
+                    answer = self._execute(step)
+                except _ERRORS as exc:
+                    error = exc
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+        except _ERRORS as exc:
+            raise _unavailable(exc) from exc
+        except (ValueError, TypeError) as exc:  # an answer that is not what the script writes
+            raise StoreError(f"redis store error: {exc}") from exc
+
+    async def _adrive(self, flow: _Flow[T]) -> T:
+        """Async twin of :meth:`_drive` (``redis.asyncio``: the event loop never waits on a thread)."""
+        answer: Any = None
+        error: Exception | None = None
+        try:
+            while True:
+                step = flow.send(answer) if error is None else flow.throw(error)
+                error = None
+                try:
+                    answer = await self._aexecute(step)
+                except _ERRORS as exc:
+                    error = exc
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+        except _ERRORS as exc:
+            raise _unavailable(exc) from exc
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"redis store error: {exc}") from exc
+
+    async def _aop(self, make: Callable[[], _Flow[T]]) -> T:
+        if self._on_asyncio():
+            return await self._adrive(make())
+        return await self._run(lambda: self._drive(make()))
+
+    # -- bootstrap ---------------------------------------------------------------------------------------------
+
+    def bootstrap(self) -> bool:
+        """Mark this store as brand-new, before its first use: tokens issued before now are then accepted.
+
+        Does nothing when the store already has its epoch marker (it was used, or bootstrapped). Returns whether
+        it created the marker. Never run it on a store that lost its state: that would accept again the tokens the
+        loss makes unsafe (see README "Redis store").
+        """
+        saved = self.timeout, self.connect_timeout
+        self.timeout = self.connect_timeout = max(self.timeout, 10.0)  # a one-off: 16384 markers on a cluster
+        try:
+            client = self._make_sync_client()
+        finally:
+            self.timeout, self.connect_timeout = saved
+        try:
+            if not self.cluster:
+                return bool(client.set(f"{self.prefix}:epoch", "0", nx=True))
+            created, script = 0, _lua("cluster_bootstrap.lua")
+            for node, keys in self._markers_by_node(client):
+                created += int(client.execute_command("EVAL", script, 1, keys[0], *keys, target_nodes=node))
+            return created > 0
+        except _ERRORS as exc:
+            raise _unavailable(exc) from exc
+        finally:
+            client.close()
+
+    def declare_state_loss(self) -> float:
+        """Treat every token issued before now as revoked, exactly as after a detected state loss. Run it after
+        restoring Redis from a backup, or after a failover that may have lost acknowledged writes: the epoch
+        marker survived, so the loss would not be detected. Returns the watermark (the server's time)."""
+        if not self.cluster:
+            r = self._drive(self._declare_loss())
+            return float(r["at"])
+        client = self._client()
+        try:
+            script = _lua("cluster_declare_loss.lua")
+            watermarks = [float(_text(client.execute_command("EVAL", script, 1, keys[0], *keys, target_nodes=node)))
+                          for node, keys in self._markers_by_node(client)]
+        except _ERRORS as exc:
+            raise _unavailable(exc) from exc
+        # each master stamps its own clock: every token issued before the earliest of them is refused everywhere
+        at = min(watermarks)
+        log.warning("sa-middleware: state loss declared; tokens issued before %s are refused", at)
+        with contextlib.suppress(StoreError):
+            self.record_audit([AuditRecord("change", "state_loss", "operator", detail=(
+                f"state loss declared by an operator; tokens issued before {at!r} are refused"))])
+        return at
+
+    def _declare_loss(self) -> _Flow[dict[str, Any]]:
+        r: dict[str, Any] = yield _Call("declare_loss", f"{self.prefix}:epoch", {})
+        log.warning("sa-middleware: state loss declared; tokens issued before %s are refused", r["at"])
+        return r
+
+    def _markers_by_node(self, client: Any) -> list[tuple[Any, list[str]]]:
+        """The epoch markers of every slot, grouped by the master that serves the slot."""
+        by_node: dict[str, tuple[Any, list[str]]] = {}
+        slots = client.nodes_manager.slots_cache
+        _slot_tag(0)
+        for slot, tag in enumerate(_slot_tags):
+            node = slots[slot][0]
+            by_node.setdefault(node.name, (node, []))[1].append(f"{self.prefix}:{{{tag}}}:epoch")
+        return list(by_node.values())
+
+    # -- admission ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _spec(a: Admission) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "tid": a.ticket_id, "sub": a.sub, "kind": a.kind, "sid": a.session_id, "th": a.token_hash,
+            "exp": a.token_exp, "iat": a.token_iat, "gen": a.token_gen, "jti": a.jti, "actor": a.actor,
+            "cred": a.credential, "dev": a.device, "client": a.client, "ua": a.user_agent,
+            "tscopes": sorted(a.token_scopes), "auth_time": a.auth_time, "acr": a.acr, "scopes": sorted(a.scopes),
+            "max_auth_age": a.max_auth_age, "acr_values": list(a.acr_values), "one_time": a.one_time,
+            "rcd": a.require_compliant_device, "max_sessions": a.max_sessions, "on_limit": a.on_session_limit,
+            "max_in_flight": a.max_in_flight, "exclusive": a.exclusive, "tags": sorted(a.tags),
+            "conflicts": sorted(a.conflicts), "raises_risk": a.raises_risk, "risk_window": a.risk_window,
+            "max_risk": a.max_risk, "locks": [[r.key, r.mode] for r in _merge_locks(a.locks)],
+            "on_conflict": a.on_lock_conflict, "lease": a.lease, "idle": a.session_idle, "route": a.route,
+            "audit_admitted": a.audit_admitted, "audit_locked": a.audit_locked,
+        }
+        return {k: v for k, v in spec.items() if v is not None}
+
+    def admit(self, admission: Admission) -> Ticket | Denial:
+        return self._drive(self._admit(admission))
+
+    async def aadmit(self, admission: Admission) -> Ticket | Denial:
+        return await self._aop(lambda: self._admit(admission))
+
+    def _admit(self, a: Admission) -> _Flow[Ticket | Denial]:
+        spec = self._spec(a)
+        pkey = self._key("p", a.sub)
+        if not self.cluster:
+            try:
+                r = yield _Call("admit", pkey, spec)
+            except redis.TimeoutError:  # the script may have run: take back what it may have granted
+                yield from self._give_back(a)
+                raise
+            if "d" in r:
+                return Denial(r["d"], r.get("m", ""), r.get("r"))
+            return self._issue(a, r, _map(r.get("f")))
+        return (yield from self._admit_cluster(a, spec, pkey))
+
+    def _give_back(self, a: Admission, locks: Iterable[str] | None = None, jti: bool = True,
+                   undo: dict[str, Any] | None = None) -> _Flow[None]:
+        """Best effort, after a failed call: remove the ticket ``a`` may hold (its locks, its jti claim; in a cluster
+        the principal step's writes too, when ``undo`` is given). What this cannot reach ends with the lease."""
+        keys = [k for k, _ in self._spec_locks(a)] if locks is None else list(locks)
+        jti_claim = a.jti if jti and a.one_time and a.jti is not None else None
+        calls: list[_Call] = []
+        if not self.cluster:
+            payload: dict[str, Any] = {"tid": a.ticket_id, "subs": [a.sub], "locks": keys}
+            if jti_claim is not None:
+                payload["jti"] = jti_claim
+            calls.append(_Call("release", self._key("p", a.sub), payload))
+        else:
+            calls.extend(_Call("release", route, {"tid": a.ticket_id, "locks": group})
+                         for route, group in self._groups(keys, lambda k: self._key("l", k)))
+            if jti_claim is not None:
+                calls.append(_Call("release", self._key("j", jti_claim), {"tid": a.ticket_id, "jti": jti_claim}))
+            calls.append(_Call("undo", self._key("p", a.sub), undo) if undo is not None else
+                         _Call("release", self._key("p", a.sub), {"tid": a.ticket_id, "subs": [a.sub]}))
+        for call in calls:  # each on its own: one unreachable slot does not stop the others
+            with contextlib.suppress(*_ERRORS):
+                yield call
+
+    def _issue(self, a: Admission, r: dict[str, Any], fences: dict[str, Any]) -> Ticket:
+        expires = float(r["e"])
+        locks = tuple(req[0] for req in self._spec_locks(a))
+        with self._issued_lock:
+            if len(self._issued) > 1024 and len(self._issued) % 256 == 0:
+                self._prune_issued()
+            self._issued[a.ticket_id] = _Issued(a.sub, locks, time.monotonic() + a.lease + 60.0)
+        return Ticket(a.ticket_id, a.sub, a.session_id, {k: _int(v) for k, v in fences.items()}, expires)
+
+    @staticmethod
+    def _spec_locks(a: Admission) -> list[tuple[str, str]]:
+        return [(r.key, r.mode) for r in _merge_locks(a.locks)]
+
+    def _prune_issued(self) -> None:
+        now = time.monotonic()
+        for tid in [t for t, info in self._issued.items() if info.deadline < now]:
+            del self._issued[tid]
+
+    def _groups(self, keys: Iterable[str], key: Callable[[str], str]) -> list[tuple[str, list[str]]]:
+        """``keys`` grouped by the slot of ``key(k)``, in order of first appearance: (a routing key, members)."""
+        groups: dict[int, tuple[str, list[str]]] = {}
+        for k in keys:
+            route = key(k)
+            slot = self._slot(route) if self.cluster else 0
+            groups.setdefault(slot, (route, []))[1].append(k)
+        return list(groups.values())
+
+    def _admit_cluster(self, a: Admission, spec: dict[str, Any], pkey: str) -> _Flow[Ticket | Denial]:
+        # 0. facts that live in other slots: device, credential, actor, jti (one call per slot)
+        facts: dict[str, Any] = {}
+        since = 0.0
+        items: list[tuple[str, str, str]] = []
+        if a.device is not None:
+            items.append(("dev", a.device, self._key("d", a.device)))
+        if a.credential is not None:
+            items.append(("cred", a.credential, self._key("c", a.credential)))
+        if a.actor is not None:
+            items.append(("actor", a.actor, self._key("p", a.actor)))
+        if a.one_time and a.jti is not None:
+            items.append(("jti", a.jti, self._key("j", a.jti)))
+        by_slot: dict[int, tuple[str, list[list[str]]]] = {}
+        for kind, ident, route in items:
+            by_slot.setdefault(self._slot(route), (route, []))[1].append([kind, ident])
+        for route, group in by_slot.values():
+            r = yield _Call("facts", route, {"sub": a.sub, "exp": a.token_exp, "items": group})
+            since = max(since, float(r["since"]))
+            facts.update({k: v for k, v in r.items() if k in ("dev_ok", "dev_ma", "cred_ma", "actor_ma", "jti")})
+        facts["since"] = since
+        # 1. the principal step: every check but the locks; the ticket is written, pending its locks
+        undo = {"a": spec, "pause": False}
+        ikey = self._key("s", a.session_id)
+        try:
+            r = yield _Call("principal", pkey, {"a": spec, "f": facts})
+            if r.get("need") == "index":
+                c = yield _Call("claim", ikey, {"sub": a.sub, "sid": a.session_id, "exp": a.token_exp})
+                facts["idx"] = c["idx"]
+                facts["since"] = max(since, float(c["since"]))
+                r = yield _Call("principal", pkey, {"a": spec, "f": facts})
+        except redis.TimeoutError:  # the principal step may have run: undo it
+            yield from self._give_back(a, locks=(), jti=False, undo=undo)
+            raise
+        if "d" in r:
+            return Denial(r["d"], r.get("m", ""), r.get("r"))
+        # 2. the one-time token's jti, on its slot; 3. the locks, slot by slot in key order (two requests for the
+        # same keys meet at the first one). A refusal or a failure undoes the steps before (compensation).
+        jkey = self._key("j", a.jti) if a.one_time and a.jti is not None else None
+        modes = dict(self._spec_locks(a))
+        fences: dict[str, Any] = {}
+        taken: list[str] = []
+        try:
+            if r.get("touch") is not None:
+                with contextlib.suppress(*_ERRORS):  # the index lease: extended again next time if lost
+                    yield _Call("claim", ikey, {"sub": a.sub, "sid": a.session_id, "exp": a.token_exp,
+                                                "ttl": r["touch"]})
+            if jkey is not None:
+                j = yield _Call("jti", jkey, {"jti": a.jti, "tid": a.ticket_id, "exp": a.token_exp})
+                if not j.get("ok"):
+                    detail = "this one-time token was already used"
+                    yield from self._give_back(a, locks=(), jti=False,
+                                               undo={**undo, "audit": [_denial_record(a, "token_replayed", detail)]})
+                    return Denial("token_replayed", detail)
+            for route, keys in self._groups(sorted(modes), lambda k: self._key("l", k)):
+                lock = yield _Call("lock", route, {"tid": a.ticket_id, "sub": a.sub, "sid": a.session_id,
+                                                    "kind": a.kind, "lease": a.lease,
+                                                    "locks": [[k, modes[k]] for k in keys]})
+                if lock.get("ok"):
+                    fences.update(_map(lock.get("f")))
+                    taken.extend(keys)
+                    continue
+                pause_self = a.on_lock_conflict == "pause" and a.kind != "human"
+                key = lock["key"]
+                if pause_self:
+                    detail = (f"{key} is being modified by another principal; this session is paused until an "
+                              "operator resumes it")
+                    yield from self._give_back(a, locks=taken, undo={
+                        "a": spec, "pause": True, "detail": detail,
+                        "audit": [_denial_record(a, "session_paused", detail)]})
+                    return Denial("session_paused", detail)
+                detail = f"{key} is locked by another request"
+                yield from self._give_back(a, locks=taken, undo={
+                    "a": spec, "pause": False,
+                    "audit": [_denial_record(a, "object_locked", detail)] if a.audit_locked else []})
+                if a.on_lock_conflict == "pause":
+                    why = f"paused by a lock conflict with session {a.session_id} of {a.sub} on {a.route}"
+                    for holder_sub, holder_sid, holder_kind in _seq(lock.get("h")):
+                        if holder_kind != "human":
+                            yield _Call("status", self._key("p", holder_sub), {
+                                "sub": holder_sub, "sid": holder_sid, "st": "paused",
+                                "audit": {"r": a.route, "d": why}})
+                return Denial("object_locked", detail, lock.get("r"))
+        except _ERRORS:
+            yield from self._give_back(a, locks=modes, undo=undo)
+            raise
+        ticket = self._issue(a, r, {k: fences[k] for k in modes if k in fences})
+        records = _seq(r.get("au"))  # the evictions, and the admission if asked: true now that every step passed
+        if a.audit_admitted:
+            locks = " ".join(f"{k}#{f}" for k, f in sorted(ticket.fencing_tokens.items()))
+            records.insert(0, {"k": "admission", "c": "admitted", "s": "middleware", "u": a.sub, "i": a.session_id,
+                               "r": a.route, "d": f"{a.kind}; ticket {a.ticket_id}" + (f"; locks {locks}" if locks
+                                                                                          else "")})
+        if records:
+            with contextlib.suppress(*_ERRORS):  # the admission stands; only its audit record is missing
+                yield _Call("record", pkey, {"records": records})
+        return ticket
+
+    def release(self, ticket_id: str) -> None:
+        self._drive(self._release(ticket_id))
+
+    async def arelease(self, ticket_id: str) -> None:
+        await self._aop(lambda: self._release(ticket_id))
+
+    def _release(self, ticket_id: str) -> _Flow[None]:
+        with self._issued_lock:
+            info = self._issued.pop(ticket_id, None)
+        if info is None:  # not admitted here, or already released: its lease ends it
+            return
+        pkey = self._key("p", info.sub)
+        if not self.cluster:
+            yield _Call("release", pkey, {"tid": ticket_id, "subs": [info.sub], "locks": list(info.locks)})
+            return
+        yield _Call("release", pkey, {"tid": ticket_id, "subs": [info.sub]})
+        for route, keys in self._groups(info.locks, lambda k: self._key("l", k)):
+            yield _Call("release", route, {"tid": ticket_id, "locks": keys})
+
+    def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
+        self._drive(self._renew(ticket_ids, lease))
+
+    async def arenew(self, ticket_ids: Sequence[str], lease: float) -> None:
+        await self._aop(lambda: self._renew(ticket_ids, lease))
+
+    def _renew(self, ticket_ids: Sequence[str], lease: float) -> _Flow[None]:
+        by_hash: dict[tuple[str, str], list[str]] = {}
+        with self._issued_lock:
+            known = [(tid, self._issued[tid]) for tid in ticket_ids if tid in self._issued]
+        for tid, info in known:
+            by_hash.setdefault(("p", info.sub), []).append(tid)
+            for lock in info.locks:
+                by_hash.setdefault(("l", lock), []).append(tid)
+        if not by_hash:
+            return
+        items: list[tuple[str, list[Any]]] = [(self._key(kind, ident), [kind, ident, tids])
+                                              for (kind, ident), tids in by_hash.items()]
+        if not self.cluster:
+            yield _Call("renew", items[0][0], {"lease": lease, "items": [item for _, item in items]})
+        else:
+            groups: dict[int, tuple[str, list[list[Any]]]] = {}
+            for route, item in items:
+                groups.setdefault(self._slot(route), (route, []))[1].append(item)
+            for route, group in groups.values():
+                yield _Call("renew", route, {"lease": lease, "items": group})
+        deadline = time.monotonic() + lease + 60.0
+        with self._issued_lock:
+            for _, info in known:
+                info.deadline = max(info.deadline, deadline)
+
+    # -- operations --------------------------------------------------------------------------------------------
+
+    def rotate(self, sub: str) -> int:
+        return self._drive(self._rotate(sub))
+
+    async def arotate(self, sub: str) -> int:
+        return await self._aop(lambda: self._rotate(sub))
+
+    def _rotate(self, sub: str) -> _Flow[int]:
+        r = yield _Call("rotate", self._key("p", sub), {"sub": sub})
+        return _int(r["g"])
+
+    def revoke_principal(self, sub: str) -> float:
+        return self._drive(self._revoke_principal(sub))
+
+    async def arevoke_principal(self, sub: str) -> float:
+        return await self._aop(lambda: self._revoke_principal(sub))
+
+    def _revoke_principal(self, sub: str) -> _Flow[float]:
+        r = yield _Call("revoke_principal", self._key("p", sub), {"sub": sub})
+        return float(r["at"])
+
+    def revoke_session(self, session_id: str) -> bool:
+        return self._drive(self._session_op(session_id, "revoked"))
+
+    async def arevoke_session(self, session_id: str) -> bool:
+        return await self._aop(lambda: self._session_op(session_id, "revoked"))
+
+    def pause_session(self, session_id: str) -> bool:
+        return self._drive(self._session_op(session_id, "paused"))
+
+    async def apause_session(self, session_id: str) -> bool:
+        return await self._aop(lambda: self._session_op(session_id, "paused"))
+
+    def resume_session(self, session_id: str) -> bool:
+        return self._drive(self._session_op(session_id, "active"))
+
+    async def aresume_session(self, session_id: str) -> bool:
+        return await self._aop(lambda: self._session_op(session_id, "active"))
+
+    def _session_op(self, session_id: str, status: str) -> _Flow[bool]:
+        """Find the session's principal in the session index, then change the status in its slot."""
+        index = yield _Call("index", self._key("s", session_id),
+                            {"sid": session_id, "op": "revoke" if status == "revoked" else "get"})
+        if "known" in index:  # a session never seen: its revocation is remembered in the index
+            return bool(index["known"])
+        owner = index.get("o")
+        if not owner:
+            return False
+        r = yield _Call("status", self._key("p", owner), {"sub": owner, "sid": session_id, "st": status})
+        return bool(r["ok"])
+
+    def report_compromise(self, sub: str | None, session_id: str | None) -> list[str]:
+        return self._drive(self._compromise(sub, session_id))
+
+    async def areport_compromise(self, sub: str | None, session_id: str | None) -> list[str]:
+        return await self._aop(lambda: self._compromise(sub, session_id))
+
+    def _compromise(self, sub: str | None, session_id: str | None) -> _Flow[list[str]]:
+        if sub is None and session_id is None:
+            raise ConfigurationError("report_compromise needs sub or session_id")
+        principal, origin_sid, strict, origins = sub, None, False, None
+        if session_id is not None:
+            index = yield _Call("index", self._key("s", session_id), {"sid": session_id, "op": "get"})
+            owner = index.get("o") or None
+            if owner is None:
+                if principal is None:
+                    return []
+            elif principal is None or principal == owner:
+                principal, origin_sid, strict = owner, session_id, sub is None
+            else:  # a named principal, and a session of another: that session's credential and device
+                s = yield _Call("session", self._key("p", owner), {"sub": owner, "sid": session_id})
+                if not s.get("none"):
+                    origins = [[s["cr"], s["dv"]]]
+        assert principal is not None
+        payload: dict[str, Any] = {"sub": principal, "strict": strict}
+        if origin_sid is not None:
+            payload["sid"] = origin_sid
+        if origins is not None:
+            payload["origins"] = origins
+        c = yield _Call("compromise", self._key("p", principal), payload)
+        if c.get("none"):
+            return []
+        at, creds, devs = c["at"], _seq(c.get("creds")), _seq(c.get("devs"))
+        hits = set(_seq(c.get("hits")))
+        related = set(_seq(c.get("ax")))
+        for kind, values in (("c", creds), ("d", devs)):
+            for value in values:
+                m = yield _Call("marker", self._key(kind, value), {"kind": kind, "id": value, "at": at})
+                related.update(_seq(m.get("subs")))
+        related.discard(principal)
+        for other in sorted(related):
+            r = yield _Call("related", self._key("p", other),
+                            {"sub": other, "at": at, "actor": principal, "creds": creds, "devs": devs})
+            hits.update(_seq(r.get("hits")))
+        return sorted(hits)
+
+    def set_device_status(self, device_id: str, compliant: bool) -> None:
+        self._drive(self._device(device_id, compliant))
+
+    async def aset_device_status(self, device_id: str, compliant: bool) -> None:
+        await self._aop(lambda: self._device(device_id, compliant))
+
+    def _device(self, device_id: str, compliant: bool) -> _Flow[None]:
+        yield _Call("device", self._key("d", device_id), {"id": device_id, "ok": bool(compliant)})
+
+    def set_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
+        self._drive(self._privileges(sub, scopes))
+
+    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
+        await self._aop(lambda: self._privileges(sub, scopes))
+
+    def _privileges(self, sub: str, scopes: Iterable[str] | None) -> _Flow[None]:
+        payload: dict[str, Any] = {"sub": sub}
+        if scopes is not None:
+            payload["scopes"] = sorted(set(scopes))
+        yield _Call("privileges", self._key("p", sub), payload)
+
+    # -- operations of security events -------------------------------------------------------------------------
+
+    def revoke_sessions(self, sub: str, before: float | None) -> list[str]:
+        return self._drive(self._principal_op("revoke_sessions", sub, before=before, answer="hits"))
+
+    async def arevoke_sessions(self, sub: str, before: float | None) -> list[str]:
+        return await self._aop(lambda: self._principal_op("revoke_sessions", sub, before=before, answer="hits"))
+
+    def disable_principal(self, sub: str) -> float:
+        return float(self._drive(self._principal_op("disable", sub, answer="at")))
+
+    async def adisable_principal(self, sub: str) -> float:
+        return float(await self._aop(lambda: self._principal_op("disable", sub, answer="at")))
+
+    def enable_principal(self, sub: str) -> bool:
+        return bool(self._drive(self._principal_op("enable", sub, answer="ok")))
+
+    async def aenable_principal(self, sub: str) -> bool:
+        return bool(await self._aop(lambda: self._principal_op("enable", sub, answer="ok")))
+
+    def set_assurance(self, sub: str, level: str | None, at: float | None) -> None:
+        self._drive(self._principal_op("assurance", sub, level=level, at=at))
+
+    async def aset_assurance(self, sub: str, level: str | None, at: float | None) -> None:
+        await self._aop(lambda: self._principal_op("assurance", sub, level=level, at=at))
+
+    def raise_risk(self, sub: str, amount: int, window: float) -> None:
+        self._drive(self._principal_op("raise_risk", sub, amount=amount, window=window))
+
+    async def araise_risk(self, sub: str, amount: int, window: float) -> None:
+        await self._aop(lambda: self._principal_op("raise_risk", sub, amount=amount, window=window))
+
+    def _principal_op(self, op: str, sub: str, answer: str | None = None, **payload: Any) -> _Flow[Any]:
+        body = {"sub": sub, **{k: v for k, v in payload.items() if v is not None}}
+        r = yield _Call(op, self._key("p", sub), body)
+        if answer == "hits":
+            return _seq(r.get("hits"))
+        return None if answer is None else r[answer]
+
+    def seen_event(self, key: str, ttl: float) -> bool:
+        return bool(self._drive(self._event("seen_event", key, ttl)))
+
+    async def aseen_event(self, key: str, ttl: float) -> bool:
+        return bool(await self._aop(lambda: self._event("seen_event", key, ttl)))
+
+    def forget_event(self, key: str) -> None:
+        self._drive(self._event("forget_event", key, None))
+
+    async def aforget_event(self, key: str) -> None:
+        await self._aop(lambda: self._event("forget_event", key, None))
+
+    def _event(self, op: str, key: str, ttl: float | None) -> _Flow[bool]:
+        r = yield _Call(op, self._key("ev", key), {"key": key, **({} if ttl is None else {"ttl": ttl})})
+        return bool(r.get("seen"))
+
+    # -- the audit trail -----------------------------------------------------------------------------------------
+
+    def _audit_key(self, route: str) -> str:
+        """The audit stream of ``route``'s slot (next to its epoch marker)."""
+        return self._keys(route)[0].removesuffix(":epoch") + ":audit"
+
+    def record_audit(self, records: Sequence[AuditRecord]) -> None:
+        self._drive(self._record(records))
+
+    async def arecord_audit(self, records: Sequence[AuditRecord]) -> None:
+        await self._aop(lambda: self._record(records))
+
+    def _record(self, records: Sequence[AuditRecord]) -> _Flow[None]:
+        groups: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+        for record in records:
+            route = self._key("p", record.sub) if record.sub is not None else f"{self.prefix}:audit"
+            groups.setdefault(self._audit_key(route), (route, []))[1].append(_audit_fields(record))
+        for route, group in groups.values():
+            yield _Call("record", route, {"records": group})
+
+    def audit(self, *, sub: str | None = None, session_id: str | None = None, code: str | None = None,
+              kind: str | None = None, since: float | None = None, until: float | None = None,
+              limit: int = 100) -> list[AuditRecord]:
+        return self._drive(self._audit(sub, session_id, code, kind, since, until, limit))
+
+    async def aaudit(self, *, sub: str | None = None, session_id: str | None = None, code: str | None = None,
+                     kind: str | None = None, since: float | None = None, until: float | None = None,
+                     limit: int = 100) -> list[AuditRecord]:
+        return await self._aop(lambda: self._audit(sub, session_id, code, kind, since, until, limit))
+
+    def _audit(self, sub: str | None, session_id: str | None, code: str | None, kind: str | None,
+               since: float | None, until: float | None, limit: int) -> _Flow[list[AuditRecord]]:
+        """Newest first (by time, then by arrival) among the newest ``audit_max_records`` of each stream."""
+        r = yield _Call("now", f"{self.prefix}:audit", {})
+        cutoff = float(r["now"]) - self.audit_retention
+        if since is not None:
+            cutoff = max(cutoff, since)
+        if self.cluster:
+            pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":{e*}:audit"
+            keys: list[str] = sorted(set((yield _Scan(pattern))))
+        else:
+            keys = [f"{self.prefix}:audit"]
+        wanted = {"u": sub, "i": session_id, "c": code, "k": kind}
+        # the newest audit_max_records by arrival (across the streams of a cluster's slots), then the filters;
+        # newest first by time, then by arrival
+        window: list[tuple[int, int, int, dict[str, str]]] = []
+        for key in keys:
+            start, scanned = "+", 0
+            while scanned < self.audit_max_records:
+                count = min(1000, self.audit_max_records - scanned)
+                entries = yield _XRange(key, start, count)
+                for entry_id, raw in entries:
+                    scanned += 1
+                    fields = {_text(k): _text(v) for k, v in raw.items()}
+                    ms, _, seq = _text(entry_id).partition("-")
+                    window.append((int(fields.get("w") or int(ms) * 1000), int(ms), int(seq or 0), fields))
+                if len(entries) < count:
+                    break
+                start = "(" + _text(entries[-1][0])
+        window.sort(key=lambda item: item[:3], reverse=True)
+        found: list[tuple[float, tuple[int, int, int], AuditRecord]] = []
+        for *arrival, fields in window[:self.audit_max_records]:
+            t = float(fields["t"])
+            if t < cutoff or (until is not None and t > until):
+                continue
+            if any(value is not None and fields.get(name) != value for name, value in wanted.items()):
+                continue
+            found.append((t, (arrival[0], arrival[1], arrival[2]), AuditRecord(
+                cast(AuditKind, fields["k"]), fields["c"], fields["s"], fields.get("u"), fields.get("i"),
+                fields.get("r"), fields.get("d", ""), t)))
+        found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        return [record for *_, record in found[:limit]]
+
+    # -- listings ----------------------------------------------------------------------------------------------
+
+    def sessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
+        return self._drive(self._sessions(sub, session_idle))
+
+    async def asessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
+        return await self._aop(lambda: self._sessions(sub, session_idle))
+
+    def _sessions(self, sub: str, session_idle: float) -> _Flow[list[SessionInfo]]:
+        r = yield _Call("sessions", self._key("p", sub), {"sub": sub, "idle": session_idle})
+        return [SessionInfo(
+            s["id"], s.get("s", ""), s.get("k", ""), s["st"], float(s["c"]), float(s["l"]), float(s["e"]),
+            s.get("cl", ""), s.get("ua", ""), s.get("dv"), s.get("cr"), s.get("ac"), _opt_float(s.get("ma")),
+            None if s.get("mg") is None else _int(s["mg"]), _opt_float(s.get("ca")))
+            for s in _seq(r.get("sessions"))]
+
+    def locks(self) -> list[LockInfo]:
+        return self._drive(self._locks())
+
+    async def alocks(self) -> list[LockInfo]:
+        return await self._aop(self._locks)
+
+    def _locks(self) -> _Flow[list[LockInfo]]:
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":{l:*}"
+        keys: list[str] = yield _Scan(pattern)
+        found: list[LockInfo] = []
+        for route, group in self._groups(sorted(set(keys)), lambda k: k):
+            for i in range(0, len(group), 256):
+                r = yield _Call("locks", route, {"keys": group[i:i + 256]})
+                found.extend(LockInfo(key, mode, _int(fence), tid, sub, sid, float(expires))
+                             for key, mode, fence, tid, sub, sid, expires in _seq(r.get("locks")))
+        return sorted(found, key=lambda lock: (lock.key, lock.fencing_token))
+
