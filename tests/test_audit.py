@@ -402,6 +402,31 @@ def test_sqlite_prunes_by_age_in_its_sweep(idp: DemoIssuer, tmp_path: Path) -> N
         guard.close()
 
 
+def test_redis_records_a_denial_inside_the_admission_script(idp: DemoIssuer, tmp_path: Path) -> None:
+    import redis_support
+
+    uri = redis_support.store_uri("redis", tmp_path)
+    guard = make_guard(idp, uri)
+    steps: list[object] = []
+    execute = guard.store._execute  # type: ignore[attr-defined]
+
+    def counting(step: object) -> object:
+        steps.append(step)
+        return execute(step)
+    guard.store._execute = counting  # type: ignore[attr-defined]
+    try:
+        sub = fresh()
+        guard.rotate(sub)
+        steps.clear()
+        denied(guard.admit(request("GET", "/items", idp.token(sub, sid="r1", gen=0))), "stale_generation")
+        assert len(steps) == 1  # one script call decided and recorded it
+        [record] = guard.store.audit(sub=sub, kind="denial")
+        assert (record.code, record.session_id, record.route) == ("stale_generation", "r1", "GET /items")
+    finally:
+        guard.close()
+        redis_support.forget_prefix(uri)
+
+
 # ---------------------------------------------------------------------------------------------------- options
 
 

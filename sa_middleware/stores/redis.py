@@ -131,6 +131,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _lenient(value: Any) -> str:
+    """An audit field: text that was cut or written by anyone with access never breaks the trail's query."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def _int(value: Any) -> int:
     return int(float(value))
 
@@ -1105,7 +1110,7 @@ class RedisStore(Store):
                 entries = yield _XRange(key, start, count)
                 for entry_id, raw in entries:
                     scanned += 1
-                    fields = {_text(k): _text(v) for k, v in raw.items()}
+                    fields = {_text(k): _lenient(v) for k, v in raw.items()}
                     ms, _, seq = _text(entry_id).partition("-")
                     window.append((int(fields.get("w") or int(ms) * 1000), int(ms), int(seq or 0), fields))
                 if len(entries) < count:

@@ -154,6 +154,15 @@ def test_a_long_detail_is_cut(d: Driver) -> None:
     assert 0 < len(record.detail) <= 512
 
 
+@pytest.mark.parametrize("char", ["\u00e9", "\u20ac", "\U0001f600"])  # 2, 3 and 4 bytes in UTF-8
+def test_a_long_detail_is_cut_between_characters(d: Driver, char: str) -> None:
+    for pad in range(4):  # wherever the cut falls in a character
+        detail = "a" * (509 + pad) + char * 200
+        d.store.record_audit([op("raise_risk", sub=f"u{pad}", detail=detail)])
+        [record] = audit(d, sub=f"u{pad}")
+        assert 500 < len(record.detail) <= 512 and detail.startswith(record.detail)
+
+
 # ---------------------------------------------------------------------------------------------------- filters
 
 

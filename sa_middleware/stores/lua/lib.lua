@@ -23,6 +23,19 @@ end
 local AUDIT_KEY = (string.gsub(KEYS[1], 'epoch$', 'audit'))
 local AUDIT_LIMITS = cjson.decode(ARGV[5] or '[100000, 604800]')
 
+-- at most `n` bytes of a UTF-8 string, never ending inside a character (a cut character is left out)
+function sa.cut(text, n)
+  if #text <= n then return text end
+  local cut = string.sub(text, 1, n)
+  local lead = string.find(cut, '[\192-\255][\128-\191]*$')
+  if lead ~= nil then
+    local b = string.byte(cut, lead)
+    local size = b >= 240 and 4 or (b >= 224 and 3 or 2)
+    if #cut - lead + 1 < size then cut = string.sub(cut, 1, lead - 1) end
+  end
+  return cut
+end
+
 function sa.audit(records, now)
   if #records == 0 then return end
   -- `w`: when the record arrived (the server's microseconds), which orders the streams of a cluster's slots
@@ -34,7 +47,7 @@ function sa.audit(records, now)
     if r.i ~= nil then fields[#fields + 1] = 'i'; fields[#fields + 1] = r.i end
     if r.r ~= nil then fields[#fields + 1] = 'r'; fields[#fields + 1] = r.r end
     fields[#fields + 1] = 'd'
-    fields[#fields + 1] = string.sub(r.d or '', 1, 512)
+    fields[#fields + 1] = sa.cut(r.d or '', 512)
     redis.call('XADD', AUDIT_KEY, 'MAXLEN', '~', AUDIT_LIMITS[1], '*', unpack(fields))
   end
   -- the stream's ids are the server's milliseconds: drop what is past the retention
