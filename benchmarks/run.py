@@ -4,7 +4,8 @@
 
 What it measures (per request, median over rounds):
 - token verification: uncached (signature checked) vs cached (the verified-token cache);
-- Guard.admit + Guard.release through each store (memory, SQLite file);
+- Guard.admit + Guard.release through each store (memory, SQLite file, Redis at ``$SA_BENCH_REDIS``, default the
+  local 127.0.0.1:6379, under a fresh key prefix; ``SA_BENCH_REDIS=off`` skips it);
 - a trivial ASGI app called directly: bare vs wrapped in SessionAwareMiddleware (memory and SQLite stores; SQLite
   both inline-first, the default, and with every store call in a worker thread, ``inline=False``);
 - a one-route Starlette app and a one-route Flask app: bare, behind the core middleware (the Guard's route table),
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import statistics
 import tempfile
 import time
@@ -28,6 +30,7 @@ from sa_middleware import Guard, Policy, RequestInfo
 from sa_middleware.asgi import SessionAwareMiddleware
 from sa_middleware.demo import DemoIssuer
 from sa_middleware.guard import Admitted
+from sa_middleware.stores import open_store
 from sa_middleware.stores.sqlite import SQLiteStore
 
 
@@ -150,6 +153,10 @@ def main() -> None:
             "sqlite": f"sqlite:///{Path(tmp) / 'bench.db'}",
             "sqlite-threaded": SQLiteStore(str(Path(tmp) / "bench-threaded.db"), inline=False),
         }
+        redis_uri = os.environ.get("SA_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+        prefix = f"bench{uuid.uuid4().hex[:8]}"
+        if redis_uri != "off":  # a fresh key prefix, deleted afterwards (SA_BENCH_REDIS=off skips Redis)
+            stores["redis"] = open_store(f"{redis_uri}?prefix={prefix}&bootstrap=true")
         guards = {name: Guard(store=uri, keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
                               audience=issuer.audience, policies={"GET /x/{id}": Policy(locks=["x:{id}"])},
                               token_cache_size=100_000)
@@ -198,6 +205,13 @@ def main() -> None:
         results.update(bench_adapters(guards["memory"], token, rounds, batch))
         for guard in guards.values():
             guard.close()
+        if "redis" in stores:
+            import redis
+
+            client = redis.Redis.from_url(redis_uri)
+            for key in client.scan_iter(match=f"{prefix}:*", count=5000):
+                client.unlink(key)
+            client.close()
 
     print(f"{'measure':<40} {'median us/request':>18}")
     for name, value in results.items():
