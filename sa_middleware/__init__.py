@@ -10,15 +10,19 @@ from .context import RequestInfo, SAContext
 from .denials import CODES, Denial
 from .errors import ConfigurationError, InvalidToken, SAMiddlewareError, StoreError, StoreUnavailable
 from .guard import Admitted, Guard
+from .operations import Operations
 from .policy import Policy
+from .records import AuditRecord
 
 __all__ = [
     "CODES",
     "Admitted",
+    "AuditRecord",
     "ConfigurationError",
     "Denial",
     "Guard",
     "InvalidToken",
+    "Operations",
     "Policy",
     "RequestInfo",
     "SAContext",

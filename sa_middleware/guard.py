@@ -25,7 +25,7 @@ from .context import RequestInfo, SAContext
 from .denials import Denial
 from .dpop import DEFAULT_DPOP_ALGORITHMS, Binding, SenderConstraints
 from .errors import ConfigurationError, InvalidToken, StoreError
-from .operations import Operations, _number
+from .operations import Operations, finite_number
 from .policy import Policy, RouteMatch, RouteTable
 from .records import Admission, AuditRecord, LockRequest, Ticket
 from .stores.base import Store
@@ -313,7 +313,7 @@ class Guard(Operations):
             scopes = frozenset(scope)
         else:
             scopes = frozenset()
-        auth_time = _number(claims.get("auth_time"))
+        auth_time = finite_number(claims.get("auth_time"))
         if auth_time is not None and auth_time > time.time() + self.leeway:
             raise InvalidToken("auth_time is in the future")
         if "auth_time" in claims and auth_time is None:
@@ -322,7 +322,7 @@ class Guard(Operations):
         admission = Admission(
             ticket_id=uuid.uuid4().hex, sub=sub, kind=kind, session_id=session_id, token_hash=token.fingerprint,
             token_exp=token.expires_at + self.leeway,  # the token is accepted until then
-            token_iat=_number(claims.get("iat")), token_gen=gen, jti=jti, actor=actor,
+            token_iat=finite_number(claims.get("iat")), token_gen=gen, jti=jti, actor=actor,
             credential=credential, device=_claim_str(claims, self.device_claim),
             client=(binding or Binding()).client(request.client), user_agent=request.user_agent,
             route=match.route or request.path[:_MAX_ID], token_scopes=scopes, auth_time=auth_time,

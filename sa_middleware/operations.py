@@ -335,7 +335,8 @@ class Operations:
 # -- argument checks -------------------------------------------------------------------------------------------
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float if it is a finite JSON number (not a bool), else ``None``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:
@@ -354,7 +355,7 @@ def _arg(value: str, name: str) -> str:
 def _time(value: float | None, name: str) -> float | None:
     if value is None:
         return None
-    number = _number(value)
+    number = finite_number(value)
     if number is None:
         raise ConfigurationError(f"{name} must be a finite number of seconds since the epoch, or None")
     return number
@@ -363,7 +364,7 @@ def _time(value: float | None, name: str) -> float | None:
 def _risk_args(amount: int, window: float) -> tuple[int, float]:
     if isinstance(amount, bool) or not isinstance(amount, int) or not 1 <= amount <= _MAX_GEN:
         raise ConfigurationError("amount must be a positive integer")
-    number = _number(window)
+    number = finite_number(window)
     if number is None or number <= 0:
         raise ConfigurationError("window must be a positive, finite number of seconds")
     return amount, number

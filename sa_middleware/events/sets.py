@@ -24,7 +24,6 @@ import base64
 import binascii
 import hashlib
 import json
-import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError, InvalidToken
+from ..operations import finite_number
 from ..tokens import TokenVerifier, VerifiedToken
 from .errors import SETError
 from .subjects import Subject, parse_subject
@@ -81,16 +81,6 @@ def _b64json(segment: str) -> Any:
         raise SETError("invalid_request", "the body is not a JWT") from None
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _audiences(value: str | Sequence[str]) -> frozenset[str]:
     values = [value] if isinstance(value, str) else list(value)
     if not values or not all(isinstance(v, str) and v for v in values):
@@ -123,7 +113,7 @@ class SETValidator:
             raise ConfigurationError("issuer must be the transmitter's issuer identifier")
         self.issuer = issuer
         self.audience = _audiences(audience)
-        number = _number(max_age)
+        number = finite_number(max_age)
         if number is None or number <= 0:
             raise ConfigurationError("max_age must be a positive number of seconds")
         self.max_age = number
@@ -201,7 +191,7 @@ class SETValidator:
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti or len(jti) > 256:
             raise SETError("invalid_request", "the SET needs a jti claim of at most 256 characters")
-        iat = _number(claims.get("iat"))
+        iat = finite_number(claims.get("iat"))
         if iat is None:
             raise SETError("invalid_request", "the SET needs a numeric iat claim")
         now = self._clock()
@@ -210,7 +200,7 @@ class SETValidator:
         if iat < now - self.max_age:
             raise SETError("invalid_request", "the SET is older than this receiver accepts")
         if "nbf" in claims:
-            nbf = _number(claims["nbf"])
+            nbf = finite_number(claims["nbf"])
             if nbf is None or nbf > now + self.leeway:
                 raise SETError("invalid_request", "the SET is not yet valid")
         txn = claims.get("txn")
@@ -224,7 +214,7 @@ class SETValidator:
         ((event_type, payload),) = events.items()
         if not event_type or len(event_type) > 512 or not isinstance(payload, dict):
             raise SETError("invalid_request", "the event must be a JSON object under its event type URI")
-        if "event_timestamp" in payload and (_number(payload["event_timestamp"]) is None
+        if "event_timestamp" in payload and (finite_number(payload["event_timestamp"]) is None
                                              or payload["event_timestamp"] < 0):
             raise SETError("invalid_request", "event_timestamp must be a number of seconds since the epoch")
 
