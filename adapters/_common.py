@@ -7,8 +7,9 @@ identity are untouched. Stacked decorators combine: the outer one's fields win; 
 decorator refines its base's policy.
 
 ``policy_of(endpoint, method)`` reads it back for one request. On a class-based view (the class, or a function made
-by ``as_view()`` that carries ``view_class``) the class's policy applies to every method and the handler method's own
-policy wins field by field. This module imports no framework; adapters import it.
+by ``as_view()`` that carries ``view_class``) the class's policy applies to every method, then its dispatcher's
+(``dispatch_request`` / ``dispatch``), and the handler method's own policy wins field by field. This module imports
+no framework; adapters import it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TypeVar
 
 from sa_middleware.policy import LockConflictAction, LockMode, Policy, SessionLimitAction
 
-__all__ = ["POLICY_ATTR", "policy", "policy_of", "view_name"]
+__all__ = ["POLICY_ATTR", "dispatcher_name", "policy", "policy_of", "view_name"]
 
 POLICY_ATTR = "__sa_policy__"
 
@@ -80,12 +81,19 @@ def policy(
     return attach
 
 
+def dispatcher_name(cls: type) -> str:
+    """The name of the method a class-based view calls for every request: Flask's ``dispatch_request``, else
+    ``dispatch`` (Django's ``View``, Starlette's endpoints)."""
+    return "dispatch_request" if hasattr(cls, "dispatch_request") else "dispatch"
+
+
 def policy_of(endpoint: object, method: str | None = None) -> Policy | None:
     """The policy attached to ``endpoint`` for a request with this ``method`` (``None`` when there is none).
 
     ``method`` is the HTTP method; a class's handler is its attribute ``method.lower()`` (``HEAD`` falls back to
     ``get``). Adapters whose handlers are named otherwise pass the handler's name (e.g. ``"on_connect"``).
-    Layers, the later winning field by field: the class, the view function (``as_view()``), the handler method.
+    Layers, the later winning field by field: the class, the view function (``as_view()``), the class's dispatcher
+    (:func:`dispatcher_name`: it runs for every method), the handler method.
     ``functools.partial`` endpoints are looked through.
     """
     while isinstance(endpoint, functools.partial) and not isinstance(getattr(endpoint, POLICY_ATTR, None), Policy):
@@ -100,8 +108,11 @@ def policy_of(endpoint: object, method: str | None = None) -> Policy | None:
             handler = getattr(cls, name, None)
             if handler is None and name == "head":
                 handler = getattr(cls, "get", None)
+        # the dispatcher runs for every method (a plain Flask View has no other handler): its policy applies too
+        dispatcher = getattr(cls, dispatcher_name(cls), None)
         class_policy = getattr(cls, POLICY_ATTR, None)
-        layers = [class_policy, None if own is class_policy else own, getattr(handler, POLICY_ATTR, None)]
+        layers = [class_policy, None if own is class_policy else own, getattr(dispatcher, POLICY_ATTR, None),
+                  None if handler is dispatcher else getattr(handler, POLICY_ATTR, None)]
     result: Policy | None = None
     for layer in layers:
         if isinstance(layer, Policy):

@@ -58,6 +58,7 @@ from django.http import FileResponse, HttpResponse  # type: ignore[import-untype
 from django.urls import Resolver404, URLPattern, URLResolver, get_resolver, resolve  # type: ignore[import-untyped, unused-ignore]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped, unused-ignore]
 
+from sa_middleware.asgi import request_info as _scope_info
 from sa_middleware.context import RequestInfo
 from sa_middleware.denials import Denial
 from sa_middleware.errors import ConfigurationError, SAMiddlewareError
@@ -160,16 +161,19 @@ setting_changed.connect(_on_setting_changed, dispatch_uid="sa_middleware.adapter
 # -- the shared steps of both paths --------------------------------------------------------------------------------
 
 def _match(request: Any, guard: Guard) -> tuple[RequestInfo, RouteMatch | None]:
-    """The request as the Guard reads it, and its match from the resolved URL pattern (None: no pattern, 404)."""
-    info = replace(_environ_info(request.META), method=request.method, path=request.path_info)
+    """The request as the Guard reads it, and its match: the resolved URL pattern's, else (no pattern, 404) the
+    Guard table's alone. The table is looked up by ``path_info``; the request (DPoP ``htu``) has the full path."""
+    scope = getattr(request, "scope", None)  # ASGI: the scope has the real scheme and the TLS client certificate
+    info = _scope_info(scope) if isinstance(scope, dict) else _environ_info(request.META)
+    info = replace(info, method=request.method, path=request.path)
     try:
         found = resolve(request.path_info, urlconf=getattr(request, "urlconf", None))
     except Resolver404:
-        return info, None
+        return info, guard.routes.match(request.method, request.path_info)
     route = f"{request.method} /{found.route}"
     try:
         return info, guard.routes.resolve(policy_of(found.func, request.method), route, found.kwargs,
-                                          method=request.method, path=info.path)
+                                          method=request.method, path=request.path_info)
     except ConfigurationError as exc:  # a start-up mistake (system check sa_middleware.E003): never run the view
         raise ImproperlyConfigured(f"view {view_name(found.func)}: {exc}") from exc
 

@@ -47,7 +47,7 @@ from sa_middleware.guard import Guard
 from sa_middleware.policy import Policy, RouteMatch
 from sa_middleware.wsgi import Environ, SessionAwareWSGIMiddleware, WSGIApp
 
-from ._common import POLICY_ATTR, policy, policy_of
+from ._common import POLICY_ATTR, dispatcher_name, policy, policy_of
 
 __all__ = ["SessionAware", "SessionAwareTestClient", "guard_from_config", "policy"]
 
@@ -194,12 +194,14 @@ class _FlaskMiddleware(SessionAwareWSGIMiddleware):
 
     def check(self) -> None:
         """Raise :class:`ConfigurationError` naming the view if a view's lock template names a parameter that its
-        URL rule does not have."""
+        URL rule does not have, or if a view class has a ``@policy`` method that no request ever reads (neither an
+        HTTP method's handler nor the dispatcher)."""
         app = self.flask_app
         for rule in app.url_map.iter_rules():
             view = app.view_functions.get(rule.endpoint)
             if view is None:
                 continue
+            _check_unreachable(rule.endpoint, getattr(view, "view_class", None), rule.methods or ())
             params = dict.fromkeys({*rule.arguments, *(rule.defaults or {})}, 0)
             for method in sorted(rule.methods or {"GET"}):
                 found = self._policy(rule.endpoint, view, method)
@@ -216,6 +218,24 @@ class _FlaskMiddleware(SessionAwareWSGIMiddleware):
             if not self._checked:
                 self.check()
                 self._checked = True
+
+
+_HTTP_METHODS = frozenset({"get", "head", "post", "put", "patch", "delete", "options", "trace", "connect"})
+
+
+def _check_unreachable(endpoint: str, cls: object, methods: Iterable[str]) -> None:
+    """A ``@policy`` on a view class's method that :func:`policy_of` never reads would be silently ignored."""
+    if not isinstance(cls, type):
+        return
+    reachable = _HTTP_METHODS | {m.lower() for m in methods} | {dispatcher_name(cls)}
+    for name in sorted({name for klass in cls.__mro__ for name in vars(klass)} - reachable):
+        member = inspect.getattr_static(cls, name, None)
+        if isinstance(member, staticmethod | classmethod):
+            member = member.__func__
+        if not isinstance(member, type) and isinstance(getattr(member, POLICY_ATTR, None), Policy):
+            raise ConfigurationError(
+                f"view {endpoint!r}: @policy on {cls.__qualname__}.{name} is never applied; put it on the class, "
+                f"on {dispatcher_name(cls)} or on an HTTP method's handler (get, post...)")
 
 
 def _expose_context() -> None:

@@ -17,6 +17,7 @@ from typing import Any, TextIO, TypeVar
 
 import click
 
+from .cli_operator import store_uri_callback
 from .errors import ConfigurationError, SAMiddlewareError
 
 __all__ = ["events"]
@@ -27,7 +28,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _receiver_options(func: F) -> F:
     options = [
         click.option("--store", envvar="SA_STORE", default="sqlite:///sa-middleware.db", show_default=True,
-                     help="The store URI the applications share (env SA_STORE)."),
+                     callback=store_uri_callback, help="The store URI the applications share (env SA_STORE)."),
         click.option("--issuer", required=True, help="The transmitter's issuer: the SETs' iss, exactly."),
         click.option("--audience", "audiences", multiple=True, required=True,
                      help="This receiver's audience (repeatable)."),

@@ -25,16 +25,26 @@ import click
 from .errors import SAMiddlewareError
 from .operations import MAX_AUDIT_LIMIT, Operations, iso
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "store_uri_callback"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_STORE = "sqlite:///sa-middleware.db"
 
 
+def store_uri_callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--store``: a URI that does not even parse (``redis://[::1``) is a usage error (exit 2), not a traceback."""
+    try:
+        urlsplit(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not a store URI: {exc}") from None
+    return value
+
+
 def _store_option(func: F) -> F:
     return click.option("--store", "store_uri", envvar="SA_STORE", default=DEFAULT_STORE, show_default=True,
-                        metavar="URI", help="The store the applications share (env SA_STORE).")(func)
+                        metavar="URI", callback=store_uri_callback,
+                        help="The store the applications share (env SA_STORE).")(func)
 
 
 def _json_option(func: F) -> F:
@@ -82,8 +92,23 @@ def _operations(uri: str, session_idle: float = 900.0) -> Iterator[Operations]:
 # -- output ----------------------------------------------------------------------------------------------------
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with its C0, DEL and C1 control characters escaped (``\\x1b``): store values (an audit record's
+    route is a client's request path) must not drive the operator's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _say(line: str) -> None:
+    """Print one line that may carry store values or arguments, its control characters escaped."""
+    click.echo(_printable(line))
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns, two spaces apart; the last column is never padded."""
+    """Left-aligned columns, two spaces apart; the last column is never padded; control characters escaped."""
+    headers, rows = [_printable(h) for h in headers], [[_printable(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = []
     for row in (headers, *rows):
@@ -128,7 +153,7 @@ def sessions(sub: str, idle: float, as_json: bool, store_uri: str) -> None:
     if as_json:
         _echo_json([asdict(s) for s in found])
     elif not found:
-        click.echo(f"no active sessions for {sub}")
+        _say(f"no active sessions for {sub}")
     else:
         click.echo(_table(("SESSION", "STATUS", "KIND", "CREATED", "LAST SEEN", "EXPIRES", "CLIENT", "DEVICE",
                            "ACTOR"),
@@ -146,7 +171,7 @@ def locks(as_json: bool, store_uri: str) -> None:
     if as_json:
         _echo_json([asdict(lock) for lock in held])
     elif not held:
-        click.echo("no locks held")
+        _say("no locks held")
     else:
         now = time.time()
         click.echo(_table(("KEY", "MODE", "FENCE", "SUB", "SESSION", "TICKET", "EXPIRES"),
@@ -208,7 +233,7 @@ def audit(sub: str | None, session_id: str | None, code: str | None, kind: str |
     if as_json:
         _echo_json([r.to_dict() for r in records])
     elif not records:
-        click.echo("no audit records match")
+        _say("no audit records match")
     else:
         click.echo(_table(("TIME", "KIND", "CODE", "SOURCE", "SUB", "SESSION", "ROUTE", "DETAIL"),
                           [(iso(r.time or 0.0), r.kind, r.code, r.source, _cell(r.sub), _cell(r.session_id),
@@ -236,11 +261,11 @@ def revoke(sub: str | None, session_id: str | None, store_uri: str) -> None:
     with _operations(store_uri) as ops:
         if which == "sub":
             watermark = ops.revoke_principal(value)
-            click.echo(f"{value}: every token issued before {iso(watermark)} is refused (token_revoked)")
+            _say(f"{value}: every token issued before {iso(watermark)} is refused (token_revoked)")
         elif ops.revoke_session(value):
-            click.echo(f"session {value} revoked (session_revoked)")
+            _say(f"session {value} revoked (session_revoked)")
         else:
-            click.echo(f"session {value} revoked before it was seen: it is refused when it shows up "
+            _say(f"session {value} revoked before it was seen: it is refused when it shows up "
                        "(remembered for 24 h)")
 
 
@@ -251,7 +276,7 @@ def rotate(sub: str, store_uri: str) -> None:
     """Bump SUB's credential generation: every token of a lower generation is refused (stale_generation)."""
     with _operations(store_uri) as ops:
         generation = ops.rotate(sub)
-    click.echo(f"{sub}: generation {generation}; tokens of a lower generation are refused (stale_generation)")
+    _say(f"{sub}: generation {generation}; tokens of a lower generation are refused (stale_generation)")
 
 
 @click.command()
@@ -266,11 +291,11 @@ def compromise(sub: str | None, session_id: str | None, store_uri: str) -> None:
     with _operations(store_uri) as ops:
         marked = ops.report_compromise(sub, session_id)
     if marked:
-        click.echo(f"marked compromised: {len(marked)} context{'s' if len(marked) != 1 else ''}")
+        _say(f"marked compromised: {len(marked)} context{'s' if len(marked) != 1 else ''}")
         for session in marked:
-            click.echo(f"  {session}")
+            _say(f"  {session}")
     elif sub is not None:
-        click.echo(f"{sub}: marked compromised; no stored session was active, and tokens issued before now cannot "
+        _say(f"{sub}: marked compromised; no stored session was active, and tokens issued before now cannot "
                    "open a context")
     else:
         raise click.ClickException(f"session {session_id} is unknown: nothing was marked")
@@ -285,7 +310,7 @@ def pause(session_id: str, store_uri: str) -> None:
         done = ops.pause_session(session_id)
     if not done:
         raise click.ClickException(f"session {session_id} was not paused: it is unknown, revoked or compromised")
-    click.echo(f"session {session_id} paused (session_paused until: sa-middleware resume {session_id})")
+    _say(f"session {session_id} paused (session_paused until: sa-middleware resume {session_id})")
 
 
 @click.command()
@@ -298,7 +323,7 @@ def resume(session_id: str, store_uri: str) -> None:
     if not done:
         raise click.ClickException(f"session {session_id} was not resumed: it is unknown, or neither paused nor "
                                    "compromised")
-    click.echo(f"session {session_id} resumed")
+    _say(f"session {session_id} resumed")
 
 
 @click.command()
@@ -311,7 +336,7 @@ def device(device_id: str, compliant: bool | None, store_uri: str) -> None:
         raise click.UsageError("give --compliant or --noncompliant")
     with _operations(store_uri) as ops:
         ops.set_device_status(device_id, compliant)
-    click.echo(f"device {device_id}: {'compliant' if compliant else 'non-compliant (device_noncompliant)'}")
+    _say(f"device {device_id}: {'compliant' if compliant else 'non-compliant (device_noncompliant)'}")
 
 
 @click.command()
@@ -328,11 +353,11 @@ def privileges(sub: str, scopes: tuple[str, ...], clear: bool, withdraw_all: boo
     with _operations(store_uri) as ops:
         ops.set_privileges(sub, values)
     if values is None:
-        click.echo(f"{sub}: scope limit lifted")
+        _say(f"{sub}: scope limit lifted")
     elif values:
-        click.echo(f"{sub}: tokens issued before now keep at most: {' '.join(sorted(set(values)))}")
+        _say(f"{sub}: tokens issued before now keep at most: {' '.join(sorted(set(values)))}")
     else:
-        click.echo(f"{sub}: every scope of tokens issued before now withdrawn")
+        _say(f"{sub}: every scope of tokens issued before now withdrawn")
 
 
 #: the commands ``sa_middleware.cli`` adds to ``sa-middleware``

@@ -38,6 +38,10 @@ class SAContext:
 
     ``principal`` is ``None`` on public routes. ``fencing_tokens`` maps each lock key to its fencing token, a number
     that strictly increases per key: pass it to your database so a write from an expired holder can be refused.
+    Tokens are integers below 2**53 (JSON-safe) and never below the store's clock in microseconds since the epoch,
+    so the per-key counter can be forgotten once the key is unused (Redis: a TTL of the lease plus a minute; SQLite:
+    pruned) and the next token still exceeds every earlier one, as long as the store clock does not step back by
+    more than that minute. Do not rely on consecutive values.
     """
 
     principal: str | None

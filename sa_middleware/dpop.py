@@ -51,6 +51,7 @@ from jwt.api_jws import PyJWS
 from .context import RequestInfo
 from .denials import Denial
 from .errors import ConfigurationError, InvalidToken
+from .operations import finite_number
 
 __all__ = [
     "DEFAULT_DPOP_ALGORITHMS", "Binding", "DPoPVerifier", "InvalidDPoPProof", "Proof", "SenderConstraints",
@@ -124,7 +125,7 @@ def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     members = _THUMBPRINT_MEMBERS.get(kty) if isinstance(kty, str) else None
     if members is None:
         raise InvalidDPoPProof("jwk: unsupported key type")
-    if not all(isinstance(jwk.get(name), str) for name in members):
+    if not all(isinstance(jwk.get(name), str) and jwk[name].isascii() for name in members):
         raise InvalidDPoPProof("jwk: missing or malformed members")
     canonical = json.dumps({name: jwk[name] for name in members}, separators=(",", ":"), ensure_ascii=False)
     return _b64(hashlib.sha256(canonical.encode("utf-8")).digest())
@@ -164,6 +165,14 @@ class DPoPVerifier:
 
     def verify(self, proof: str, request: RequestInfo, access_token: str) -> Proof:
         """Check ``proof`` (the ``DPoP`` header's value) for ``request`` presenting ``access_token``."""
+        try:
+            return self._verify(proof, request, access_token)
+        except InvalidDPoPProof:
+            raise
+        except Exception:  # a backstop: whatever a hostile proof makes fail is a refused proof, never a 500
+            raise InvalidDPoPProof("malformed proof") from None
+
+    def _verify(self, proof: str, request: RequestInfo, access_token: str) -> Proof:
         if "," in proof:  # servers join repeated header fields with commas; a JWS never contains one
             raise InvalidDPoPProof("more than one DPoP header")
         proof = proof.strip()
@@ -196,7 +205,8 @@ class DPoPVerifier:
             raise InvalidDPoPProof("htm does not match the request method")
         if not isinstance(htu, str) or not _same_uri(htu, request):
             raise InvalidDPoPProof("htu does not match the request URI")
-        if isinstance(iat, bool) or not isinstance(iat, int | float) or not math.isfinite(iat):
+        iat = finite_number(iat)  # None for a bool, a non-number, an integer too large for a float
+        if iat is None:
             raise InvalidDPoPProof("missing or malformed claim: iat")
         now = self._clock()
         if iat > now + self.leeway:
@@ -267,9 +277,9 @@ def _same_uri(htu: str, request: RequestInfo) -> bool:
             return False
         if (want.port or _DEFAULT_PORTS[scheme]) != (got.port or _DEFAULT_PORTS[scheme]):
             return False
-    except ValueError:  # a malformed port or authority, on either side
+        path = unquote_to_bytes(want.path or "/")
+    except ValueError:  # a malformed port or authority, on either side; a lone surrogate in the path
         return False
-    path = unquote_to_bytes(want.path or "/")
     here = request.path or "/"
     # ASGI gives the path as decoded text, WSGI as its bytes decoded as latin-1 (PEP 3333): the bytes must match
     return path in {_encoded(here, "utf-8"), _encoded(here, "latin-1")}

@@ -12,11 +12,23 @@ import math
 
 from .records import Admission, LockRequest, SessionInfo, SessionStatus, Snapshot, Ticket, TicketRecord, Verdict
 
-__all__ = ["STATUS_RETENTION", "evaluate", "is_newer", "live_risk"]
+__all__ = ["FENCE_SLACK", "STATUS_RETENTION", "evaluate", "is_newer", "live_risk", "next_fence"]
 
 #: seconds a paused, revoked or compromised session is remembered beyond its last token's expiry, so a refreshed
 #: token with the same session id cannot bring it back without an operator
 STATUS_RETENTION = 86400.0
+
+#: seconds a lock key's fencing counter outlives the key's last lock (a Redis TTL beyond the lease; SQLite prunes
+#: counters that lag the clock by more than this): how far the store clock may step back without reissuing a token
+FENCE_SLACK = 60.0
+
+
+def next_fence(last: int, now: float) -> int:
+    """The fencing token granted after ``last`` (0: none known) at store time ``now``: above ``last``, and at least
+    ``now`` in microseconds. A counter can therefore be forgotten once its key is unused (expired, pruned): the
+    next token still exceeds every token issued before, as long as the store clock moves forward. Microseconds
+    since the epoch stay below 2**53 (JSON-safe integers) until the year 2255."""
+    return max(last + 1, math.floor(now * 1_000_000))
 
 
 def is_newer(marker_at: float, marker_gen: int | None, token_iat: float | None, token_gen: int | None) -> bool:
@@ -156,7 +168,7 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
                     if h.kind != "human":
                         v.session_status[h.session_id] = "paused"
             return _deny(v, "object_locked", f"{req.key} is locked by another request", retry)
-        grants.append((req.key, req.mode, s.fences.get(req.key, 0) + 1))
+        grants.append((req.key, req.mode, next_fence(s.fences.get(req.key, 0), now)))
 
     # admitted
     for sid in evict:

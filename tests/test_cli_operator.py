@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -303,6 +304,26 @@ def test_events_ingest_is_in_the_audit_trail(site: Site, tmp_path: Path) -> None
     assert (record["code"], record["source"]) == ("revoke_session", "event:session-revoked")
 
 
+def test_control_characters_from_the_store_are_escaped(tmp_path: Path) -> None:
+    """A client's request path (an audit route) and a token's sid reach the operator's terminal escaped."""
+    site = Site(f"sqlite:///{tmp_path / 'sa.db'}")
+    try:
+        mallory = fresh("mallory")
+        assert site.code(None, "/x\x1b]0;pwned\x07\x1b[2J\x9b31mFAKE\x7f") == "missing_token"
+        assert site.code(site.token(mallory, sid="s\x1b[2J\r\n1")) == "ok"
+        audit, sessions, marked = site.cli_all(("audit",), ("sessions", mallory), ("compromise", "--sub", mallory))
+        for result in (audit, sessions, marked):
+            out = ok(result)
+            assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", out), out
+        assert "/x\\x1b]0;pwned\\x07\\x1b[2J\\x9b31mFAKE\\x7f" in ok(audit)
+        assert "s\\x1b[2J\\x0d\\x0a1" in ok(sessions)
+        assert ok(marked).splitlines()[1:] == ["  s\\x1b[2J\\x0d\\x0a1"]
+        route = [r["route"] for r in json.loads(ok(site.cli("audit", "--json"))) if r["code"] == "missing_token"]
+        assert route == ["/x\x1b]0;pwned\x07\x1b[2J\x9b31mFAKE\x7f"]  # --json keeps the value (JSON-escaped)
+    finally:
+        site.close()
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 
@@ -339,6 +360,23 @@ def test_errors_are_one_clear_line_and_an_exit_status(tmp_path: Path) -> None:
         if status == 1:
             assert len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "missing.db").exists()  # the CLI never creates an empty store
+
+
+def test_a_store_uri_that_does_not_parse_is_a_usage_error(tmp_path: Path) -> None:
+    key = tmp_path / "tx.pem"
+    key.write_text(generate_rsa_key()[1])
+    cases: list[tuple[tuple[str, ...], str | None]] = [
+        (("locks", "--store", "redis://[::1"), None),
+        (("audit",), "sqlite://[::1/sa.db"),
+        (("sessions", "alice", "--store", "redis://::1]:6379"), None),
+        (("events", "ingest", "-", "--store", "redis://[::1", "--issuer", "https://idp.example",
+          "--audience", "rp", "--keys", str(key)), None),
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda c: run(*c[0], store=c[1]), cases))
+    for result in results:
+        err = fails(result, 2, "Invalid value for '--store': not a store URI")
+        assert [line for line in err.splitlines() if line.startswith("Error")] == [err.strip().splitlines()[-1]]
 
 
 def test_store_option_wins_over_the_environment(tmp_path: Path) -> None:

@@ -232,6 +232,9 @@ def _bad_proofs(holder: Holder, other: Holder, token: str) -> dict[str, str]:
         "empty objects": "e30.e30.e30",
         "payload not JSON": unsigned_proof(good_header, payload)[:-1].rsplit(".", 1)[0] + ".bm90IGpzb24.c2ln",
         "oversized": holder.proof("GET", URL, token, pad="x" * 9000),
+        "huge iat": holder.proof("GET", URL, token, iat=10 ** 400),
+        "lone surrogate in jwk": holder.proof("GET", URL, token, header={"jwk": {**holder.jwk, "x": "\ud800"}}),
+        "lone surrogate in htu": holder.proof("GET", URL + "/\ud800", token),
     }
 
 
@@ -246,7 +249,8 @@ BAD_PROOFS = ["wrong htm", "lower-case htm", "wrong htu path", "wrong htu host",
               "future iat", "string iat", "no iat", "no jti", "empty jti", "no htu", "no ath", "wrong ath",
               "bad signature", "private key in jwk", "no jwk", "typ JWT", "crit header", "alg none",
               "alg none, no signature", "HS256", "RSA 1024", "curve mismatch", "two DPoP headers", "not a JWS",
-              "empty", "empty objects", "payload not JSON", "oversized"]
+              "empty", "empty objects", "payload not JSON", "oversized", "huge iat", "lone surrogate in jwk",
+              "lone surrogate in htu"]
 
 
 def test_bad_proof_cases_are_all_listed(bad_proofs: tuple[str, dict[str, str]]) -> None:
@@ -260,6 +264,17 @@ def test_bad_proof_is_invalid_dpop_proof(guard: Guard, bad_proofs: tuple[str, di
     assert denial.detail.startswith("invalid DPoP proof: ")
     assert challenge(denial).startswith('DPoP error="invalid_dpop_proof"')
     assert guard.sessions("alice") == []
+
+
+def test_unexpected_failure_while_checking_a_proof_is_a_malformed_proof(holder: Holder) -> None:
+    def broken_clock() -> float:
+        raise RuntimeError("clock unavailable")
+
+    verifier = DPoPVerifier(clock=broken_clock)
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    request = req(token, proof=holder.proof("GET", URL, token))
+    with pytest.raises(InvalidDPoPProof, match=r"^malformed proof$"):
+        verifier.verify(request.headers["dpop"], request, token)
 
 
 def test_proof_detail_never_echoes_the_token_or_the_proof(guard: Guard, issuer: DemoIssuer, holder: Holder) -> None:

@@ -98,12 +98,12 @@ def _post(url: str, token: str | None, body: dict[str, Any], timeout: float) -> 
             answer = json.loads(data)
             if isinstance(answer, dict) and isinstance(answer.get("err"), str):
                 detail = f": {answer['err'][:64]}"
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         raise PollError(f"the transmitter refused the poll with HTTP {status}{detail}")
     try:
         answer = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         raise PollError("the transmitter's answer is not JSON") from None
     if not isinstance(answer, dict) or not isinstance(answer.get("sets", {}), dict):
         raise PollError("the transmitter's answer has no sets object")

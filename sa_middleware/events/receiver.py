@@ -27,6 +27,7 @@ import hmac
 import http
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -51,6 +52,7 @@ log = logging.getLogger("sa_middleware.events")
 
 _Response = tuple[int, list[tuple[str, str]], bytes]
 _MEDIA_TYPE = "application/secevent+jwt"
+_LENGTH = re.compile(r"[0-9]{1,18}")  # a Content-Length value
 
 
 def _error(err: str, description: str) -> _Response:
@@ -203,7 +205,8 @@ class SSFReceiver:
         if media_type != _MEDIA_TYPE:
             return _error("invalid_request", f"the body must be a SET sent as {_MEDIA_TYPE}")
         length = headers.get("content-length")
-        if length is not None and (not length.strip().isdigit() or int(length) > self.max_bytes):
+        # ASCII digits only (str.isdigit() takes "²", which int() refuses), and few of them (int() refuses 4300+)
+        if length is not None and (not _LENGTH.fullmatch(length.strip()) or int(length) > self.max_bytes):
             return _error("invalid_request", "the SET is too large")
         return None
 

@@ -341,6 +341,7 @@ class RedisStore(Store):
         self._sha = hashlib.sha1(self._script.encode()).hexdigest()
         self._issued: dict[str, _Issued] = {}
         self._issued_lock = threading.Lock()
+        self._give_backs: set[asyncio.Task[None]] = set()  # compensations of cancelled admissions, still running
         self._sync_client: Any = None
         self._sync_lock = threading.Lock()
         # cluster and Sentinel pools refuse at once when full: calls wait for a free connection here instead (up to
@@ -670,7 +671,29 @@ class RedisStore(Store):
         return self._drive(self._admit(admission))
 
     async def aadmit(self, admission: Admission) -> Ticket | Denial:
-        return await self._aop(lambda: self._admit(admission))
+        if not self._on_asyncio():
+            return await self._run(lambda: self._drive(self._admit(admission)))
+        try:
+            return await self._adrive(self._admit(admission))
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled (or interrupted) mid-flight: its calls may have run
+                self._give_back_later(admission)
+            raise
+
+    def _give_back_later(self, a: Admission) -> None:
+        """After a cancelled :meth:`aadmit`: the caller never gets the ticket, so take back what the admission may
+        have written (as after a timeout), in a background task bounded by the timeout."""
+        with self._issued_lock:
+            self._issued.pop(a.ticket_id, None)
+        undo = {"a": self._spec(a), "pause": False} if self.cluster else None
+
+        async def give_back() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._adrive(self._give_back(a, undo=undo)), self.timeout)
+
+        task = asyncio.get_running_loop().create_task(give_back())
+        self._give_backs.add(task)
+        task.add_done_callback(self._give_backs.discard)
 
     def _admit(self, a: Admission) -> _Flow[Ticket | Denial]:
         spec = self._spec(a)

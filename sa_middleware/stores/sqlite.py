@@ -40,7 +40,7 @@ from ..records import (
     TicketRecord,
     Verdict,
 )
-from ..rules import STATUS_RETENTION, evaluate, live_risk
+from ..rules import FENCE_SLACK, STATUS_RETENTION, evaluate, live_risk
 from .base import Store
 
 __all__ = ["SQLiteStore"]
@@ -278,7 +278,36 @@ class SQLiteStore(Store):
         done, verdict = self._try_inline(lambda conn, now: self._admit(conn, now, admission, prune=False))
         if done and verdict is not None:
             return _outcome(verdict)
-        return await super().aadmit(admission)
+        # a cancelled caller never gets the ticket the worker may still commit: whoever comes second (the worker
+        # finishing, or the cancelled caller) releases it
+        state = {"finished": False, "abandoned": False}
+        guard = threading.Lock()
+
+        def work() -> Ticket | Denial:
+            try:
+                return self.admit(admission)
+            finally:
+                with guard:
+                    state["finished"] = True
+                    abandoned = state["abandoned"]
+                if abandoned:
+                    self._give_back(admission.ticket_id)
+
+        try:
+            return await self._run(work)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled (or interrupted)
+                with guard:
+                    state["abandoned"] = True
+                    finished = state["finished"]
+                if finished:
+                    threading.Thread(target=self._give_back, args=(admission.ticket_id,), daemon=True,
+                                     name="sa-middleware-sqlite-give-back").start()
+            raise
+
+    def _give_back(self, ticket_id: str) -> None:
+        with suppress(StoreError):  # StoreUnavailable too: what is left ends with the lease
+            self.release(ticket_id)
 
     async def arelease(self, ticket_id: str) -> None:
         done, _ = self._try_inline(lambda conn, now: self._release(conn, ticket_id))
@@ -431,6 +460,9 @@ class SQLiteStore(Store):
         self._last_prune = now
         for table in ("tickets", "locks", "sessions", "jtis", "events_seen"):
             conn.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
+        # fencing counters of keys without a live lock that lag the clock: rules.next_fence restarts above them
+        conn.execute("DELETE FROM fences WHERE value < ? AND key NOT IN (SELECT key FROM locks)",
+                     (math.floor((now - FENCE_SLACK) * 1_000_000),))
         self._prune_audit(conn, now)
 
     def release(self, ticket_id: str) -> None:

@@ -44,6 +44,7 @@ from django.test import Client, RequestFactory, override_settings
 from django.urls import path
 from django.utils.decorators import method_decorator
 from django.views import View
+from dpop_support import Authority, Holder
 from support import WAIT, Served, Tracker, sub
 
 from sa_middleware import CODES, Guard, Policy, StoreUnavailable
@@ -639,6 +640,74 @@ def counting(issuer: DemoIssuer, tmp_path: Path) -> Iterator[tuple[Guard, Counti
 def get(url: str, token: str | None) -> Any:
     headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token else {}
     return RequestFactory().get(url, REMOTE_ADDR="127.0.0.1", **headers)
+
+
+def asgi_get(url: str, headers: dict[str, str], *, scheme: str = "https", cert: str | None = None) -> tuple[int, bytes]:
+    """GET ``url`` through Django's ASGI handler with a hand-made scope (a TLS client certificate, as a server
+    reports it in the ``tls`` extension): the status and the body."""
+    scope: dict[str, Any] = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": scheme,
+        "path": url, "raw_path": url.encode(), "root_path": "", "query_string": b"", "server": ("testserver", 443),
+        "client": ("127.0.0.1", 5000),
+        "headers": [(b"host", b"testserver"), *((k.lower().encode(), v.encode()) for k, v in headers.items())],
+        "extensions": {"tls": {"client_cert_chain": [cert] if cert else [], "server_cert": None,
+                               "tls_version": 0x0304, "cipher_suite": None}}}
+    sent: list[dict[str, Any]] = []
+    incoming = [{"type": "http.request", "body": b""}]
+
+    async def receive() -> dict[str, Any]:
+        if incoming:
+            return incoming.pop()
+        await asyncio.Event().wait()  # no disconnect: Django cancels this once the response is sent
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(ASGIHandler()(scope, receive, send))
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_asgi_request_keeps_its_scheme_and_client_certificate(counting: tuple[Guard, CountingStore],
+                                                               issuer: DemoIssuer, tmp_path: Path) -> None:
+    holder, client = Holder("ES256"), Authority(tmp_path).issue("client")
+    dpop_token = issuer.token(sub(), cnf={"jkt": holder.jkt})
+    url = "https://testserver/whoami"
+    status, body = asgi_get("/whoami", {"authorization": f"DPoP {dpop_token}",
+                                        "dpop": holder.proof("GET", url, dpop_token)})
+    assert status == 200, body
+    status, body = asgi_get("/whoami", {"authorization": f"DPoP {dpop_token}",
+                                        "dpop": holder.proof("GET", "http://testserver/whoami", dpop_token)})
+    assert status == 401 and b"htu does not match" in body
+    cert_token = issuer.token(sub(), cnf={"x5t#S256": client.x5t})
+    status, body = asgi_get("/whoami", {"authorization": f"Bearer {cert_token}"}, cert=client.cert_pem)
+    assert status == 200, body
+    status, body = asgi_get("/whoami", {"authorization": f"Bearer {cert_token}"})
+    assert status == 401 and b"none was presented" in body
+
+
+def test_script_name_dpop_htu_is_the_full_path_and_the_table_uses_path_info(issuer: DemoIssuer,
+                                                                            tmp_path: Path) -> None:
+    holder = Holder("ES256")
+    token = issuer.token(sub(), cnf={"jkt": holder.jkt})
+
+    def mounted(url: str, proof: str | None = None) -> Any:
+        headers = {"HTTP_AUTHORIZATION": f"DPoP {token}", "HTTP_DPOP": proof} if proof else {}
+        return RequestFactory().get(url, SCRIPT_NAME="/app", REMOTE_ADDR="127.0.0.1", **headers)
+
+    def view(request: Any) -> HttpResponse:
+        return HttpResponse(request.path)
+
+    table = {"GET /open-404": Policy(public=True), "GET /docs/{id}": Policy(scopes={"x"})}
+    with override_settings(SA_MIDDLEWARE=options(issuer, tmp_path, policies=table)):
+        middleware = SessionAwareMiddleware(view)
+        response = middleware(mounted("/whoami", holder.proof("GET", "http://testserver/app/whoami", token)))
+        assert response.status_code == 200 and response.content == b"/app/whoami"
+        response = middleware(mounted("/whoami", holder.proof("GET", "http://testserver/whoami", token)))
+        assert response.status_code == 401 and b"htu does not match" in response.content
+        assert middleware(mounted("/open-404")).status_code == 200  # unmatched: the table entry, by path_info
+        response = middleware(mounted("/docs/3", holder.proof("GET", "http://testserver/app/docs/3", token)))
+        assert response.status_code == 403 and b"insufficient_scope" in response.content  # matched: idem
 
 
 def test_sync_and_async_capable() -> None:

@@ -685,6 +685,12 @@ def test_unrouted_and_wrong_method_fail_closed(site: Site) -> None:
     check_unrouted(site)
 
 
+def test_a_path_a_convertor_refuses_fails_closed(site: Site) -> None:
+    # Starlette's int convertor raises ValueError on 4300+ digits while matching: no route, so the table decides
+    problem(site.request("GET", "/items/" + "9" * 5000), 401, "missing_token")
+    problem(site.request("GET", "/sub/things/" + "9" * 5000), 401, "missing_token")
+
+
 def test_release_on_exception(site: Site) -> None:
     check_release_on_exception(site)
 

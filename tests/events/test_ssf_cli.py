@@ -43,6 +43,7 @@ class PollTransmitter:
         self.ignore_first_ack: set[str] = set()  # an acknowledgement "lost" once: the SET is delivered again
         self.fail_next = 0  # answer 503 to this many requests
         self.holding = threading.Event()  # set while a long poll is held
+        self.raw_answer: tuple[str, bytes] | None = None  # answer every poll with this status and JSON body
         self._changed = threading.Condition()
 
     def add(self, set_token: str) -> str:
@@ -62,6 +63,10 @@ class PollTransmitter:
             return self._answer("401 Unauthorized", {"err": "authentication_failed"}, start_response)
         assert environ["REQUEST_METHOD"] == "POST" and environ["CONTENT_TYPE"] == "application/json"
         body = json.loads(environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"])))
+        if self.raw_answer is not None:
+            status, payload = self.raw_answer
+            start_response(status, [("content-type", "application/json"), ("content-length", str(len(payload)))])
+            return [payload]
         with self._changed:
             self.requests.append(body)
             if self.fail_next:
@@ -234,6 +239,19 @@ def test_poll_refused_by_the_transmitter(transmitter: tuple[PollTransmitter, str
     assert result.returncode == 1
     assert "refused the poll with HTTP 401: authentication_failed" in result.stderr
     assert "wrong-token" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("status", ["200 OK", "400 Bad Request"])
+def test_poll_answer_nested_too_deep_is_a_poll_error(transmitter: tuple[PollTransmitter, str], setup: dict[str, Any],
+                                                     idp: DemoIssuer, tx: Transmitter, status: str) -> None:
+    endpoint, url = transmitter
+    endpoint.raw_answer = (status, b"[" * 200_000)  # json.loads raises RecursionError, not ValueError
+    result = cli(setup, idp, tx, "poll", "--url", url, "--once")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    expected = "not JSON" if status.startswith("200") else "refused the poll with HTTP 400"
+    assert expected in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_poll_needs_an_http_url_and_one_key_source(setup: dict[str, Any], idp: DemoIssuer,

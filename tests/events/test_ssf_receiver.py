@@ -7,12 +7,16 @@ malformed SETs, each with its RFC 8935 error code.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -349,6 +353,28 @@ def test_transport_refusals(site: Site) -> None:
     set_error(site.push("x" * 70000), "invalid_request")  # over max_bytes
     resp = httpx.get(site.base + RECEIVER_PATH, timeout=WAIT)
     assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"9" * 5000])  # SUPERSCRIPT TWO (str.isdigit()); 4300+ digits
+def test_a_content_length_int_refuses_is_invalid_request(site: Site, length: bytes) -> None:
+    host, port = site.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=WAIT) as conn:
+        conn.sendall(b"POST " + RECEIVER_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Type: application/secevent+jwt\r\nContent-Length: " + length + b"\r\n\r\nxx")
+        status_line = conn.makefile("rb").readline()
+    assert status_line.split()[1] == b"400", status_line  # the receiver's, or the server's own refusal
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"xx"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": RECEIVER_PATH,
+             "headers": [(b"content-type", b"application/secevent+jwt"), (b"content-length", length)]}
+    asyncio.run(site.receiver(scope, receive, send))
+    assert sent[0]["status"] == 400 and json.loads(sent[1]["body"])["err"] == "invalid_request"
 
 
 def test_push_authorization(site: Site) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import subprocess
 import threading
@@ -439,7 +440,9 @@ def audit_scenario(store: Store, tid: str) -> None:
 
 
 def trail(store: Store, **filters: Any) -> list[tuple[Any, ...]]:
-    return [(r.kind, r.code, r.source, r.sub, r.session_id, r.route, r.detail) for r in store.audit(**filters)]
+    # fencing tokens follow each store's clock (rules.next_fence): compare where they appear, not their values
+    return [(r.kind, r.code, r.source, r.sub, r.session_id, r.route, re.sub(r"#\d+", "#<fence>", r.detail))
+            for r in store.audit(**filters)]
 
 
 @pytest.mark.parametrize("kind", ["redis", "cluster"])
@@ -611,6 +614,47 @@ async def test_async_operations_never_use_a_worker_thread(shared_uri: str, monke
         await store.aclose()
 
 
+@pytest.mark.anyio
+async def test_a_cancelled_aadmit_gives_back_its_ticket_and_locks(server: RedisServer,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An admission cancelled while its script is on its way (an outer timeout, a cancel scope) still runs on the
+    server; nobody gets the ticket to release it, so the store takes back its lock and in-flight slot itself."""
+    import asyncio
+
+    from redis.asyncio.connection import Connection
+
+    a = adm(locks=(LockRequest("order:1"),), lease=300.0, max_in_flight=1)
+    sent = asyncio.Event()
+    send = Connection.send_packed_command
+
+    async def send_and_tell(self: Connection, command: Any, check_health: bool = True) -> None:
+        await send(self, command, check_health)
+        if a.ticket_id.encode() in b"".join(command if isinstance(command, list) else [command]):
+            sent.set()  # the admission's script is in the paused server's socket buffer
+
+    store = open_store(private_uri(server, timeout="5"))
+    try:
+        warm = await store.aadmit(adm(session_id="warm"))  # connected, script loaded
+        assert isinstance(warm, Ticket)
+        await store.arelease(warm.ticket_id)
+        monkeypatch.setattr(Connection, "send_packed_command", send_and_tell)
+        server.pause()
+        try:
+            task = asyncio.create_task(store.aadmit(a))
+            await asyncio.wait_for(sent.wait(), WAIT)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            server.resume()
+        await asyncio.wait_for(asyncio.gather(*store._give_backs), WAIT)  # type: ignore[attr-defined]
+        assert await store.alocks() == []
+        assert isinstance(await store.aadmit(adm(sub="bob", locks=(LockRequest("order:1"),))), Ticket)
+        assert isinstance(await store.aadmit(adm(session_id="alice-2", max_in_flight=1)), Ticket)
+    finally:
+        await store.aclose()
+
+
 # ---------------------------------------------------------------------------------------------------- many hosts
 
 def test_an_operation_on_one_host_refuses_the_next_request_on_another(shared_uri: str) -> None:
@@ -701,6 +745,38 @@ def test_refused_locks_leave_no_trace(kind: str, tmp_path: Path) -> None:
             refused(store, "session_paused", sub="bot", kind="agent", session_id="bot-1")
             store.release(held.ticket_id)
             ok(store, sub="carol", locks=both)
+    finally:
+        forget_prefix(uri)
+
+
+@pytest.mark.parametrize("kind", ["redis", "cluster"])
+def test_fencing_counters_expire_and_tokens_keep_increasing(kind: str, tmp_path: Path) -> None:
+    """Lock keys come from path parameters: the counter of each key lives its lease plus FENCE_SLACK (refreshed by a
+    renewal), so made-up ids leave nothing behind; a forgotten counter restarts above every token issued before."""
+    from sa_middleware.rules import FENCE_SLACK
+
+    uri = store_uri(kind, tmp_path)
+    try:
+        with opened(uri) as store:
+            client = store._client()
+            keys = [f"order:{uuid.uuid4().hex}" for _ in range(10)]  # ids chosen by a client
+            fences: dict[str, int] = {}
+            for key in keys:
+                ticket = ok(store, locks=(LockRequest(key),), lease=30.0)
+                fences[key] = ticket.fencing_tokens[key]
+                store.release(ticket.ticket_id)
+            bound = (30.0 + FENCE_SLACK + 1.0) * 1000
+            for key in keys:
+                assert 0 < client.pttl(store._key("l", key) + ":f") <= bound
+            held = ok(store, locks=(LockRequest(keys[0]),), lease=1.0)
+            assert held.fencing_tokens[keys[0]] > fences[keys[0]]
+            store.renew([held.ticket_id], 300.0)
+            assert client.pttl(store._key("l", keys[0]) + ":f") > 300_000  # a renewal keeps the counter too
+            store.release(held.ticket_id)
+            client.delete(store._key("l", keys[1]) + ":f")  # as if its TTL ran out
+            again = ok(store, sub="bob", locks=(LockRequest(keys[1]),)).fencing_tokens[keys[1]]
+            assert again > fences[keys[1]]
+            assert isinstance(again, int) and again < 2**53
     finally:
         forget_prefix(uri)
 

@@ -97,11 +97,13 @@ async def test_inline_off_uses_worker_threads(tmp_path: Path, monkeypatch: pytes
 def test_many_inline_commits_with_checkpoints_leave_a_sound_database(tmp_path: Path) -> None:
     db = tmp_path / "sa.db"
     store = SQLiteStore(str(db))
+    fences: list[int] = []
 
     async def churn() -> None:
         for i in range(600):  # more than two checkpoint rounds
             ticket = await store.aadmit(admission(session_id=f"s-{i % 3}"))
             assert isinstance(ticket, Ticket), ticket
+            fences.append(ticket.fencing_tokens["object:1"])
             await store.arelease(ticket.ticket_id)
 
     try:
@@ -112,9 +114,75 @@ def test_many_inline_commits_with_checkpoints_leave_a_sound_database(tmp_path: P
     try:
         assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert check.execute("SELECT count(*) FROM tickets").fetchone() == (0,)
-        assert check.execute("SELECT value FROM fences WHERE key = 'object:1'").fetchone() == (600,)
+        assert check.execute("SELECT value FROM fences WHERE key = 'object:1'").fetchone() == (fences[-1],)
+        assert len(set(fences)) == 600 and fences == sorted(fences)
     finally:
         check.close()
+
+
+def test_fencing_counters_of_unused_keys_are_pruned_and_tokens_keep_increasing(tmp_path: Path) -> None:
+    # lock keys come from path parameters: one counter per made-up id must not stay forever
+    from sa_middleware.rules import FENCE_SLACK
+
+    now = [time.time()]
+    store = SQLiteStore(str(tmp_path / "sa.db"), clock=lambda: now[0])
+    try:
+        held = store.admit(admission(session_id="held", lease=3600.0, locks=(LockRequest("held"),)))
+        assert isinstance(held, Ticket)
+        fences: dict[str, int] = {}
+        for i in range(20):
+            ticket = store.admit(admission(locks=(LockRequest(f"order:{i}"),)))
+            assert isinstance(ticket, Ticket), ticket
+            fences[f"order:{i}"] = ticket.fencing_tokens[f"order:{i}"]
+            store.release(ticket.ticket_id)
+        now[0] += FENCE_SLACK + 30.0  # past the slack and the sweep interval
+        again = store.admit(admission(sub="bob", session_id="bob-1", locks=(LockRequest("order:0"),)))
+        assert isinstance(again, Ticket), again
+        assert again.fencing_tokens["order:0"] > fences["order:0"]
+        check = sqlite3.connect(tmp_path / "sa.db")
+        try:
+            assert sorted(k for (k,) in check.execute("SELECT key FROM fences")) == ["held", "order:0"]
+        finally:
+            check.close()
+    finally:
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_threaded_aadmit_gives_back_what_its_worker_committed(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    store = SQLiteStore(str(tmp_path / "sa.db"), timeout=30.0)
+    waiting, given_back = threading.Event(), threading.Event()
+    admit, give_back = store.admit, store._give_back
+
+    def admit_and_tell(a: Admission) -> Ticket | Denial:
+        waiting.set()  # in the worker thread, about to wait for the write lock
+        return admit(a)
+
+    def give_back_and_tell(ticket_id: str) -> None:
+        give_back(ticket_id)
+        given_back.set()
+
+    store.admit = admit_and_tell  # type: ignore[method-assign]
+    store._give_back = give_back_and_tell  # type: ignore[method-assign]
+    blocker = sqlite3.connect(tmp_path / "sa.db", isolation_level=None)
+    try:
+        store.locks()  # the schema exists
+        blocker.execute("BEGIN IMMEDIATE")  # the admission cannot run inline: it goes to a worker thread
+        task = asyncio.create_task(store.aadmit(admission(lease=300.0)))
+        assert await anyio.to_thread.run_sync(waiting.wait, 20.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        blocker.execute("COMMIT")  # the worker commits its ticket now, for a caller that is gone
+        assert await anyio.to_thread.run_sync(given_back.wait, 20.0)
+        assert store.locks() == []
+        assert isinstance(await store.aadmit(admission(sub="bob", session_id="bob-1")), Ticket)
+    finally:
+        blocker.close()
+        store.close()
 
 
 def test_uri_options(tmp_path: Path) -> None:

@@ -58,9 +58,9 @@ function sa.snapshot(a, now, since, facts)
     s.session = {id = a.sid, s = facts.idx.o, st = facts.idx.st or 'active', l = 0, e = 0, c = 0}
   end
   if s.p.ma ~= nil then s.markers[#s.markers + 1] = {at = s.p.ma, gen = s.p.mg} end
-  if facts.actor_ma ~= nil then s.markers[#s.markers + 1] = {at = facts.actor_ma} end
-  if facts.cred_ma ~= nil then s.markers[#s.markers + 1] = {at = facts.cred_ma} end
-  if facts.dev_ma ~= nil then s.markers[#s.markers + 1] = {at = facts.dev_ma} end
+  if facts.actor_ma ~= nil then s.markers[#s.markers + 1] = {at = tonumber(facts.actor_ma)} end
+  if facts.cred_ma ~= nil then s.markers[#s.markers + 1] = {at = tonumber(facts.cred_ma)} end
+  if facts.dev_ma ~= nil then s.markers[#s.markers + 1] = {at = tonumber(facts.dev_ma)} end
   s.dev_ok = facts.dev_ok
   s.jti_seen = facts.jti == true
   return s
@@ -219,7 +219,7 @@ function sa.evaluate(a, s, with_locks)
         end
         return deny(v, 'object_locked', lock .. ' is locked by another request', sa.seconds(soonest - now))
       end
-      v.grants[#v.grants + 1] = {lock, mode, s.fences[lock] + 1}
+      v.grants[#v.grants + 1] = {lock, mode, sa.next_fence(s.fences[lock], now)}
     end
   end
 
@@ -443,7 +443,7 @@ sa.ops.lock = function(p, now, since)
       end
       return {ok = 0, key = lock, r = sa.seconds(soonest - now), h = who}
     end
-    checked[#checked + 1] = {lock, mode, sa.fence(lock, since) + 1}
+    checked[#checked + 1] = {lock, mode, sa.next_fence(sa.fence(lock, since), now)}
   end
   for _, g in ipairs(checked) do
     sa.grant(g[1], g[2], g[3], p, expires, now)
@@ -536,7 +536,10 @@ sa.ops.renew = function(p, now, since)
         end
       end
     end
-    if renewed then sa.keep(key, p.lease) end
+    if renewed then
+      sa.keep(key, p.lease)
+      if item[1] == 'l' then sa.keep(sa.key('l', item[2], ':f'), p.lease + sa.FENCE_SLACK) end
+    end
   end
   return {ok = 1}
 end

@@ -198,7 +198,11 @@ function sa.update_status(sub, sid, status, now, writer)
 end
 
 -- lock holders (live) and the fencing counter of one lock key; after a state loss the counter starts above every
--- fencing token issued before it (the loss time in microseconds; 0 for a bootstrapped store)
+-- fencing token issued before it (the loss time in microseconds; 0 for a bootstrapped store). The counter lives
+-- FENCE_SLACK seconds past its key's last lease (rules.FENCE_SLACK): a token is never below the clock in
+-- microseconds (sa.next_fence, rules.next_fence), so a forgotten counter restarts above every token issued before.
+local FENCE_SLACK = 60.0
+sa.FENCE_SLACK = FENCE_SLACK
 function sa.holders(lock, now)
   return sa.records(sa.key('l', lock), now, true)
 end
@@ -206,6 +210,10 @@ end
 function sa.fence(lock, since)
   local f = tonumber(redis.call('GET', sa.key('l', lock, ':f')) or '0')
   return math.max(f, math.floor(since * 1000000)) -- a restored (older) counter also resumes above the loss
+end
+
+function sa.next_fence(last, now)
+  return math.max(last + 1, math.floor(now * 1000000))
 end
 
 function sa.blocking(holders, mode, tid)
@@ -218,7 +226,9 @@ end
 
 function sa.grant(lock, mode, fence, who, expires, now)
   local hk = sa.key('l', lock)
-  redis.call('SET', sa.key('l', lock, ':f'), sa.fmt(fence))
+  local fk = sa.key('l', lock, ':f')
+  redis.call('SET', fk, sa.fmt(fence), 'KEEPTTL')
+  sa.keep(fk, expires - now + FENCE_SLACK)
   redis.call('HSET', hk, who.tid, sa.enc({key = lock, m = mode, s = who.sub, sid = who.sid, k = who.kind, f = fence,
                                           e = expires}))
   sa.keep(hk, expires - now)
@@ -231,14 +241,15 @@ end
 -- facts that live outside the principal's slot: a device, a credential, an actor, a one-time jti. In a cluster the
 -- store reads them with the `facts` operation on their own slot before the principal step; on one server the
 -- admission script reads them itself. Devices, credentials and actors also index the principals that use them,
--- so a compromise can find every related context.
+-- so a compromise can find every related context. Marker times stay strings (as stored, 17 significant digits):
+-- in a cluster they travel through cjson, which keeps only 14; sa.snapshot converts them.
 function sa.fact(item, sub, keep_for, out)
   local t, id = item[1], item[2]
   if t == 'dev' then
     local key = sa.key('d', id)
     local v = redis.call('HMGET', key, 'ok', 'ma')
     if v[1] then out.dev_ok = (v[1] == '1') end
-    if v[2] then out.dev_ma = tonumber(v[2]) end
+    if v[2] then out.dev_ma = v[2] end
     if sub ~= nil then
       redis.call('SADD', key .. ':ix', sub)
       sa.keep(key .. ':ix', keep_for)
@@ -246,14 +257,14 @@ function sa.fact(item, sub, keep_for, out)
   elseif t == 'cred' then
     local key = sa.key('c', id)
     local v = redis.call('HGET', key, 'ma')
-    if v then out.cred_ma = tonumber(v) end
+    if v then out.cred_ma = v end
     if sub ~= nil then
       redis.call('SADD', key .. ':ix', sub)
       sa.keep(key .. ':ix', keep_for)
     end
   elseif t == 'actor' then
     local v = redis.call('HGET', sa.key('p', id), 'ma')
-    if v then out.actor_ma = tonumber(v) end
+    if v then out.actor_ma = v end
     if sub ~= nil then
       local ax = sa.key('p', id, ':ax')
       redis.call('SADD', ax, sub)
