@@ -659,3 +659,9 @@ def test_claim_strings_that_cannot_be_stored_are_invalid_token(guard: Guard, cla
 def test_bad_auth_time_is_invalid_token(guard: Guard, auth_time: Any) -> None:
     denied(guard.admit(request("POST", "/mfa", token(auth_time=auth_time, acr="urn:example:mfa"))),
            "invalid_token")
+
+
+@pytest.mark.parametrize("uri", ["redis://[::1", "sqlite:///x.db?audit_retention=soon", "nosuch://x"])
+def test_a_store_uri_that_does_not_parse_is_a_configuration_error(uri: str) -> None:
+    with pytest.raises(ConfigurationError):
+        make_guard(uri)

@@ -310,12 +310,15 @@ def open_store(uri: str | Store, **options: Any) -> Store:
         return uri
     if not isinstance(uri, str) or "://" not in uri:
         raise ConfigurationError(f"store must be a URI like 'sqlite:///sa.db' or a Store, not {uri!r}")
-    scheme = urlsplit(uri).scheme.lower()
+    try:
+        scheme = urlsplit(uri).scheme.lower()
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+        raise ConfigurationError(f"store URI does not parse: {exc}") from None
+    uri, audit = _audit_options(uri)
     factory = _SCHEMES.get(scheme) or _builtin(scheme)
     if factory is None:
         known = sorted({"memory", "sqlite", *_REDIS_SCHEMES, *_SCHEMES})
         raise ConfigurationError(f"unknown store scheme {scheme!r}; known: {', '.join(known)}")
-    uri, audit = _audit_options(uri)
     store = factory(uri, **options)
     try:
         store.configure_audit(**audit)
