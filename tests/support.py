@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
@@ -48,6 +48,22 @@ def make_guard(issuer: DemoIssuer, store: Any, **options: Any) -> Guard:
 def sub() -> str:
     """A fresh principal name."""
     return f"u-{uuid.uuid4().hex[:8]}"
+
+
+JSON_SAFE = 2**53 - 1  # the largest integer a JSON (IEEE double) reader keeps exact
+
+
+def assert_fences(actual: Mapping[str, int], keys: Iterable[str], after: Mapping[str, int] | None = None) -> None:
+    """``actual`` (a context's ``fencing_tokens``) holds exactly the lock ``keys``, each token an int in
+    ``1..2**53-1``; with ``after`` (an earlier holder's tokens), each token is strictly greater than that holder's
+    token of the same key. Exact values are not asserted: a token is ``max(last + 1, store time in microseconds)``."""
+    expected = set(keys)
+    assert set(actual) == expected, f"fenced keys {sorted(actual)} != {sorted(expected)}"
+    for key, token in actual.items():
+        assert type(token) is int and 0 < token <= JSON_SAFE, f"fencing token of {key!r}: {token!r}"
+        if after is not None:
+            assert key in after, f"no earlier fencing token of {key!r} in {dict(after)}"
+            assert token > after[key], f"fencing token of {key!r}: {token} not above the earlier {after[key]}"
 
 
 # -- gates, and knowing when the middleware has finished a request -------------------------------------------------
