@@ -3,7 +3,8 @@
 A Starlette app with a view per policy (``@policy`` on the endpoints; ``?hold=NAME`` parks a view at a gate until
 the test releases it) runs behind the adapter under uvicorn, wrapped from outside by a ``Tracker`` that tells when
 the app (and so the middleware's release) has finished a request (``?rid=ID``). Websockets are driven at the ASGI
-level through the same app: the venv's uvicorn has no websocket implementation installed.
+level through the same app here (exact message sequences); ``test_starlette_websocket_server.py`` runs them through
+uvicorn with a real websocket client.
 
 The bodies shared with ``test_fastapi.py`` (the denial table, the context, streams, the five behaviours) take a
 ``make`` factory that builds a fresh :class:`Site` (own Guard, own SQLite file) for the framework under test.
