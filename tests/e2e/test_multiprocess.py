@@ -11,8 +11,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,116 +25,25 @@ import httpx
 import pytest
 
 from sa_middleware.stores import open_store
-from sa_middleware.tokens import generate_rsa_key, mint_token
+
+from .mp_server import Issuer, ServerPool, headers
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-ISSUER = "https://idp.mp.test"  # keep equal to tests/e2e/mp_server.py
-AUDIENCE = "mp-test"
 SERVERS = 3
 THREADS = 24
 PER_SCENARIO = 300
-READY_TIMEOUT = 20.0
 CRASH_LEASE = 2.0
 
 
-# -- issuer and servers ------------------------------------------------------------------------------------------
+# -- issuer and servers (the harness of tests/e2e/mp_server.py, on one SQLite file) ---------------------------------
 
-class Issuer:
-    """The test's identity provider: the private key stays here, the public PEM goes to the servers."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.key, pem = generate_rsa_key()
-        self.pem_path = tmp / "issuer.pem"
-        self.pem_path.write_text(pem)
-
-    def token(self, sub: str, sid: str, **claims: Any) -> str:
-        now = int(time.time())
-        payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "sid": sid, "iat": now, "exp": now + 600,
-                   "jti": uuid.uuid4().hex, **claims}
-        return mint_token(self.key, "RS256", payload, {"kid": "mp-1"})
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    base: str = ""
-
-    def log_tail(self, chars: int = 2000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-
-class Cluster:
-    """Server processes sharing one store; stopped (terminate, then kill) by the fixture's finaliser."""
+class Cluster(ServerPool):
+    """Server processes sharing one SQLite store; stopped (terminate, then kill) by the fixture's finaliser."""
 
     def __init__(self, tmp: Path, issuer: Issuer) -> None:
-        self.tmp, self.issuer = tmp, issuer
         self.db = tmp / "store.db"
-        self.out = tmp / "out"
-        self.out.mkdir(exist_ok=True)
-        self.servers: list[Server] = []
-
-    def start(self, count: int, *, lease: float = 30.0, work_ms: float = 3.0) -> list[Server]:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        started = []
-        for _ in range(count):
-            name = f"s{len(self.servers)}"
-            log = self.tmp / f"{name}.log"
-            with log.open("wb") as fh:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "tests.e2e.mp_server", "--db", str(self.db), "--pem",
-                     str(self.issuer.pem_path), "--out", str(self.out), "--name", name, "--lease", str(lease),
-                     "--work-ms", str(work_ms)],
-                    cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-            server = Server(name, proc, log)
-            self.servers.append(server)
-            started.append(server)
-        for server in started:
-            self._wait_ready(server)
-        return started
-
-    def _wait_ready(self, server: Server) -> None:
-        """Readiness: the port file exists and ``GET /health`` answers 200 (bounded)."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        port_file = self.out / f"port-{server.name}"
-        while time.monotonic() < deadline:
-            if server.proc.poll() is not None:
-                pytest.fail(f"server {server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
-            if port_file.exists():
-                server.base = f"http://127.0.0.1:{port_file.read_text().strip()}"
-                try:
-                    if httpx.get(server.base + "/health", timeout=1.0).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.05)
-        pytest.fail(f"server {server.name} not ready within {READY_TIMEOUT}s:\n{server.log_tail()}")
-
-    def stop(self) -> None:
-        for server in self.servers:
-            if server.proc.poll() is None:
-                server.proc.terminate()
-        for server in self.servers:
-            try:
-                server.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
-                server.proc.wait(5)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {s.name} (pid {s.proc.pid}):\n{s.log_tail()}" for s in self.servers)
-
-    def records(self) -> list[dict[str, Any]]:
-        rows = []
-        for path in sorted(self.out.glob("admitted-*.jsonl")):
-            rows.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
-        return rows
+        super().__init__(tmp, issuer, f"sqlite:///{self.db}")
 
 
 @pytest.fixture
@@ -167,10 +74,6 @@ def code_of(resp: httpx.Response) -> str:
         return str(resp.json().get("code", "?"))
     except ValueError:
         return "?"
-
-
-def headers(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}", "user-agent": "mp-test"}
 
 
 def overlaps(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
