@@ -196,7 +196,7 @@ class SessionAwareMCP:
         where = f"{key} ({view_name(fn)})"
         if own is not None:
             own.validate(where)
-        effective = self.guard.routes.target(key, own, {name: "0" for name in types}).policy
+        effective = self.guard.routes.target(key, own, None).policy
         lockable: dict[str, str] = {}
         for template in effective.locks:
             for name in lock_fields(template):

@@ -23,7 +23,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qs
 
 import anyio.to_thread
@@ -256,12 +256,12 @@ class Issuer(Protocol):
     def token(self, sub: str, **claims: Any) -> str: ...
 
 
-Send = Callable[[str, str, str, str | None], tuple[int, dict[str, Any]]]
+SendRequest = Callable[[str, str, str, str | None], tuple[int, dict[str, Any]]]
 """``send(base, method, path, token)`` makes one request of the demo and returns (status, JSON body)."""
 
 
 def play(base: str, guard: Guard, issuer: Issuer, report: Callable[[Step], None],
-         hold: HoldFactory = _Held, send: Send = request) -> list[Step]:
+         hold: HoldFactory = _Held, send: SendRequest = request) -> list[Step]:
     """Play the five mission behaviours against a running workbench; every step is reported as it completes.
 
     ``guard`` is the operator's handle on the app's store (rotate, resume, compromise, revoke); ``hold`` starts the
@@ -368,7 +368,7 @@ def serve_wsgi(app: Any) -> tuple[str, Callable[[], None]]:
     return f"http://127.0.0.1:{server.server_port}", stop
 
 
-def serve_asgi(app: Any, lifespan: str = "off") -> tuple[str, Callable[[], None]]:
+def serve_asgi(app: Any, lifespan: Literal["auto", "on", "off"] = "off") -> tuple[str, Callable[[], None]]:
     """Serve an ASGI app with uvicorn on a free loopback port in a thread; returns (base URL, stop)."""
     import socket
 
@@ -403,7 +403,7 @@ class Target:
     issuer: Issuer
     hold: HoldFactory
     stop: Callable[[], None]
-    send: Send = request
+    send: SendRequest = request
 
 
 def _builtin_targets(servers: Iterable[str], tmp: str, echo: Callable[[str], None]) -> Iterator[Target]:

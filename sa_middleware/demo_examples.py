@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .demo import _GATE_TIMEOUT, Send, Target, Workbench, request, serve_asgi, serve_wsgi
+from .demo import _GATE_TIMEOUT, SendRequest, Target, Workbench, request, serve_asgi, serve_wsgi
 from .devkeys import DEV_AUDIENCE, DEV_ISSUER, DevKey, dev_key
 from .errors import ConfigurationError
 from .guard import Guard
@@ -55,7 +55,7 @@ class Backend:
         return [b'{"recorded": true}']
 
     def hold(self, base: str, method: str, path: str, token: str, principal: str,
-             send: Send = request) -> _BackendHeld:
+             send: SendRequest = request) -> _BackendHeld:
         """Start ``method path`` as ``principal`` (with ``send``); it stays in flight (in its backend call) until
         released."""
         name = uuid.uuid4().hex[:8]
@@ -66,7 +66,7 @@ class Backend:
 
 class _BackendHeld:
     def __init__(self, bench: Workbench, base: str, method: str, path: str, token: str, name: str,
-                 send: Send = request) -> None:
+                 send: SendRequest = request) -> None:
         self._send = send
         self.gate = bench.gate(name)
         self.result: tuple[int, dict[str, Any]] = (0, {})

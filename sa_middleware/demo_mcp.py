@@ -10,6 +10,7 @@ refused call's ``structuredContent`` back into (status, problem), so the one pla
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -104,10 +105,8 @@ class McpAgents:
     def close(self) -> None:
         """Close every MCP session (each ``DELETE``s its server session), then the event loop."""
         for cm, _ in reversed(list(self._open.values())):
-            try:
+            with contextlib.suppress(Exception):  # a session the server already ended
                 cm.__exit__(None, None, None)
-            except Exception:  # a session the server already ended
-                pass
         self._open.clear()
         self._portal_cm.__exit__(None, None, None)
 

@@ -303,10 +303,10 @@ class RouteTable:
         rank = (literal, -path_params, method != "*")
         return _Route(key, method, re.compile(pattern), convert, effective, rank, frozenset(convert), policy)
 
-    def target(self, key: str, policy: Policy | None, params: Mapping[str, Any]) -> RouteMatch:
+    def target(self, key: str, policy: Policy | None, params: Mapping[str, Any] | None) -> RouteMatch:
         """The match for an MCP tool or prompt (``key`` is ``"TOOL <name>"``): ``policy`` (the function's
         ``@policy``) wins over the table entry for ``key``, which wins over ``default_policy``; ``params`` (the
-        call's checked arguments) fill the lock keys."""
+        call's checked arguments) fill the lock keys (``None``: the policy only, no lock keys)."""
         table = self.targets.get(key)
         cache_key = (policy, table)
         effective = self._resolved.get(cache_key)
@@ -315,6 +315,8 @@ class RouteTable:
             effective = (policy or Policy()).merged(base).effective()
             if len(self._resolved) < 4096:
                 self._resolved[cache_key] = effective
+        if params is None:
+            return RouteMatch(key, {}, effective, ())
         try:
             keys = tuple(render_lock_key(t, params) for t in effective.locks)
         except (KeyError, IndexError, ValueError) as exc:
