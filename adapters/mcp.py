@@ -24,9 +24,10 @@
   answering a missing or bad token with HTTP 401, ``WWW-Authenticate: Bearer ... resource_metadata=...`` and its
   RFC 9728 metadata document. It reports the token's ``client_id`` (``azp``, else ``sub``), ``iss`` and ``sub``, so
   the SDK refuses an MCP session id presented with another principal's token (404, as for an unknown session).
-- **One admission per tool call** (and per ``prompts/get``): decided before the tool runs, against the tool's
-  ``@policy``, then the Guard's table entry ``"TOOL <name>"`` (``"PROMPT <name>"``), then ``default_policy``. Lock
-  templates are filled from the call's arguments. The ticket is held while the tool runs (its progress
+- **One admission per tool call** (and per ``prompts/get`` and ``resources/read``): decided before the tool runs,
+  against the tool's ``@policy``, then the Guard's table entry ``"TOOL <name>"`` (``"PROMPT <name>"``,
+  ``"RESOURCE <uri or uri template>"``), then ``default_policy``. Lock templates are filled from the call's
+  arguments (a resource template's URI variables), checked at start-up against the tool's parameters. The ticket is held while the tool runs (its progress
   notifications included) and released on every exit path (result, exception, ``notifications/cancelled``, client
   gone), just before the result is written, so the agent's next call never meets its own finished one.
 - **Sessions**: a token without ``sid`` gets the MCP session as its session (``"mcp:<Mcp-Session-Id>"``), so
@@ -35,7 +36,8 @@
 - **Denials** are tool results with ``isError: true`` (the MCP specification's channel for errors the model should
   see and act on), whose ``structuredContent`` is the same problem object as the HTTP denial (``type``, ``title``,
   ``status``, ``detail``, ``code``) plus ``retry_after`` (seconds) and ``www_authenticate`` when HTTP would send
-  those headers. A refused ``prompts/get`` is a JSON-RPC error :data:`DENIED` with the problem as its ``data``.
+  those headers. A refused ``prompts/get`` or ``resources/read`` (whose results have no ``isError``) is a JSON-RPC
+  error :data:`DENIED` with the problem as its ``data``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import contextvars
 import difflib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -69,7 +71,8 @@ __all__ = ["DENIED", "GuardTokenVerifier", "SessionAwareMCP", "policy", "sa_cont
 
 log = logging.getLogger("sa_middleware")
 
-#: the JSON-RPC error code of a refused ``prompts/get`` (implementation-defined server error range)
+#: the JSON-RPC error code of a refused ``prompts/get`` or ``resources/read`` (implementation-defined server error
+#: range)
 DENIED = -32003
 _SESSION_PREFIX = "mcp:"
 _MAX_ARGUMENT = 256
@@ -167,15 +170,38 @@ class SessionAwareMCP:
 
     # -- start-up --------------------------------------------------------------------------------------------
 
-    def _tools(self) -> dict[str, tuple[Callable[..., Any], dict[str, str]]]:
-        found: dict[str, tuple[Callable[..., Any], dict[str, str]]] = {}
+    def _tools(self) -> dict[str, tuple[object, dict[str, str]]]:
+        """Every tool, prompt, resource and resource template of the server: its function and the schema type of
+        each of its parameters (a template's URI variables are strings)."""
+        found: dict[str, tuple[object, dict[str, str]]] = {}
         for tool in self.server._tool_manager.list_tools():
             properties = tool.parameters.get("properties") or {}
             types = {name: str(spec.get("type")) for name, spec in properties.items() if isinstance(spec, dict)}
             found[f"TOOL {tool.name}"] = (tool.fn, types)
         for prompt in self.server._prompt_manager.list_prompts():
             found[f"PROMPT {prompt.name}"] = (prompt.fn, {a.name: "string" for a in prompt.arguments or ()})
+        resources = self.server._resource_manager
+        for resource in resources.list_resources():
+            found[f"RESOURCE {resource.uri}"] = (getattr(resource, "fn", None), {})
+        for template in resources.list_templates():
+            names = template.parsed_template.variable_names
+            found[f"RESOURCE {template.uri_template}"] = (template.fn, dict.fromkeys(names, "string"))
         return found
+
+    def _resource(self, uri: str) -> tuple[str, dict[str, Any]] | None:
+        """The key and URI variables of the resource ``uri`` reads, as the SDK finds it (concrete resources
+        first, then templates in order); ``None`` when the SDK will answer it with an error."""
+        resources = self.server._resource_manager
+        if any(str(r.uri) == uri for r in resources.list_resources()):
+            return f"RESOURCE {uri}", {}
+        for template in resources.list_templates():
+            try:
+                variables = template.matches(uri)
+            except ValueError:  # refused by the SDK's resource security policy: its "unknown resource"
+                return None
+            if variables is not None:
+                return f"RESOURCE {template.uri_template}", dict(variables)
+        return None
 
     def check(self) -> None:
         """Raise :class:`ConfigurationError` if a ``TOOL``/``PROMPT`` table key names nothing on the server, or a
@@ -185,14 +211,14 @@ class SessionAwareMCP:
             if key not in found:
                 near = difflib.get_close_matches(key, list(found), n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise ConfigurationError(f"policies: {key!r} names no tool or prompt of this MCP server{hint}")
+                raise ConfigurationError(f"policies: {key!r} names nothing on this MCP server{hint}")
         targets = {}
         for key, (fn, types) in found.items():
             targets[key] = self._target(key, fn, types)
         self._targets = targets
 
-    def _target(self, key: str, fn: Callable[..., Any], types: Mapping[str, str]) -> _Target:
-        own = policy_of(fn)
+    def _target(self, key: str, fn: object, types: Mapping[str, str]) -> _Target:
+        own = policy_of(fn) if fn is not None else None
         where = f"{key} ({view_name(fn)})"
         if own is not None:
             own.validate(where)
@@ -219,20 +245,35 @@ class SessionAwareMCP:
 
     # -- each call -------------------------------------------------------------------------------------------
 
-    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
-        kind = {"tools/call": "TOOL", "prompts/get": "PROMPT"}.get(ctx.method)
+    def _identify(self, ctx: ServerRequestContext[Any, Any]) -> tuple[str, str, dict[str, Any]] | None:
+        """(kind, key, arguments) of a guarded request; ``None`` for anything else, and for a malformed or
+        unknown one (the SDK answers those with its own error)."""
+        if ctx.request_id is None:
+            return None
         params = ctx.params or {}
+        if ctx.method == "resources/read":
+            uri = params.get("uri")
+            found = self._resource(uri) if isinstance(uri, str) else None
+            return ("RESOURCE", *found) if found is not None else None
+        kind = {"tools/call": "TOOL", "prompts/get": "PROMPT"}.get(ctx.method)
         name = params.get("name")
         arguments = params.get("arguments") or {}
-        if kind is None or ctx.request_id is None or not isinstance(name, str) or not isinstance(arguments, dict):
-            return await call_next(ctx)  # not guarded here, or malformed: the SDK answers it
+        if kind is None or not isinstance(name, str) or not isinstance(arguments, dict):
+            return None
+        return kind, f"{kind} {name}", arguments
+
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        found = self._identify(ctx)
+        if found is None:
+            return await call_next(ctx)
+        kind, key, arguments = found
         try:
-            target = self._lookup(f"{kind} {name}")
+            target = self._lookup(key)
         except ConfigurationError as exc:  # a tool added at run time with a wrong policy: refuse its calls
             log.error("sa-middleware: %s", exc)
             return self._refuse(kind, Denial("store_unavailable", "this tool's policy is misconfigured"))
         if target is None:
-            return await call_next(ctx)  # unknown tool: the SDK's error
+            return await call_next(ctx)  # unknown: the SDK's error
         values, problem = _lock_values(target, arguments)
         if problem is not None:
             return self._invalid(kind, problem)
@@ -253,7 +294,7 @@ class SessionAwareMCP:
 
     def _refuse(self, kind: str, denial: Denial) -> HandlerResult:
         problem = _problem(denial, self.guard)
-        if kind == "PROMPT":
+        if kind != "TOOL":
             raise MCPError(code=DENIED, message=_text(problem), data=problem)
         return CallToolResult(content=[TextContent(type="text", text=_text(problem))], structured_content=problem,
                               is_error=True)
@@ -261,7 +302,7 @@ class SessionAwareMCP:
     def _invalid(self, kind: str, detail: str) -> HandlerResult:
         problem = {"type": "urn:sa-middleware:problem:invalid_argument", "title": "Invalid argument", "status": 400,
                    "detail": detail}
-        if kind == "PROMPT":
+        if kind != "TOOL":
             raise MCPError(code=-32602, message=f"Invalid argument: {detail}", data=problem)
         return CallToolResult(content=[TextContent(type="text", text=f"Invalid argument: {detail}")],
                               structured_content=problem, is_error=True)

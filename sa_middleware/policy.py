@@ -6,9 +6,9 @@ characters first, then fewer ``path`` parameters, then an exact method over ``*`
 ``GET /{rest:path}`` never shadows ``* /api/payments``). ``default_policy`` fills every field
 a route leaves unset, and applies alone to requests that match no route.
 
-Keys ``"TOOL <name>"`` and ``"PROMPT <name>"`` hold the policies of an MCP server's tools and prompts: HTTP requests
-never match them; the MCP adapter (:mod:`sa_middleware.adapters.mcp`) reads them with :meth:`RouteTable.target` and
-refuses to start when one names no tool or prompt of its server.
+Keys ``"TOOL <name>"``, ``"PROMPT <name>"`` and ``"RESOURCE <uri or uri template>"`` hold the policies of an MCP
+server's tools, prompts and resources: HTTP requests never match them; the MCP adapter (:mod:`sa_middleware.adapters.mcp`) reads them with :meth:`RouteTable.target` and
+refuses to start when one names nothing on its server.
 """
 
 from __future__ import annotations
@@ -181,17 +181,23 @@ def lock_fields(template: str) -> list[str]:
 
 
 def _target_key(key: object) -> str | None:
-    """``"TOOL <name>"`` / ``"PROMPT <name>"`` normalised (kind upper-case, one space), or ``None`` for a route."""
+    """``"TOOL <name>"`` (``PROMPT``, ``RESOURCE``) normalised (kind upper-case, one space), or ``None`` for a
+    route."""
     if not isinstance(key, str):
         return None
     kind, _, name = key.strip().partition(" ")
-    if kind.upper() not in TARGET_KINDS:
+    kind = kind.upper()
+    if kind not in TARGET_KINDS:
         return None
     name = name.strip()
-    if not _TARGET_NAME.fullmatch(name):
-        raise ConfigurationError(f"{key!r}: expected '{kind.upper()} <name>', the name 1-128 characters of "
+    if kind == "RESOURCE":
+        if not _TARGET_URI.fullmatch(name):
+            raise ConfigurationError(f"{key!r}: expected 'RESOURCE <uri or uri template>' of 1-1024 printable "
+                                     "ASCII characters without spaces")
+    elif not _TARGET_NAME.fullmatch(name):
+        raise ConfigurationError(f"{key!r}: expected '{kind} <name>', the name 1-128 characters of "
                                  "letters, digits, '_', '-', '.' and '/'")
-    return f"{kind.upper()} {name}"
+    return f"{kind} {name}"
 
 
 def render_lock_key(template: str, params: Mapping[str, Any]) -> str:
@@ -208,8 +214,9 @@ _CONVERTORS: dict[str, tuple[str, Any]] = {
     "uuid": ("[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", uuid.UUID),
 }
 #: the kinds of non-HTTP table keys ("TOOL <name>"), kept for the MCP adapter
-TARGET_KINDS = ("TOOL", "PROMPT")
+TARGET_KINDS = ("TOOL", "PROMPT", "RESOURCE")
 _TARGET_NAME = re.compile(r"[A-Za-z0-9_./-]{1,128}")
+_TARGET_URI = re.compile(r"[!-~]{1,1024}")  # printable ASCII, no spaces
 _METHODS = frozenset({"*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
                       "WEBSOCKET"})
 
@@ -250,7 +257,8 @@ class RouteTable:
         self._cache: dict[tuple[str, str], RouteMatch] = {}
         self._resolved: dict[tuple[Policy | None, Policy | None], EffectivePolicy] = {}
         self.targets: dict[str, Policy] = {}
-        """The ``"TOOL <name>"`` / ``"PROMPT <name>"`` entries (normalised keys), which HTTP requests never match."""
+        """The ``"TOOL <name>"`` / ``"PROMPT <name>"`` / ``"RESOURCE <uri>"`` entries (normalised keys), which HTTP
+        requests never match."""
         for key, policy in (policies or {}).items():
             target = _target_key(key)
             if target is not None:

@@ -50,6 +50,7 @@ TABLE = {
     "TOOL risky": Policy(raises_risk=1, risk_window=60),
     "TOOL careful": Policy(max_risk=0),
     "PROMPT briefing": Policy(scopes={"admin"}),
+    "RESOURCE receipts://{payment_id}": Policy(scopes={"admin"}, locks=["payment:{payment_id}"]),
 }
 SIMPLE = ("exclusive_op", "slot", "once", "scoped", "fresh_auth", "device", "solo", "risky", "careful", "plain")
 
@@ -137,6 +138,10 @@ def build(bench: Bench, guard: Guard) -> Any:
     @server.prompt()
     def briefing(topic: str) -> str:
         return f"Brief me on {topic}"
+
+    @server.resource("receipts://{payment_id}")
+    def receipt(payment_id: str) -> str:
+        return json.dumps(dict(sa_context().fencing_tokens))
 
     return streamable_http_app(server, guard)
 
@@ -390,6 +395,22 @@ async def test_a_refused_prompt_is_a_json_rpc_error_with_the_problem(site: Site)
         assert "Brief me on x" in str((await s.get_prompt("briefing", {"topic": "x"})).messages[0].content)
 
 
+@pytest.mark.anyio
+async def test_a_resource_read_is_admitted_with_its_uri_variables(site: Site) -> None:
+    async with site.session(site.token(fresh())) as s:
+        with pytest.raises(MCPError) as raised:
+            await s.read_resource("receipts://42")
+        assert raised.value.error.code == DENIED
+        assert raised.value.error.data["code"] == "insufficient_scope"
+    async with site.session(site.token(fresh(), scope="admin")) as s:
+        read = await s.read_resource("receipts://42")
+        assert set(json.loads(read.contents[0].text)) == {"payment:42"}  # type: ignore[union-attr]
+        with pytest.raises(MCPError) as raised:
+            await s.read_resource("receipts://" + "9" * 300)
+        assert raised.value.error.code == -32602 and "payment_id" in raised.value.error.message
+    assert not await site.guard.alocks()
+
+
 # -- context, fencing, release on every exit path ------------------------------------------------------------------
 
 @pytest.mark.anyio
@@ -636,11 +657,12 @@ def test_a_table_entry_lock_template_is_checked_too_and_installing_twice_is_refu
 
 def test_http_requests_never_match_tool_keys_and_bad_keys_are_refused() -> None:
     table = RouteTable({"TOOL approve": Policy(exclusive=True), "prompt  brief ": Policy(scopes={"a"}),
+                        "RESOURCE files://{path}": Policy(locks=["file:{path}"]),
                         "POST /approve": Policy(max_in_flight=2)})
-    assert set(table.targets) == {"TOOL approve", "PROMPT brief"}
+    assert set(table.targets) == {"TOOL approve", "PROMPT brief", "RESOURCE files://{path}"}
     assert table.match("POST", "/approve").route == "POST /approve"
     assert table.match("TOOL", "approve").route is None
-    for bad in ("TOOL", "TOOL a b", "TOOL " + "x" * 129, "PROMPT a\nb"):
+    for bad in ("TOOL", "TOOL a b", "TOOL " + "x" * 129, "PROMPT a\nb", "RESOURCE a b", "RESOURCE"):
         with pytest.raises(ConfigurationError):
             RouteTable({bad: Policy()})
     with pytest.raises(ConfigurationError, match="scopes"):
