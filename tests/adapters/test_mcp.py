@@ -594,6 +594,28 @@ async def test_an_mcp_session_id_with_another_principals_token_is_refused(site: 
             assert own.status_code == 200 and "mcp:" + session in own.text
 
 
+@pytest.mark.anyio
+async def test_stateless_mode_uses_the_tokens_own_session(issuer: DemoIssuer) -> None:
+    guard = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience, default_policy=Policy(max_sessions=1))
+    server = _server(guard)
+
+    @server.tool()
+    async def whoami() -> dict[str, Any]:
+        return {"session_id": sa_context().session_id}
+
+    base, stop = serve_asgi(streamable_http_app(server, guard, stateless_http=True), lifespan="on")
+    try:
+        sub = fresh()
+        async with connect(base + "/mcp", issuer.token(sub, jti="j-1")) as s:
+            assert ok(await s.call_tool("whoami", {}))["session_id"] == "j-1"
+        async with connect(base + "/mcp", issuer.token(sub, jti="j-2")) as s:
+            denied(await s.call_tool("whoami", {}), "too_many_sessions", 403)
+    finally:
+        stop()
+        guard.close()
+
+
 # -- start-up checks -----------------------------------------------------------------------------------------------
 
 def _server(guard: Guard) -> MCPServer[Any]:
