@@ -27,11 +27,12 @@
 - **One admission per tool call** (and per ``prompts/get`` and ``resources/read``): decided before the tool runs,
   against the tool's ``@policy``, then the Guard's table entry ``"TOOL <name>"`` (``"PROMPT <name>"``,
   ``"RESOURCE <uri or uri template>"``), then ``default_policy``. Lock templates are filled from the call's
-  arguments (a resource template's URI variables), checked at start-up against the tool's parameters. The ticket is held while the tool runs (its progress
-  notifications included) and released on every exit path (result, exception, ``notifications/cancelled``, client
-  gone), just before the result is written, so the agent's next call never meets its own finished one.
-- **Sessions**: a token without ``sid`` gets the MCP session as its session (``"mcp:<Mcp-Session-Id>"``), so
-  ``max_sessions`` counts MCP sessions; a client ending its MCP session (``DELETE``) ends that session in the store.
+  arguments (a resource template's URI variables), checked at start-up against the tool's parameters. The ticket
+  is held while the tool runs (its progress notifications included) and released on every exit path (result,
+  exception, ``notifications/cancelled``, client gone), just before the result is written, so the agent's next
+  call never meets its own finished one.
+- **Sessions**: a token without ``sid`` gets the MCP session as its session (``"mcp:<Mcp-Session-Id>"``, only
+  where the SDK's stateful session manager has checked that id), so ``max_sessions`` counts MCP sessions; a client ending its MCP session (``DELETE``) ends that session in the store.
   The session records the client's ``initialize`` name and version as its user agent.
 - **Denials** are tool results with ``isError: true`` (the MCP specification's channel for errors the model should
   see and act on), whose ``structuredContent`` is the same problem object as the HTTP denial (``type``, ``title``,
@@ -55,6 +56,7 @@ from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -278,7 +280,7 @@ class SessionAwareMCP:
         if problem is not None:
             return self._invalid(kind, problem)
         match = self.guard.routes.target(target.key, target.policy, values)
-        request = _request_info(ctx)
+        request = _request_info(ctx, self._has_sessions(ctx))
         if request is None:
             return self._refuse(kind, Denial("missing_token", "this server authorises MCP over Streamable HTTP only"))
         outcome = await self.guard.aadmit(request, match)
@@ -291,6 +293,18 @@ class SessionAwareMCP:
             _CURRENT.reset(token)
             with anyio.CancelScope(shield=True):
                 await self.guard.arelease(outcome.ticket)
+
+    def _has_sessions(self, ctx: ServerRequestContext[Any, Any]) -> bool:
+        """Whether this request's ``Mcp-Session-Id`` was checked by the SDK (a stateful session manager, on a
+        protocol version with sessions: it answers 404 to an unknown session or another principal's). Otherwise
+        the header is the client's say-so and never names a session."""
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return False
+        try:
+            manager = self.server.session_manager
+        except RuntimeError:  # no Streamable HTTP app built
+            return False
+        return getattr(manager, "stateless", True) is False
 
     def _refuse(self, kind: str, denial: Denial) -> HandlerResult:
         problem = _problem(denial, self.guard)
@@ -333,8 +347,9 @@ def _lock_values(target: _Target, arguments: Mapping[str, Any]) -> tuple[dict[st
     return values, None
 
 
-def _request_info(ctx: ServerRequestContext[Any, Any]) -> RequestInfo | None:
-    """The HTTP request that carried this message, as the Guard reads it (``None`` off HTTP, e.g. stdio)."""
+def _request_info(ctx: ServerRequestContext[Any, Any], sessions: bool) -> RequestInfo | None:
+    """The HTTP request that carried this message, as the Guard reads it (``None`` off HTTP, e.g. stdio); with
+    ``sessions``, its ``Mcp-Session-Id`` is the session for a token without ``sid``."""
     request = ctx.request
     scope = getattr(request, "scope", None)
     if not isinstance(scope, dict) or scope.get("type") != "http":
@@ -344,7 +359,7 @@ def _request_info(ctx: ServerRequestContext[Any, Any]) -> RequestInfo | None:
     if client_params is not None:  # the client's initialize name and version, recorded with its session
         info = client_params.client_info
         headers["user-agent"] = f"{info.name}/{info.version} (MCP)"[:256]
-    session = headers.get("mcp-session-id")
+    session = headers.get("mcp-session-id") if sessions else None
     peer = scope.get("client")
     return RequestInfo(method="POST", path=str(scope.get("path", "")), headers=headers,
                        client=str(peer[0]) if peer else "", scheme=str(scope.get("scheme") or "http"),
@@ -356,11 +371,12 @@ class _EndSessions:
     """Ends the store session of an MCP session its client deleted (when that MCP session was the session: the
     token carries no ``sid``). The SDK answers ``DELETE`` only for the session's own principal."""
 
-    def __init__(self, app: ASGIApp, guard: Guard) -> None:
-        self.app, self.guard = app, guard
+    def __init__(self, app: ASGIApp, guard: Guard, server: MCPServer[Any]) -> None:
+        self.app, self.guard, self.server = app, guard, server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "DELETE":
+        if scope["type"] != "http" or scope["method"] != "DELETE" \
+                or getattr(self.server.session_manager, "stateless", True) is not False:
             await self.app(scope, receive, send)
             return
         status = 0
@@ -399,6 +415,6 @@ def streamable_http_app(server: MCPServer[Any], guard: Guard, **options: Any) ->
     prompt admitted by ``guard``. Checks the policies first: a mistake raises :class:`ConfigurationError`."""
     SessionAwareMCP(server, guard)
     app = server.streamable_http_app(**options)
-    app.add_middleware(_EndSessions, guard=guard)
+    app.add_middleware(_EndSessions, guard=guard, server=server)
     return app
 

@@ -3,6 +3,7 @@ denial code, release on every exit path, MCP sessions, hostile lock arguments, s
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import subprocess
@@ -590,8 +591,18 @@ async def test_an_mcp_session_id_with_another_principals_token_is_refused(site: 
         async with httpx.AsyncClient(timeout=WAIT) as http:
             stolen = await http.post(site.url, json=call, headers={**headers, "authorization": f"Bearer {thief}"})
             assert stolen.status_code == 404
+            ended = await http.delete(site.url, headers={**headers, "authorization": f"Bearer {thief}"})
+            assert ended.status_code == 404
             own = await http.post(site.url, json=call, headers={**headers, "authorization": f"Bearer {owner}"})
             assert own.status_code == 200 and "mcp:" + session in own.text
+    assert [s.status for s in await site.guard.asessions(_sub(owner)) if s.session_id == f"mcp:{session}"] \
+        == ["revoked"]  # ended by its owner's client, not before
+
+
+def _sub(token: str) -> str:
+    payload = token.split(".")[1]
+    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return str(claims["sub"])
 
 
 @pytest.mark.anyio
@@ -611,6 +622,14 @@ async def test_stateless_mode_uses_the_tokens_own_session(issuer: DemoIssuer) ->
             assert ok(await s.call_tool("whoami", {}))["session_id"] == "j-1"
         async with connect(base + "/mcp", issuer.token(sub, jti="j-2")) as s:
             denied(await s.call_tool("whoami", {}), "too_many_sessions", 403)
+        # no session manager checks an Mcp-Session-Id here: a client's own header never names the session
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}}
+        headers = {"accept": "application/json, text/event-stream", "content-type": "application/json",
+                   "mcp-session-id": "chosen-by-the-client", "mcp-protocol-version": "2025-11-25",
+                   "authorization": f"Bearer {issuer.token(sub, jti='j-1')}"}
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            resp = await http.post(base + "/mcp", json=call, headers=headers)
+        assert resp.status_code == 200 and "j-1" in resp.text and "chosen-by-the-client" not in resp.text
     finally:
         stop()
         guard.close()
