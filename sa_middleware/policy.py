@@ -7,8 +7,9 @@ characters first, then fewer ``path`` parameters, then an exact method over ``*`
 a route leaves unset, and applies alone to requests that match no route.
 
 Keys ``"TOOL <name>"``, ``"PROMPT <name>"`` and ``"RESOURCE <uri or uri template>"`` hold the policies of an MCP
-server's tools, prompts and resources: HTTP requests never match them; the MCP adapter (:mod:`sa_middleware.adapters.mcp`) reads them with :meth:`RouteTable.target` and
-refuses to start when one names nothing on its server.
+server's tools, prompts and resources: HTTP requests never match them; the MCP adapter
+(:mod:`sa_middleware.adapters.mcp`) reads them with :meth:`RouteTable.target` and refuses to start when one names
+nothing on its server.
 """
 
 from __future__ import annotations
