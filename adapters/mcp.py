@@ -33,7 +33,8 @@
   call never meets its own finished one.
 - **Sessions**: a token without ``sid`` gets the MCP session as its session (``"mcp:<Mcp-Session-Id>"``, only
   where the SDK's stateful session manager has checked that id), so ``max_sessions`` counts MCP sessions; a
-  client ending its MCP session (``DELETE``) ends that session in the store. The session records the client's ``initialize`` name and version as its user agent.
+  client ending its MCP session (``DELETE``) ends that session in the store. The session records the client's
+  ``initialize`` name and version as its user agent.
 - **Denials** are tool results with ``isError: true`` (the MCP specification's channel for errors the model should
   see and act on), whose ``structuredContent`` is the same problem object as the HTTP denial (``type``, ``title``,
   ``status``, ``detail``, ``code``) plus ``retry_after`` (seconds) and ``www_authenticate`` when HTTP would send
