@@ -84,8 +84,8 @@ _CURRENT: contextvars.ContextVar[SAContext | None] = contextvars.ContextVar("sa_
 
 
 def sa_context(ctx: object | None = None) -> SAContext:
-    """The :class:`~sa_middleware.SAContext` of the tool call (or prompt) running now: principal, kind, session,
-    claims, ticket and ``fencing_tokens``. ``ctx`` (the tool's MCP ``Context``) may be passed for readability.
+    """The :class:`~sa_middleware.SAContext` of the tool call (prompt, resource read) running now: principal, kind,
+    session, claims, ticket and ``fencing_tokens``. ``ctx`` (the tool's MCP ``Context``) may be passed for readability.
 
     Raises ``RuntimeError`` outside an admitted call (the adapter is not installed on this server).
     """
