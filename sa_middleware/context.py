@@ -15,7 +15,8 @@ class RequestInfo:
 
     ``scheme`` and ``host`` (the ``Host`` header, or the server's address) give the URI a DPoP proof must name;
     ``client_cert`` is the PEM of the TLS client certificate when the server reports one (for certificate-bound
-    tokens, RFC 8705).
+    tokens, RFC 8705). ``session`` is a transport's own session id (MCP's ``Mcp-Session-Id``), the request's session
+    when its token carries no ``sid`` claim.
     """
 
     method: str
@@ -26,6 +27,7 @@ class RequestInfo:
     scheme: str = "http"
     host: str = ""
     client_cert: str | None = None
+    session: str | None = None
 
     @property
     def user_agent(self) -> str:

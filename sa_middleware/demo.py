@@ -23,7 +23,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qs
 
 import anyio.to_thread
@@ -256,19 +256,24 @@ class Issuer(Protocol):
     def token(self, sub: str, **claims: Any) -> str: ...
 
 
+SendRequest = Callable[[str, str, str, str | None], tuple[int, dict[str, Any]]]
+"""``send(base, method, path, token)`` makes one request of the demo and returns (status, JSON body)."""
+
+
 def play(base: str, guard: Guard, issuer: Issuer, report: Callable[[Step], None],
-         hold: HoldFactory = _Held) -> list[Step]:
+         hold: HoldFactory = _Held, send: SendRequest = request) -> list[Step]:
     """Play the five mission behaviours against a running workbench; every step is reported as it completes.
 
     ``guard`` is the operator's handle on the app's store (rotate, resume, compromise, revoke); ``hold`` starts the
-    requests that must be in flight while another one arrives (the workbench's ``?hold=`` gates by default).
+    requests that must be in flight while another one arrives (the workbench's ``?hold=`` gates by default);
+    ``send`` makes every other request (plain HTTP by default).
     """
     steps: list[Step] = []
     run = uuid.uuid4().hex[:6]
 
     def check(behaviour: str, who: str, method: str, path: str, token: str, expected: tuple[int, str],
               result: tuple[int, dict[str, Any]] | None = None) -> Step:
-        status, body = result if result is not None else request(base, method, path, token)
+        status, body = result if result is not None else send(base, method, path, token)
         code = str(body.get("code") or ("ok" if 200 <= status < 300 else "no code"))
         step = Step(behaviour, who, f"{method} {path}", expected, (status, code))
         steps.append(step)
@@ -363,7 +368,7 @@ def serve_wsgi(app: Any) -> tuple[str, Callable[[], None]]:
     return f"http://127.0.0.1:{server.server_port}", stop
 
 
-def serve_asgi(app: Any) -> tuple[str, Callable[[], None]]:
+def serve_asgi(app: Any, lifespan: Literal["auto", "on", "off"] = "off") -> tuple[str, Callable[[], None]]:
     """Serve an ASGI app with uvicorn on a free loopback port in a thread; returns (base URL, stop)."""
     import socket
 
@@ -371,7 +376,7 @@ def serve_asgi(app: Any) -> tuple[str, Callable[[], None]]:
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, log_level="warning", lifespan=lifespan)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -398,6 +403,7 @@ class Target:
     issuer: Issuer
     hold: HoldFactory
     stop: Callable[[], None]
+    send: SendRequest = request
 
 
 def _builtin_targets(servers: Iterable[str], tmp: str, echo: Callable[[str], None]) -> Iterator[Target]:
@@ -436,7 +442,7 @@ def run_demo(servers: Iterable[str] = ("asgi", "wsgi"), echo: Callable[[str], No
             targets = itertools.chain(targets, example_targets(examples, tmp, echo))
         for target in targets:
             try:
-                steps = play(target.base, target.guard, target.issuer, lambda step: None, target.hold)
+                steps = play(target.base, target.guard, target.issuer, lambda step: None, target.hold, target.send)
             finally:
                 target.stop()
             bad = sum(not s.ok for s in steps)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .demo import _GATE_TIMEOUT, Target, Workbench, request, serve_asgi, serve_wsgi
+from .demo import _GATE_TIMEOUT, SendRequest, Target, Workbench, request, serve_asgi, serve_wsgi
 from .devkeys import DEV_AUDIENCE, DEV_ISSUER, DevKey, dev_key
 from .errors import ConfigurationError
 from .guard import Guard
@@ -54,16 +54,20 @@ class Backend:
         start_response("200 OK", [("content-type", "application/json")])
         return [b'{"recorded": true}']
 
-    def hold(self, base: str, method: str, path: str, token: str, principal: str) -> _BackendHeld:
-        """Start ``method path`` as ``principal``; it stays in flight (in its backend call) until released."""
+    def hold(self, base: str, method: str, path: str, token: str, principal: str,
+             send: SendRequest = request) -> _BackendHeld:
+        """Start ``method path`` as ``principal`` (with ``send``); it stays in flight (in its backend call) until
+        released."""
         name = uuid.uuid4().hex[:8]
         with self._lock:
             self._armed[(path.strip("/").split("/")[0], principal)] = name
-        return _BackendHeld(self.bench, base, method, path, token, name)
+        return _BackendHeld(self.bench, base, method, path, token, name, send)
 
 
 class _BackendHeld:
-    def __init__(self, bench: Workbench, base: str, method: str, path: str, token: str, name: str) -> None:
+    def __init__(self, bench: Workbench, base: str, method: str, path: str, token: str, name: str,
+                 send: SendRequest = request) -> None:
+        self._send = send
         self.gate = bench.gate(name)
         self.result: tuple[int, dict[str, Any]] = (0, {})
         sep = "&" if "?" in path else "?"
@@ -71,7 +75,7 @@ class _BackendHeld:
         self._thread.start()
 
     def _run(self, base: str, method: str, path: str, token: str) -> None:
-        self.result = request(base, method, path, token)
+        self.result = self._send(base, method, path, token)
 
     def wait_entered(self) -> bool:
         while not self.gate.entered.wait(0.05):
@@ -122,6 +126,17 @@ EXAMPLES: list[tuple[str, str, str, Callable[[Path], Any]]] = [
 ]
 
 
+def _mcp_target(root: Path, bench: Workbench, backend: Backend, operator: Guard, key: DevKey,
+                echo: Callable[[str], None]) -> Iterator[Target]:
+    """The MCP example (``mcp_server.py``): agents through a real MCP client, humans through its HTTP API."""
+    try:
+        from .demo_mcp import mcp_target
+    except ImportError as exc:
+        echo(f"MCP (uvicorn): {exc.name} is not installed (pip install 'sa-middleware[mcp]'); skipped")
+        return
+    yield from mcp_target(root, bench, backend, operator, _DevIssuer(key))
+
+
 def example_targets(directory: str, tmp: str, echo: Callable[[str], None]) -> Iterator[Target]:
     """Serve each example app in turn (one shared throw-away store and key) and yield it as a demo target."""
     root = Path(directory)
@@ -148,6 +163,7 @@ def example_targets(directory: str, tmp: str, echo: Callable[[str], None]) -> It
             else:
                 base, stop = serve_wsgi(bench.track_wsgi(app))
             yield Target(label, short, base, operator, _DevIssuer(key), backend.hold, stop)
+        yield from _mcp_target(root, bench, backend, operator, key, echo)
     finally:
         backend_stop()
         operator.close()

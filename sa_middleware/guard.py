@@ -296,7 +296,7 @@ class Guard(Operations):
         if gen is not None and (isinstance(gen, bool) or not isinstance(gen, int) or not 0 <= gen <= _MAX_GEN):
             raise InvalidToken(f"claim {self.generation_claim} must be an integer from 0 to 2**53-1")
         jti = _claim_str(claims, "jti")
-        session_id = _claim_str(claims, "sid") or jti or token.fingerprint[:32]
+        session_id = _claim_str(claims, "sid") or request.session or jti or token.fingerprint[:32]
         policy = match.policy
         if policy.one_time and jti is None:
             raise InvalidToken("this route accepts one-time tokens only: a jti claim is required")

@@ -5,6 +5,11 @@ Routes are keyed ``"METHOD /path/{param}"`` with Starlette's path syntax (``{id}
 characters first, then fewer ``path`` parameters, then an exact method over ``*`` (so a catch-all such as
 ``GET /{rest:path}`` never shadows ``* /api/payments``). ``default_policy`` fills every field
 a route leaves unset, and applies alone to requests that match no route.
+
+Keys ``"TOOL <name>"``, ``"PROMPT <name>"`` and ``"RESOURCE <uri or uri template>"`` hold the policies of an MCP
+server's tools, prompts and resources: HTTP requests never match them; the MCP adapter
+(:mod:`sa_middleware.adapters.mcp`) reads them with :meth:`RouteTable.target` and refuses to start when one names
+nothing on its server.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, Literal
 
 from .errors import ConfigurationError
 
-__all__ = ["EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "render_lock_key"]
+__all__ = ["TARGET_KINDS", "EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "lock_fields", "render_lock_key"]
 
 SessionLimitAction = Literal["reject", "evict_oldest"]
 LockConflictAction = Literal["reject", "wait", "pause"]
@@ -171,6 +176,31 @@ def _lock_fields(template: str) -> list[str]:
     return names
 
 
+def lock_fields(template: str) -> list[str]:
+    """The parameter names a lock template uses (``"payment:{id}"`` -> ``["id"]``)."""
+    return _lock_fields(template)
+
+
+def _target_key(key: object) -> str | None:
+    """``"TOOL <name>"`` (``PROMPT``, ``RESOURCE``) normalised (kind upper-case, one space), or ``None`` for a
+    route."""
+    if not isinstance(key, str):
+        return None
+    kind, _, name = key.strip().partition(" ")
+    kind = kind.upper()
+    if kind not in TARGET_KINDS:
+        return None
+    name = name.strip()
+    if kind == "RESOURCE":
+        if not _TARGET_URI.fullmatch(name):
+            raise ConfigurationError(f"{key!r}: expected 'RESOURCE <uri or uri template>' of 1-1024 printable "
+                                     "ASCII characters without spaces")
+    elif not _TARGET_NAME.fullmatch(name):
+        raise ConfigurationError(f"{key!r}: expected '{kind} <name>', the name 1-128 characters of "
+                                 "letters, digits, '_', '-', '.' and '/'")
+    return f"{kind} {name}"
+
+
 def render_lock_key(template: str, params: Mapping[str, Any]) -> str:
     """Render ``"payment:{id}"`` with the route's path parameters."""
     return template.format_map({key: str(value) for key, value in params.items()})
@@ -184,6 +214,10 @@ _CONVERTORS: dict[str, tuple[str, Any]] = {
     "float": (r"[0-9]+(?:\.[0-9]+)?", float),
     "uuid": ("[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", uuid.UUID),
 }
+#: the kinds of non-HTTP table keys ("TOOL <name>"), kept for the MCP adapter
+TARGET_KINDS = ("TOOL", "PROMPT", "RESOURCE")
+_TARGET_NAME = re.compile(r"[A-Za-z0-9_./-]{1,128}")
+_TARGET_URI = re.compile(r"[!-~]{1,1024}")  # printable ASCII, no spaces
 _METHODS = frozenset({"*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
                       "WEBSOCKET"})
 
@@ -223,7 +257,16 @@ class RouteTable:
         self._routes: list[_Route] = []
         self._cache: dict[tuple[str, str], RouteMatch] = {}
         self._resolved: dict[tuple[Policy | None, Policy | None], EffectivePolicy] = {}
+        self.targets: dict[str, Policy] = {}
+        """The ``"TOOL <name>"`` / ``"PROMPT <name>"`` / ``"RESOURCE <uri>"`` entries (normalised keys), which HTTP
+        requests never match."""
         for key, policy in (policies or {}).items():
+            target = _target_key(key)
+            if target is not None:
+                if not isinstance(policy, Policy):
+                    raise ConfigurationError(f"{target!r}: the value must be a Policy")
+                self.targets[target] = policy.validate(target)
+                continue
             self._routes.append(self._compile(key, policy))
         self._routes.sort(key=lambda r: r.rank, reverse=True)
 
@@ -268,6 +311,26 @@ class RouteTable:
             raise ConfigurationError(f"route {key!r}: {exc}") from None
         rank = (literal, -path_params, method != "*")
         return _Route(key, method, re.compile(pattern), convert, effective, rank, frozenset(convert), policy)
+
+    def target(self, key: str, policy: Policy | None, params: Mapping[str, Any] | None) -> RouteMatch:
+        """The match for an MCP tool or prompt (``key`` is ``"TOOL <name>"``): ``policy`` (the function's
+        ``@policy``) wins over the table entry for ``key``, which wins over ``default_policy``; ``params`` (the
+        call's checked arguments) fill the lock keys (``None``: the policy only, no lock keys)."""
+        table = self.targets.get(key)
+        cache_key = (policy, table)
+        effective = self._resolved.get(cache_key)
+        if effective is None:
+            base = table.merged(self.default_policy) if table is not None else self.default_policy
+            effective = (policy or Policy()).merged(base).effective()
+            if len(self._resolved) < 4096:
+                self._resolved[cache_key] = effective
+        if params is None:
+            return RouteMatch(key, {}, effective, ())
+        try:
+            keys = tuple(render_lock_key(t, params) for t in effective.locks)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigurationError(f"{key!r}: a lock template names a missing parameter {exc}") from None
+        return RouteMatch(key, dict(params), effective, keys)
 
     def match(self, method: str, path: str) -> RouteMatch:
         """The most specific route for this request, or the default policy (``route=None``)."""

@@ -51,8 +51,9 @@ def test_demo_against_every_example_app() -> None:
     rows = step_rows(result.stdout)
     assert len(rows) == 32 and all(row.endswith(" ok") for row in rows), result.stdout
     header = next(line for line in result.stdout.splitlines() if line.startswith("behaviour "))
-    assert header.split()[4:] == ["core-asgi", "starlette", "fastapi", "flask", "django-wsgi", "django-asgi", "all"]
-    for framework in ("Starlette", "FastAPI", "Flask", "Django WSGI", "Django ASGI"):
+    assert header.split()[4:] == ["core-asgi", "starlette", "fastapi", "flask", "django-wsgi", "django-asgi", "mcp",
+                                  "all"]
+    for framework in ("Starlette", "FastAPI", "Flask", "Django WSGI", "Django ASGI", "MCP (uvicorn)"):
         line = next(x for x in result.stdout.splitlines() if x.startswith(framework) and "http" not in x)
         assert line.count(" ok") == 5 and "MISMATCH" not in line, line
     assert "skipped" not in result.stdout and "all behaviours as expected" in result.stdout

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-FRAMEWORKS = ("starlette", "fastapi", "flask", "django")
+FRAMEWORKS = ("starlette", "fastapi", "flask", "django", "mcp")
 
 # module -> the frameworks it may import (FastAPI is built on Starlette)
 ALLOWED: dict[str, set[str]] = {
@@ -22,6 +22,12 @@ ALLOWED: dict[str, set[str]] = {
     "sa_middleware.adapters.fastapi": {"fastapi", "starlette"},
     "sa_middleware.adapters.flask": {"flask"},
     "sa_middleware.adapters.django": {"django"},
+    "sa_middleware.adapters.mcp": {"mcp", "starlette"},  # the MCP SDK serves over Starlette
+    "sa_middleware.policy": set(),
+    "sa_middleware.guard": set(),
+    "sa_middleware.demo": set(),
+    "sa_middleware.demo_examples": set(),
+    "sa_middleware.cli": set(),
 }
 
 PROBE = """
