@@ -69,10 +69,12 @@ class Metrics:
             f"{_NS}_admission_duration_seconds", "Time to decide a request (token, policy, store, lock waits).",
             ["route"], buckets=b, registry=reg)
         self.store_seconds = _prom.Histogram(
-            f"{_NS}_store_duration_seconds", "Time spent in store calls, by operation (admit, release).",
+            f"{_NS}_store_duration_seconds", "Time spent in the store's admission call(s) of a request (operation "
+            "admit; a release is one store call: see the release histogram).",
             ["operation"], buckets=b, registry=reg)
         self.release_seconds = _prom.Histogram(
-            f"{_NS}_release_duration_seconds", "Time to release a ticket (its locks and its in-flight record).",
+            f"{_NS}_release_duration_seconds", "Time to release a ticket: one store call that frees its locks and "
+            "its in-flight record.",
             buckets=b, registry=reg)
         self.lock_wait_seconds = _prom.Histogram(
             f"{_NS}_lock_wait_seconds", "Time requests waited for an object lock (on_lock_conflict='wait'), by "
@@ -90,7 +92,6 @@ class Metrics:
         reg.register(self._sampler)
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._store_admit = self.store_seconds.labels("admit")
-        self._store_release = self.store_seconds.labels("release")
 
     @classmethod
     def default(cls) -> Metrics:
@@ -125,7 +126,6 @@ class Metrics:
 
     def released(self, seconds: float, failed: bool) -> None:
         self.release_seconds.observe(seconds)
-        self._store_release.observe(seconds)
         if failed:
             self.store_errors.labels("release").inc()
 
