@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from ..context import RequestInfo
-from ..errors import SAMiddlewareError
+from ..errors import ConfigurationError, SAMiddlewareError
 from ..operations import MAX_AUDIT_LIMIT, Operations
 from ..policy import Policy, RouteTable
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from ..guard import Guard
 
 __all__ = ["ACTIONS", "DEFAULT_ADMIN_SCOPE", "Console", "Request", "Response"]
+
+log = logging.getLogger("sa_middleware")
 
 #: the scope a bearer token needs to use the console
 DEFAULT_ADMIN_SCOPE = "sa:admin"
@@ -114,9 +117,9 @@ class Console:
         if login_link is None:
             login_link = guard is None
         if guard is None and not login_link:
-            raise SAMiddlewareError("the console needs a guard (bearer tokens with the admin scope) or a login link")
+            raise ConfigurationError("the console needs a guard (bearer tokens with the admin scope) or a login link")
         if not isinstance(admin_scope, str) or not admin_scope or " " in admin_scope:
-            raise SAMiddlewareError("admin_scope must be one scope")
+            raise ConfigurationError("admin_scope must be one scope")
         self.ops = ops
         self.guard = guard
         self.admin_scope = admin_scope
@@ -140,8 +143,13 @@ class Console:
             return self._route(request)
         except _Denied as exc:
             return _json({"error": str(exc)}, exc.status)
-        except SAMiddlewareError as exc:  # a bad argument or an unreachable store: said, never a 500 page
-            return _json({"error": str(exc)}, 400 if "must" in str(exc) else 503)
+        except ConfigurationError as exc:  # a bad argument (an id too long...)
+            return _json({"error": str(exc)}, 400)
+        except SAMiddlewareError as exc:  # the store did not answer
+            return _json({"error": str(exc)}, 503)
+        except Exception:
+            log.exception("sa-middleware console: the request failed")
+            return _json({"error": "the store failed; see the console's log"}, 503)
 
     def _route(self, request: Request) -> Response:
         path, method = request.path or "/", request.method
