@@ -21,7 +21,7 @@ from sa_middleware.asgi import SessionAwareMiddleware
 from sa_middleware.demo import DemoIssuer, serve_asgi, serve_wsgi
 from sa_middleware.errors import ConfigurationError
 from sa_middleware.metrics import Metrics
-from sa_middleware.wsgi import SessionAwareWSGIMiddleware
+from sa_middleware.wsgi import AfterClose, SessionAwareWSGIMiddleware
 
 POLICIES = {
     "GET /items/{id}": Policy(),
@@ -37,6 +37,7 @@ class Held:
     def __init__(self) -> None:
         self.inside = threading.Event()
         self.go = threading.Event()
+        self.finished = threading.Event()  # the middleware is done with the held request (its ticket released)
 
 
 def asgi_stack(guard: Guard, metrics: Metrics, held: Held) -> Any:
@@ -55,6 +56,8 @@ def asgi_stack(guard: Guard, metrics: Metrics, held: Held) -> Any:
             await exposition(scope, receive, send)
         else:
             await guarded(scope, receive, send)
+            if scope["path"].startswith("/hold/"):
+                held.finished.set()
     return root
 
 
@@ -72,7 +75,8 @@ def wsgi_stack(guard: Guard, metrics: Metrics, held: Held) -> Any:
     def root(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ["PATH_INFO"] == "/metrics":
             return exposition(environ, start_response)  # type: ignore[no-any-return]
-        return guarded(environ, start_response)
+        result = guarded(environ, start_response)
+        return AfterClose(result, held.finished.set) if environ["PATH_INFO"].startswith("/hold/") else result
     return root
 
 
@@ -150,6 +154,7 @@ def test_counts_equal_the_requests_sent_by_code(served: tuple[str, Guard, Held],
     assert samples[("sa_middleware_locks_held", (("mode", "exclusive"),))] == 1
     held.go.set()
     thread.join(WAIT)
+    assert held.finished.wait(WAIT)
     assert guard.locks() == []
     samples = scrape(base)
     assert samples[("sa_middleware_tickets_in_flight", ())] == 0
