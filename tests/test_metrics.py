@@ -218,3 +218,46 @@ def test_default_registry_is_shared_and_the_core_never_imports_prometheus() -> N
 def test_bad_metrics_option_is_refused_at_start(issuer: DemoIssuer) -> None:
     with pytest.raises(ConfigurationError, match="metrics must be"):
         Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], metrics="yes")  # type: ignore[arg-type]
+
+
+def test_lock_wait_is_timed_by_its_outcome(issuer: DemoIssuer) -> None:
+    registry = CollectorRegistry()
+    guard = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience, metrics=Metrics(registry), tracing=False,
+                  policies={"PUT /docs/{id}": Policy(locks=["doc:{id}"], on_lock_conflict="wait", lock_wait=0.2)})
+    from sa_middleware import RequestInfo
+    from sa_middleware.guard import Admitted
+
+    def put(sub: str) -> Any:
+        return guard.admit(RequestInfo("PUT", "/docs/1", {"authorization": f"Bearer {issuer.token(sub)}"}))
+    first = put("writer-1")
+    assert isinstance(first, Admitted)
+    refused = put("writer-2")  # waits for the lock up to lock_wait, then gives up
+    assert getattr(refused, "code", None) == "object_locked"
+    labels = {"route": "PUT /docs/{id}", "code": "object_locked"}
+    assert registry.get_sample_value("sa_middleware_lock_wait_seconds_count", labels) == 1
+    assert (registry.get_sample_value("sa_middleware_lock_wait_seconds_sum", labels) or 0) > 0
+    assert registry.get_sample_value("sa_middleware_lock_wait_seconds_count",
+                                     {"route": "PUT /docs/{id}", "code": "admitted"}) is None  # never waited
+    guard.release(first.ticket)
+    guard.close()
+
+
+def test_security_events_are_counted_by_type_and_result(issuer: DemoIssuer) -> None:
+    sys.path.insert(0, str(Path(__file__).parent / "events"))
+    from ssf_support import CAEP, Transmitter, user
+
+    from sa_middleware.events import SSFReceiver
+
+    registry = CollectorRegistry()
+    guard = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience, metrics=Metrics(registry), tracing=False)
+    tx = Transmitter()
+    rx = SSFReceiver(guard, keys=tx.public_pem, issuer=tx.issuer, audience=tx.audience)
+    event = tx.set(CAEP + "session-revoked", sub_id=user(issuer, "leaky"))
+    assert rx.process(event).status == "applied"
+    assert rx.process(event).status == "duplicate"
+    value = registry.get_sample_value
+    assert value("sa_middleware_security_events_total", {"type": "session-revoked", "result": "applied"}) == 1
+    assert value("sa_middleware_security_events_total", {"type": "session-revoked", "result": "duplicate"}) == 1
+    guard.close()
