@@ -172,8 +172,16 @@ def test_store_errors_and_fail_open_are_counted(issuer: DemoIssuer, tmp_path: Pa
 
     def down(*args: object) -> None:
         raise StoreUnavailable("down for the test")
-    guard.store.admit = down  # type: ignore[method-assign]
     token = issuer.token("u-down")
+    from sa_middleware.guard import Admitted
+
+    admitted = guard.admit(RequestInfo("GET", "/closed", {"authorization": f"Bearer {token}"}))
+    assert isinstance(admitted, Admitted)
+    guard.store.release = down  # type: ignore[method-assign]
+    guard.release(admitted.ticket)  # logged; the lease bounds it
+    assert registry.get_sample_value("sa_middleware_store_errors_total", {"operation": "release"}) == 1
+    assert registry.get_sample_value("sa_middleware_release_duration_seconds_count") == 1
+    guard.store.admit = down  # type: ignore[method-assign]
     for path in ("/open", "/closed", "/closed"):
         guard.admit(RequestInfo("GET", path, {"authorization": f"Bearer {token}"}))
     value = registry.get_sample_value
@@ -181,6 +189,7 @@ def test_store_errors_and_fail_open_are_counted(issuer: DemoIssuer, tmp_path: Pa
     assert value("sa_middleware_fail_open_admissions_total", {"route": "GET /open"}) == 1
     assert value("sa_middleware_admissions_total", {"route": "GET /open", "code": "fail_open"}) == 1
     assert value("sa_middleware_admissions_total", {"route": "GET /closed", "code": "store_unavailable"}) == 2
+    assert value("sa_middleware_admissions_total", {"route": "GET /closed", "code": "admitted"}) == 1
     guard.close()
 
 
