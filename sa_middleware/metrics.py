@@ -17,8 +17,10 @@ import math
 import threading
 import time
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
@@ -37,7 +39,7 @@ _NS = "sa_middleware"
 
 try:  # only this module imports prometheus_client, and only when metrics are asked for
     import prometheus_client as _prom
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from prometheus_client.registry import Collector, CollectorRegistry
 except ImportError:  # pragma: no cover - depends on the environment
     _prom = None  # type: ignore[assignment]
@@ -60,38 +62,19 @@ class Metrics:
         if isinstance(sample_every, bool) or not isinstance(sample_every, int | float) \
                 or not math.isfinite(sample_every) or sample_every < 0:
             raise ConfigurationError("sample_every must be a number of seconds >= 0")
+        bounds = tuple(float(b) for b in buckets)
+        if not bounds or list(bounds) != sorted(set(bounds)) or not all(math.isfinite(b) for b in bounds):
+            raise ConfigurationError("buckets must be increasing, finite numbers of seconds")
         self.registry = _prom.REGISTRY if registry is None else registry
-        reg, b = self.registry, tuple(buckets)
-        self.admissions = _prom.Counter(
-            f"{_NS}_admissions", "Requests decided, by route template and outcome code (admitted, fail_open or the "
-            "denial code).", ["route", "code"], registry=reg)
-        self.admission_seconds = _prom.Histogram(
-            f"{_NS}_admission_duration_seconds", "Time to decide a request (token, policy, store, lock waits).",
-            ["route"], buckets=b, registry=reg)
-        self.store_seconds = _prom.Histogram(
-            f"{_NS}_store_duration_seconds", "Time spent in the store's admission call(s) of a request (operation "
-            "admit; a release is one store call: see the release histogram).",
-            ["operation"], buckets=b, registry=reg)
-        self.release_seconds = _prom.Histogram(
-            f"{_NS}_release_duration_seconds", "Time to release a ticket: one store call that frees its locks and "
-            "its in-flight record.",
-            buckets=b, registry=reg)
-        self.lock_wait_seconds = _prom.Histogram(
-            f"{_NS}_lock_wait_seconds", "Time requests waited for an object lock (on_lock_conflict='wait'), by "
-            "route and outcome code.", ["route", "code"], buckets=b, registry=reg)
-        self.store_errors = _prom.Counter(
-            f"{_NS}_store_errors", "Store calls that failed, by operation (admit, release).", ["operation"],
-            registry=reg)
-        self.fail_open = _prom.Counter(
-            f"{_NS}_fail_open_admissions", "Requests admitted while the store was unavailable (fail_open routes).",
-            ["route"], registry=reg)
-        self.security_events = _prom.Counter(
-            f"{_NS}_security_events", "Security events (SSF/CAEP/RISC) processed, by type and result.",
-            ["type", "result"], registry=reg)
+        self.buckets = bounds
+        # Everything the hot path records goes into plain dicts under one lock (one acquisition a call): a third of
+        # the cost of prometheus_client's per-value locks. _Recorded exposes them when scraped.
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[tuple[str, ...], int]] = {name: {} for name, *_ in _COUNTERS}
+        self._histograms: dict[str, dict[tuple[str, ...], _Histogram]] = {name: {} for name, *_ in _HISTOGRAMS}
         self._sampler = _StateCollector(sample_every)
-        reg.register(self._sampler)
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._store_admit = self.store_seconds.labels("admit")
+        self.registry.register(_Recorded(self))
+        self.registry.register(self._sampler)
 
     @classmethod
     def default(cls) -> Metrics:
@@ -111,29 +94,36 @@ class Metrics:
 
     def admitted(self, route: str, code: str, seconds: float, store_seconds: float | None,
                  lock_wait: float | None) -> None:
-        children = self._children.get((route, code))
-        if children is None:
-            children = self._children[(route, code)] = (self.admissions.labels(route, code),
-                                                        self.admission_seconds.labels(route))
-        children[0].inc()
-        children[1].observe(seconds)
-        if store_seconds is not None:
-            self._store_admit.observe(store_seconds)
-        if lock_wait is not None:
-            self.lock_wait_seconds.labels(route, code).observe(lock_wait)
-        if code == "fail_open":
-            self.fail_open.labels(route).inc()
+        bounds, counters, histograms = self.buckets, self._counters, self._histograms
+        with self._lock:
+            _count(counters["admissions"], (route, code))
+            _observe(histograms["admission_duration_seconds"], (route,), bounds, seconds)
+            if store_seconds is not None:
+                _observe(histograms["store_duration_seconds"], ("admit",), bounds, store_seconds)
+            if lock_wait is not None:
+                _observe(histograms["lock_wait_seconds"], (route, code), bounds, lock_wait)
+            if code == "fail_open":
+                _count(counters["fail_open_admissions"], (route,))
 
     def released(self, seconds: float, failed: bool) -> None:
-        self.release_seconds.observe(seconds)
-        if failed:
-            self.store_errors.labels("release").inc()
+        with self._lock:
+            _observe(self._histograms["release_duration_seconds"], (), self.buckets, seconds)
+            if failed:
+                _count(self._counters["store_errors"], ("release",))
 
     def store_error(self, operation: str) -> None:
-        self.store_errors.labels(operation).inc()
+        with self._lock:
+            _count(self._counters["store_errors"], (operation,))
 
     def security_event(self, event_type: str, result: str) -> None:
-        self.security_events.labels(event_type, result).inc()
+        with self._lock:
+            _count(self._counters["security_events"], (event_type, result))
+
+    def _snapshot(self) -> tuple[dict[str, dict[tuple[str, ...], int]], dict[str, dict[tuple[str, ...], Any]]]:
+        with self._lock:
+            return ({name: dict(values) for name, values in self._counters.items()},
+                    {name: {k: (list(h.counts), h.total) for k, h in values.items()}
+                     for name, values in self._histograms.items()})
 
     # -- exposition --------------------------------------------------------------------------------------------
 
@@ -146,6 +136,68 @@ class Metrics:
         """A WSGI app serving these metrics in the Prometheus text format."""
         app: Callable[..., Any] = _prom.make_wsgi_app(self.registry)
         return app
+
+
+#: counters: name (without ``sa_middleware_`` and ``_total``), labels, help
+_COUNTERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("admissions", ("route", "code"), "Requests decided, by route template and outcome code (admitted, fail_open "
+                                      "or the denial code)."),
+    ("store_errors", ("operation",), "Store calls that failed, by operation (admit, release)."),
+    ("fail_open_admissions", ("route",), "Requests admitted while the store was unavailable (fail_open routes)."),
+    ("security_events", ("type", "result"), "Security events (SSF/CAEP/RISC) processed, by type and result."),
+)
+#: histograms: name, labels, help
+_HISTOGRAMS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("admission_duration_seconds", ("route",), "Time to decide a request (token, policy, store, lock waits)."),
+    ("store_duration_seconds", ("operation",), "Time spent in the store's admission call(s) of a request "
+                                               "(operation admit; a release is one store call)."),
+    ("release_duration_seconds", (), "Time to release a ticket: one store call that frees its locks and its "
+                                     "in-flight record."),
+    ("lock_wait_seconds", ("route", "code"), "Time requests waited for an object lock (on_lock_conflict='wait'), "
+                                             "by route and outcome code."),
+)
+
+
+class _Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size  # per bucket, not cumulative; the last one is +Inf
+        self.total = 0.0
+
+
+def _count(values: dict[tuple[str, ...], int], key: tuple[str, ...]) -> None:
+    values[key] = values.get(key, 0) + 1
+
+
+def _observe(values: dict[tuple[str, ...], _Histogram], key: tuple[str, ...], bounds: tuple[float, ...],
+             amount: float) -> None:
+    histogram = values.get(key)
+    if histogram is None:
+        histogram = values[key] = _Histogram(len(bounds) + 1)
+    histogram.counts[bisect_left(bounds, amount)] += 1  # the first bucket whose bound is >= amount ("le")
+    histogram.total += amount
+
+
+class _Recorded(Collector):
+    """Exposes what :class:`Metrics` recorded, in the Prometheus types (counters and histograms)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        counters, histograms = self._metrics._snapshot()
+        for name, labels, text in _COUNTERS:
+            counter = CounterMetricFamily(f"{_NS}_{name}", text, labels=labels)
+            for key, value in sorted(counters[name].items()):
+                counter.add_metric(key, value)
+            yield counter
+        bounds = [repr(b) for b in self._metrics.buckets] + ["+Inf"]  # 0.0001, 1.0: as prometheus_client
+        for name, labels, text in _HISTOGRAMS:
+            family = HistogramMetricFamily(f"{_NS}_{name}", text, labels=labels)
+            for key, (counts, total) in sorted(histograms[name].items()):
+                family.add_metric(key, list(zip(bounds, accumulate(counts), strict=True)), total)
+            yield family
 
 
 class _StateCollector(Collector):

@@ -270,3 +270,19 @@ def test_security_events_are_counted_by_type_and_result(issuer: DemoIssuer) -> N
     assert value("sa_middleware_security_events_total", {"type": "session-revoked", "result": "applied"}) == 1
     assert value("sa_middleware_security_events_total", {"type": "session-revoked", "result": "duplicate"}) == 1
     guard.close()
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, buckets=(0.001, 0.01))
+    for seconds in (0.001, 0.005, 0.01, 2.0):
+        metrics.admitted("GET /r", "admitted", seconds, None, None)
+    value = registry.get_sample_value
+    buckets = [value("sa_middleware_admission_duration_seconds_bucket", {"route": "GET /r", "le": le})
+               for le in ("0.001", "0.01", "+Inf")]
+    assert buckets == [1, 3, 4]
+    assert value("sa_middleware_admission_duration_seconds_count", {"route": "GET /r"}) == 4
+    assert value("sa_middleware_admission_duration_seconds_sum", {"route": "GET /r"}) == pytest.approx(2.016)
+    for bad in ((), (0.01, 0.001), (float("inf"),)):
+        with pytest.raises(ConfigurationError, match="buckets"):
+            Metrics(CollectorRegistry(), buckets=bad)
