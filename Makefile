@@ -32,6 +32,7 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/metrics_cost.py
 
 clean:
 	rm -rf $(VENV) .venv-django42 build *.egg-info .pytest_cache .mypy_cache .ruff_cache

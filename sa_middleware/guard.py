@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 
@@ -25,11 +25,15 @@ from .context import RequestInfo, SAContext
 from .denials import Denial
 from .dpop import DEFAULT_DPOP_ALGORITHMS, Binding, SenderConstraints
 from .errors import ConfigurationError, InvalidToken, StoreError
+from .observe import build_observer
 from .operations import Operations, finite_number
 from .policy import Policy, RouteMatch, RouteTable
 from .records import Admission, AuditRecord, LockRequest, Ticket
 from .stores.base import Store
 from .tokens import TokenVerifier, VerifiedToken
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 __all__ = ["Admitted", "Guard", "Outcome"]
 
@@ -54,16 +58,19 @@ Outcome = Admitted | Denial
 
 @dataclass(frozen=True, slots=True)
 class _Verify:
+    observed: ClassVar[str] = "verify"
     token: str
 
 
 @dataclass(frozen=True, slots=True)
 class _Admit:
+    observed: ClassVar[str] = "admit"
     admission: Admission
 
 
 @dataclass(frozen=True, slots=True)
 class _Sleep:
+    observed: ClassVar[str] = "sleep"
     seconds: float
 
 
@@ -71,6 +78,7 @@ class _Sleep:
 class _Report:
     """``reuse_is_compromise``: report the session of a ``token_reuse`` denial compromised."""
 
+    observed: ClassVar[str] = "report"
     sub: str
     session_id: str
 
@@ -181,6 +189,8 @@ class Guard(Operations):
         audit_retention: float | None = None,
         audit_max_records: int | None = None,
         audit_buffer: int = 10_000,
+        metrics: Metrics | bool = False,
+        tracing: bool | None = None,
     ) -> None:
         for name, value in (("session_idle", session_idle), ("lease", lease)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
@@ -213,6 +223,8 @@ class Guard(Operations):
         self.constraints = SenderConstraints(mode=sender_constraint, algorithms=dpop_algorithms,
                                              max_age=dpop_max_age, leeway=self.leeway)
         self._keeper = _Keeper(self.store, self.lease, self.flush_audit)
+        #: metrics and tracing (sa_middleware.observe); None when both are off
+        self.observer = build_observer(self, metrics, tracing)
 
     # -- the decision flow -----------------------------------------------------------------------------------
 
@@ -351,6 +363,10 @@ class Guard(Operations):
 
     def admit(self, request: RequestInfo, match: RouteMatch | None = None) -> Outcome:
         """Decide a request, blocking (WSGI). Never raises for bad input or a failing store."""
+        probe = None
+        if self.observer is not None:
+            match = match or self.match(request)
+            probe = self.observer.admission(request, match)
         flow = self._flow(request, match)
         answer: Any = None
         verified: Any = None
@@ -358,6 +374,8 @@ class Guard(Operations):
         try:
             while True:
                 step = flow.send(answer)
+                if probe is not None:
+                    probe.before(step)
                 if isinstance(step, _Verify):
                     try:
                         answer = verified = self.verifier.verify(step.token)
@@ -371,14 +389,22 @@ class Guard(Operations):
                 else:
                     asked = step.admission
                     answer = self._admit_sync(asked)
+                if probe is not None:
+                    probe.after(step, answer)
         except StopIteration as stop:
             outcome: Outcome = stop.value
+            if probe is not None:
+                probe.finish(outcome, asked)
             if not (isinstance(outcome, Admitted) and (outcome.ticket is not None or asked is None)):
                 self._audit_outcome(outcome, request, match, asked, answer, verified)
             return outcome
 
     async def aadmit(self, request: RequestInfo, match: RouteMatch | None = None) -> Outcome:
         """Decide a request without blocking the event loop (ASGI). Never raises for bad input or a failing store."""
+        probe = None
+        if self.observer is not None:
+            match = match or self.match(request)
+            probe = self.observer.admission(request, match)
         flow = self._flow(request, match)
         answer: Any = None
         verified: Any = None
@@ -386,6 +412,8 @@ class Guard(Operations):
         try:
             while True:
                 step = flow.send(answer)
+                if probe is not None:
+                    probe.before(step)
                 if isinstance(step, _Verify):
                     try:
                         answer = verified = await self.verifier.averify(step.token)
@@ -399,8 +427,12 @@ class Guard(Operations):
                 else:
                     asked = step.admission
                     answer = await self._admit_async(asked)
+                if probe is not None:
+                    probe.after(step, answer)
         except StopIteration as stop:
             outcome: Outcome = stop.value
+            if probe is not None:
+                probe.finish(outcome, asked)
             if not (isinstance(outcome, Admitted) and (outcome.ticket is not None or asked is None)):
                 self._audit_outcome(outcome, request, match, asked, answer, verified)
             return outcome
@@ -480,23 +512,33 @@ class Guard(Operations):
         """End an admitted request. Safe to call with ``None``; a failure is logged (the lease bounds it)."""
         if ticket is None:
             return
+        started = self.observer.release_started() if self.observer is not None else None
         self._keeper.discard(ticket.ticket_id)
+        failed = False
         try:
             self.store.release(ticket.ticket_id)
         except Exception:
+            failed = True
             log.warning("sa-middleware: release of ticket %s failed; its lease will expire", ticket.ticket_id,
                         exc_info=True)
+        if started is not None and self.observer is not None:
+            self.observer.released(started, failed)
 
     async def arelease(self, ticket: Ticket | None) -> None:
         """Async twin of :meth:`release`."""
         if ticket is None:
             return
+        started = self.observer.release_started() if self.observer is not None else None
         self._keeper.discard(ticket.ticket_id)
+        failed = False
         try:
             await self.store.arelease(ticket.ticket_id)
         except Exception:
+            failed = True
             log.warning("sa-middleware: release of ticket %s failed; its lease will expire", ticket.ticket_id,
                         exc_info=True)
+        if started is not None and self.observer is not None:
+            self.observer.released(started, failed)
 
     def close(self) -> None:
         """Stop the lease keeper, write the buffered audit records (best effort) and close the store."""

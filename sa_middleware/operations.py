@@ -209,6 +209,10 @@ class Operations:
         """Every object lock held now, with its fencing token."""
         return self.store.locks()
 
+    def active_sessions(self, limit: int = 1000) -> list[SessionInfo]:
+        """The active sessions of every principal, most recently seen first, at most ``limit``."""
+        return self.store.all_sessions(self.session_idle, _limit(limit))
+
     # -- operations of security events (sa_middleware.events; also usable directly) ------------------------------
 
     def revoke_sessions(self, sub: str, before: float | None = None, *, source: str | None = None) -> list[str]:
@@ -331,6 +335,9 @@ class Operations:
     async def alocks(self) -> list[LockInfo]:
         return await self.store.alocks()
 
+    async def aactive_sessions(self, limit: int = 1000) -> list[SessionInfo]:
+        return await self.store.aall_sessions(self.session_idle, _limit(limit))
+
 
 # -- argument checks -------------------------------------------------------------------------------------------
 
@@ -350,6 +357,12 @@ def _arg(value: str, name: str) -> str:
     if not isinstance(value, str) or not value or len(value) > _MAX_ID:
         raise ConfigurationError(f"{name} must be a non-empty string of at most {_MAX_ID} characters")
     return value
+
+
+def _limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_AUDIT_LIMIT:
+        raise ConfigurationError(f"limit must be an integer from 1 to {MAX_AUDIT_LIMIT}")
+    return limit
 
 
 def _time(value: float | None, name: str) -> float | None:

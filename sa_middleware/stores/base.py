@@ -120,6 +120,11 @@ class Store(abc.ABC):
         """Add ``amount`` to ``sub``'s risk for ``window`` seconds from now (as an admitted ``raises_risk``)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement raise_risk")
 
+    def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        """The sessions of every principal seen within ``session_idle`` seconds, most recently seen first, at most
+        ``limit`` (the console and the metrics' session gauge)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement all_sessions")
+
     def seen_event(self, key: str, ttl: float) -> bool:
         """Record the security event ``key`` for ``ttl`` seconds, atomically; returns True when it was already
         recorded (and not expired): a duplicate."""
@@ -215,6 +220,9 @@ class Store(abc.ABC):
 
     async def araise_risk(self, sub: str, amount: int, window: float) -> None:
         await self._run(self.raise_risk, sub, amount, window)
+
+    async def aall_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        return await self._run(self.all_sessions, session_idle, limit)
 
     async def aseen_event(self, key: str, ttl: float) -> bool:
         return await self._run(self.seen_event, key, ttl)

@@ -1169,6 +1169,23 @@ class RedisStore(Store):
             None if s.get("mg") is None else _int(s["mg"]), _opt_float(s.get("ca")))
             for s in _seq(r.get("sessions"))]
 
+    def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        return self._drive(self._all_sessions(session_idle, limit))
+
+    async def aall_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        return await self._aop(lambda: self._all_sessions(session_idle, limit))
+
+    def _all_sessions(self, session_idle: float, limit: int) -> _Flow[list[SessionInfo]]:
+        head = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":{p:"
+        keys: list[str] = yield _Scan(head + "*}:ss")
+        start = len(self.prefix) + len(":{p:")
+        found: list[SessionInfo] = []
+        for key in sorted(set(keys)):
+            sub = key[start:-len("}:ss")].replace("%7B", "{").replace("%7D", "}").replace("%25", "%")
+            found.extend((yield from self._sessions(sub, session_idle)))
+        found.sort(key=lambda s: (-s.last_seen, s.session_id))
+        return found[:limit]
+
     def locks(self) -> list[LockInfo]:
         return self._drive(self._locks())
 
