@@ -247,10 +247,11 @@ class Guard(Operations):
         self.constraints = SenderConstraints(mode=sender_constraint, algorithms=dpop_algorithms,
                                              max_age=dpop_max_age, leeway=self.leeway)
         self._key_notes: int | None = None  # the store's key-notes generation this Guard has applied
+        self._watched: list[TokenVerifier] = []  # other verifiers the key operations reach (watch_keys)
         self._gen_claims: OrderedDict[str, bool] = OrderedDict()  # sub -> its latest token had a generation claim
         self._gen_pending: dict[str, bool] = {}  # not yet written to the store
         self._gen_lock = threading.Lock()
-        self._keeper = _Keeper(self.store, self.lease, self._flush, check=self._apply_key_notes)
+        self._keeper = _Keeper(self.store, self.lease, self.flush, check=self._apply_key_notes)
 
     # -- the decision flow -----------------------------------------------------------------------------------
 
@@ -542,11 +543,15 @@ class Guard(Operations):
         (within a few seconds); returns the number of usable keys here. Cached tokens of keys that left the set
         are forgotten. Raises :class:`~sa_middleware.errors.KeysUnavailable` when the fetch fails here."""
         super().refresh_keys(source=source)
+        for other in self._watched:
+            other.expire_keys()
         return self.verifier.refresh_keys()
 
     async def arefresh_keys(self, *, source: str | None = None) -> int:
         """Async twin of :meth:`refresh_keys`."""
         await super().arefresh_keys(source=source)
+        for other in self._watched:
+            other.expire_keys()
         return await self.verifier.arefresh_keys()
 
     def drop_key(self, kid: str, *, source: str | None = None) -> int:
@@ -555,13 +560,22 @@ class Guard(Operations):
         (they are forgotten). For a compromised key: remove it at the issuer too."""
         self.verifier.drop_key(kid)  # validates kid, before anything is written
         super().drop_key(kid, source=source)
+        for other in self._watched:
+            other.drop_key(kid)
         return self.verifier.drop_key(kid)
 
     async def adrop_key(self, kid: str, *, source: str | None = None) -> int:
         """Async twin of :meth:`drop_key`."""
         self.verifier.drop_key(kid)
         await super().adrop_key(kid, source=source)
+        for other in self._watched:
+            other.drop_key(kid)
         return self.verifier.drop_key(kid)
+
+    def watch_keys(self, verifier: TokenVerifier) -> None:
+        """Apply the key operations (``refresh_keys``, ``drop_key``, also when asked through the store by
+        ``sa-middleware keys``) to ``verifier`` too: the security-event receiver's verifier of its transmitter."""
+        self._watched.append(verifier)
 
     def _note_generation_claim(self, sub: str, present: bool) -> None:
         """Remember whether ``sub``'s tokens carry a generation claim; the store learns it (for the warning of
@@ -576,8 +590,9 @@ class Guard(Operations):
             if len(self._gen_pending) > _GEN_CLAIMS_KEPT:
                 self._gen_pending.pop(next(iter(self._gen_pending)))
 
-    def _flush(self) -> None:
-        """The keeper's writes: the buffered audit records and the generation-claim notes."""
+    def flush(self) -> None:
+        """Write what this process holds for the store now: the buffered audit records and which principals'
+        tokens carry a generation claim (the keeper does it every second)."""
         self.flush_audit()
         with self._gen_lock:
             pending, self._gen_pending = self._gen_pending, {}
@@ -598,23 +613,26 @@ class Guard(Operations):
             generation, dropped = self.store.key_notes()
         except NotImplementedError:
             return
-        for kid in dropped:
-            if kid not in self.verifier.dropped_keys:
-                self.verifier.drop_key(kid)
+        verifiers = (self.verifier, *self._watched)
+        for verifier in verifiers:
+            for kid in dropped:
+                if kid not in verifier.dropped_keys:
+                    verifier.drop_key(kid)
         if self._key_notes is not None and generation > self._key_notes:
             self._key_notes = generation
-            try:
-                self.verifier.refresh_keys()
-            except KeysUnavailable:
-                self.verifier.expire_keys()  # the next request tries again
-                log.warning("sa-middleware: signing keys not refreshed as asked: the JWK set fetch failed")
+            for verifier in verifiers:
+                try:
+                    verifier.refresh_keys()
+                except KeysUnavailable:
+                    verifier.expire_keys()  # the next request tries again
+                    log.warning("sa-middleware: signing keys not refreshed as asked: the JWK set fetch failed")
         self._key_notes = generation
 
     def close(self) -> None:
         """Stop the lease keeper, write the buffered audit records (best effort) and close the store."""
         self._keeper.stop()
         with suppress(Exception):
-            self._flush()
+            self.flush()
         super().close()
 
 
