@@ -665,3 +665,41 @@ def test_bad_auth_time_is_invalid_token(guard: Guard, auth_time: Any) -> None:
 def test_a_store_uri_that_does_not_parse_is_a_configuration_error(uri: str) -> None:
     with pytest.raises(ConfigurationError):
         make_guard(uri)
+
+
+# ---------------------------------------------------------------------------- the issuer's keys, session keys
+
+
+def test_unavailable_signing_keys_are_a_503_and_never_fail_open() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/jwks.json"
+    guard = Guard(store="memory://", jwks_url=url, algorithms=["RS256"], issuer=ISS, audience=AUD,
+                  default_policy=Policy(fail_open=True), retry_after=2)
+    try:
+        for _ in range(2):  # the first fetches (and fails); the second is within the retry delay
+            outcome = guard.admit(request("GET", "/x", mint_token(KEY, "RS256", claims(), {"kid": "k1"})))
+            assert isinstance(outcome, Denial) and outcome.code == "keys_unavailable"
+            assert outcome.status == 503 and outcome.retry_after == 2
+    finally:
+        guard.close()
+
+
+def test_session_claim_makes_one_session_per_client() -> None:
+    guard = Guard(store="memory://", keys=PUBLIC_PEM, algorithms=["RS256"], issuer=ISS, audience=AUD,
+                  default_policy=Policy(max_sessions=1), session_claim=("sid", "client_id", "jti"))
+    try:
+        for i in range(3):  # renewals, replicas: a new jti each time, one client
+            outcome = guard.admit(request("GET", "/x", token(sub="svc", client_id="svc", jti=f"j{i}")))
+            assert isinstance(outcome, Admitted), outcome
+            assert outcome.context.session_id == "svc/client_id:svc" and outcome.context.kind == "service"
+            guard.release(outcome.ticket)
+        outcome = guard.admit(request("GET", "/x", token(sub="alice", sid="browser-1")))
+        assert isinstance(outcome, Admitted) and outcome.context.session_id == "browser-1"
+        guard.release(outcome.ticket)
+        with pytest.raises(ConfigurationError):
+            Guard(store="memory://", keys=PUBLIC_PEM, algorithms=["RS256"], session_claim=[""])
+    finally:
+        guard.close()
