@@ -25,8 +25,8 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["DEFAULT_KIND_RULES", "DEFAULT_SCOPE_CLAIMS", "DEFAULT_SESSION_CLAIMS", "KindRule", "KindRules",
-           "check_claim_names", "check_kind_rules", "kind_of", "scopes_of", "session_key"]
+__all__ = ["DEFAULT_KIND_RULES", "DEFAULT_SCOPE_CLAIMS", "DEFAULT_SESSION_CLAIMS", "KINDS", "KindRule", "KindRules",
+           "check_claim_names", "check_kind_rules", "check_session_claims", "kind_of", "scopes_of", "session_key"]
 
 KindRule = Callable[[Mapping[str, Any]], str | None]
 KindRules = tuple[KindRule, ...]
@@ -101,6 +101,19 @@ def check_claim_names(option: str, names: str | Sequence[str]) -> tuple[str, ...
     if not isinstance(values, Sequence) or not values or not all(isinstance(n, str) and n for n in values):
         raise ConfigurationError(f"{option} must be a claim name or a non-empty list of claim names")
     return tuple(values)
+
+
+def check_session_claims(option: str | Sequence[str] | Mapping[str, str | Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """The session claims of each kind: one list for every kind, or ``{kind: claims}`` (kinds left out keep the
+    default ``sid``, ``jti``)."""
+    if isinstance(option, Mapping):
+        unknown = set(option) - KINDS
+        if unknown:
+            raise ConfigurationError(f"session_claim keys must be kinds (human, service, agent), not {sorted(unknown)}")
+        return {kind: check_claim_names(f"session_claim[{kind!r}]", option[kind]) if kind in option
+                else DEFAULT_SESSION_CLAIMS for kind in KINDS}
+    names = check_claim_names("session_claim", option)
+    return dict.fromkeys(KINDS, names)
 
 
 def kind_of(claims: Mapping[str, Any], kind_claim: str, rules: KindRules) -> str:

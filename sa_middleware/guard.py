@@ -30,6 +30,7 @@ from .claims import (
     KindRule,
     check_claim_names,
     check_kind_rules,
+    check_session_claims,
     kind_of,
     scopes_of,
     session_key,
@@ -197,7 +198,7 @@ class Guard(Operations):
         kind_claim: str = "sa_kind",
         kind_rules: Sequence[str | KindRule] = DEFAULT_KIND_RULES,
         scope_claims: str | Sequence[str] = DEFAULT_SCOPE_CLAIMS,
-        session_claim: str | Sequence[str] = DEFAULT_SESSION_CLAIMS,
+        session_claim: str | Sequence[str] | Mapping[str, str | Sequence[str]] = DEFAULT_SESSION_CLAIMS,
         jwks_ttl: float = 300.0,
         jwks_refresh_interval: float = 5.0,
         generation_claim: str = "gen",
@@ -226,7 +227,7 @@ class Guard(Operations):
             cache_size=token_cache_size, jwks_ttl=jwks_ttl, jwks_refresh_interval=jwks_refresh_interval)
         self.kind_rules = check_kind_rules(kind_rules)
         self.scope_claims = check_claim_names("scope_claims", scope_claims)
-        self.session_claims = check_claim_names("session_claim", session_claim)
+        self.session_claims = check_session_claims(session_claim)
         self.routes = RouteTable(policies, default_policy)
         if not isinstance(audit_admissions, bool):
             raise ConfigurationError("audit_admissions must be True or False")
@@ -338,7 +339,7 @@ class Guard(Operations):
             raise InvalidToken(f"claim {self.generation_claim} must be an integer from 0 to 2**53-1")
         jti = _claim_str(claims, "jti")
         try:
-            session_id = session_key(claims, self.session_claims, sub, token.fingerprint)
+            session_id = session_key(claims, self.session_claims[kind], sub, token.fingerprint)
         except ValueError as exc:
             raise InvalidToken(f"claim {exc} must be a non-empty string of at most {_MAX_ID} characters") from None
         policy = match.policy

@@ -703,3 +703,22 @@ def test_session_claim_makes_one_session_per_client() -> None:
             Guard(store="memory://", keys=PUBLIC_PEM, algorithms=["RS256"], session_claim=[""])
     finally:
         guard.close()
+
+
+def test_session_claim_per_kind_leaves_humans_their_sessions() -> None:
+    guard = Guard(store="memory://", keys=PUBLIC_PEM, algorithms=["RS256"], issuer=ISS, audience=AUD,
+                  default_policy=Policy(max_sessions=1), session_claim={"service": ("client_id", "jti")})
+    try:
+        for i in range(2):
+            outcome = guard.admit(request("GET", "/x", token(sub="svc", client_id="svc", jti=f"j{i}")))
+            assert isinstance(outcome, Admitted) and outcome.context.session_id == "svc/client_id:svc"
+            guard.release(outcome.ticket)
+        outcome = guard.admit(request("GET", "/x", token(sub="alice", client_id="web", jti="a1")))
+        assert isinstance(outcome, Admitted) and outcome.context.session_id == "a1"
+        guard.release(outcome.ticket)
+        refused = guard.admit(request("GET", "/x", token(sub="alice", client_id="web", jti="a2")))
+        assert isinstance(refused, Denial) and refused.code == "too_many_sessions"
+        with pytest.raises(ConfigurationError, match="kinds"):
+            Guard(store="memory://", keys=PUBLIC_PEM, algorithms=["RS256"], session_claim={"robot": "azp"})
+    finally:
+        guard.close()

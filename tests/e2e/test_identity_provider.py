@@ -275,7 +275,7 @@ def test_keys_drop_refuses_a_key_the_provider_still_publishes(provider: Provider
 
 def test_machine_clients_renewing_under_max_sessions(provider: Provider, api_factory: Callable[..., Api]) -> None:
     default = api_factory()
-    per_client = api_factory(session_claim=("sid", "client_id", "jti"))
+    per_client = api_factory(session_claim={"service": ("client_id", "jti")})
     tokens = [provider.token("svc-a") for _ in range(4)]  # early renewals, replicas, restarted pods
     assert len({_claims(t)["jti"] for t in tokens}) == 4
     assert [code(default.get(t, "/seats", "POST")) for t in tokens] == ["ok", "ok", "too_many_sessions",
