@@ -539,39 +539,37 @@ class Guard(Operations):
 
     # -- the issuer's signing keys ----------------------------------------------------------------------------
 
-    def refresh_keys(self, *, source: str | None = None) -> int:
+    def refresh_keys(self, *, source: str | None = None) -> None:
         """Fetch the issuer's JWK set now in this process, and ask every Guard sharing the store to do the same
-        (within a few seconds); returns the number of usable keys here. Cached tokens of keys that left the set
-        are forgotten. Raises :class:`~sa_middleware.errors.KeysUnavailable` when the fetch fails here."""
+        (within a few seconds). Cached tokens of keys that left the set are forgotten. Raises
+        :class:`~sa_middleware.errors.KeysUnavailable` when the fetch fails here."""
         super().refresh_keys(source=source)
         for other in self._watched:
             other.expire_keys()
-        return self.verifier.refresh_keys()
+        self.verifier.refresh_keys()
 
-    async def arefresh_keys(self, *, source: str | None = None) -> int:
+    async def arefresh_keys(self, *, source: str | None = None) -> None:
         """Async twin of :meth:`refresh_keys`."""
         await super().arefresh_keys(source=source)
         for other in self._watched:
             other.expire_keys()
-        return await self.verifier.arefresh_keys()
+        await self.verifier.arefresh_keys()
 
-    def drop_key(self, kid: str, *, source: str | None = None) -> int:
+    def drop_key(self, kid: str, *, source: str | None = None) -> None:
         """Stop trusting the signing key ``kid`` at once, here and (within a few seconds) in every Guard sharing
-        the store, even while the issuer still publishes it; returns how many cached tokens it had verified here
-        (they are forgotten). For a compromised key: remove it at the issuer too."""
+        the store, even while the issuer still publishes it; the tokens it verified are forgotten. For a
+        compromised key: remove it at the issuer too."""
         self.verifier.drop_key(kid)  # validates kid, before anything is written
         super().drop_key(kid, source=source)
         for other in self._watched:
             other.drop_key(kid)
-        return self.verifier.drop_key(kid)
 
-    async def adrop_key(self, kid: str, *, source: str | None = None) -> int:
+    async def adrop_key(self, kid: str, *, source: str | None = None) -> None:
         """Async twin of :meth:`drop_key`."""
         self.verifier.drop_key(kid)
         await super().adrop_key(kid, source=source)
         for other in self._watched:
             other.drop_key(kid)
-        return self.verifier.drop_key(kid)
 
     def watch_keys(self, verifier: TokenVerifier) -> None:
         """Apply the key operations (``refresh_keys``, ``drop_key``, also when asked through the store by

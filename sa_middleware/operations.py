@@ -192,30 +192,26 @@ class Operations:
         await self._anote(self._operation("reset_generation", source, sub, detail=f"generation {previous} -> 0"))
         return previous
 
-    def refresh_keys(self, *, source: str | None = None) -> int:
+    def refresh_keys(self, *, source: str | None = None) -> None:
         """Ask every Guard sharing the store to fetch its issuer's signing keys (JWK set) now; they do within
-        a few seconds. Returns the key-notes generation."""
-        generation = self.store.note_keys(None)
+        a few seconds."""
+        self.store.note_keys(None)
         self._note(self._operation("refresh_keys", source, detail="signing keys refresh asked"))
-        return generation
 
-    async def arefresh_keys(self, *, source: str | None = None) -> int:
-        generation = await self.store.anote_keys(None)
+    async def arefresh_keys(self, *, source: str | None = None) -> None:
+        await self.store.anote_keys(None)
         await self._anote(self._operation("refresh_keys", source, detail="signing keys refresh asked"))
-        return generation
 
-    def drop_key(self, kid: str, *, source: str | None = None) -> int:
+    def drop_key(self, kid: str, *, source: str | None = None) -> None:
         """Ask every Guard sharing the store to stop trusting the signing key ``kid`` (and forget the tokens it
         verified) within a few seconds, even while the issuer still publishes it; Guards started later refuse it
-        too. Returns the key-notes generation."""
-        generation = self.store.note_keys(_kid(kid))
+        too."""
+        self.store.note_keys(_kid(kid))
         self._note(self._operation("drop_key", source, detail=f"signing key {kid} dropped"))
-        return generation
 
-    async def adrop_key(self, kid: str, *, source: str | None = None) -> int:
-        generation = await self.store.anote_keys(_kid(kid))
+    async def adrop_key(self, kid: str, *, source: str | None = None) -> None:
+        await self.store.anote_keys(_kid(kid))
         await self._anote(self._operation("drop_key", source, detail=f"signing key {kid} dropped"))
-        return generation
 
     def revoke_principal(self, sub: str, *, source: str | None = None) -> float:
         """Refuse every token of ``sub`` issued before now (not-before watermark)."""

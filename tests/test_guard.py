@@ -722,3 +722,30 @@ def test_session_claim_per_kind_leaves_humans_their_sessions() -> None:
             Guard(store="memory://", keys=PUBLIC_PEM, algorithms=["RS256"], session_claim={"robot": "azp"})
     finally:
         guard.close()
+
+
+def test_drop_key_acts_here_at_once_and_in_other_guards_on_the_store(tmp_path: Any) -> None:
+    import anyio
+
+    store = f"sqlite:///{tmp_path / 'keys.db'}"
+    options: dict[str, Any] = {"store": store, "keys": {"k1": PUBLIC_PEM, "k2": PUBLIC_PEM}, "algorithms": ["RS256"],
+                               "issuer": ISS, "audience": AUD}
+    here, there = Guard(**options), Guard(**options)
+    try:
+        tok1, tok2 = (mint_token(KEY, "RS256", claims(), {"kid": kid}) for kid in ("k1", "k2"))
+        for guard in (here, there):
+            assert isinstance(guard.admit(request("GET", "/x", tok1)), Admitted)  # verified, cached
+        here.drop_key("k1")
+        refused = here.admit(request("GET", "/x", tok1))
+        assert isinstance(refused, Denial) and refused.detail == "signing key withdrawn"
+        assert isinstance(there.admit(request("GET", "/x", tok1)), Admitted)  # not yet: its keeper reads the notes
+        there._apply_key_notes()  # what its keeper does every 2 s
+        assert isinstance(there.admit(request("GET", "/x", tok1)), Denial)
+        anyio.run(lambda: here.adrop_key("k2"))
+        assert isinstance(here.admit(request("GET", "/x", tok2)), Denial)
+        with pytest.raises(ConfigurationError):
+            here.drop_key("no spaces")
+        assert [r.detail for r in here.audit(code="drop_key")] == ["signing key k2 dropped", "signing key k1 dropped"]
+    finally:
+        here.close()
+        there.close()
