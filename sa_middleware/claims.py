@@ -25,8 +25,10 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["DEFAULT_KIND_RULES", "DEFAULT_SCOPE_CLAIMS", "DEFAULT_SESSION_CLAIMS", "KINDS", "KindRule", "KindRules",
-           "check_claim_names", "check_kind_rules", "check_session_claims", "kind_of", "scopes_of", "session_key"]
+__all__ = [
+    "DEFAULT_KIND_RULES", "DEFAULT_SCOPE_CLAIMS", "DEFAULT_SESSION_CLAIMS", "KINDS", "KindRule", "KindRules",
+    "check_claim_names", "check_kind_rules", "check_session_claims", "encodable", "kind_of", "scopes_of", "session_key",
+]
 
 KindRule = Callable[[Mapping[str, Any]], str | None]
 KindRules = tuple[KindRule, ...]
@@ -153,7 +155,7 @@ def session_key(claims: Mapping[str, Any], names: Sequence[str], sub: str, finge
         value = claims.get(name)
         if value is None:
             continue
-        if not isinstance(value, str) or not value or len(value) > _MAX_ID or not _encodable(value):
+        if not isinstance(value, str) or not value or len(value) > _MAX_ID or not encodable(value):
             raise ValueError(name)
         if name in _TOKEN_SESSION_CLAIMS:
             return value
@@ -162,7 +164,8 @@ def session_key(claims: Mapping[str, Any], names: Sequence[str], sub: str, finge
     return fingerprint[:32]
 
 
-def _encodable(value: str) -> bool:
+def encodable(value: str) -> bool:
+    """Whether ``value`` can be stored (no lone surrogates)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates

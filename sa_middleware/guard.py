@@ -31,6 +31,7 @@ from .claims import (
     check_claim_names,
     check_kind_rules,
     check_session_claims,
+    encodable,
     kind_of,
     scopes_of,
     session_key,
@@ -644,14 +645,6 @@ def _claim_str(claims: Mapping[str, Any], name: str) -> str | None:
     value = claims.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > _MAX_ID or not _encodable(value):
+    if not isinstance(value, str) or not value or len(value) > _MAX_ID or not encodable(value):
         raise InvalidToken(f"claim {name} must be a non-empty string of at most {_MAX_ID} characters")
     return value
-
-
-def _encodable(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates
-        return False
-    return True
