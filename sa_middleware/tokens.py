@@ -198,6 +198,7 @@ class TokenVerifier:
         self._jwks_last_attempt: float | None = None
         self._jwks_failed = False  # the last fetch failed (the next may come after _JWKS_RETRY)
         self._jwks_stale = False  # refresh_keys was asked for: the next verification fetches
+        self._jwks_fetching = False  # a fetch is running (a verification that needs keys waits for it)
         self._dropped: frozenset[str] = frozenset()
         if keys is not None:
             self._static = _KeySet.build(_keys_from_option(keys, self._algorithms))
@@ -472,6 +473,7 @@ class TokenVerifier:
         assert client is not None
         self._jwks_last_attempt = now
         self._jwks_stale = False
+        self._jwks_fetching = True
         try:
             fetched = client.get_jwk_set(refresh=True)
             keys = list(_keys_from_pyjwks(fetched, self._algorithms))
@@ -481,6 +483,8 @@ class TokenVerifier:
             self._jwks_failed = True
             _log.warning("JWK set fetch failed: %s", type(exc).__name__)
             return False
+        finally:
+            self._jwks_fetching = False
         self._jwks_failed = False
         keyset = _KeySet.build(keys, fetched_at=now)
         previous, self._jwks_state = self._jwks_state, keyset
@@ -498,9 +502,10 @@ class TokenVerifier:
         raise KeysUnavailable(retry_after=max(1, math.ceil(wait)))
 
     def _may_fetch(self, token: str) -> bool:
-        """True when verifying ``token`` would fetch the JWK set now (so must run off the event loop)."""
+        """True when verifying ``token`` would fetch the JWK set now, or wait for a fetch that is running (so must
+        run off the event loop)."""
         now = self._clock()
-        if not self._fetch_allowed(now):
+        if not (self._jwks_fetching or self._fetch_allowed(now)):
             return False
         keyset = self._jwks_state
         if keyset is None or self._jwks_stale or now - keyset.fetched_at >= self._jwks_ttl:

@@ -952,3 +952,55 @@ def test_a_token_from_the_future_names_the_clock_skew(rsa_pair: tuple[Any, str])
         assert "clock may be ahead" in str(info.value) and "leeway is 10 s" in str(info.value)
     clock.advance(20)
     assert verifier.verify(tok).claims["sub"] == "alice"
+
+
+def test_async_verifications_during_the_first_fetch_wait_for_it(rsa_pair: tuple[Any, str]) -> None:
+    # the JWKS answers only once the second verification has started: it must wait for the fetch, not fail
+    answer = threading.Event()
+    jwks = {"keys": [jwk_of(rsa_pair[0], "a")]}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer.wait(10)
+            body = json.dumps(jwks).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        verifier = TokenVerifier(jwks_url=f"http://127.0.0.1:{httpd.server_address[1]}/", algorithms=["RS256"])
+        tokens = [mint_token(rsa_pair[0], "RS256", claims(jti=str(i)), {"kid": "a"}) for i in range(2)]
+        real_verify = verifier.verify
+
+        def verify(token: str, *, fetch: bool = True) -> VerifiedToken:
+            if token == tokens[1]:
+                answer.set()  # the second verification has started (in a worker thread, or inline)
+            return real_verify(token, fetch=fetch)
+
+        verifier.verify = verify  # type: ignore[method-assign]
+
+        async def second() -> VerifiedToken:
+            while not verifier._jwks_fetching:  # the first verification's fetch is running
+                await anyio.sleep(0.001)
+            return await verifier.averify(tokens[1])
+
+        async def main() -> list[str]:
+            results: list[str] = []
+
+            async def run(coro: Any) -> None:
+                results.append((await coro).claims["sub"])
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, verifier.averify(tokens[0]))
+                tg.start_soon(run, second())
+            return results
+
+        assert anyio.run(main) == ["alice", "alice"]
+    finally:
+        httpd.shutdown()
