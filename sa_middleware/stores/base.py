@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -134,6 +134,30 @@ class Store(abc.ABC):
         """Forget the security event ``key`` (its processing failed; a redelivery must be applied)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement forget_event")
 
+    # -- signing keys and generation claims (see docs "Using your identity provider") ---------------------------
+    # Like the security-event operations, these raise NotImplementedError in the base so an older store still opens.
+
+    def note_keys(self, drop: str | None) -> int:
+        """Ask every Guard sharing this store to refresh its issuer's signing keys (and, with ``drop``, to stop
+        trusting that key id); returns the new key-notes generation. Dropped key ids are kept."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement note_keys")
+
+    def key_notes(self) -> tuple[int, tuple[str, ...]]:
+        """The key-notes generation (0 before any note) and the dropped key ids; one cheap read."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement key_notes")
+
+    def note_generation_claims(self, notes: Mapping[str, bool]) -> None:
+        """Record, per principal, whether its latest token carried a generation claim."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement note_generation_claims")
+
+    def generation_claim(self, sub: str) -> bool | None:
+        """Whether ``sub``'s latest recorded token carried a generation claim (None: nothing recorded)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement generation_claim")
+
+    def reset_generation(self, sub: str) -> int:
+        """Set ``sub``'s generation back to 0 (undo :meth:`rotate`); returns the generation it had."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement reset_generation")
+
     # -- the audit trail (see README "Audit trail") ---------------------------------------------------------------
     # Like the security-event operations, these raise NotImplementedError in the base so an older store still opens;
     # the Guard then logs once and drops its audit records.
@@ -229,6 +253,21 @@ class Store(abc.ABC):
 
     async def aforget_event(self, key: str) -> None:
         await self._run(self.forget_event, key)
+
+    async def anote_keys(self, drop: str | None) -> int:
+        return await self._run(self.note_keys, drop)
+
+    async def akey_notes(self) -> tuple[int, tuple[str, ...]]:
+        return await self._run(self.key_notes)
+
+    async def anote_generation_claims(self, notes: Mapping[str, bool]) -> None:
+        await self._run(self.note_generation_claims, notes)
+
+    async def ageneration_claim(self, sub: str) -> bool | None:
+        return await self._run(self.generation_claim, sub)
+
+    async def areset_generation(self, sub: str) -> int:
+        return await self._run(self.reset_generation, sub)
 
     async def arecord_audit(self, records: Sequence[AuditRecord]) -> None:
         await self._run(self.record_audit, records)

@@ -35,7 +35,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal, TypeVar, cast
@@ -1079,6 +1079,58 @@ class RedisStore(Store):
     def _event(self, op: str, key: str, ttl: float | None) -> _Flow[bool]:
         r = yield _Call(op, self._key("ev", key), {"key": key, **({} if ttl is None else {"ttl": ttl})})
         return bool(r.get("seen"))
+
+    # -- signing keys and generation claims ----------------------------------------------------------------------
+
+    def note_keys(self, drop: str | None) -> int:
+        return self._drive(self._note_keys(drop))
+
+    async def anote_keys(self, drop: str | None) -> int:
+        return await self._aop(lambda: self._note_keys(drop))
+
+    def _note_keys(self, drop: str | None) -> _Flow[int]:
+        r = yield _Call("note_keys", self._key("keys", "notes"), {} if drop is None else {"drop": drop})
+        return _int(r["g"])
+
+    def key_notes(self) -> tuple[int, tuple[str, ...]]:
+        return self._drive(self._key_notes())
+
+    async def akey_notes(self) -> tuple[int, tuple[str, ...]]:
+        return await self._aop(self._key_notes)
+
+    def _key_notes(self) -> _Flow[tuple[int, tuple[str, ...]]]:
+        r = yield _Call("key_notes", self._key("keys", "notes"), {})
+        return _int(r["g"]), tuple(str(kid) for kid in _seq(r.get("dropped")))
+
+    def note_generation_claims(self, notes: Mapping[str, bool]) -> None:
+        self._drive(self._note_generation_claims(notes))
+
+    async def anote_generation_claims(self, notes: Mapping[str, bool]) -> None:
+        await self._aop(lambda: self._note_generation_claims(notes))
+
+    def _note_generation_claims(self, notes: Mapping[str, bool]) -> _Flow[None]:
+        for sub, present in notes.items():
+            yield _Call("gen_claim_note", self._key("p", sub), {"sub": sub, "present": bool(present)})
+
+    def generation_claim(self, sub: str) -> bool | None:
+        return self._drive(self._generation_claim(sub))
+
+    async def ageneration_claim(self, sub: str) -> bool | None:
+        return await self._aop(lambda: self._generation_claim(sub))
+
+    def _generation_claim(self, sub: str) -> _Flow[bool | None]:
+        r = yield _Call("gen_claim", self._key("p", sub), {"sub": sub})
+        return None if r.get("gc") in (None, "") else r["gc"] == "1"
+
+    def reset_generation(self, sub: str) -> int:
+        return self._drive(self._reset_generation(sub))
+
+    async def areset_generation(self, sub: str) -> int:
+        return await self._aop(lambda: self._reset_generation(sub))
+
+    def _reset_generation(self, sub: str) -> _Flow[int]:
+        r = yield _Call("reset_generation", self._key("p", sub), {"sub": sub})
+        return _int(r["g"])
 
     # -- the audit trail -----------------------------------------------------------------------------------------
 
