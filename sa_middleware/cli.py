@@ -57,7 +57,8 @@ def demo(server: str, examples: str | None) -> None:
 @click.option("--claim", "extra", multiple=True, metavar="NAME=JSON",
               help="Any other claim, e.g. --claim acr='\"urn:mace:incommon:iap:silver\"' (repeatable).")
 @click.option("--key-file", type=click.Path(dir_okay=False), envvar="SA_DEV_KEY", default=None,
-              help="The development key (created if missing); default $SA_DEV_KEY or ./.sa-dev-key.pem.")
+              help="The development key (created if missing); default $SA_DEV_KEY, else "
+                   "~/.config/sa-middleware/dev-key.pem.")
 @click.option("--public-key", is_flag=True, help="Print the key's public PEM instead of a token.")
 def token(sub: str, kind: str | None, scope: str | None, sid: str | None, gen: int | None, device: str | None,
           act: str | None, audience: str | None, ttl: int, extra: tuple[str, ...], key_file: str | None,
