@@ -337,9 +337,10 @@ def test_non_string_route_key() -> None:
         RouteTable({5: Policy()})  # type: ignore[dict-item]
 
 
-def test_route_value_must_be_a_policy() -> None:
+def test_route_value_must_be_a_policy_or_a_dict_of_its_fields() -> None:
+    assert RouteTable({"POST /p": {"max_sessions": 1}}).match("POST", "/p").policy.max_sessions == 1
     with pytest.raises(ConfigurationError, match=re.escape("'POST /p'")):
-        RouteTable({"POST /p": {"max_sessions": 1}})  # type: ignore[dict-item]
+        RouteTable({"POST /p": ["max_sessions"]})  # type: ignore[dict-item]
 
 
 def test_lock_template_with_unknown_param_names_route_and_param() -> None:

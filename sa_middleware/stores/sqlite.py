@@ -133,6 +133,16 @@ def _outcome(verdict: Verdict) -> Ticket | Denial:
     return Denial(verdict.code, verdict.detail, verdict.retry_after)
 
 
+def _check_directory(path: str) -> None:
+    """A database file in a directory that does not exist cannot be created: say so, naming the path."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigurationError(f"sqlite store {path!r}: the directory {directory!r} does not exist (create it, or "
+                                 "give another path)")
+
+
 class SQLiteStore(Store):
     """Store on a SQLite database file (``sqlite:///relative.db``, ``sqlite:////absolute/path.db``)."""
 
@@ -142,6 +152,7 @@ class SQLiteStore(Store):
             raise ConfigurationError("sqlite store needs a file path: sqlite:///sa.db")
         if timeout <= 0:
             raise ConfigurationError("sqlite timeout must be > 0 seconds")
+        _check_directory(path)
         self.path = path
         self.timeout = timeout
         self._clock = clock
