@@ -359,8 +359,9 @@ def test_lock_template_on_a_parameterless_route() -> None:
 
 
 def test_default_policy_errors() -> None:
+    assert RouteTable(None, {"max_sessions": 1}).default_policy.max_sessions == 1
     with pytest.raises(ConfigurationError, match="default_policy"):
-        RouteTable(None, {"max_sessions": 1})  # type: ignore[arg-type]
+        RouteTable(None, 5)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="default_policy"):
         RouteTable(None, Policy(locks=["x:{id}"]))
 
