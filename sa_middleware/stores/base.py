@@ -19,7 +19,7 @@ __all__ = [
     "register_scheme",
 ]
 
-#: how long audit records are kept (seconds), and how many at most: see README "Audit trail"
+#: how long audit records are kept (seconds), and how many at most (see the "Operator CLI and audit" page)
 DEFAULT_AUDIT_RETENTION = 7 * 86400.0
 DEFAULT_AUDIT_MAX_RECORDS = 100_000
 
@@ -129,7 +129,17 @@ class Store(abc.ABC):
         """Forget the security event ``key`` (its processing failed; a redelivery must be applied)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement forget_event")
 
-    # -- the audit trail (see README "Audit trail") ---------------------------------------------------------------
+    def session_owner(self, session_id: str) -> str | None:
+        """The principal a stored session belongs to (``None``: unknown). Read by the operations on one session,
+        so their audit record names its principal."""
+        return None
+
+    def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        """Every principal's sessions seen within ``session_idle`` seconds, most recently seen first, at most
+        ``limit`` (``sa-middleware sessions`` without a principal)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement all_sessions")
+
+    # -- the audit trail (see the "Operator CLI and audit" page of the documentation) ----------------------------
     # Like the security-event operations, these raise NotImplementedError in the base so an older store still opens;
     # the Guard then logs once and drops its audit records.
 
@@ -197,6 +207,9 @@ class Store(abc.ABC):
 
     async def asessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
         return await self._run(self.sessions, sub, session_idle)
+
+    async def asession_owner(self, session_id: str) -> str | None:
+        return await self._run(self.session_owner, session_id)
 
     async def alocks(self) -> list[LockInfo]:
         return await self._run(self.locks)

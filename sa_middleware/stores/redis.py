@@ -98,6 +98,10 @@ def _esc(value: str) -> str:
     return value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
+def _unesc(value: str) -> str:
+    return value.replace("%7D", "}").replace("%7B", "{").replace("%25", "%")
+
+
 _slot_tags: list[str] = []
 _slot_tags_lock = threading.Lock()
 
@@ -1168,6 +1172,35 @@ class RedisStore(Store):
             s.get("cl", ""), s.get("ua", ""), s.get("dv"), s.get("cr"), s.get("ac"), _opt_float(s.get("ma")),
             None if s.get("mg") is None else _int(s["mg"]), _opt_float(s.get("ca")))
             for s in _seq(r.get("sessions"))]
+
+    def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        return self._drive(self._all_sessions(session_idle, limit))
+
+    async def aall_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        return await self._aop(lambda: self._all_sessions(session_idle, limit))
+
+    def _all_sessions(self, session_idle: float, limit: int) -> _Flow[list[SessionInfo]]:
+        """Every principal's session hash, then each principal's active sessions (one call per principal)."""
+        head = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":{p:"
+        keys: list[str] = yield _Scan(head + "*}:ss")
+        start = len(self.prefix) + 4
+        subs = sorted({_unesc(key[start:-4]) for key in keys if key.endswith("}:ss")})
+        found: list[SessionInfo] = []
+        for sub in subs:
+            found.extend((yield from self._sessions(sub, session_idle)))
+        found.sort(key=lambda s: (-s.last_seen, s.session_id))
+        return found[:limit]
+
+    def session_owner(self, session_id: str) -> str | None:
+        return self._drive(self._owner(session_id))
+
+    async def asession_owner(self, session_id: str) -> str | None:
+        return await self._aop(lambda: self._owner(session_id))
+
+    def _owner(self, session_id: str) -> _Flow[str | None]:
+        index = yield _Call("index", self._key("s", session_id), {"sid": session_id, "op": "get"})
+        owner = index.get("o")
+        return str(owner) if owner else None
 
     def locks(self) -> list[LockInfo]:
         return self._drive(self._locks())

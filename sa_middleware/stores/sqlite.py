@@ -645,6 +645,16 @@ class SQLiteStore(Store):
             f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE sub = ? AND expires > ? AND last_seen > ? "
             "ORDER BY created, session_id", (sub, now, now - session_idle))])
 
+    def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        return self._read(lambda conn, now: [_session(r) for r in conn.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE sub != '' AND expires > ? AND last_seen > ? "
+            "ORDER BY last_seen DESC, session_id LIMIT ?", (now, now - session_idle, limit))])
+
+    def session_owner(self, session_id: str) -> str | None:
+        row = self._read(lambda conn, now: conn.execute(
+            "SELECT sub FROM sessions WHERE session_id = ? AND sub != ''", (session_id,)).fetchone())
+        return None if row is None else str(row[0])
+
     def locks(self) -> list[LockInfo]:
         return self._read(lambda conn, now: [LockInfo(*r) for r in conn.execute(
             "SELECT key, mode, fence, ticket_id, sub, session_id, expires FROM locks WHERE expires > ? "
