@@ -48,7 +48,7 @@ def demo(server: str, examples: str | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("sub")
+@click.argument("sub", required=False)
 @click.option("--kind", type=click.Choice(["human", "service", "agent"]), default=None,
               help="The principal kind (claim sa_kind); unset means human.")
 @click.option("--scope", default=None, help='Space-separated scopes, e.g. "tickets payments:approve".')
@@ -66,7 +66,7 @@ def demo(server: str, examples: str | None, as_json: bool) -> None:
 @click.option("--public-key", is_flag=True, help="Print the key's public PEM instead of a token.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON: the token (or public key) with the key file, issuer and audience to configure.")
-def token(sub: str, kind: str | None, scope: str | None, sid: str | None, gen: int | None, device: str | None,
+def token(sub: str | None, kind: str | None, scope: str | None, sid: str | None, gen: int | None, device: str | None,
           act: str | None, audience: str | None, ttl: int, extra: tuple[str, ...], key_file: str | None,
           public_key: bool, as_json: bool) -> None:
     """Mint a development token for SUB, signed with the development key (never for production).
@@ -94,6 +94,8 @@ def token(sub: str, kind: str | None, scope: str | None, sid: str | None, gen: i
             claims[name] = json.loads(value)
         except ValueError:
             claims[name] = value  # a bare word is taken as a string
+    if sub is None:
+        raise click.UsageError("Missing argument 'SUB' (the principal the token is for).")
     minted = key.mint(sub, audience=audience or DEV_AUDIENCE, ttl=ttl, **claims)
     click.echo(json.dumps({"token": minted, "sub": sub, **about}, indent=2) if as_json else minted)
 
