@@ -144,9 +144,9 @@ class _Keeper:
 class Guard(Operations):
     """Decides every request against the token, the route's policy and the state of all related contexts.
 
-    Keyword arguments are validated here, so a mistake fails at start-up. See README "Guard options". The
-    operations (``rotate``, ``sessions``, ``audit``...) are inherited from :class:`~sa_middleware.operations.
-    Operations`.
+    Keyword arguments are validated here, so a mistake fails at start-up (see the "Guard options" page of the
+    documentation). The operations (``rotate``, ``sessions``, ``audit``...) are inherited from
+    :class:`~sa_middleware.operations.Operations`.
     """
 
     def __init__(

@@ -314,8 +314,8 @@ def _audit_options(uri: str) -> tuple[str, dict[str, Any]]:
 
 def open_store(uri: str | Store, **options: Any) -> Store:
     """Open a store from a URI: ``memory://``, ``sqlite:///path/to/file.db``, ``redis://host:6379/0``,
-    ``rediss://``, ``redis+unix://``, ``redis+sentinel://``, ``redis+cluster://`` (see README "Stores"). Every URI
-    also takes the audit options ``audit_retention`` (seconds) and ``audit_max_records``.
+    ``rediss://``, ``redis+unix://``, ``redis+sentinel://``, ``redis+cluster://`` (see the "Stores" page of the
+    documentation). Every URI also takes the audit options ``audit_retention`` (seconds) and ``audit_max_records``.
 
     A :class:`Store` object is returned as it is.
     """

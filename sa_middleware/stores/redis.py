@@ -1,4 +1,4 @@
-"""The Redis store: every worker on every host shares contexts, tickets and locks (see README "Redis store").
+"""The Redis store: every worker on every host shares contexts, tickets and locks (see the "Stores" page).
 
 URIs (options in the query string or as keyword arguments of :func:`~sa_middleware.stores.open_store`)::
 
@@ -595,7 +595,7 @@ class RedisStore(Store):
 
         Does nothing when the store already has its epoch marker (it was used, or bootstrapped). Returns whether
         it created the marker. Never run it on a store that lost its state: that would accept again the tokens the
-        loss makes unsafe (see README "Redis store").
+        loss makes unsafe (see the "Stores" page of the documentation).
         """
         saved = self.timeout, self.connect_timeout
         self.timeout = self.connect_timeout = max(self.timeout, 10.0)  # a one-off: 16384 markers on a cluster
