@@ -259,8 +259,8 @@ class Guard(Operations):
                                 result.ticket_id, result.fencing_tokens, match.route, match.params)
                 return Admitted(ctx, result)
             if result.code == "store_unavailable" and policy.fail_open and "unexpected" not in result.extra:
-                log.warning("sa-middleware: store unavailable; admitting %s %s for %s (fail_open)",
-                            request.method, match.route, context.principal)
+                log.warning("sa-middleware: store unavailable; admitting %s for %s (fail_open)",
+                            match.route or f"{request.method} {request.path}", context.principal)
                 return Admitted(context, None)
             if result.code == "object_locked" and policy.on_lock_conflict == "wait":
                 now = time.monotonic()

@@ -85,6 +85,21 @@ def test_limit_details_are_worded_for_their_number(limit: int, sessions_detail: 
         guard.close()
 
 
+def test_fail_open_log_names_the_route_once(caplog: pytest.LogCaptureFixture) -> None:
+    issuer = DemoIssuer()
+    guard = Guard(store="redis://127.0.0.1:1/0?timeout=0.05", keys=issuer.public_pem, algorithms=["RS256"],
+                  issuer=issuer.issuer, audience=issuer.audience, policies={"GET /cheap": Policy(fail_open=True)})
+    try:
+        headers = {"authorization": f"Bearer {issuer.token('p')}", "user-agent": "t"}
+        with caplog.at_level("WARNING", logger="sa_middleware"):
+            outcome = guard.admit(RequestInfo("GET", "/cheap", headers, "10.0.0.1", False))
+        assert not isinstance(outcome, Denial)
+        [line] = [r.getMessage() for r in caplog.records if "fail_open" in r.getMessage()]
+        assert "admitting GET /cheap for p" in line and "GET GET" not in line
+    finally:
+        guard.close()
+
+
 def _re(text: str) -> str:
     import re
 
