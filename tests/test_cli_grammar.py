@@ -3,6 +3,7 @@ everywhere, ISO 8601 UTC times, and ``--actor`` / ``--reason`` recorded in the a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -76,3 +77,19 @@ def test_operations_record_the_operator_the_reason_and_the_session_s_principal(s
         ("resume_session", agent, sid), ("pause_session", agent, sid)]
     assert records[1]["detail"] == "paused; by alice@ops-1: runaway loop"
     assert records[0]["detail"] == f"resumed; by {default_actor()}"
+
+
+def test_async_session_operations_name_the_principal_too(site: Site) -> None:  # noqa: F811
+    agent, sid = fresh("agent"), fresh("run")
+    assert site.code(site.token(agent, sid=sid)) == "ok"
+
+    async def pause_and_resume() -> None:
+        assert await site.guard.apause_session(sid) and await site.guard.aresume_session(sid)
+        assert await site.guard.arevoke_session(sid)
+        await site.guard.areport_compromise(session_id=sid)
+
+    asyncio.run(pause_and_resume())
+    records = site.guard.audit(sub=agent, kind="operation")
+    assert [(r.code, r.sub, r.session_id) for r in records] == [
+        ("report_compromise", agent, sid), ("revoke_session", agent, sid), ("resume_session", agent, sid),
+        ("pause_session", agent, sid)]
