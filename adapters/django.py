@@ -35,7 +35,7 @@ ticket is released when the middleware returns, or, for a streamed response (``S
 ``SA_MIDDLEWARE`` is read on first use and again whenever it changes (``override_settings`` works); the Guard
 built from it is :func:`get_guard`. System checks (ids ``sa_middleware.E001``...) are registered when this module
 is imported: by the middleware at start-up, or earlier, at ``manage.py check``, when ``SAMiddlewareConfig`` is in
-``INSTALLED_APPS``. See README "Django".
+``INSTALLED_APPS``. See the "Django" page of the documentation.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     try:
         get_guard()
     except ImproperlyConfigured as exc:
-        return [checks.Error(str(exc), hint="See README 'Guard options' and 'Policy fields'.",
+        return [checks.Error(str(exc), hint="See the documentation: 'Guard options' and 'Policies'.",
                              id="sa_middleware.E002")]
     return []
 

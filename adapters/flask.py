@@ -32,7 +32,6 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import fields
 from typing import Any
 
 from flask import Flask, current_app, g
@@ -44,7 +43,7 @@ from werkzeug.test import TestResponse
 from sa_middleware.context import RequestInfo
 from sa_middleware.errors import ConfigurationError
 from sa_middleware.guard import Guard
-from sa_middleware.policy import Policy, RouteMatch
+from sa_middleware.policy import Policy, RouteMatch, as_policy
 from sa_middleware.wsgi import Environ, SessionAwareWSGIMiddleware, WSGIApp
 
 from ._common import POLICY_ATTR, dispatcher_name, policy, policy_of
@@ -55,7 +54,6 @@ EXTENSION = "sa_middleware"  # the key in app.extensions (its value is the app's
 
 _OPTIONS: tuple[str, ...] = tuple(inspect.signature(Guard).parameters)
 CONFIG_KEYS: dict[str, str] = {f"SA_{name.upper()}": name for name in _OPTIONS}  # "SA_JWKS_URL" -> "jwks_url"
-_POLICY_FIELDS = frozenset(f.name for f in fields(Policy) if f.init)
 _KEY_MATERIAL = ("SA_KEYS", "SA_JWKS", "SA_JWKS_URL")
 
 
@@ -120,14 +118,7 @@ def guard_from_config(config: Mapping[str, Any]) -> Guard:
 
 
 def _as_policy(value: Any, where: str) -> Policy:
-    if isinstance(value, Policy):
-        return value
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - _POLICY_FIELDS)
-        if unknown:
-            raise ConfigurationError(f"{where}: unknown Policy field {unknown[0]!r}")
-        return Policy(**value)
-    raise ConfigurationError(f"{where} must be a Policy or a dict of Policy fields")
+    return as_policy(value, where)
 
 
 def _culprit(message: str, material: str) -> str:

@@ -1,21 +1,25 @@
 """The operator commands of ``sa-middleware``: inspect and change the shared state, read the audit trail.
 
 Each command opens the store given by ``--store URI`` (default: ``$SA_STORE``, else ``sqlite:///sa-middleware.db``,
-the Guard's default) with :class:`~sa_middleware.operations.Operations`: no token keys are needed. Listings print
-an aligned table, or JSON with ``--json``. Every change is written to the audit trail with source ``cli``. Errors
-are one line on stderr and exit status 1 (2 for a usage error); never a traceback.
+the Guard's default) with :class:`~sa_middleware.operations.Operations`: no token keys are needed. A command on one
+principal takes it as its argument (``rotate SUB``, ``revoke SUB``); one on a session takes ``--session SID`` or the
+session as its argument (``pause SID``). Every command prints an aligned table or one line, or JSON with ``--json``;
+times are ISO 8601 UTC. Every change is written to the audit trail with source ``cli``, the operator (``--actor``,
+default user@host) and ``--reason``. Errors are one line on stderr and exit status 1 (2 for a usage error); never a
+traceback.
 
 An argument that starts with ``-`` (a session id such as ``-5My...``) follows ``--``, which ends the options:
-``sa-middleware pause -- -5My...``; options take such values as ``--sub=-x``. The hints the commands print use
-these forms.
+``sa-middleware pause -- -5My...``. The hints the commands print use this form.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import math
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -30,7 +34,7 @@ import click
 from .errors import SAMiddlewareError
 from .operations import MAX_AUDIT_LIMIT, Operations, iso
 
-__all__ = ["COMMANDS", "store_uri_callback"]
+__all__ = ["COMMANDS", "default_actor", "store_uri_callback"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,7 +57,32 @@ def _store_option(func: F) -> F:
 
 
 def _json_option(func: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(func)
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table or a line.")(func)
+
+
+def default_actor() -> str:
+    """``user@host``: who runs the command, for the audit trail."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in the environment or the password database
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _operator_options(func: F) -> F:
+    """``--actor`` and ``--reason``: recorded in the audit detail of the operation."""
+    func = click.option("--reason", default=None, metavar="TEXT",
+                        help="Why: recorded in the audit trail with the operation.")(func)
+    return click.option("--actor", default=None, metavar="NAME",
+                        help="Who: recorded in the audit trail (default: user@host).")(func)
+
+
+def _done(as_json: bool, line: str, **fields: object) -> None:
+    """The outcome of an operation: one line, or with ``--json`` one JSON object."""
+    if as_json:
+        _echo_json(fields)
+    else:
+        _say(line)
 
 
 def _check_store(uri: str) -> None:
@@ -71,12 +100,14 @@ def _check_store(uri: str) -> None:
 
 
 @contextmanager
-def _operations(uri: str, session_idle: float = 900.0) -> Iterator[Operations]:
-    """Operations on the store at ``uri`` (source ``cli``), closed afterwards; library and store errors become one
-    clear line and exit status 1."""
+def _operations(uri: str, session_idle: float = 900.0, *, actor: str | None = None,
+                reason: str | None = None) -> Iterator[Operations]:
+    """Operations on the store at ``uri`` (source ``cli``; ``actor`` and ``reason`` go to the audit detail of each
+    operation), closed afterwards; library and store errors become one clear line and exit status 1."""
     _check_store(uri)
     try:
         ops = Operations(uri, session_idle=session_idle, source="cli")
+        ops.actor, ops.reason = actor or default_actor(), reason
     except SAMiddlewareError as exc:
         raise click.ClickException(f"cannot open the store: {exc}") from None
     except Exception as exc:  # e.g. a file that is not a SQLite database
@@ -123,14 +154,24 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _when(seconds: float | None) -> str:
+    """A time in every table: ISO 8601 UTC to the second, ``2026-11-28T20:49:19Z``."""
     if seconds is None:
         return "-"
-    return iso(seconds)[:19].replace("T", " ") + "Z" if math.isfinite(seconds) else str(seconds)
+    return iso(seconds)[:19] + "Z" if math.isfinite(seconds) else str(seconds)
 
 
 def _left(seconds: float, now: float) -> str:
+    """A time to come or past, relative to now: ``in 28s``, ``in 9m``, ``3h ago``."""
     left = seconds - now
-    return f"in {left:.0f}s" if left >= 0 else f"{-left:.0f}s ago"
+    size = abs(left)
+    amount = next((f"{size / unit:.0f}{name}" for name, unit in (("d", 86400), ("h", 3600), ("m", 60))
+                   if size >= 2 * unit), f"{size:.0f}s")
+    return f"in {amount}" if left >= 0 else f"{amount} ago"
+
+
+def _expires(seconds: float, now: float) -> str:
+    """An expiry: the time and how far off it is, ``2026-11-28T20:59:29Z (in 9m)``."""
+    return f"{_when(seconds)} ({_left(seconds, now)})" if math.isfinite(seconds) else str(seconds)
 
 
 @contextmanager
@@ -163,25 +204,30 @@ def _echo_json(value: object) -> None:
 
 
 @click.command()
-@click.argument("sub")
+@click.argument("sub", required=False)
 @click.option("--idle", type=click.FloatRange(min=0, min_open=True), default=900.0, show_default=True,
               metavar="SECONDS",
               help="Seconds without a request after which a session no longer counts (the Guard's session_idle).")
+@click.option("--limit", type=click.IntRange(1, MAX_AUDIT_LIMIT), default=100, show_default=True, metavar="N",
+              help="Without SUB: the most recently seen sessions shown at most.")
 @_json_option
 @_store_option
-def sessions(sub: str, idle: float, as_json: bool, store_uri: str) -> None:
-    """List SUB's active sessions with their status (active, paused, revoked, compromised)."""
+def sessions(sub: str | None, idle: float, limit: int, as_json: bool, store_uri: str) -> None:
+    """List SUB's active sessions with their status (active, paused, revoked, compromised); without SUB, every
+    principal's, most recently seen first (at most --limit)."""
     with _operations(store_uri, idle) as ops:
-        found = ops.sessions(sub)
+        found = ops.sessions(sub) if sub is not None else ops.all_sessions(limit)
     if as_json:
         _echo_json([asdict(s) for s in found])
     elif not found:
-        _say(f"no active sessions for {sub}")
+        _say(f"no active sessions for {sub}" if sub is not None else "no active sessions")
     else:
-        click.echo(_table(("SESSION", "STATUS", "KIND", "CREATED", "LAST SEEN", "EXPIRES", "CLIENT", "DEVICE",
-                           "ACTOR"),
-                          [(s.session_id, s.status, _cell(s.kind), _when(s.created), _when(s.last_seen),
-                            _when(s.expires), _cell(s.client), _cell(s.device), _cell(s.actor)) for s in found]))
+        now, every = time.time(), sub is None  # without SUB, a column says whose each session is
+        click.echo(_table(("SESSION", *(("SUB",) if every else ()), "STATUS", "KIND", "CREATED", "LAST SEEN",
+                           "EXPIRES", "CLIENT", "DEVICE", "ACTOR"),
+                          [(s.session_id, *((s.sub,) if every else ()), s.status, _cell(s.kind), _when(s.created),
+                            _when(s.last_seen), _expires(s.expires, now), _cell(s.client), _cell(s.device),
+                            _cell(s.actor)) for s in found]))
 
 
 @click.command()
@@ -199,7 +245,7 @@ def locks(as_json: bool, store_uri: str) -> None:
         now = time.time()
         click.echo(_table(("KEY", "MODE", "FENCE", "SUB", "SESSION", "TICKET", "EXPIRES"),
                           [(lock.key, lock.mode, str(lock.fencing_token), lock.sub, lock.session_id, lock.ticket_id,
-                            _left(lock.expires, now)) for lock in held]))
+                            _expires(lock.expires, now)) for lock in held]))
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -259,125 +305,158 @@ def audit(sub: str | None, session_id: str | None, code: str | None, kind: str |
         _say("no audit records match")
     else:
         click.echo(_table(("TIME", "KIND", "CODE", "SOURCE", "SUB", "SESSION", "ROUTE", "DETAIL"),
-                          [(iso(r.time or 0.0), r.kind, r.code, r.source, _cell(r.sub), _cell(r.session_id),
+                          [(_when(r.time), r.kind, r.code, r.source, _cell(r.sub), _cell(r.session_id),
                             _cell(r.route), _cell(r.detail)) for r in records]))
 
 
 # -- operations ------------------------------------------------------------------------------------------------
 
 
-def _one_of(**given: str | None) -> tuple[str, str]:
-    named = [(name, value) for name, value in given.items() if value is not None]
-    if len(named) != 1:
-        raise click.UsageError(f"give exactly one of {' or '.join('--' + n for n in given)}")
-    return named[0]
+def _subject(positional: str | None, option: str | None) -> str | None:
+    """SUB given as the argument or (the older spelling) as ``--sub``; both at once must agree."""
+    if positional is not None and option is not None and positional != option:
+        raise click.UsageError(f"two principals given: {positional!r} and --sub {option!r}")
+    return positional if positional is not None else option
+
+
+_OLD_SUB = click.option("--sub", "sub_option", default=None, metavar="SUB", hidden=True)  # the older spelling
 
 
 @click.command()
-@click.option("--sub", default=None, metavar="SUB", help="Refuse every token of this principal issued before now.")
-@click.option("--session", "session_id", default=None, metavar="SESSION", help="Revoke this one session.")
+@click.argument("sub", required=False)
+@_OLD_SUB
+@click.option("--session", "session_id", default=None, metavar="SID",
+              help="Revoke this one session instead of SUB's tokens.")
+@_operator_options
+@_json_option
 @_store_option
-def revoke(sub: str | None, session_id: str | None, store_uri: str) -> None:
-    """Revoke a principal's tokens issued before now (--sub: the not-before watermark) or one session
-    (--session)."""
-    which, value = _one_of(sub=sub, session=session_id)
-    with _operations(store_uri) as ops:
-        if which == "sub":
-            watermark = ops.revoke_principal(value)
-            _say(f"{value}: every token issued before {iso(watermark)} is refused (token_revoked)")
-        elif ops.revoke_session(value):
-            _say(f"session {value} revoked (session_revoked)")
-        else:
-            _say(f"session {value} revoked before it was seen: it is refused when it shows up "
-                       "(remembered for 24 h)")
+def revoke(sub: str | None, sub_option: str | None, session_id: str | None, actor: str | None, reason: str | None,
+           as_json: bool, store_uri: str) -> None:
+    """Refuse every token of SUB issued before now (token_revoked), or with --session SID revoke one session
+    (session_revoked)."""
+    sub = _subject(sub, sub_option)
+    if (sub is None) == (session_id is None):
+        raise click.UsageError("give SUB (every token of the principal) or --session SID (one session)")
+    with _operations(store_uri, actor=actor, reason=reason) as ops:
+        if sub is not None:
+            watermark = ops.revoke_principal(sub)
+            _done(as_json, f"{sub}: every token issued before {_when(watermark)} is refused (token_revoked)",
+                  operation="revoke_principal", sub=sub, watermark=watermark)
+            return
+        assert session_id is not None
+        known = ops.revoke_session(session_id)
+    _done(as_json, f"session {session_id} revoked (session_revoked)" if known else
+          f"session {session_id} revoked before it was seen: it is refused when it shows up (remembered for 24 h)",
+          operation="revoke_session", session_id=session_id, known=known)
 
 
 @click.command()
 @click.argument("sub")
 @click.option("--reset", is_flag=True, help="Undo: set SUB's generation back to 0 (tokens without a generation "
               "claim are admitted again).")
+@_operator_options
+@_json_option
 @_store_option
-def rotate(sub: str, reset: bool, store_uri: str) -> None:
+def rotate(sub: str, reset: bool, actor: str | None, reason: str | None, as_json: bool, store_uri: str) -> None:
     """Bump SUB's credential generation: every token of a lower generation is refused (stale_generation).
 
-    Only for issuers whose tokens carry a generation claim (gen); for the others use revoke --sub (not-before).
+    Only for issuers whose tokens carry a generation claim (gen); for the others use revoke SUB (not-before).
     A SUB that starts with - follows --: sa-middleware rotate -- -x.
     """
-    with _operations(store_uri) as ops:
+    with _operations(store_uri, actor=actor, reason=reason) as ops:
         if reset:
             previous = ops.reset_generation(sub)
-            _say(f"{sub}: generation reset from {previous} to 0")
+            _done(as_json, f"{sub}: generation reset from {previous} to 0", operation="reset_generation", sub=sub,
+                  previous=previous, generation=0)
             return
         with _logged_above(logging.WARNING):  # the warning is printed below, in the CLI's words
             generation = ops.rotate(sub)
         warning = ops.rotation_warning(sub)
-    _say(f"{sub}: generation {generation}; tokens of a lower generation are refused (stale_generation)")
-    if warning:
+    _done(as_json, f"{sub}: generation {generation}; tokens of a lower generation are refused (stale_generation)",
+          operation="rotate", sub=sub, generation=generation, warning=warning)
+    if warning and not as_json:
         for line in (f"warning: {sub}'s latest token carried no generation claim: every token of {sub} is now "
                      "refused, and a new one will not help.",
                      f"  undo:    {command_line('rotate --reset', sub)}",
-                     f"  instead: sa-middleware revoke --sub={sub}   (refuses its tokens issued before now)"):
+                     f"  instead: {command_line('revoke', sub)}   (refuses its tokens issued before now)"):
             click.echo(_printable(line), err=True)
 
 
 @click.command()
-@click.option("--sub", default=None, metavar="SUB", help="The compromised principal: every context related to it.")
-@click.option("--session", "session_id", default=None, metavar="SESSION",
+@click.argument("sub", required=False)
+@_OLD_SUB
+@click.option("--session", "session_id", default=None, metavar="SID",
               help="The compromised session: every context related to it.")
+@_operator_options
+@_json_option
 @_store_option
-def compromise(sub: str | None, session_id: str | None, store_uri: str) -> None:
-    """Report a compromise: every related context is refused (credential_compromised) until re-established."""
+def compromise(sub: str | None, sub_option: str | None, session_id: str | None, actor: str | None,
+               reason: str | None, as_json: bool, store_uri: str) -> None:
+    """Report a compromise of SUB, or of --session SID: every related context is refused (credential_compromised)
+    until re-established."""
+    sub = _subject(sub, sub_option)
     if sub is None and session_id is None:
-        raise click.UsageError("give --sub or --session (or both)")
-    with _operations(store_uri) as ops:
+        raise click.UsageError("give SUB or --session SID (or both)")
+    with _operations(store_uri, actor=actor, reason=reason) as ops:
         marked = ops.report_compromise(sub, session_id)
-    if marked:
+    if not marked and sub is None:
+        raise click.ClickException(f"session {session_id} is unknown: nothing was marked")
+    if as_json:
+        _echo_json({"operation": "report_compromise", "sub": sub, "session_id": session_id, "marked": marked})
+    elif marked:
         _say(f"marked compromised: {len(marked)} context{'s' if len(marked) != 1 else ''}")
         for session in marked:
             _say(f"  {session}")
-    elif sub is not None:
-        _say(f"{sub}: marked compromised; no stored session was active, and tokens issued before now cannot "
-                   "open a context")
     else:
-        raise click.ClickException(f"session {session_id} is unknown: nothing was marked")
+        _say(f"{sub}: marked compromised; no stored session was active, and tokens issued before now cannot "
+             "open a context")
 
 
 @click.command()
-@click.argument("session_id", metavar="SESSION")
+@click.argument("session_id", metavar="SID")
+@_operator_options
+@_json_option
 @_store_option
-def pause(session_id: str, store_uri: str) -> None:
-    """Pause SESSION: its requests are refused (session_paused) until resumed."""
-    with _operations(store_uri) as ops:
+def pause(session_id: str, actor: str | None, reason: str | None, as_json: bool, store_uri: str) -> None:
+    """Pause the session SID: its requests are refused (session_paused) until resumed."""
+    with _operations(store_uri, actor=actor, reason=reason) as ops:
         done = ops.pause_session(session_id)
     if not done:
         raise click.ClickException(f"session {session_id} was not paused: it is unknown, revoked or compromised")
-    _say(f"session {session_id} paused (session_paused until: {command_line('resume', session_id)})")
+    _done(as_json, f"session {session_id} paused (session_paused until: {command_line('resume', session_id)})",
+          operation="pause_session", session_id=session_id)
 
 
 @click.command()
-@click.argument("session_id", metavar="SESSION")
+@click.argument("session_id", metavar="SID")
+@_operator_options
+@_json_option
 @_store_option
-def resume(session_id: str, store_uri: str) -> None:
-    """Resume a paused or compromised SESSION (an operator's decision)."""
-    with _operations(store_uri) as ops:
+def resume(session_id: str, actor: str | None, reason: str | None, as_json: bool, store_uri: str) -> None:
+    """Resume the paused or compromised session SID (an operator's decision)."""
+    with _operations(store_uri, actor=actor, reason=reason) as ops:
         done = ops.resume_session(session_id)
     if not done:
         raise click.ClickException(f"session {session_id} was not resumed: it is unknown, or neither paused nor "
                                    "compromised")
-    _say(f"session {session_id} resumed")
+    _done(as_json, f"session {session_id} resumed", operation="resume_session", session_id=session_id)
 
 
 @click.command()
 @click.argument("device_id", metavar="DEVICE_ID")
 @click.option("--compliant/--noncompliant", default=None, help="The device's posture (one is required).")
+@_operator_options
+@_json_option
 @_store_option
-def device(device_id: str, compliant: bool | None, store_uri: str) -> None:
+def device(device_id: str, compliant: bool | None, actor: str | None, reason: str | None, as_json: bool,
+           store_uri: str) -> None:
     """Mark DEVICE_ID compliant or non-compliant (routes with require_compliant_device refuse the latter)."""
     if compliant is None:
         raise click.UsageError("give --compliant or --noncompliant")
-    with _operations(store_uri) as ops:
+    with _operations(store_uri, actor=actor, reason=reason) as ops:
         ops.set_device_status(device_id, compliant)
-    _say(f"device {device_id}: {'compliant' if compliant else 'non-compliant (device_noncompliant)'}")
+    _done(as_json, f"device {device_id}: {'compliant' if compliant else 'non-compliant (device_noncompliant)'}",
+          operation="set_device_status", device_id=device_id, compliant=compliant)
 
 
 @click.command()
@@ -385,20 +464,24 @@ def device(device_id: str, compliant: bool | None, store_uri: str) -> None:
 @click.argument("scopes", nargs=-1, metavar="[SCOPE]...")
 @click.option("--clear", is_flag=True, help="Lift the limit: tokens keep the scopes they carry.")
 @click.option("--none", "withdraw_all", is_flag=True, help="Withdraw every scope of SUB's tokens issued before now.")
+@_operator_options
+@_json_option
 @_store_option
-def privileges(sub: str, scopes: tuple[str, ...], clear: bool, withdraw_all: bool, store_uri: str) -> None:
+def privileges(sub: str, scopes: tuple[str, ...], clear: bool, withdraw_all: bool, actor: str | None,
+               reason: str | None, as_json: bool, store_uri: str) -> None:
     """Limit the scopes of SUB's tokens issued before now to SCOPE... (--none: no scope; --clear: no limit)."""
     if sum((bool(scopes), clear, withdraw_all)) != 1:
         raise click.UsageError("give SCOPE..., --none or --clear (exactly one)")
-    values = None if clear else list(scopes)
-    with _operations(store_uri) as ops:
+    values = None if clear else sorted(set(scopes))
+    with _operations(store_uri, actor=actor, reason=reason) as ops:
         ops.set_privileges(sub, values)
     if values is None:
-        _say(f"{sub}: scope limit lifted")
+        line = f"{sub}: scope limit lifted"
     elif values:
-        _say(f"{sub}: tokens issued before now keep at most: {' '.join(sorted(set(values)))}")
+        line = f"{sub}: tokens issued before now keep at most: {' '.join(values)}"
     else:
-        _say(f"{sub}: every scope of tokens issued before now withdrawn")
+        line = f"{sub}: every scope of tokens issued before now withdrawn"
+    _done(as_json, line, operation="set_privileges", sub=sub, scopes=values)
 
 
 @click.group()
@@ -407,25 +490,30 @@ def keys() -> None:
 
 
 @keys.command("refresh")
+@_operator_options
+@_json_option
 @_store_option
-def keys_refresh(store_uri: str) -> None:
+def keys_refresh(actor: str | None, reason: str | None, as_json: bool, store_uri: str) -> None:
     """Make every Guard fetch its issuer's JWK set now: keys the issuer removed stop verifying, with the tokens
     they verified."""
-    with _operations(store_uri) as ops:
+    with _operations(store_uri, actor=actor, reason=reason) as ops:
         ops.refresh_keys()
-    _say("signing keys: every Guard sharing the store fetches its JWK set within a few seconds")
+    _done(as_json, "signing keys: every Guard sharing the store fetches its JWK set within a few seconds",
+          operation="refresh_keys")
 
 
 @keys.command("drop")
 @click.argument("kid", metavar="KID")
+@_operator_options
+@_json_option
 @_store_option
-def keys_drop(kid: str, store_uri: str) -> None:
+def keys_drop(kid: str, actor: str | None, reason: str | None, as_json: bool, store_uri: str) -> None:
     """Stop trusting the signing key KID in every Guard sharing the store, even while the issuer still
     publishes it (a compromised key); tokens it verified are refused from then on."""
-    with _operations(store_uri) as ops:
+    with _operations(store_uri, actor=actor, reason=reason) as ops:
         ops.drop_key(kid)
-    _say(f"signing key {kid}: dropped by every Guard sharing the store within a few seconds (also by Guards "
-         "started later); remove it at the issuer too")
+    _done(as_json, f"signing key {kid}: dropped by every Guard sharing the store within a few seconds (also by "
+          "Guards started later); remove it at the issuer too", operation="drop_key", kid=kid)
 
 
 #: the commands ``sa_middleware.cli`` adds to ``sa-middleware``

@@ -180,9 +180,9 @@ class _Keeper:
 class Guard(Operations):
     """Decides every request against the token, the route's policy and the state of all related contexts.
 
-    Keyword arguments are validated here, so a mistake fails at start-up. See README "Guard options". The
-    operations (``rotate``, ``sessions``, ``audit``...) are inherited from :class:`~sa_middleware.operations.
-    Operations`.
+    Keyword arguments are validated here, so a mistake fails at start-up (see the "Guard options" page of the
+    documentation). The operations (``rotate``, ``sessions``, ``audit``...) are inherited from
+    :class:`~sa_middleware.operations.Operations`.
     """
 
     def __init__(
@@ -195,8 +195,8 @@ class Guard(Operations):
         algorithms: Sequence[str],
         issuer: str | Sequence[str] | None = None,
         audience: str | Sequence[str] | None = None,
-        policies: Mapping[str, Policy] | None = None,
-        default_policy: Policy | None = None,
+        policies: Mapping[str, Policy | Mapping[str, Any]] | None = None,
+        default_policy: Policy | Mapping[str, Any] | None = None,
         leeway: float = 10.0,
         required_claims: Sequence[str] = ("exp", "iat", "sub"),
         token_type: str | Sequence[str] | None = None,
@@ -316,8 +316,8 @@ class Guard(Operations):
                                 result.ticket_id, result.fencing_tokens, match.route, match.params)
                 return Admitted(ctx, result)
             if result.code == "store_unavailable" and policy.fail_open and "unexpected" not in result.extra:
-                log.warning("sa-middleware: store unavailable; admitting %s %s for %s (fail_open)",
-                            request.method, match.route, context.principal)
+                log.warning("sa-middleware: store unavailable; admitting %s for %s (fail_open)",
+                            match.route or f"{request.method} {request.path}", context.principal)
                 return Admitted(context, None)
             if result.code == "object_locked" and policy.on_lock_conflict == "wait":
                 now = time.monotonic()

@@ -27,6 +27,7 @@ log = logging.getLogger("sa_middleware")
 _MAX_ID = 256
 _MAX_GEN = 2**53 - 1  # exact in every store (SQLite integers, Lua doubles)
 _MAX_SOURCE = 80
+_MAX_DETAIL = 512
 _FLUSH_BATCH = 1000  # records per store call when the buffer is written
 #: the most records one ``audit`` query returns
 MAX_AUDIT_LIMIT = 10_000
@@ -54,6 +55,10 @@ class Operations:
         self.store: Store = open_store(store)
         self.store.configure_audit(retention=audit_retention, max_records=audit_max_records)
         self.session_idle = float(session_idle)
+        #: who makes the operations and why (``sa-middleware --actor/--reason``): added to each operation's audit
+        #: detail, e.g. ``generation 3; by alice@ops-1: key leaked``
+        self.actor: str | None = None
+        self.reason: str | None = None
 
     def close(self) -> None:
         """Write what the audit buffer holds (best effort) and close the store."""
@@ -129,8 +134,10 @@ class Operations:
 
     def _operation(self, code: str, source: str | None, sub: str | None = None, session_id: str | None = None,
                    detail: str = "") -> AuditRecord:
+        if self.actor or self.reason:
+            detail += f"; by {self.actor or 'unknown'}" + (f": {self.reason}" if self.reason else "")
         return AuditRecord("operation", code, self.source if source is None else _source(source), sub, session_id,
-                           None, detail)
+                           None, detail[:_MAX_DETAIL])
 
     def _note(self, record: AuditRecord) -> None:
         """Write an operation's record at once; if the store fails now, buffer it."""
@@ -222,7 +229,8 @@ class Operations:
     def revoke_session(self, session_id: str, *, source: str | None = None) -> bool:
         """Revoke one session (also one not seen yet)."""
         known = self.store.revoke_session(_arg(session_id, "session_id"))
-        self._note(self._operation("revoke_session", source, session_id=session_id, detail=_revoked(known)))
+        self._note(self._operation("revoke_session", source, self._owner(session_id), session_id,
+                                   detail=_revoked(known)))
         return known
 
     def report_compromise(self, sub: str | None = None, session_id: str | None = None, *,
@@ -230,19 +238,22 @@ class Operations:
         """Mark every context related to ``sub`` or ``session_id`` compromised; returns their session ids."""
         args = _compromise_args(sub, session_id)
         marked = self.store.report_compromise(*args)
-        self._note(self._operation("report_compromise", source, *args, detail=_marked("compromised", marked)))
+        owner = args[0] or self._owner(args[1])
+        self._note(self._operation("report_compromise", source, owner, args[1], detail=_marked("compromised", marked)))
         return marked
 
     def pause_session(self, session_id: str, *, source: str | None = None) -> bool:
         """Pause a session until :meth:`resume_session`."""
         paused = self.store.pause_session(_arg(session_id, "session_id"))
-        self._note(self._operation("pause_session", source, session_id=session_id, detail=_paused(paused)))
+        self._note(self._operation("pause_session", source, self._owner(session_id), session_id,
+                                   detail=_paused(paused)))
         return paused
 
     def resume_session(self, session_id: str, *, source: str | None = None) -> bool:
         """Clear a paused or compromised session (an operator's decision)."""
         resumed = self.store.resume_session(_arg(session_id, "session_id"))
-        self._note(self._operation("resume_session", source, session_id=session_id, detail=_resumed(resumed)))
+        self._note(self._operation("resume_session", source, self._owner(session_id), session_id,
+                                   detail=_resumed(resumed)))
         return resumed
 
     def set_device_status(self, device_id: str, compliant: bool, *, source: str | None = None) -> None:
@@ -260,13 +271,30 @@ class Operations:
         """``sub``'s active sessions with their status."""
         return self.store.sessions(_arg(sub, "sub"), self.session_idle)
 
+    def all_sessions(self, limit: int = 100) -> list[SessionInfo]:
+        """Every principal's active sessions, most recently seen first, at most ``limit`` (1 to 10,000)."""
+        return self.store.all_sessions(self.session_idle, _limit(limit))
+
+    def _owner(self, session_id: str | None) -> str | None:
+        """The principal of a stored session, for the audit record of an operation on it (best effort)."""
+        if session_id is None:
+            return None
+        try:
+            return self.store.session_owner(session_id)
+        except Exception:  # the operation itself succeeded; its record just names no principal
+            return None
+
+    async def _aowner(self, session_id: str | None) -> str | None:
+        if session_id is None:
+            return None
+        try:
+            return await self.store.asession_owner(session_id)
+        except Exception:
+            return None
+
     def locks(self) -> list[LockInfo]:
         """Every object lock held now, with its fencing token."""
         return self.store.locks()
-
-    def active_sessions(self, limit: int = 1000) -> list[SessionInfo]:
-        """The active sessions of every principal, most recently seen first, at most ``limit``."""
-        return self.store.all_sessions(self.session_idle, _limit(limit))
 
     # -- operations of security events (sa_middleware.events; also usable directly) ------------------------------
 
@@ -357,24 +385,28 @@ class Operations:
 
     async def arevoke_session(self, session_id: str, *, source: str | None = None) -> bool:
         known = await self.store.arevoke_session(_arg(session_id, "session_id"))
-        await self._anote(self._operation("revoke_session", source, session_id=session_id, detail=_revoked(known)))
+        await self._anote(self._operation("revoke_session", source, await self._aowner(session_id), session_id,
+                                          detail=_revoked(known)))
         return known
 
     async def areport_compromise(self, sub: str | None = None, session_id: str | None = None, *,
                                  source: str | None = None) -> list[str]:
         args = _compromise_args(sub, session_id)
         marked = await self.store.areport_compromise(*args)
-        await self._anote(self._operation("report_compromise", source, *args, detail=_marked("compromised", marked)))
+        owner = args[0] or await self._aowner(args[1])
+        await self._anote(self._operation("report_compromise", source, owner, args[1],
+                                          detail=_marked("compromised", marked)))
         return marked
 
     async def apause_session(self, session_id: str, *, source: str | None = None) -> bool:
         paused = await self.store.apause_session(_arg(session_id, "session_id"))
-        await self._anote(self._operation("pause_session", source, session_id=session_id, detail=_paused(paused)))
+        await self._anote(self._operation("pause_session", source, await self._aowner(session_id), session_id,
+                                          detail=_paused(paused)))
         return paused
 
     async def aresume_session(self, session_id: str, *, source: str | None = None) -> bool:
         resumed = await self.store.aresume_session(_arg(session_id, "session_id"))
-        await self._anote(self._operation("resume_session", source, session_id=session_id,
+        await self._anote(self._operation("resume_session", source, await self._aowner(session_id), session_id,
                                           detail=_resumed(resumed)))
         return resumed
 
@@ -393,7 +425,7 @@ class Operations:
     async def alocks(self) -> list[LockInfo]:
         return await self.store.alocks()
 
-    async def aactive_sessions(self, limit: int = 1000) -> list[SessionInfo]:
+    async def aall_sessions(self, limit: int = 100) -> list[SessionInfo]:
         return await self.store.aall_sessions(self.session_idle, _limit(limit))
 
 
@@ -433,7 +465,7 @@ def _no_generation(sub: str) -> str:
     return (f"{sub}: its latest token carried no generation claim, so every token of {sub} is refused "
             "(stale_generation) and a new token from the same issuer will not help; undo with "
             f"reset_generation (sa-middleware rotate --reset -- {sub}) and use revoke_principal "
-            f"(sa-middleware revoke --sub={sub}) instead")
+            f"(sa-middleware revoke {'-- ' if sub.startswith('-') else ''}{sub}) instead")
 
 
 def _time(value: float | None, name: str) -> float | None:

@@ -14,6 +14,8 @@ nothing on its server.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 import re
 import string
@@ -24,7 +26,9 @@ from typing import Any, Literal
 
 from .errors import ConfigurationError
 
-__all__ = ["TARGET_KINDS", "EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "lock_fields", "render_lock_key"]
+__all__ = [
+    "TARGET_KINDS", "EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "as_policy", "lock_fields", "render_lock_key",
+]
 
 SessionLimitAction = Literal["reject", "evict_oldest"]
 LockConflictAction = Literal["reject", "wait", "pause"]
@@ -52,7 +56,8 @@ def _str_set(value: Any, name: str) -> frozenset[str] | None:
 class Policy:
     """What a route requires. Every field is optional; ``None`` means "unset: take it from ``default_policy``".
 
-    See README "Policy fields" for the meaning and the default of each field.
+    See the "Policies" page of the documentation for the meaning and the default of each field. An unknown
+    keyword raises :class:`~sa_middleware.errors.ConfigurationError` with the closest field name.
     """
 
     public: bool | None = None
@@ -139,6 +144,39 @@ class Policy:
         return EffectivePolicy(**values)
 
 
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+POLICY_FIELDS = frozenset(f.name for f in fields(Policy) if f.init)
+_dataclass_init = Policy.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _policy_init(self: Policy, *args: Any, **kwargs: Any) -> None:
+    for name in kwargs:
+        if name not in POLICY_FIELDS:
+            raise ConfigurationError(f"Policy has no field {name!r}{_did_you_mean(name, POLICY_FIELDS)}")
+    _dataclass_init(self, *args, **kwargs)
+
+
+setattr(Policy, "__init__", _policy_init)  # noqa: B010  (unknown keywords: a ConfigurationError, not a TypeError)
+
+
+def as_policy(value: Any, where: str) -> Policy:
+    """``value`` as a :class:`Policy`: a Policy as is, or a dict of Policy fields (``{"max_sessions": 5}``)."""
+    if isinstance(value, Policy):
+        return value
+    if isinstance(value, Mapping):
+        for name in value:
+            if name not in POLICY_FIELDS:
+                hint = _did_you_mean(str(name), POLICY_FIELDS)
+                raise ConfigurationError(f"{where}: unknown Policy field {name!r}{hint}")
+        return Policy(**value)
+    raise ConfigurationError(f"{where} must be a Policy or a dict of Policy fields")
+
+
 @dataclass(frozen=True, slots=True)
 class EffectivePolicy:
     """A policy with every field resolved (library defaults for anything left unset)."""
@@ -207,6 +245,13 @@ def render_lock_key(template: str, params: Mapping[str, Any]) -> str:
 
 
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")
+_FLASK_PARAM = re.compile(r"<(?:(\w+)(?:\([^)]*\))?:)?(\w+)>")
+_FLASK_CONVERTERS = {"int": ":int", "float": ":float", "uuid": ":uuid", "path": ":path"}
+
+
+def _starlette_param(m: re.Match[str]) -> str:
+    """``<int:id>`` (Flask, Werkzeug, Django) as ``{id:int}`` (Starlette)."""
+    return "{" + m.group(2) + _FLASK_CONVERTERS.get(m.group(1) or "", "") + "}"
 _CONVERTORS: dict[str, tuple[str, Any]] = {
     "str": ("[^/]+", str),
     "path": (".*", str),
@@ -247,9 +292,10 @@ class _Route:
 class RouteTable:
     """Matches ``(method, path)`` to the most specific route policy."""
 
-    def __init__(self, policies: Mapping[str, Policy] | None, default_policy: Policy | None = None) -> None:
-        if default_policy is not None and not isinstance(default_policy, Policy):
-            raise ConfigurationError("default_policy must be a Policy")
+    def __init__(self, policies: Mapping[str, Policy | Mapping[str, Any]] | None,
+                 default_policy: Policy | Mapping[str, Any] | None = None) -> None:
+        if default_policy is not None:
+            default_policy = as_policy(default_policy, "default_policy")
         self.default_policy = (default_policy or Policy()).validate("default_policy")
         if default_policy is not None and default_policy.locks:
             raise ConfigurationError("default_policy: locks need a route's path parameters; set them per route")
@@ -270,17 +316,22 @@ class RouteTable:
             self._routes.append(self._compile(key, policy))
         self._routes.sort(key=lambda r: r.rank, reverse=True)
 
-    def _compile(self, key: str, policy: Policy) -> _Route:
+    def _compile(self, key: str, value: Policy | Mapping[str, Any]) -> _Route:
         if not isinstance(key, str):
             raise ConfigurationError(f"route {key!r}: keys are strings like 'GET /items/{{id}}'")
-        if not isinstance(policy, Policy):
-            raise ConfigurationError(f"route {key!r}: the value must be a Policy")
+        if not isinstance(value, Policy | Mapping):
+            raise ConfigurationError(f"route {key!r}: the value must be a Policy or a dict of Policy fields")
+        policy = as_policy(value, f"route {key!r}")
         method, _, path = key.strip().partition(" ")
         method = method.upper()
         path = path.strip()
         if method not in _METHODS or not path.startswith("/"):
             raise ConfigurationError(f"route {key!r}: expected 'METHOD /path' with METHOD one of "
                                      f"{', '.join(sorted(_METHODS))}")
+        if _FLASK_PARAM.search(path):
+            hint = _FLASK_PARAM.sub(_starlette_param, path)
+            raise ConfigurationError(f"route {key!r}: route keys use Starlette's path syntax, not Flask's: "
+                                     f"write {f'{method} {hint}'!r}")
         pattern, convert, literal, path_params, pos = "^", {}, 0, 0, 0
         for m in _PARAM.finditer(path):
             pattern += re.escape(path[pos:m.start()])

@@ -2,8 +2,9 @@
 
 The memory and SQLite stores call :func:`evaluate` on a :class:`~sa_middleware.records.Snapshot` read inside one
 ``BEGIN IMMEDIATE`` transaction and apply the returned writes in the same transaction. The Redis store implements the
-same rule in Lua; the conformance suite keeps the two equal. Checks run in the order of DESIGN section 5, and the
-first failure wins, so the same state always gives the same code.
+same rule in Lua; the conformance suite keeps the two equal. Checks run in the order given on the "Denials" page of
+the documentation (docs/denials.md, "Order of checks"), and the first failure wins, so the same state always gives
+the same code.
 """
 
 from __future__ import annotations
@@ -132,12 +133,13 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
         excess = len(others) - a.max_sessions + 1
         if excess > 0:
             if a.on_session_limit != "evict_oldest":
-                return _deny(v, "too_many_sessions", f"at most {a.max_sessions} active sessions are allowed")
+                detail = _at_most(a.max_sessions, "active session", "is", "are") + " allowed"
+                return _deny(v, "too_many_sessions", detail)
             evict = [x.session_id for x in others[:excess]]
 
     # actions in flight
     if a.max_in_flight is not None and len(s.tickets) >= a.max_in_flight:
-        return _deny(v, "too_many_in_flight", f"at most {a.max_in_flight} requests may be in flight", 1)
+        return _deny(v, "too_many_in_flight", _at_most(a.max_in_flight, "request", "may", "may") + " be in flight", 1)
     for t in s.tickets:
         if a.exclusive or t.exclusive:
             return _deny(v, "conflicting_action", "another action of this principal is in flight", 1)
@@ -206,6 +208,11 @@ def _new_session(a: Admission, now: float, status: SessionStatus) -> SessionInfo
     expires = a.token_exp if status == "active" else max(a.token_exp, now + STATUS_RETENTION)
     return SessionInfo(a.session_id, a.sub, a.kind, status, now, now, expires, a.client,
                        a.user_agent, a.device, a.credential, a.actor)
+
+
+def _at_most(limit: int, noun: str, one: str, many: str) -> str:
+    """``at most 1 active session is`` / ``at most 3 active sessions are`` (the Lua rule words it the same way)."""
+    return f"at most {limit} {noun} {one}" if limit == 1 else f"at most {limit} {noun}s {many}"
 
 
 def _deny(v: Verdict, code: str, detail: str, retry_after: int | None = None) -> Verdict:

@@ -182,7 +182,7 @@ def test_revoke_a_principal_or_a_session(site: Site) -> None:
     assert site.code(old) == site.code(other) == "ok"
     assert "session r2 revoked (session_revoked)" in ok(site.cli("revoke", "--session", "r2"))
     assert site.code(other) == "session_revoked" and site.code(old) == "ok"
-    out = ok(site.cli("revoke", "--sub", alice))
+    out = ok(site.cli("revoke", alice))
     assert out.startswith(f"{alice}: every token issued before ") and "(token_revoked)" in out
     assert site.code(old) == "token_revoked"
     time.sleep(0.01)  # the next token's iat must be after the watermark (the store's clock)
@@ -339,13 +339,14 @@ def test_errors_are_one_clear_line_and_an_exit_status(tmp_path: Path) -> None:
         (("audit", "--json"), "redis://127.0.0.1:1/0", 1, "Error: redis store unavailable"),
         (("locks",), "memory://", 2, "memory:// lives inside one process"),
         (("locks",), "nosuch://x", 1, "unknown store scheme"),
-        (("sessions",), None, 2, "Missing argument 'SUB'"),
+        (("sessions", "--limit", "0"), None, 2, "Invalid value for '--limit'"),
         (("rotate",), None, 2, "Missing argument 'SUB'"),
-        (("pause",), None, 2, "Missing argument 'SESSION'"),
-        (("resume",), None, 2, "Missing argument 'SESSION'"),
-        (("revoke",), None, 2, "give exactly one of --sub or --session"),
-        (("revoke", "--sub", "alice", "--session", "s1"), None, 2, "give exactly one of --sub or --session"),
-        (("compromise",), None, 2, "give --sub or --session"),
+        (("pause",), None, 2, "Missing argument 'SID'"),
+        (("resume",), None, 2, "Missing argument 'SID'"),
+        (("revoke",), None, 2, "give SUB (every token of the principal) or --session SID (one session)"),
+        (("revoke", "alice", "--session", "s1"), None, 2, "give SUB (every token of the principal) or --session"),
+        (("revoke", "alice", "--sub", "bob"), None, 2, "two principals given"),
+        (("compromise",), None, 2, "give SUB or --session SID"),
         (("device", "laptop-1"), None, 2, "give --compliant or --noncompliant"),
         (("privileges", "alice"), None, 2, "give SCOPE..., --none or --clear (exactly one)"),
         (("privileges", "alice", "read", "--clear"), None, 2, "exactly one"),

@@ -337,9 +337,10 @@ def test_non_string_route_key() -> None:
         RouteTable({5: Policy()})  # type: ignore[dict-item]
 
 
-def test_route_value_must_be_a_policy() -> None:
+def test_route_value_must_be_a_policy_or_a_dict_of_its_fields() -> None:
+    assert RouteTable({"POST /p": {"max_sessions": 1}}).match("POST", "/p").policy.max_sessions == 1
     with pytest.raises(ConfigurationError, match=re.escape("'POST /p'")):
-        RouteTable({"POST /p": {"max_sessions": 1}})  # type: ignore[dict-item]
+        RouteTable({"POST /p": ["max_sessions"]})  # type: ignore[dict-item]
 
 
 def test_lock_template_with_unknown_param_names_route_and_param() -> None:
@@ -358,8 +359,9 @@ def test_lock_template_on_a_parameterless_route() -> None:
 
 
 def test_default_policy_errors() -> None:
+    assert RouteTable(None, {"max_sessions": 1}).default_policy.max_sessions == 1
     with pytest.raises(ConfigurationError, match="default_policy"):
-        RouteTable(None, {"max_sessions": 1})  # type: ignore[arg-type]
+        RouteTable(None, 5)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="default_policy"):
         RouteTable(None, Policy(locks=["x:{id}"]))
 

@@ -19,7 +19,7 @@ __all__ = [
     "register_scheme",
 ]
 
-#: how long audit records are kept (seconds), and how many at most: see README "Audit trail"
+#: how long audit records are kept (seconds), and how many at most (see the "Operator CLI and audit" page)
 DEFAULT_AUDIT_RETENTION = 7 * 86400.0
 DEFAULT_AUDIT_MAX_RECORDS = 100_000
 
@@ -122,7 +122,7 @@ class Store(abc.ABC):
 
     def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
         """The sessions of every principal seen within ``session_idle`` seconds, most recently seen first, at most
-        ``limit`` (the console and the metrics' session gauge)."""
+        ``limit`` (``sa-middleware sessions`` without a principal, the console, the metrics' session gauge)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement all_sessions")
 
     def seen_event(self, key: str, ttl: float) -> bool:
@@ -159,6 +159,12 @@ class Store(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not implement reset_generation")
 
     # -- the audit trail (see README "Audit trail") ---------------------------------------------------------------
+    def session_owner(self, session_id: str) -> str | None:
+        """The principal a stored session belongs to (``None``: unknown). Read by the operations on one session,
+        so their audit record names its principal."""
+        return None
+
+    # -- the audit trail (see the "Operator CLI and audit" page of the documentation) ----------------------------
     # Like the security-event operations, these raise NotImplementedError in the base so an older store still opens;
     # the Guard then logs once and drops its audit records.
 
@@ -226,6 +232,9 @@ class Store(abc.ABC):
 
     async def asessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
         return await self._run(self.sessions, sub, session_idle)
+
+    async def asession_owner(self, session_id: str) -> str | None:
+        return await self._run(self.session_owner, session_id)
 
     async def alocks(self) -> list[LockInfo]:
         return await self._run(self.locks)
@@ -348,8 +357,8 @@ def _audit_options(uri: str) -> tuple[str, dict[str, Any]]:
 
 def open_store(uri: str | Store, **options: Any) -> Store:
     """Open a store from a URI: ``memory://``, ``sqlite:///path/to/file.db``, ``redis://host:6379/0``,
-    ``rediss://``, ``redis+unix://``, ``redis+sentinel://``, ``redis+cluster://`` (see README "Stores"). Every URI
-    also takes the audit options ``audit_retention`` (seconds) and ``audit_max_records``.
+    ``rediss://``, ``redis+unix://``, ``redis+sentinel://``, ``redis+cluster://`` (see the "Stores" page of the
+    documentation). Every URI also takes the audit options ``audit_retention`` (seconds) and ``audit_max_records``.
 
     A :class:`Store` object is returned as it is.
     """

@@ -1,4 +1,4 @@
-"""The Redis store: every worker on every host shares contexts, tickets and locks (see README "Redis store").
+"""The Redis store: every worker on every host shares contexts, tickets and locks (see the "Stores" page).
 
 URIs (options in the query string or as keyword arguments of :func:`~sa_middleware.stores.open_store`)::
 
@@ -96,6 +96,10 @@ def _script() -> str:
 def _esc(value: str) -> str:
     """Escape an id for a hash tag (the Lua side does the same): the tag is then always the whole id."""
     return value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def _unesc(value: str) -> str:
+    return value.replace("%7D", "}").replace("%7B", "{").replace("%25", "%")
 
 
 _slot_tags: list[str] = []
@@ -591,7 +595,7 @@ class RedisStore(Store):
 
         Does nothing when the store already has its epoch marker (it was used, or bootstrapped). Returns whether
         it created the marker. Never run it on a store that lost its state: that would accept again the tokens the
-        loss makes unsafe (see README "Redis store").
+        loss makes unsafe (see the "Stores" page of the documentation).
         """
         saved = self.timeout, self.connect_timeout
         self.timeout = self.connect_timeout = max(self.timeout, 10.0)  # a one-off: 16384 markers on a cluster
@@ -1228,15 +1232,27 @@ class RedisStore(Store):
         return await self._aop(lambda: self._all_sessions(session_idle, limit))
 
     def _all_sessions(self, session_idle: float, limit: int) -> _Flow[list[SessionInfo]]:
+        """Every principal's session hash, then each principal's active sessions (one call per principal)."""
         head = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":{p:"
         keys: list[str] = yield _Scan(head + "*}:ss")
-        start = len(self.prefix) + len(":{p:")
+        start = len(self.prefix) + 4
+        subs = sorted({_unesc(key[start:-4]) for key in keys if key.endswith("}:ss")})
         found: list[SessionInfo] = []
-        for key in sorted(set(keys)):
-            sub = key[start:-len("}:ss")].replace("%7B", "{").replace("%7D", "}").replace("%25", "%")
+        for sub in subs:
             found.extend((yield from self._sessions(sub, session_idle)))
         found.sort(key=lambda s: (-s.last_seen, s.session_id))
         return found[:limit]
+
+    def session_owner(self, session_id: str) -> str | None:
+        return self._drive(self._owner(session_id))
+
+    async def asession_owner(self, session_id: str) -> str | None:
+        return await self._aop(lambda: self._owner(session_id))
+
+    def _owner(self, session_id: str) -> _Flow[str | None]:
+        index = yield _Call("index", self._key("s", session_id), {"sid": session_id, "op": "get"})
+        owner = index.get("o")
+        return str(owner) if owner else None
 
     def locks(self) -> list[LockInfo]:
         return self._drive(self._locks())

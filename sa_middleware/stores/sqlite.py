@@ -137,6 +137,16 @@ def _outcome(verdict: Verdict) -> Ticket | Denial:
     return Denial(verdict.code, verdict.detail, verdict.retry_after)
 
 
+def _check_directory(path: str) -> None:
+    """A database file in a directory that does not exist cannot be created: say so, naming the path."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigurationError(f"sqlite store {path!r}: the directory {directory!r} does not exist (create it, or "
+                                 "give another path)")
+
+
 class SQLiteStore(Store):
     """Store on a SQLite database file (``sqlite:///relative.db``, ``sqlite:////absolute/path.db``)."""
 
@@ -146,6 +156,7 @@ class SQLiteStore(Store):
             raise ConfigurationError("sqlite store needs a file path: sqlite:///sa.db")
         if timeout <= 0:
             raise ConfigurationError("sqlite timeout must be > 0 seconds")
+        _check_directory(path)
         self.path = path
         self.timeout = timeout
         self._clock = clock
@@ -675,8 +686,13 @@ class SQLiteStore(Store):
 
     def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
         return self._read(lambda conn, now: [_session(r) for r in conn.execute(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE expires > ? AND last_seen > ? "
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE sub != '' AND expires > ? AND last_seen > ? "
             "ORDER BY last_seen DESC, session_id LIMIT ?", (now, now - session_idle, limit))])
+
+    def session_owner(self, session_id: str) -> str | None:
+        row = self._read(lambda conn, now: conn.execute(
+            "SELECT sub FROM sessions WHERE session_id = ? AND sub != ''", (session_id,)).fetchone())
+        return None if row is None else str(row[0])
 
     def locks(self) -> list[LockInfo]:
         return self._read(lambda conn, now: [LockInfo(*r) for r in conn.execute(

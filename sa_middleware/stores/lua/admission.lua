@@ -168,7 +168,8 @@ function sa.evaluate(a, s, with_locks)
     local excess = #others - a.max_sessions + 1
     if excess > 0 then
       if a.on_limit ~= 'evict_oldest' then
-        return deny(v, 'too_many_sessions', 'at most ' .. a.max_sessions .. ' active sessions are allowed')
+        return deny(v, 'too_many_sessions', 'at most ' .. a.max_sessions ..
+          (a.max_sessions == 1 and ' active session is allowed' or ' active sessions are allowed'))
       end
       for i = 1, excess do evict[#evict + 1] = others[i].id end
     end
@@ -176,7 +177,8 @@ function sa.evaluate(a, s, with_locks)
 
   -- actions in flight
   if a.max_in_flight ~= nil and #s.tickets >= a.max_in_flight then
-    return deny(v, 'too_many_in_flight', 'at most ' .. a.max_in_flight .. ' requests may be in flight', 1)
+    return deny(v, 'too_many_in_flight', 'at most ' .. a.max_in_flight ..
+      (a.max_in_flight == 1 and ' request may be in flight' or ' requests may be in flight'), 1)
   end
   local tags, conflicts = sa.set(a.tags), sa.set(a.conflicts)
   for _, t in ipairs(s.tickets) do

@@ -1,5 +1,5 @@
 -- sa-middleware Redis store: the entry point. Every call checks the slot's epoch marker first (a missing marker is
--- a detected state loss: see README "Redis store"), then runs the operation named by ARGV[1].
+-- a detected state loss: see the "Stores" page of the documentation), then runs the operation named by ARGV[1].
 
 local handler = sa.ops[ARGV[1]]
 if handler == nil then return redis.error_reply('sa-middleware: unknown operation ' .. tostring(ARGV[1])) end
