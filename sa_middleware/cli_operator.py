@@ -373,7 +373,7 @@ def rotate(sub: str, reset: bool, actor: str | None, reason: str | None, as_json
             generation = ops.rotate(sub)
         warning = ops.rotation_warning(sub)
     _done(as_json, f"{sub}: generation {generation}; tokens of a lower generation are refused (stale_generation)",
-          operation="rotate", sub=sub, generation=generation, warning=warning)
+          operation="rotate", sub=sub, generation=generation, **({"warning": warning} if warning else {}))
     if warning and not as_json:
         for line in (f"warning: {sub}'s latest token carried no generation claim: every token of {sub} is now "
                      "refused, and a new one will not help.",

@@ -27,7 +27,8 @@ from typing import Any, Literal
 from .errors import ConfigurationError
 
 __all__ = [
-    "TARGET_KINDS", "EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "as_policy", "lock_fields", "render_lock_key",
+    "TARGET_KINDS", "EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "as_policy", "lock_fields",
+    "render_lock_key",
 ]
 
 SessionLimitAction = Literal["reject", "evict_oldest"]

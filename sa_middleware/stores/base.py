@@ -158,7 +158,6 @@ class Store(abc.ABC):
         """Set ``sub``'s generation back to 0 (undo :meth:`rotate`); returns the generation it had."""
         raise NotImplementedError(f"{type(self).__name__} does not implement reset_generation")
 
-    # -- the audit trail (see README "Audit trail") ---------------------------------------------------------------
     def session_owner(self, session_id: str) -> str | None:
         """The principal a stored session belongs to (``None``: unknown). Read by the operations on one session,
         so their audit record names its principal."""
