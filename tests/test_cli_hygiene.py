@@ -136,3 +136,24 @@ def test_format_and_bidi_characters_are_escaped_everywhere(tmp_path: Path) -> No
         assert out.strip() == "no active sessions for nobody\\u202e"
     finally:
         site.close()
+
+
+def test_a_cluster_store_never_used_is_reported_and_left_empty() -> None:
+    cluster = redis_support.shared_cluster()
+    uri = f"{cluster.url}?prefix=t{uuid.uuid4().hex[:12]}"
+    prefix = uri.rpartition("=")[2]
+    client = cluster.client()
+    try:
+        fails(run("sessions", "alice", store=uri), 1, "nothing was ever written there")
+        ops = Operations(uri)
+        try:
+            assert (ops.sessions("alice"), ops.locks(), ops.audit()) == ([], [], [])
+            assert not ops.store.has_state()
+        finally:
+            ops.close()
+        assert list(client.scan_iter(match=f"{prefix}:*", target_nodes=client.ALL_NODES)) == []
+        open_store(uri, bootstrap=True).close()
+        assert ok(run("sessions", "alice", store=uri)).strip() == "no active sessions for alice"
+    finally:
+        client.close()
+        redis_support.forget_prefix(uri)
