@@ -49,8 +49,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 def test_unencodable_claims_get_a_401_and_the_trail_keeps_flowing(idp: DemoIssuer, store: str) -> None:
-    """Over uvicorn: every claim the Guard stores, set to a lone surrogate in a validly signed token, is a clean
-    401; the records of those denials are written (the value escaped), and so is every record after them."""
+    """Over uvicorn: a lone surrogate anywhere in the claims of a validly signed token (a claim the Guard stores or
+    not) is a clean 401, never a store error; the records of those denials are written (the value escaped), and so
+    is every record after them."""
     guard = Guard(store=store, keys=idp.public_pem, algorithms=["RS256"], issuer=idp.issuer, audience=idp.audience,
                   policies=POLICIES)
     base, stop = serve_asgi(SessionAwareMiddleware(hello, guard=guard))
@@ -58,7 +59,8 @@ def test_unencodable_claims_get_a_401_and_the_trail_keeps_flowing(idp: DemoIssue
     try:
         hostile: list[dict[str, Any]] = [
             {"sub": SURROGATE + mark}, {"sid": SURROGATE}, {"jti": SURROGATE}, {"act": {"sub": SURROGATE}},
-            {"device_id": SURROGATE}, {"cnf": {"jkt": SURROGATE}},
+            {"device_id": SURROGATE}, {"cnf": {"jkt": SURROGATE}}, {"scope": f"read {SURROGATE}"},
+            {"acr": SURROGATE}, {"sa_kind": SURROGATE}, {"custom": {"deep": [1, {SURROGATE: "x"}]}},
         ]
         for claims in hostile:
             claims = {"sub": f"ok-{mark}", **claims}
