@@ -29,6 +29,7 @@ _MAX_ID = 256
 _MAX_GEN = 2**53 - 1  # exact in every store (SQLite integers, Lua doubles)
 _MAX_SOURCE = 80
 _FLUSH_BATCH = 1000  # records per store call when the buffer is written
+_REFUSED_ALONE = 3  # records refused one by one, none written, after which the store is taken to be failing
 #: the most records one ``audit`` query returns
 MAX_AUDIT_LIMIT = 10_000
 
@@ -116,11 +117,14 @@ class Operations:
     def _flush(self) -> Generator[list[AuditRecord], Exception | None, int]:
         """The batches to write (the driver sends back what each write raised, or None). A batch the store refuses
         for another reason than being unavailable is tried again with its text escaped to ASCII, then record by
-        record; a record refused even then is dropped and counted in an ``audit_dropped`` record."""
+        record. Records refused alone while others of the flush were written are bad records: dropped and counted
+        in an ``audit_dropped`` record. When nothing could be written (the store refuses everything, or is down),
+        every record is kept for the next round."""
         records = self._audit.take()
         todo = [(records[i:i + _FLUSH_BATCH], 0) for i in range(0, len(records), _FLUSH_BATCH)]
-        written = refused = 0
-        reason = ""
+        written = 0
+        refused: list[AuditRecord] = []
+        error: Exception | None = None
         while todo:
             batch, tries = todo.pop(0)
             error = yield batch
@@ -129,26 +133,32 @@ class Operations:
             elif isinstance(error, NotImplementedError):
                 self._unsupported()
                 return written
-            elif isinstance(error, StoreUnavailable):  # the store is down: keep them for the next round (bounded)
-                left = [record for pending, _ in [(batch, tries), *todo] for record in pending]
-                self._audit.give_back(left)
-                log.warning("sa-middleware: audit records not written (%d kept for the next try): %s", len(left),
-                            error)
-                return written
-            elif tries == 0:
+            elif not isinstance(error, StoreUnavailable) and tries == 0:
                 todo.insert(0, ([_escaped(record) for record in batch], 1))
-            elif tries == 1 and len(batch) > 1:
+            elif not isinstance(error, StoreUnavailable) and tries == 1 and len(batch) > 1:
                 todo[0:0] = [([record], 2) for record in batch]
             else:
-                reason = f"{type(error).__name__}: {error}"
-                log.warning("sa-middleware: the store refused an audit record (dropped): %s", reason)
-                refused += len(batch) if tries < 3 else 0  # tries 3: the audit_dropped record itself
-            if not todo and refused:
-                todo.append(([AuditRecord("change", "audit_dropped", "middleware", detail=(
-                    f"{refused} audit record{'s' if refused != 1 else ''} dropped: the store refused "
-                    f"{'them' if refused != 1 else 'it'}, even escaped ({_escaped_text(reason)[:200]})"),
-                    time=time.time())], 3))
-                refused = 0
+                down = isinstance(error, StoreUnavailable)
+                if not down:
+                    refused.extend(batch)
+                if down or (written == 0 and len(refused) >= _REFUSED_ALONE):  # the store fails, not the records
+                    left = (batch if down else []) + [record for pending, _ in todo for record in pending] + refused
+                    self._audit.give_back(left)
+                    log.warning("sa-middleware: audit records not written (%d kept for the next try): %s", len(left),
+                                error)
+                    return written
+        if refused and written == 0:  # nothing to tell a bad record from a failing store: keep them
+            self._audit.give_back(refused)
+            log.warning("sa-middleware: audit records not written (%d kept for the next try): %s", len(refused), error)
+        elif refused:
+            reason = _escaped_text(f"{type(error).__name__}: {error}")[:200]
+            log.warning("sa-middleware: the store refused %d audit records; dropped: %s", len(refused), reason)
+            many = len(refused) != 1
+            note = AuditRecord("change", "audit_dropped", "middleware", time=time.time(), detail=(
+                f"{len(refused)} audit record{'s' if many else ''} dropped: the store refused "
+                f"{'them' if many else 'it'}, even escaped ({reason})"))
+            if (yield [note]) is None:
+                written += 1
         return written
 
     def _buffer(self, record: AuditRecord) -> None:

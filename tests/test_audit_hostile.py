@@ -135,6 +135,40 @@ def test_a_refused_record_is_escaped_or_dropped_and_counted_never_blocking(flavo
     assert len(picky.batches[-1]) == 1
 
 
+def test_a_bad_record_alone_waits_for_others_to_tell_it_from_a_failing_store() -> None:
+    picky = PickyStore()
+    ops = Operations(picky)
+    ops._buffer(AuditRecord("denial", "poison", "middleware", "alice"))
+    assert ops.flush_audit() == 0 and len(ops._audit) == 1  # kept: it might be the store that fails
+    ops._buffer(AuditRecord("denial", "fine", "middleware", "bob"))
+    assert ops.flush_audit() == 2  # fine, and the audit_dropped record: now the poison is known to be bad
+    assert {r.code for r in picky.audit(limit=10)} == {"fine", "audit_dropped"} and len(ops._audit) == 0
+
+
+def test_a_store_that_refuses_everything_keeps_every_record_at_a_bounded_cost() -> None:
+    """A store failing with a plain StoreError (a Redis out of memory) is not a store full of bad records: nothing
+    is dropped, and a flush tries at most a handful of writes."""
+    class FullStore(PickyStore):
+        full = True
+
+        def record_audit(self, records: Sequence[AuditRecord]) -> None:
+            self.batches.append(list(records))
+            if self.full:
+                raise StoreError("OOM command not allowed when used memory > 'maxmemory'")
+            MemoryStore.record_audit(self, records)
+
+    store = FullStore()
+    ops = Operations(store)
+    for i in range(50):
+        ops._buffer(AuditRecord("denial", f"c{i}", "middleware", "alice"))
+    assert ops.flush_audit() == 0
+    assert len(store.batches) == 5  # the batch, escaped, then three records alone
+    assert len(ops._audit) == 50
+    store.full = False
+    assert ops.flush_audit() == 50
+    assert {r.code for r in store.audit(limit=100)} == {f"c{i}" for i in range(50)}
+
+
 def test_a_store_that_is_down_keeps_every_record() -> None:
     class DownStore(MemoryStore):
         down = True
