@@ -116,25 +116,26 @@ def _schema(db: sqlite_utils.Database) -> None:
 
 def _create_private(path: str) -> None:
     """Create the database file with mode 0600 whatever the umask (SQLite gives its -wal, -shm and journal files
-    the mode of the database). An existing file keeps its mode: a warning names a mode that lets others in."""
+    the mode of the database). An existing file keeps its mode."""
     if path == ":memory:" or path.startswith("file:"):
         return
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
-        loose = {path + suffix: mode for suffix in _FILES
-                 if (mode := _mode(path + suffix)) is not None and mode & 0o077}
-        if loose:
-            log.warning("sa-middleware: the SQLite store's files are readable or writable by others (%s); they hold "
-                        "subjects, sessions, client addresses and the audit trail: chmod 600 them unless that is "
-                        "deliberate", ", ".join(f"{name} {mode:04o}" for name, mode in loose.items()))
-        return
     except OSError:
-        return  # e.g. a missing directory: connecting reports it
+        return  # it exists, or e.g. its directory is missing: connecting reports that
     try:
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+def _warn_if_loose(path: str) -> None:
+    """Log a warning naming the store's files that others may read or write."""
+    loose = {path + suffix: mode for suffix in _FILES if (mode := _mode(path + suffix)) is not None and mode & 0o077}
+    if loose:
+        log.warning("sa-middleware: the SQLite store's files are readable or writable by others (%s); they hold "
+                    "subjects, sessions, client addresses and the audit trail: chmod 600 them unless that is "
+                    "deliberate", ", ".join(f"{name} {mode:04o}" for name, mode in loose.items()))
 
 
 def _mode(path: str) -> int | None:
@@ -206,6 +207,8 @@ class SQLiteStore(Store):
         _create_private(path)
         with self._transaction() as conn:
             _schema(sqlite_utils.Database(conn))
+        if path != ":memory:":
+            _warn_if_loose(path)
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> SQLiteStore:
@@ -276,19 +279,17 @@ class SQLiteStore(Store):
         return True, result
 
     def _request_checkpoint(self) -> None:
-        self._ensure_maintenance()
-        self._checkpoint_due.set()
-
-    def _ensure_maintenance(self) -> None:
         if self._maintenance is None or not self._maintenance.is_alive():
             self._stop_maintenance = threading.Event()  # close() sets it: the thread ends
             self._maintenance = threading.Thread(target=self._checkpoints, args=(self._stop_maintenance,),
                                                  name="sa-middleware-sqlite-checkpoint", daemon=True)
             self._maintenance.start()
+        self._checkpoint_due.set()
 
     def _checkpoints(self, stop: threading.Event) -> None:
-        """The maintenance thread: the inline connections' checkpoints (they never checkpoint themselves), and a
-        look at the WAL's size every second while commits come: past :data:`WAL_LIMIT`, it is truncated."""
+        """The maintenance thread, started by the first checkpoint request (inline commits, or a WAL found past
+        :data:`WAL_LIMIT`): the inline connections' checkpoints (they never checkpoint themselves), and a look at the
+        WAL's size every second while commits come: past the limit, it is truncated."""
         seen = -1
         while True:
             due = self._checkpoint_due.wait(_WAL_CHECK_EVERY)
@@ -354,9 +355,8 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite store error: {exc}") from exc
         self._commits += 1
-        self._ensure_maintenance()
         if self._commits % _WAL_LOOK_EVERY == 0 and self.wal_size() > WAL_LIMIT:
-            self._checkpoint_due.set()
+            self._request_checkpoint()
         return result
 
     def close(self) -> None:
