@@ -279,17 +279,20 @@ class SQLiteStore(Store):
         return True, result
 
     def _request_checkpoint(self) -> None:
+        self._ensure_maintenance()
+        self._checkpoint_due.set()
+
+    def _ensure_maintenance(self) -> None:
         if self._maintenance is None or not self._maintenance.is_alive():
             self._stop_maintenance = threading.Event()  # close() sets it: the thread ends
             self._maintenance = threading.Thread(target=self._checkpoints, args=(self._stop_maintenance,),
                                                  name="sa-middleware-sqlite-checkpoint", daemon=True)
             self._maintenance.start()
-        self._checkpoint_due.set()
 
     def _checkpoints(self, stop: threading.Event) -> None:
-        """The maintenance thread, started by the first checkpoint request (inline commits, or a WAL found past
-        :data:`WAL_LIMIT`): the inline connections' checkpoints (they never checkpoint themselves), and a look at the
-        WAL's size every second while commits come: past the limit, it is truncated."""
+        """The maintenance thread (from the 64th commit on, until :meth:`close`): the inline connections'
+        checkpoints (they never checkpoint themselves), and a look at the WAL's size every second while commits
+        come: past :data:`WAL_LIMIT`, it is truncated."""
         seen = -1
         while True:
             due = self._checkpoint_due.wait(_WAL_CHECK_EVERY)
@@ -355,8 +358,10 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite store error: {exc}") from exc
         self._commits += 1
-        if self._commits % _WAL_LOOK_EVERY == 0 and self.wal_size() > WAL_LIMIT:
-            self._request_checkpoint()
+        if self._commits % _WAL_LOOK_EVERY == 0 and self.path != ":memory:":
+            self._ensure_maintenance()
+            if self.wal_size() > WAL_LIMIT:
+                self._checkpoint_due.set()
         return result
 
     def close(self) -> None:
