@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from .cli_events import events
-from .cli_operator import COMMANDS
+from .cli_operator import COMMANDS, _printable
 from .console.cli import console
 from .errors import SAMiddlewareError
 
@@ -16,13 +16,14 @@ __all__ = ["main"]
 
 
 class _Group(click.Group):
-    """Reports the library's own errors (bad configuration, an unreachable store) as one clear line, exit 1."""
+    """Reports the library's own errors (bad configuration, an unreachable store) as one clear line (escaped
+    like the output), exit 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SAMiddlewareError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_printable(str(exc))) from None
 
 
 @click.group(cls=_Group)

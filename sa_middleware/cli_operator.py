@@ -21,13 +21,14 @@ import math
 import re
 import socket
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import click
 
@@ -99,27 +100,41 @@ def _check_store(uri: str) -> None:
                                        "check --store or SA_STORE)")
 
 
+def _redacted(uri: str) -> str:
+    """``uri`` without the password of its user info."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}"))
+
+
 @contextmanager
-def _operations(uri: str, session_idle: float = 900.0, *, actor: str | None = None,
-                reason: str | None = None) -> Iterator[Operations]:
+def _operations(uri: str, session_idle: float = 900.0, *, actor: str | None = None, reason: str | None = None,
+                read_only: bool = False) -> Iterator[Operations]:
     """Operations on the store at ``uri`` (source ``cli``; ``actor`` and ``reason`` go to the audit detail of each
-    operation), closed afterwards; library and store errors become one clear line and exit status 1."""
+    operation), closed afterwards; library and store errors become one clear line and exit status 1.
+    ``read_only``: a store never written to is reported, not created."""
     _check_store(uri)
     try:
         ops = Operations(uri, session_idle=session_idle, source="cli")
         ops.actor, ops.reason = actor or default_actor(), reason
     except SAMiddlewareError as exc:
-        raise click.ClickException(f"cannot open the store: {exc}") from None
+        raise click.ClickException(_printable(f"cannot open the store: {exc}")) from None
     except Exception as exc:  # e.g. a file that is not a SQLite database
-        raise click.ClickException(f"cannot open the store: {type(exc).__name__}: {exc}") from None
+        raise click.ClickException(_printable(f"cannot open the store: {type(exc).__name__}: {exc}")) from None
     try:
+        if read_only and not ops.store.has_state():
+            raise click.ClickException(_printable(
+                f"no store at {_redacted(uri)}: nothing was ever written there (the applications create it on "
+                "first use; check --store or SA_STORE)"))
         yield ops
     except click.ClickException:
         raise
     except SAMiddlewareError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(_printable(str(exc))) from None
     except Exception as exc:
-        raise click.ClickException(f"the store failed: {type(exc).__name__}: {exc}") from None
+        raise click.ClickException(_printable(f"the store failed: {type(exc).__name__}: {exc}")) from None
     finally:
         with suppress(Exception):
             ops.close()
@@ -129,12 +144,23 @@ def _operations(uri: str, session_idle: float = 900.0, *, actor: str | None = No
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: what is escaped besides C0, DEL and C1: format characters (bidi overrides and isolates, zero-width characters,
+#: the byte order mark...), line and paragraph separators, surrogates, unassigned and private-use code points
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _printable(text: str) -> str:
-    """``text`` with its C0, DEL and C1 control characters escaped (``\\x1b``): store values (an audit record's
-    route is a client's request path) must not drive the operator's terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` with its control, format and other invisible characters escaped (``\\x1b``, ``\\u202e``): store
+    values (an audit record's route is a client's request path, a session id a token's claim) must neither drive
+    the operator's terminal nor reorder or hide what it shows."""
+    if text.isascii():
+        return _CONTROL.sub(lambda m: _escape(m.group()), text)
+    return "".join(_escape(c) if unicodedata.category(c) in _HIDDEN else c for c in text)
 
 
 def _say(line: str) -> None:
@@ -215,7 +241,7 @@ def _echo_json(value: object) -> None:
 def sessions(sub: str | None, idle: float, limit: int, as_json: bool, store_uri: str) -> None:
     """List SUB's active sessions with their status (active, paused, revoked, compromised); without SUB, every
     principal's, most recently seen first (at most --limit)."""
-    with _operations(store_uri, idle) as ops:
+    with _operations(store_uri, idle, read_only=True) as ops:
         found = ops.sessions(sub) if sub is not None else ops.all_sessions(limit)
     if as_json:
         _echo_json([asdict(s) for s in found])
@@ -235,7 +261,7 @@ def sessions(sub: str | None, idle: float, limit: int, as_json: bool, store_uri:
 @_store_option
 def locks(as_json: bool, store_uri: str) -> None:
     """List the object locks held now, with their fencing tokens."""
-    with _operations(store_uri) as ops:
+    with _operations(store_uri, read_only=True) as ops:
         held = ops.locks()
     if as_json:
         _echo_json([asdict(lock) for lock in held])
@@ -297,7 +323,7 @@ def audit(sub: str | None, session_id: str | None, code: str | None, kind: str |
           until: str | None, limit: int, as_json: bool, store_uri: str) -> None:
     """Show the audit trail, newest first: denials, operations, security events, pauses, evictions, state loss."""
     start, end = _instant(since, "--since"), _instant(until, "--until")
-    with _operations(store_uri) as ops:
+    with _operations(store_uri, read_only=True) as ops:
         records = ops.audit(sub, session_id, code, start, end, limit, kind=kind)
     if as_json:
         _echo_json([r.to_dict() for r in records])

@@ -340,6 +340,8 @@ class Guard(Operations):
     def _build(self, request: RequestInfo, match: RouteMatch, token: VerifiedToken,
                binding: Binding | None = None) -> tuple[Admission, SAContext]:
         claims = token.claims
+        if not _valid_text(claims):  # a store cannot keep such a string: refuse here, not with a store error
+            raise InvalidToken("a claim holds a string that is not valid Unicode (a lone surrogate)")
         sub = _claim_str(claims, "sub")
         if sub is None:
             raise InvalidToken("missing claim: sub")
@@ -692,3 +694,20 @@ def _claim_str(claims: Mapping[str, Any], name: str) -> str | None:
     if not isinstance(value, str) or not value or len(value) > _MAX_ID or not encodable(value):
         raise InvalidToken(f"claim {name} must be a non-empty string of at most {_MAX_ID} characters")
     return value
+
+
+def _valid_text(claims: Mapping[str, Any]) -> bool:
+    """Whether every string in the claims (names and values, at any depth) can be encoded as UTF-8."""
+    stack: list[object] = [claims]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and not encodable(value):
+                return False
+        elif isinstance(value, Mapping):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return True
+

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from .audit import DEFAULT_AUDIT_BUFFER, AuditBuffer
-from .errors import ConfigurationError
+from .errors import ConfigurationError, StoreUnavailable
 from .records import AuditRecord, LockInfo, SessionInfo
 from .stores.base import Store, check_audit_retention, open_store
 from .tokens import _KID_SHAPE
@@ -29,6 +31,7 @@ _MAX_GEN = 2**53 - 1  # exact in every store (SQLite integers, Lua doubles)
 _MAX_SOURCE = 80
 _MAX_DETAIL = 512
 _FLUSH_BATCH = 1000  # records per store call when the buffer is written
+_REFUSED_ALONE = 3  # records refused one by one, none written, after which the store is taken to be failing
 #: the most records one ``audit`` query returns
 MAX_AUDIT_LIMIT = 10_000
 
@@ -85,42 +88,84 @@ class Operations:
 
     def flush_audit(self) -> int:
         """Write the buffered audit records now (the Guard's keeper does it every second); returns how many were
-        written. A failing store keeps them buffered for the next flush."""
-        records = self._audit.take()
-        done = 0
-        while done < len(records):
-            batch = records[done:done + _FLUSH_BATCH]
-            try:
-                self.store.record_audit(batch)
-            except NotImplementedError:
-                self._unsupported()
-                return done
-            except Exception as exc:  # the store is down: keep them for the next round (bounded)
-                self._audit.give_back(records[done:])
-                log.warning("sa-middleware: audit records not written (%d kept for the next try): %s",
-                            len(records) - done, exc)
-                return done
-            done += len(batch)
-        return done
+        written. A failing store keeps them buffered for the next flush; a record the store refuses (not because it
+        is down) is written escaped, or dropped and counted: it never holds back the records after it."""
+        flow = self._flush()
+        error: Exception | None = None
+        try:
+            while True:
+                batch = flow.send(error)
+                try:
+                    self.store.record_audit(batch)
+                    error = None
+                except Exception as exc:
+                    error = exc
+        except StopIteration as stop:
+            written: int = stop.value
+            return written
 
     async def aflush_audit(self) -> int:
         """Async twin of :meth:`flush_audit`."""
+        flow = self._flush()
+        error: Exception | None = None
+        try:
+            while True:
+                batch = flow.send(error)
+                try:
+                    await self.store.arecord_audit(batch)
+                    error = None
+                except Exception as exc:
+                    error = exc
+        except StopIteration as stop:
+            written: int = stop.value
+            return written
+
+    def _flush(self) -> Generator[list[AuditRecord], Exception | None, int]:
+        """The batches to write (the driver sends back what each write raised, or None). A batch the store refuses
+        for another reason than being unavailable is tried again with its text escaped to ASCII, then record by
+        record. Records refused alone while others of the flush were written are bad records: dropped and counted
+        in an ``audit_dropped`` record. When nothing could be written (the store refuses everything, or is down),
+        every record is kept for the next round."""
         records = self._audit.take()
-        done = 0
-        while done < len(records):
-            batch = records[done:done + _FLUSH_BATCH]
-            try:
-                await self.store.arecord_audit(batch)
-            except NotImplementedError:
+        todo = [(records[i:i + _FLUSH_BATCH], 0) for i in range(0, len(records), _FLUSH_BATCH)]
+        written = 0
+        refused: list[AuditRecord] = []
+        error: Exception | None = None
+        while todo:
+            batch, tries = todo.pop(0)
+            error = yield batch
+            if error is None:
+                written += len(batch)
+            elif isinstance(error, NotImplementedError):
                 self._unsupported()
-                return done
-            except Exception as exc:
-                self._audit.give_back(records[done:])
-                log.warning("sa-middleware: audit records not written (%d kept for the next try): %s",
-                            len(records) - done, exc)
-                return done
-            done += len(batch)
-        return done
+                return written
+            elif not isinstance(error, StoreUnavailable) and tries == 0:
+                todo.insert(0, ([_escaped(record) for record in batch], 1))
+            elif not isinstance(error, StoreUnavailable) and tries == 1 and len(batch) > 1:
+                todo[0:0] = [([record], 2) for record in batch]
+            else:
+                down = isinstance(error, StoreUnavailable)
+                if not down:
+                    refused.extend(batch)
+                if down or (written == 0 and len(refused) >= _REFUSED_ALONE):  # the store fails, not the records
+                    left = (batch if down else []) + [record for pending, _ in todo for record in pending] + refused
+                    self._audit.give_back(left)
+                    log.warning("sa-middleware: audit records not written (%d kept for the next try): %s", len(left),
+                                error)
+                    return written
+        if refused and written == 0:  # nothing to tell a bad record from a failing store: keep them
+            self._audit.give_back(refused)
+            log.warning("sa-middleware: audit records not written (%d kept for the next try): %s", len(refused), error)
+        elif refused:
+            reason = _escaped_text(f"{type(error).__name__}: {error}")[:200]
+            log.warning("sa-middleware: the store refused %d audit records; dropped: %s", len(refused), reason)
+            many = len(refused) != 1
+            note = AuditRecord("change", "audit_dropped", "middleware", time=time.time(), detail=(
+                f"{len(refused)} audit record{'s' if many else ''} dropped: the store refused "
+                f"{'them' if many else 'it'}, even escaped ({reason})"))
+            if (yield [note]) is None:
+                written += 1
+        return written
 
     def _buffer(self, record: AuditRecord) -> None:
         """Keep a record for the next flush (subclasses start their flusher here)."""
@@ -530,6 +575,18 @@ def _audit_query(sub: str | None, session_id: str | None, code: str | None, sinc
 
 
 # -- audit details ---------------------------------------------------------------------------------------------
+
+
+def _escaped_text(text: str) -> str:
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _escaped(record: AuditRecord) -> AuditRecord:
+    """``record`` with every text escaped to ASCII (``\\u202e``): what a store refused once, tried again."""
+    def text(value: str | None) -> str | None:
+        return None if value is None else _escaped_text(value)
+    return replace(record, code=_escaped_text(record.code), source=_escaped_text(record.source), sub=text(record.sub),
+                   session_id=text(record.session_id), route=text(record.route), detail=_escaped_text(record.detail))
 
 
 def iso(seconds: float) -> str:

@@ -7,7 +7,7 @@ from typing import Literal
 
 __all__ = [
     "Admission", "AuditKind", "AuditRecord", "LockHolder", "LockInfo", "LockRequest", "Marker", "PrincipalState",
-    "SessionInfo", "SessionStatus", "Snapshot", "Ticket", "TicketRecord", "Verdict",
+    "SessionInfo", "SessionStatus", "Snapshot", "Ticket", "TicketRecord", "Verdict", "storable_text",
 ]
 
 SessionStatus = Literal["active", "paused", "revoked", "compromised"]
@@ -16,6 +16,15 @@ SessionStatus = Literal["active", "paused", "revoked", "compromised"]
 #: detected (``session_paused``, ``session_evicted``, ``state_loss``) and ``audit_dropped``
 AuditKind = Literal["denial", "admission", "operation", "change"]
 Kind = Literal["human", "service", "agent"]
+
+
+def storable_text(text: str) -> str:
+    """``text`` with the code points UTF-8 cannot encode (lone surrogates) escaped as ``\\udXXX``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +227,14 @@ class AuditRecord:
     route: str | None = None
     detail: str = ""
     time: float | None = None
+
+    def __post_init__(self) -> None:
+        # a value UTF-8 cannot encode (a lone surrogate from a JSON escape in a token) would make every store refuse
+        # the record and the batch it rides in: it is kept with those code points escaped (as \ud800)
+        for name in ("code", "source", "sub", "session_id", "route", "detail"):
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.isascii():
+                object.__setattr__(self, name, storable_text(value))
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (``sa-middleware audit --json``)."""

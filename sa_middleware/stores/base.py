@@ -188,6 +188,11 @@ class Store(abc.ABC):
         ``limit``; records past the retention are never returned, even before they are pruned."""
         raise NotImplementedError(f"{type(self).__name__} does not implement audit")
 
+    def has_state(self) -> bool:
+        """Whether anything was ever written to this store: read-only tools (``sa-middleware sessions``...) report a
+        store that was never used instead of creating it. Stores that cannot tell answer True."""
+        return True
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the store's connections."""
 

@@ -615,6 +615,17 @@ class RedisStore(Store):
         finally:
             client.close()
 
+    def has_state(self) -> bool:
+        """Whether the store was ever used or bootstrapped (an epoch marker exists). Reads only."""
+        client = self._client()
+        try:
+            if not self.cluster:
+                return bool(client.exists(f"{self.prefix}:epoch"))
+            pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":{e*}:epoch"
+            return next(iter(client.scan_iter(match=pattern, count=1000)), None) is not None
+        except _ERRORS as exc:
+            raise _unavailable(exc) from exc
+
     def declare_state_loss(self) -> float:
         """Treat every token issued before now as revoked, exactly as after a detected state loss. Run it after
         restoring Redis from a backup, or after a failover that may have lost acknowledged writes: the epoch

@@ -8,11 +8,18 @@ On the event loop, admission and release first try the transaction inline on a c
 (busy timeout 0, no automatic checkpoint): when the write lock is free this costs no thread hop; when another
 writer holds it, the attempt is rolled back at once and the work goes to a worker thread, which may wait. WAL
 checkpoints, which fsync, run on a maintenance thread, never on the loop.
+
+The WAL is bounded: every connection sets ``journal_size_limit`` (:data:`WAL_LIMIT`), and the WAL's size is looked
+at every 64 commits and every second while commits come: past the limit, the maintenance thread truncates it
+(``wal_checkpoint(TRUNCATE)``) while this process's writers wait. The database file is created readable and
+writable by its owner only (0600, whatever the umask); SQLite gives its ``-wal``, ``-shm`` and journal files the
+same mode.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -43,9 +50,14 @@ from ..records import (
 from ..rules import FENCE_SLACK, STATUS_RETENTION, evaluate, live_risk
 from .base import Store
 
-__all__ = ["SQLiteStore"]
+__all__ = ["WAL_LIMIT", "SQLiteStore"]
+
+log = logging.getLogger("sa_middleware")
 
 T = TypeVar("T")
+
+#: bytes the WAL is cut back to after a checkpoint (``PRAGMA journal_size_limit``): see docs "Operations hygiene"
+WAL_LIMIT = 16 * 1024 * 1024
 
 _SESSION_COLUMNS = ("session_id, sub, kind, status, created, last_seen, expires, client, user_agent, device, "
                     "credential, actor, marked_at, marked_generation, cleared_at")
@@ -55,6 +67,9 @@ _AUDIT_PRUNE_EVERY = 64  # audit records written between two bounded prunes of t
 _AUDIT_PRUNE_BATCH = 512  # the oldest records looked at by one bounded prune
 _AUDIT_DETAIL = 512  # characters of an audit detail kept
 _CHECKPOINT_EVERY = 256  # inline commits between WAL checkpoints (run on the maintenance thread)
+_WAL_CHECK_EVERY = 1.0  # seconds between two looks at the WAL's size by the maintenance thread, while commits come
+_WAL_LOOK_EVERY = 64  # commits between two looks at the WAL's size by the committing thread
+_FILES = ("", "-wal", "-shm", "-journal")  # the database and the files SQLite keeps next to it
 
 
 class _Busy(StoreUnavailable):
@@ -101,6 +116,37 @@ def _schema(db: sqlite_utils.Database) -> None:
     for table, columns in (("sessions", ["sub"]), ("sessions", ["actor"]), ("sessions", ["device"]),
                            ("sessions", ["credential"]), ("tickets", ["sub"]), ("locks", ["ticket_id"])):
         db.table(table).create_index(columns, if_not_exists=True)
+
+
+def _create_private(path: str) -> None:
+    """Create the database file with mode 0600 whatever the umask (SQLite gives its -wal, -shm and journal files
+    the mode of the database). An existing file keeps its mode."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError:
+        return  # it exists, or e.g. its directory is missing: connecting reports that
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _warn_if_loose(path: str) -> None:
+    """Log a warning naming the store's files that others may read or write."""
+    loose = {path + suffix: mode for suffix in _FILES if (mode := _mode(path + suffix)) is not None and mode & 0o077}
+    if loose:
+        log.warning("sa-middleware: the SQLite store's files are readable or writable by others (%s); they hold "
+                    "subjects, sessions, client addresses and the audit trail: chmod 600 them unless that is "
+                    "deliberate", ", ".join(f"{name} {mode:04o}" for name, mode in loose.items()))
+
+
+def _mode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return None
 
 
 def _session(row: sqlite3.Row | tuple[Any, ...]) -> SessionInfo:
@@ -167,10 +213,17 @@ class SQLiteStore(Store):
         self._audit_writes = 0
         self.inline = inline
         self._inline_commits = 0
+        self._commits = 0
         self._checkpoint_due = threading.Event()
         self._maintenance: threading.Thread | None = None
+        self._stop_maintenance = threading.Event()
+        self._writable = threading.Event()  # cleared while the WAL is truncated: this process's writers wait
+        self._writable.set()
+        _create_private(path)
         with self._transaction() as conn:
             _schema(sqlite_utils.Database(conn))
+        if path != ":memory:":
+            _warn_if_loose(path)
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> SQLiteStore:
@@ -198,6 +251,7 @@ class SQLiteStore(Store):
         conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         self._use_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
         if nowait:
             conn.execute("PRAGMA wal_autocheckpoint = 0")
         with self._connections_lock:
@@ -240,17 +294,56 @@ class SQLiteStore(Store):
         return True, result
 
     def _request_checkpoint(self) -> None:
-        if self._maintenance is None or not self._maintenance.is_alive():
-            self._maintenance = threading.Thread(target=self._checkpoints, name="sa-middleware-sqlite-checkpoint",
-                                                 daemon=True)
-            self._maintenance.start()
+        self._ensure_maintenance()
         self._checkpoint_due.set()
 
-    def _checkpoints(self) -> None:
-        while self._checkpoint_due.wait():
+    def _ensure_maintenance(self) -> None:
+        if self._maintenance is None or not self._maintenance.is_alive():
+            self._stop_maintenance = threading.Event()  # close() sets it: the thread ends
+            self._maintenance = threading.Thread(target=self._checkpoints, args=(self._stop_maintenance,),
+                                                 name="sa-middleware-sqlite-checkpoint", daemon=True)
+            self._maintenance.start()
+
+    def _checkpoints(self, stop: threading.Event) -> None:
+        """The maintenance thread (from the 64th commit on, until :meth:`close`): the inline connections'
+        checkpoints (they never checkpoint themselves), and a look at the WAL's size every second while commits
+        come: past :data:`WAL_LIMIT`, it is truncated."""
+        seen = -1
+        while True:
+            due = self._checkpoint_due.wait(_WAL_CHECK_EVERY)
             self._checkpoint_due.clear()
-            with suppress(sqlite3.Error):  # the next checkpoint, or any connection's automatic one, catches up
-                self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
+            if stop.is_set():
+                return
+            if not due and self._commits == seen:
+                continue  # nothing written since the last look
+            seen = self._commits
+            with suppress(sqlite3.Error, StoreError):  # the next round, or an automatic checkpoint, catches up
+                if due:
+                    self._read(lambda conn, now: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+                if self.wal_size() > WAL_LIMIT:
+                    self._truncate()
+
+    def _truncate(self) -> None:
+        """Truncate the WAL while this process's writers wait (a checkpoint that must wait for the write lock
+        would rarely get it under a flood); other processes' writers are waited for up to the timeout."""
+        self._writable.clear()
+        try:
+            self.checkpoint()
+        finally:
+            self._writable.set()
+
+    def wal_size(self) -> int:
+        """The size of the WAL file in bytes (0 when there is none)."""
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
+
+    def checkpoint(self) -> None:
+        """Write the WAL into the database and truncate it to zero bytes (``wal_checkpoint(TRUNCATE)``); waits up
+        to the store's timeout for readers and writers. The maintenance thread runs it when the WAL is past
+        :data:`WAL_LIMIT`; call it after a bulk change to give the space back at once."""
+        self._read(lambda conn, now: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     @contextmanager
     def _transaction(self, nowait: bool = False) -> Iterator[sqlite3.Connection]:
@@ -268,15 +361,27 @@ class SQLiteStore(Store):
 
     def _write(self, func: Callable[[sqlite3.Connection, float], T], nowait: bool = False) -> T:
         """One write transaction; ``nowait`` never waits for the write lock and raises _Busy instead."""
+        if not self._writable.is_set():  # the maintenance thread is truncating the WAL
+            if nowait:
+                raise _Busy("the WAL is being truncated")
+            self._writable.wait(self.timeout)
         try:
             with self._transaction(nowait) as conn:
-                return func(conn, self._clock())
+                result = func(conn, self._clock())
         except sqlite3.OperationalError as exc:
             raise (_Busy if nowait else StoreUnavailable)(f"sqlite store error: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite store error: {exc}") from exc
+        self._commits += 1
+        if self._commits % _WAL_LOOK_EVERY == 0 and self.path != ":memory:":
+            self._ensure_maintenance()
+            if self.wal_size() > WAL_LIMIT:
+                self._checkpoint_due.set()
+        return result
 
     def close(self) -> None:
+        self._stop_maintenance.set()
+        self._checkpoint_due.set()
         with self._connections_lock:
             for conn in self._connections:
                 conn.close()
