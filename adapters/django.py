@@ -165,7 +165,7 @@ def _match(request: Any, guard: Guard) -> tuple[RequestInfo, RouteMatch | None]:
     Guard table's alone. The table is looked up by ``path_info``; the request (DPoP ``htu``) has the full path."""
     scope = getattr(request, "scope", None)  # ASGI: the scope has the real scheme and the TLS client certificate
     info = _scope_info(scope) if isinstance(scope, dict) else _environ_info(request.META)
-    info = replace(info, method=request.method, path=request.path)
+    info = replace(info, method=request.method, path=request.path, app_path=request.path_info)
     try:
         found = resolve(request.path_info, urlconf=getattr(request, "urlconf", None))
     except Resolver404:

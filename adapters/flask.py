@@ -179,7 +179,7 @@ class _FlaskMiddleware(SessionAwareWSGIMiddleware):
         if view is None:
             return None
         return self.guard.routes.resolve(self._policy(rule.endpoint, view, method), f"{method} {rule.rule}", args,
-                                         method=method, path=request.path)
+                                         method=method, path=request.route_path)
 
     def _policy(self, endpoint: str, view: Callable[..., Any], method: str) -> Policy | None:
         cached = self._policies.get((endpoint, method))

@@ -34,6 +34,7 @@ from starlette.routing import Match
 
 from sa_middleware.asgi import ASGIApp, Receive, Scope, Send
 from sa_middleware.asgi import SessionAwareMiddleware as _ASGIMiddleware
+from sa_middleware.asgi import app_path
 from sa_middleware.context import RequestInfo, SAContext
 from sa_middleware.errors import ConfigurationError
 from sa_middleware.guard import Guard
@@ -58,15 +59,6 @@ class _Found:
     endpoint: object
     params: dict[str, Any]
     full: bool
-
-
-def _route_path(scope: Scope) -> str:
-    """The path below the scope's ``root_path`` (what Starlette's routes match against)."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root):]
-    return path
 
 
 def _effective_routes(routes: list[Any]) -> Iterator[Any]:
@@ -119,7 +111,7 @@ def _find(routes: Iterable[Any], scope: Scope, prefix: str) -> _Found | None:
             return _find(children, inner, prefix + path)
         # a mounted app without routes (static files, a sub-application): the mount is the route
         return _Found(f"{prefix}{path}/{{path:path}}", child.get("endpoint"),
-                      {**params, "path": _route_path(inner).lstrip("/")}, True)
+                      {**params, "path": app_path(inner).lstrip("/")}, True)
     return partial
 
 
@@ -179,7 +171,8 @@ class SessionAwareMiddleware(_ASGIMiddleware):
             return None
         method = "WEBSOCKET" if request.websocket else request.method
         name, endpoint_policy = self._lookup(found, method)
-        return self.guard.routes.resolve(endpoint_policy, name, found.params, method=method, path=request.path)
+        return self.guard.routes.resolve(endpoint_policy, name, found.params, method=method,
+                                         path=request.route_path)
 
     def _lookup(self, found: _Found, method: str) -> tuple[str, Policy | None]:
         """The route's name and its endpoint's policy for this method, cached per route (not per path)."""

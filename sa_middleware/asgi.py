@@ -19,13 +19,27 @@ from .guard import Admitted, Guard
 from .policy import RouteMatch
 from .responses import denial_response
 
-__all__ = ["SessionAwareMiddleware"]
+__all__ = ["SessionAwareMiddleware", "app_path"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def app_path(scope: Scope) -> str:
+    """The path relative to the application: ``scope["path"]`` minus ``scope["root_path"]``.
+
+    Servers that put the root path in ``path`` (uvicorn ``--root-path``, Starlette's ``Mount``) and servers that do
+    not are both handled, the way Starlette's router does: the root path is removed only when ``path`` starts with
+    it at a segment boundary. The empty remainder is ``"/"``.
+    """
+    path = str(scope.get("path") or "/")
+    root = str(scope.get("root_path") or "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        path = path[len(root):]
+    return path or "/"
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -40,7 +54,8 @@ def request_info(scope: Scope) -> RequestInfo:
     return RequestInfo(method=scope.get("method", "GET"), path=scope.get("path", "/"), headers=headers,
                        client=str(client[0]) if client else "", websocket=websocket,
                        scheme=str(scope.get("scheme") or ("ws" if websocket else "http")),
-                       host=headers.get("host") or _server(scope), client_cert=_client_cert(scope))
+                       host=headers.get("host") or _server(scope), client_cert=_client_cert(scope),
+                       app_path=app_path(scope))
 
 
 def _server(scope: Scope) -> str:

@@ -13,9 +13,11 @@ __all__ = ["RequestInfo", "SAContext"]
 class RequestInfo:
     """A framework-neutral view of one request. ``headers`` keys are lower-case.
 
-    ``scheme`` and ``host`` (the ``Host`` header, or the server's address) give the URI a DPoP proof must name;
-    ``client_cert`` is the PEM of the TLS client certificate when the server reports one (for certificate-bound
-    tokens, RFC 8705).
+    ``path`` is the full path of the URL (what a DPoP proof names); ``app_path`` is the path relative to the
+    application, the one the Guard's table is matched on: ASGI ``path`` minus ``root_path``, WSGI ``PATH_INFO``
+    (``None``: the same as ``path``). ``scheme`` and ``host`` (the ``Host`` header, or the server's address) give
+    the URI a DPoP proof must name; ``client_cert`` is the PEM of the TLS client certificate when the server
+    reports one (for certificate-bound tokens, RFC 8705).
     """
 
     method: str
@@ -26,10 +28,16 @@ class RequestInfo:
     scheme: str = "http"
     host: str = ""
     client_cert: str | None = None
+    app_path: str | None = None
 
     @property
     def user_agent(self) -> str:
         return self.headers.get("user-agent", "")[:256]
+
+    @property
+    def route_path(self) -> str:
+        """The path the Guard's table is matched on: :attr:`app_path`, else :attr:`path`."""
+        return self.path if self.app_path is None else self.app_path
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ __all__ = ["CODES", "Denial"]
 
 #: code -> (status, title). The codes and their statuses are part of the public contract.
 CODES: Final[dict[str, tuple[int, str]]] = {
+    "invalid_request": (400, "Invalid request"),
     "missing_token": (401, "Missing bearer token"),
     "invalid_token": (401, "Invalid token"),
     "stale_generation": (401, "Stale credential generation"),

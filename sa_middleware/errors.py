@@ -7,13 +7,15 @@
      +-- StoreError              the store failed
      |    +-- StoreUnavailable   the store did not answer in time (requests get 503 store_unavailable)
      +-- InvalidToken            a bearer token failed verification (requests get 401 invalid_token)
+     +-- InvalidRequest          a request the Guard cannot decide safely (requests get 400 invalid_request)
 
 Requests never see these exceptions: the middleware turns them into denials.
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigurationError", "InvalidToken", "SAMiddlewareError", "StoreError", "StoreUnavailable"]
+__all__ = ["ConfigurationError", "InvalidRequest", "InvalidToken", "SAMiddlewareError", "StoreError",
+           "StoreUnavailable"]
 
 
 class SAMiddlewareError(Exception):
@@ -34,3 +36,8 @@ class StoreUnavailable(StoreError):
 
 class InvalidToken(SAMiddlewareError):
     """A token failed verification. The message is safe to show: it never contains the token."""
+
+
+class InvalidRequest(SAMiddlewareError):
+    """A request whose URL or headers cannot be decided safely (a lock key with a dot segment or over the length
+    cap, a method-override header). The message is safe to show."""

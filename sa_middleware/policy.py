@@ -17,9 +17,12 @@ from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidRequest
 
-__all__ = ["EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "render_lock_key"]
+__all__ = ["MAX_LOCK_KEY", "EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "render_lock_key"]
+
+#: The longest lock key, in characters after rendering; a request whose key is longer gets 400 invalid_request.
+MAX_LOCK_KEY = 512
 
 SessionLimitAction = Literal["reject", "evict_oldest"]
 LockConflictAction = Literal["reject", "wait", "pause"]
@@ -172,8 +175,27 @@ def _lock_fields(template: str) -> list[str]:
 
 
 def render_lock_key(template: str, params: Mapping[str, Any]) -> str:
-    """Render ``"payment:{id}"`` with the route's path parameters."""
-    return template.format_map({key: str(value) for key, value in params.items()})
+    """Render ``"payment:{id}"`` with the route's path parameters, so that one object has one key.
+
+    Each value is taken as the router gives it (percent-decoded once, never again) and normalised as a path: empty
+    segments are dropped (``a//b/`` -> ``a/b``). A value with a ``.`` or ``..`` segment, or a key longer than
+    :data:`MAX_LOCK_KEY` characters, raises :class:`~sa_middleware.errors.InvalidRequest` (the request gets 400
+    ``invalid_request``). A template naming a missing parameter raises ``KeyError``.
+    """
+    key = template.format_map({name: _lock_value(value) for name, value in params.items()})
+    if len(key) > MAX_LOCK_KEY:
+        raise InvalidRequest(f"the lock key of this URL is longer than {MAX_LOCK_KEY} characters")
+    return key
+
+
+def _lock_value(value: Any) -> str:
+    text = str(value)
+    if "/" not in text and text not in (".", ".."):
+        return text
+    segments = text.split("/")
+    if "." in segments or ".." in segments:
+        raise InvalidRequest("a path parameter that names a lock has a '.' or '..' segment")
+    return "/".join(segment for segment in segments if segment)
 
 
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")
@@ -184,6 +206,16 @@ _CONVERTORS: dict[str, tuple[str, Any]] = {
     "float": (r"[0-9]+(?:\.[0-9]+)?", float),
     "uuid": ("[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", uuid.UUID),
 }
+_FOREIGN_PARAM = re.compile(r"<(?:([a-zA-Z_][a-zA-Z0-9_]*)(?:\([^)]*\))?:)?([a-zA-Z_][a-zA-Z0-9_]*)>")
+_FOREIGN_CONVERTORS = {"int": "int", "float": "float", "uuid": "uuid", "path": "path"}
+
+
+def _starlette_param(m: re.Match[str]) -> str:
+    """``<int:id>`` -> ``{id:int}``; ``<id>``, ``<string:id>``, ``<slug:id>`` -> ``{id}``."""
+    conv = _FOREIGN_CONVERTORS.get(m.group(1) or "")
+    return f"{{{m.group(2)}:{conv}}}" if conv else f"{{{m.group(2)}}}"
+
+
 _METHODS = frozenset({"*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
                       "WEBSOCKET"})
 
@@ -196,6 +228,7 @@ class RouteMatch:
     params: Mapping[str, Any]
     policy: EffectivePolicy
     lock_keys: tuple[str, ...]
+    refusal: str | None = None  # why the request cannot be decided (400 invalid_request), e.g. a bad lock key
 
 
 @dataclass(slots=True)
@@ -238,6 +271,10 @@ class RouteTable:
         if method not in _METHODS or not path.startswith("/"):
             raise ConfigurationError(f"route {key!r}: expected 'METHOD /path' with METHOD one of "
                                      f"{', '.join(sorted(_METHODS))}")
+        foreign = _FOREIGN_PARAM.search(path)
+        if foreign is not None:
+            raise ConfigurationError(f"route {key!r}: {foreign.group(0)!r} is Flask/Django syntax; the Guard's table "
+                                     f"uses Starlette's: write {_starlette_param(foreign)!r}")
         pattern, convert, literal, path_params, pos = "^", {}, 0, 0, 0
         for m in _PARAM.finditer(path):
             pattern += re.escape(path[pos:m.start()])
@@ -299,7 +336,10 @@ class RouteTable:
         if found is None:
             return RouteMatch(None, {}, self._default, ())
         route, params = found
-        keys = tuple(render_lock_key(t, params) for t in route.policy.locks)
+        try:
+            keys = tuple(render_lock_key(t, params) for t in route.policy.locks)
+        except InvalidRequest as exc:
+            return RouteMatch(route.key, params, route.policy, (), str(exc))
         return RouteMatch(route.key, params, route.policy, keys)
 
     def resolve(self, policy: Policy | None, route: str | None, params: Mapping[str, Any], *,
@@ -331,6 +371,8 @@ class RouteTable:
                 self._resolved[key] = effective
         try:
             keys = tuple(render_lock_key(t, merged_params) for t in effective.locks)
+        except InvalidRequest as exc:
+            return RouteMatch(route, merged_params, effective, (), str(exc))
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigurationError(f"{where}: a lock template names a missing path parameter {exc}") from None
         return RouteMatch(route, merged_params, effective, keys)

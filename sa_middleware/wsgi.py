@@ -25,7 +25,8 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
 def request_info(environ: Environ) -> RequestInfo:
-    """A RequestInfo from a WSGI environ."""
+    """A RequestInfo from a WSGI environ: ``path`` is ``SCRIPT_NAME + PATH_INFO`` (the URL's path), ``app_path``
+    is ``PATH_INFO`` (what the Guard's table is matched on)."""
     headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items()
                if key.startswith("HTTP_") and isinstance(value, str)}
     for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
@@ -37,7 +38,8 @@ def request_info(environ: Environ) -> RequestInfo:
     return RequestInfo(method=environ.get("REQUEST_METHOD", "GET").upper(), path=path, headers=headers,
                        client=environ.get("REMOTE_ADDR", ""), scheme=scheme,
                        host=headers.get("host") or _server(environ),
-                       client_cert=cert if isinstance(cert, str) and cert else None)
+                       client_cert=cert if isinstance(cert, str) and cert else None,
+                       app_path=environ.get("PATH_INFO") or "/")
 
 
 def _server(environ: Environ) -> str:
