@@ -54,12 +54,12 @@ from django.conf import settings  # type: ignore[import-untyped, unused-ignore]
 from django.core import checks  # type: ignore[import-untyped, unused-ignore]
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped, unused-ignore]
 from django.core.signals import setting_changed  # type: ignore[import-untyped, unused-ignore]
-from django.http import FileResponse, HttpResponse  # type: ignore[import-untyped, unused-ignore]
+from django.http import FileResponse, HttpRequest, HttpResponse  # type: ignore[import-untyped, unused-ignore]
 from django.urls import Resolver404, URLPattern, URLResolver, get_resolver, resolve  # type: ignore[import-untyped, unused-ignore]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped, unused-ignore]
 
 from sa_middleware.asgi import request_info as _scope_info
-from sa_middleware.context import RequestInfo
+from sa_middleware.context import VIEW_POLICIES_READ, RequestInfo, admitted
 from sa_middleware.denials import Denial
 from sa_middleware.errors import ConfigurationError, SAMiddlewareError
 from sa_middleware.guard import Guard, Outcome
@@ -69,7 +69,7 @@ from sa_middleware.responses import denial_response
 from sa_middleware.stores.base import Store
 from sa_middleware.wsgi import request_info as _environ_info
 
-from ._common import policy, policy_of, view_name
+from ._common import policy, policy_of, register_refusal, view_name, view_refusal
 
 __all__ = ["SAMiddlewareConfig", "SessionAwareMiddleware", "get_guard", "policy"]
 
@@ -178,6 +178,26 @@ def _match(request: Any, guard: Guard) -> tuple[RequestInfo, RouteMatch | None]:
         raise ImproperlyConfigured(f"view {view_name(found.func)}: {exc}") from exc
 
 
+def _refusal(view: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> object:
+    """A decorated view called without the middleware's decision: a 503 problem+json response (awaitable for an
+    async class-based view's ``dispatch``)."""
+    request = next((arg for arg in args if isinstance(arg, HttpRequest)), None)
+    if request is None:
+        return None
+    status, headers, body = view_refusal(view, VIEW_POLICIES_READ.get())
+    response = HttpResponse(body, status=status)
+    for name, value in headers:
+        response[name] = value
+    if args and getattr(type(args[0]), "view_is_async", False) is True:
+        async def answer() -> Any:
+            return response
+        return answer()
+    return response
+
+
+register_refusal(_refusal)
+
+
 class _Release:
     """Releases one ticket exactly once, whichever comes first: the middleware, the response's close(), the
     response being garbage collected without a close (a backstop), from any thread."""
@@ -277,7 +297,8 @@ class SessionAwareMiddleware:
         if not isinstance(release, _Release):
             return release  # refused
         try:
-            response = self.get_response(request)
+            with admitted(True):
+                response = self.get_response(request)
         except BaseException:
             release()
             raise
@@ -292,7 +313,8 @@ class SessionAwareMiddleware:
         if not isinstance(release, _Release):
             return release  # refused
         try:
-            response = await self.get_response(request)
+            with admitted(True):
+                response = await self.get_response(request)
         except BaseException:
             await release.arelease()
             raise

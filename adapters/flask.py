@@ -35,19 +35,28 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
 from typing import Any
 
-from flask import Flask, current_app, g
+from flask import Blueprint, Flask, current_app, g, has_request_context
 from flask import request as flask_request
 from flask.testing import FlaskClient
+from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 from werkzeug.test import TestResponse
 
-from sa_middleware.context import RequestInfo
+from sa_middleware.context import VIEW_POLICIES_READ, RequestInfo
 from sa_middleware.errors import ConfigurationError
 from sa_middleware.guard import Guard
 from sa_middleware.policy import Policy, RouteMatch
 from sa_middleware.wsgi import Environ, SessionAwareWSGIMiddleware, WSGIApp
 
-from ._common import POLICY_ATTR, dispatcher_name, policy, policy_of
+from ._common import (
+    POLICY_ATTR,
+    dispatcher_name,
+    policy,
+    policy_of,
+    register_attach_hook,
+    register_refusal,
+    view_refusal,
+)
 
 __all__ = ["SessionAware", "SessionAwareTestClient", "guard_from_config", "policy"]
 
@@ -152,6 +161,8 @@ def _culprit(message: str, material: str) -> str:
 class _FlaskMiddleware(SessionAwareWSGIMiddleware):
     """The WSGI middleware with a ``match()`` that uses the Flask app's ``url_map`` and the views' policies."""
 
+    view_policies = True
+
     def __init__(self, app: WSGIApp, *, guard: Guard, flask_app: Flask) -> None:
         super().__init__(app, guard=guard)
         self.flask_app = flask_app
@@ -236,6 +247,35 @@ def _check_unreachable(endpoint: str, cls: object, methods: Iterable[str]) -> No
             raise ConfigurationError(
                 f"view {endpoint!r}: @policy on {cls.__qualname__}.{name} is never applied; put it on the class, "
                 f"on {dispatcher_name(cls)} or on an HTTP method's handler (get, post...)")
+
+
+def _refusal(view: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> object:
+    """A decorated view called without the extension's decision: a 503 problem+json response."""
+    if not has_request_context():
+        return None
+    status, headers, body = view_refusal(view, VIEW_POLICIES_READ.get())
+    return current_app.response_class(body, status=status, headers=headers)
+
+
+_BLUEPRINT_GUARD = "__sa_guarded__"
+
+
+def _guard_blueprint(target: object) -> None:
+    """``policy(...)(blueprint)``: the blueprint's views refuse to run without the extension's decision."""
+    if not isinstance(target, Blueprint) or getattr(target, _BLUEPRINT_GUARD, False):
+        return
+    setattr(target, _BLUEPRINT_GUARD, True)
+
+    def require_decision() -> ResponseReturnValue | None:
+        if VIEW_POLICIES_READ.get() is True:
+            return None
+        status, headers, body = view_refusal(f"blueprint {target.name!r}", VIEW_POLICIES_READ.get())
+        return current_app.response_class(body, status=status, headers=headers)
+    target.before_request(require_decision)
+
+
+register_refusal(_refusal)
+register_attach_hook(_guard_blueprint)
 
 
 def _expose_context() -> None:

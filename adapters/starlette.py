@@ -25,22 +25,24 @@ are checked against their routes' parameters at lifespan start-up (a mistake fai
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.endpoints import HTTPEndpoint, WebSocketEndpoint
 from starlette.requests import HTTPConnection
+from starlette.responses import Response
 from starlette.routing import Match
+from starlette.websockets import WebSocket
 
-from sa_middleware.asgi import ASGIApp, Receive, Scope, Send
+from sa_middleware.asgi import ASGIApp, Receive, Scope, Send, app_path
 from sa_middleware.asgi import SessionAwareMiddleware as _ASGIMiddleware
-from sa_middleware.asgi import app_path
-from sa_middleware.context import RequestInfo, SAContext
+from sa_middleware.context import VIEW_POLICIES_READ, RequestInfo, SAContext
 from sa_middleware.errors import ConfigurationError
 from sa_middleware.guard import Guard
 from sa_middleware.policy import Policy, RouteMatch
 
-from ._common import policy, policy_of, view_name
+from ._common import policy, policy_of, register_refusal, view_name, view_refusal
 
 __all__ = ["SessionAwareMiddleware", "policy", "sa_context"]
 
@@ -115,6 +117,24 @@ def _find(routes: Iterable[Any], scope: Scope, prefix: str) -> _Found | None:
     return partial
 
 
+def _refusal(view: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> object:
+    """A decorated endpoint called without an adapter's decision: a 503 problem+json response (or, for a
+    websocket, a close with 1011 before the handshake is accepted)."""
+    status, headers, body = view_refusal(view, VIEW_POLICIES_READ.get())
+    response = Response(body, status_code=status, headers={k: v for k, v in headers if k != "content-length"})
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, HTTPEndpoint | WebSocketEndpoint):  # a class endpoint's dispatch(self)
+            if arg.scope["type"] == "websocket":
+                return arg.send({"type": "websocket.close", "code": 1011})
+            return response(arg.scope, arg.receive, arg.send)
+        if isinstance(arg, WebSocket):
+            return arg.close(1011)
+    return response  # a function endpoint (Starlette), or a FastAPI endpoint: a returned Response is sent as is
+
+
+register_refusal(_refusal, fallback=True)
+
+
 def sa_context(connection: HTTPConnection) -> SAContext:
     """The :class:`~sa_middleware.SAContext` of this request or websocket (a FastAPI dependency, or a helper).
 
@@ -135,6 +155,8 @@ class SessionAwareMiddleware(_ASGIMiddleware):
     ``app.add_middleware(SessionAwareMiddleware, guard=guard)`` or ``Middleware(SessionAwareMiddleware,
     guard=guard)``; wrapping the app from outside (``SessionAwareMiddleware(app, guard=guard)``) works too.
     """
+
+    view_policies = True
 
     def __init__(self, app: ASGIApp, *, guard: Guard) -> None:
         super().__init__(app, guard=guard)

@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 
-from .context import RequestInfo
+from .context import RequestInfo, admitted
 from .denials import Denial
 from .guard import Admitted, Guard
 from .policy import RouteMatch
@@ -90,18 +90,27 @@ async def send_denial(scope: Scope, receive: Receive, send: Send, denial: Denial
 
 
 async def run_admitted(app: ASGIApp, scope: Scope, receive: Receive, send: Send, outcome: Admitted,
-                       guard: Guard) -> None:
-    """Run the app with the context in the scope, and release the ticket on every exit path."""
+                       guard: Guard, view_policies: bool = False) -> None:
+    """Run the app with the context in the scope, and release the ticket on every exit path. ``view_policies``:
+    the match applied the views' ``@policy`` (adapters), so decorated views may run."""
     scope["sa_middleware"] = outcome.context
     try:
-        await app(scope, receive, send)
+        with admitted(view_policies):
+            await app(scope, receive, send)
     finally:
         with anyio.CancelScope(shield=True):
             await guard.arelease(outcome.ticket)
 
 
 class SessionAwareMiddleware:
-    """Session-aware authorisation for any ASGI app."""
+    """Session-aware authorisation for any ASGI app, decided by the Guard's table (``policies``) alone.
+
+    Views decorated with an adapter's ``@policy`` refuse to run under it (their policy would not be applied): use
+    the framework's adapter for them.
+    """
+
+    #: whether ``match`` applies the views' ``@policy`` (the adapters' subclasses do)
+    view_policies = False
 
     def __init__(self, app: ASGIApp, *, guard: Guard) -> None:
         if not isinstance(guard, Guard):
@@ -122,4 +131,4 @@ class SessionAwareMiddleware:
         if isinstance(outcome, Denial):
             await send_denial(scope, receive, send, outcome, self.guard)
         else:
-            await run_admitted(self.app, scope, receive, send, outcome, self.guard)
+            await run_admitted(self.app, scope, receive, send, outcome, self.guard, self.view_policies)

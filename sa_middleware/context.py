@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RequestInfo", "SAContext"]
+__all__ = ["VIEW_POLICIES_READ", "RequestInfo", "SAContext", "admitted"]
+
+#: Set while an admitted request runs the app (in its task or thread, and the threads it copies its context to):
+#: ``True`` when the middleware that admitted it applied the views' ``@policy`` (an adapter), ``False`` when it
+#: applied the Guard's table alone (the core middleware); unset when no Guard decided the request. The adapters'
+#: ``@policy`` wrappers read it, so a decorated view never runs without its policy.
+VIEW_POLICIES_READ: ContextVar[bool | None] = ContextVar("sa_middleware_view_policies_read", default=None)
+
+
+@contextmanager
+def admitted(view_policies: bool) -> Iterator[None]:
+    """Mark the code run inside as belonging to a request the Guard admitted (see :data:`VIEW_POLICIES_READ`)."""
+    token = VIEW_POLICIES_READ.set(view_policies)
+    try:
+        yield
+    finally:
+        VIEW_POLICIES_READ.reset(token)
 
 
 @dataclass(frozen=True, slots=True)

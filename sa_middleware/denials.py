@@ -9,7 +9,6 @@ __all__ = ["CODES", "Denial"]
 
 #: code -> (status, title). The codes and their statuses are part of the public contract.
 CODES: Final[dict[str, tuple[int, str]]] = {
-    "invalid_request": (400, "Invalid request"),
     "missing_token": (401, "Missing bearer token"),
     "invalid_token": (401, "Invalid token"),
     "stale_generation": (401, "Stale credential generation"),
@@ -28,6 +27,7 @@ CODES: Final[dict[str, tuple[int, str]]] = {
     "object_locked": (423, "Object locked"),
     "too_many_in_flight": (429, "Too many requests in flight"),
     "store_unavailable": (503, "Authorisation store unavailable"),
+    "invalid_request": (400, "Invalid request"),
 }
 
 

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .context import RequestInfo
+from .context import RequestInfo, admitted
 from .denials import Denial
 from .guard import Guard
 from .policy import RouteMatch
@@ -81,10 +81,12 @@ class AfterClose:
 
 
 def run_admitted(app: WSGIApp, environ: Environ, start_response: StartResponse, guard: Guard,
-                 ticket: Ticket | None) -> Iterable[bytes]:
-    """Call the app and return its response wrapped so the ticket is released on close or on error."""
+                 ticket: Ticket | None, view_policies: bool = False) -> Iterable[bytes]:
+    """Call the app and return its response wrapped so the ticket is released on close or on error.
+    ``view_policies``: the match applied the views' ``@policy`` (adapters), so decorated views may run."""
     try:
-        result = app(environ, start_response)
+        with admitted(view_policies):
+            result = app(environ, start_response)
     except BaseException:
         guard.release(ticket)
         raise
@@ -92,7 +94,14 @@ def run_admitted(app: WSGIApp, environ: Environ, start_response: StartResponse, 
 
 
 class SessionAwareWSGIMiddleware:
-    """Session-aware authorisation for any WSGI app."""
+    """Session-aware authorisation for any WSGI app, decided by the Guard's table (``policies``) alone.
+
+    Views decorated with an adapter's ``@policy`` refuse to run under it (their policy would not be applied): use
+    the framework's adapter for them.
+    """
+
+    #: whether ``match`` applies the views' ``@policy`` (the adapters' subclasses do)
+    view_policies = False
 
     def __init__(self, app: WSGIApp, *, guard: Guard) -> None:
         if not isinstance(guard, Guard):
@@ -110,4 +119,4 @@ class SessionAwareWSGIMiddleware:
         if isinstance(outcome, Denial):
             return denial_app(outcome, self.guard, start_response)
         environ["sa_middleware"] = outcome.context
-        return run_admitted(self.app, environ, start_response, self.guard, outcome.ticket)
+        return run_admitted(self.app, environ, start_response, self.guard, outcome.ticket, self.view_policies)

@@ -283,6 +283,11 @@ def _store(s: Server, iss: DemoIssuer) -> httpx.Response:
     return resp
 
 
+def _invalid_request(s: Server, iss: DemoIssuer) -> httpx.Response:
+    # the app would run DELETE, the Guard would decide GET: refused
+    return s.request("GET", "/whoami", iss.token(sub()), headers={"x-http-method-override": "DELETE"})
+
+
 CASES: list[tuple[str, Case]] = [
     ("missing_token", _missing), ("invalid_token", _invalid), ("stale_generation", _stale),
     ("token_revoked", _token_revoked), ("session_revoked", _session_revoked),
@@ -290,7 +295,7 @@ CASES: list[tuple[str, Case]] = [
     ("step_up_required", _step_up), ("insufficient_scope", _scope), ("session_paused", _paused),
     ("device_noncompliant", _device), ("too_many_sessions", _sessions), ("risk_too_high", _risk),
     ("conflicting_action", _conflict), ("object_locked", _locked), ("too_many_in_flight", _in_flight),
-    ("store_unavailable", _store),
+    ("store_unavailable", _store), ("invalid_request", _invalid_request),
 ]
 
 

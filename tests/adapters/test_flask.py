@@ -241,6 +241,7 @@ def problem(resp: TestResponse, status: int, code: str) -> dict[str, Any]:
         assert "www-authenticate" not in resp.headers
     else:
         assert "retry-after" not in resp.headers
+    if status in (401, 403):
         assert resp.headers["www-authenticate"].startswith("Bearer")
     return body
 
@@ -385,6 +386,11 @@ def _store_unavailable(e: Env) -> TestResponse:
     return e.refused(lambda: broken.test_client().get("/whoami", headers=auth(tok)))
 
 
+def _invalid_request(e: Env) -> TestResponse:
+    token = e.issuer.token(sub())  # the app would run DELETE, the Guard would decide GET: refused
+    return e.refused(lambda: e.client.get("/whoami", headers={**auth(token), "X-HTTP-Method-Override": "DELETE"}))
+
+
 DENIALS: list[tuple[str, int, Callable[[Env], TestResponse]]] = [
     ("missing_token", 401, _missing_token),
     ("invalid_token", 401, _invalid_token),
@@ -404,6 +410,7 @@ DENIALS: list[tuple[str, int, Callable[[Env], TestResponse]]] = [
     ("object_locked", 423, _object_locked),
     ("too_many_in_flight", 429, _too_many_in_flight),
     ("store_unavailable", 503, _store_unavailable),
+    ("invalid_request", 400, _invalid_request),
 ]
 
 

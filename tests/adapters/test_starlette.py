@@ -441,6 +441,11 @@ def _store_unavailable(make: Make) -> httpx.Response:
         blocker.close()
 
 
+def _invalid_request(make: Make) -> httpx.Response:
+    site = make()  # the app would run DELETE, the Guard would decide GET: refused
+    return site.request("GET", "/whoami", site.token(sub()), headers={"x-http-method-override": "DELETE"})
+
+
 DENIALS: dict[str, Callable[[Make], httpx.Response]] = {
     "missing_token": _missing_token, "invalid_token": _invalid_token, "stale_generation": _stale_generation,
     "token_revoked": _token_revoked, "session_revoked": _session_revoked,
@@ -450,6 +455,7 @@ DENIALS: dict[str, Callable[[Make], httpx.Response]] = {
     "too_many_sessions": _too_many_sessions, "risk_too_high": _risk_too_high,
     "conflicting_action": _conflicting_action, "object_locked": _object_locked,
     "too_many_in_flight": _too_many_in_flight, "store_unavailable": _store_unavailable,
+    "invalid_request": _invalid_request,
 }
 
 
@@ -892,14 +898,23 @@ def test_policy_takes_exactly_the_policy_fields() -> None:
     assert list(params) == [f.name for f in fields(Policy) if f.init]
 
 
-def test_policy_returns_the_same_object_and_keeps_the_signature() -> None:
+def test_policy_wraps_a_function_keeping_its_signature_and_a_class_keeping_its_identity() -> None:
     async def endpoint(request: Request, item: int = 3) -> JSONResponse:
         return JSONResponse({})
 
     before = inspect.signature(endpoint)
-    assert policy(exclusive=True)(endpoint) is endpoint
-    assert inspect.signature(endpoint) == before
-    assert getattr(endpoint, POLICY_ATTR) == Policy(exclusive=True)
+    guarded = policy(exclusive=True)(endpoint)
+    assert guarded.__wrapped__ is endpoint  # type: ignore[attr-defined]
+    assert inspect.signature(guarded) == before and inspect.iscoroutinefunction(guarded)
+    assert getattr(guarded, POLICY_ATTR) == Policy(exclusive=True)
+    assert policy(max_in_flight=2)(guarded) is guarded  # stacked: wrapped once
+    assert getattr(guarded, POLICY_ATTR) == Policy(exclusive=True, max_in_flight=2)
+
+    class Endpoint(HTTPEndpoint):
+        async def get(self, request: Request) -> JSONResponse:
+            return JSONResponse({})
+
+    assert policy(exclusive=True)(Endpoint) is Endpoint
 
 
 def test_policy_of_layers() -> None:
