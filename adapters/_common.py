@@ -20,18 +20,28 @@ no framework; adapters import it.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any, TypeVar
 
 from sa_middleware.context import VIEW_POLICIES_READ
-from sa_middleware.policy import LockConflictAction, LockMode, Policy, SessionLimitAction
+from sa_middleware.errors import ConfigurationError
+from sa_middleware.policy import (
+    LockConflictAction,
+    LockMode,
+    Policy,
+    RouteTable,
+    SessionLimitAction,
+    sample_paths,
+    starlette_syntax,
+)
 
-__all__ = ["POLICY_ATTR", "dispatcher_name", "policy", "policy_of", "register_attach_hook", "register_refusal",
-           "view_name", "view_refusal"]
+__all__ = ["POLICY_ATTR", "check_table", "dispatcher_name", "policy", "policy_of", "register_attach_hook",
+           "register_refusal", "view_name", "view_refusal"]
 
 POLICY_ATTR = "__sa_policy__"
 _GUARDED_ATTR = "__sa_guarded__"
@@ -225,3 +235,23 @@ def policy_of(endpoint: object, method: str | None = None) -> Policy | None:
         if isinstance(layer, Policy):
             result = layer.merged(result)
     return result
+
+
+def check_table(table: RouteTable, templates: Iterable[str], routed: Callable[[str], bool]) -> None:
+    """Raise :class:`ConfigurationError` for the first Guard table entry that matches no route of the app, naming
+    it with the closest route template (did you mean ...?).
+
+    ``templates`` are the app's route templates (Starlette, Flask or Django syntax, full paths with a leading
+    ``/``); ``routed(path)`` says whether the app's router has a route for a concrete path (any method). An entry is
+    used when its pattern matches a sample path of some app route, or when the router routes a sample path of the
+    entry (a mounted app without routes of its own, a regex route).
+    """
+    known = [t if t.startswith("/") else "/" + t for t in templates]
+    samples = [path for template in known for path in sample_paths(starlette_syntax(template))]
+    for key, path, regex in table.entries():
+        if any(regex.match(sample) for sample in samples) or any(routed(p) for p in sample_paths(path)):
+            continue
+        near = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigurationError(f"route {key!r} of the Guard's policies matches no route of the app, so it would "
+                                 f"never apply{hint}")

@@ -69,7 +69,7 @@ from sa_middleware.responses import denial_response
 from sa_middleware.stores.base import Store
 from sa_middleware.wsgi import request_info as _environ_info
 
-from ._common import policy, policy_of, register_refusal, view_name, view_refusal
+from ._common import check_table, policy, policy_of, register_refusal, view_name, view_refusal
 
 __all__ = ["SAMiddlewareConfig", "SessionAwareMiddleware", "get_guard", "policy"]
 
@@ -412,6 +412,44 @@ def _url_patterns(resolver: Any, route: str = "", params: frozenset[str] = froze
             yield from _url_patterns(entry, full, names | frozenset(entry.default_kwargs))
         elif isinstance(entry, URLPattern):
             yield full, entry.callback, names | frozenset(entry.default_args)
+
+
+def _routed(path: str) -> bool:
+    try:
+        resolve(path)
+    except Resolver404:
+        return False
+    except Exception:  # a converter refusing the sample path: not routed
+        return False
+    return True
+
+
+@checks.register("sa_middleware", checks.Tags.urls)  # type: ignore[untyped-decorator, unused-ignore]
+def check_routing(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """sa_middleware.E005 (views have a ``@policy`` but SessionAwareMiddleware is not in MIDDLEWARE: they would
+    refuse every request), E006 (an entry of the Guard's table matches no URL pattern)."""
+    try:
+        patterns = list(_url_patterns(get_resolver()))
+    except Exception:  # a broken URLconf is reported by Django's own checks
+        return []
+    messages: list[checks.CheckMessage] = []
+    guarded = [view for _, view, _ in patterns
+               if any(policy_of(view, m) is not None for m in (None, *_HTTP_METHODS))]
+    if guarded and not any(_is(cls, path, MIDDLEWARE_PATH) for _, path, cls in _middleware_classes()):
+        messages.append(checks.Error(
+            f"{len(guarded)} view(s) have an sa-middleware @policy (e.g. {view_name(guarded[0])}) but "
+            "SessionAwareMiddleware is not in MIDDLEWARE: they would answer every request with 503.",
+            hint=f"Add {MIDDLEWARE_PATH!r} to MIDDLEWARE.", id="sa_middleware.E005"))
+    try:
+        guard = get_guard()
+    except ImproperlyConfigured:  # reported as E001 / E002
+        return messages
+    try:
+        check_table(guard.routes, ["/" + route for route, _, _ in patterns], _routed)
+    except ConfigurationError as exc:
+        messages.append(checks.Error(f"{SETTING}: {exc}", hint="Fix the path, or silence sa_middleware.E006 if "
+                                     "something other than the URLconf answers it.", id="sa_middleware.E006"))
+    return messages
 
 
 @checks.register("sa_middleware", checks.Tags.urls)  # type: ignore[untyped-decorator, unused-ignore]

@@ -39,7 +39,7 @@ from flask import Blueprint, Flask, current_app, g, has_request_context
 from flask import request as flask_request
 from flask.testing import FlaskClient
 from flask.typing import ResponseReturnValue
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.test import TestResponse
 
 from sa_middleware.context import VIEW_POLICIES_READ, RequestInfo
@@ -50,6 +50,7 @@ from sa_middleware.wsgi import Environ, SessionAwareWSGIMiddleware, WSGIApp
 
 from ._common import (
     POLICY_ATTR,
+    check_table,
     dispatcher_name,
     policy,
     policy_of,
@@ -163,9 +164,10 @@ class _FlaskMiddleware(SessionAwareWSGIMiddleware):
 
     view_policies = True
 
-    def __init__(self, app: WSGIApp, *, guard: Guard, flask_app: Flask) -> None:
+    def __init__(self, app: WSGIApp, *, guard: Guard, flask_app: Flask, check_table: bool = True) -> None:
         super().__init__(app, guard=guard)
         self.flask_app = flask_app
+        self.check_table = check_table
         self._policies: dict[tuple[str, str], tuple[Callable[..., Any], Policy | None]] = {}
         self._checked = False
         self._check_lock = threading.Lock()
@@ -228,7 +230,20 @@ class _FlaskMiddleware(SessionAwareWSGIMiddleware):
         with self._check_lock:
             if not self._checked:
                 self.check()
+                if self.check_table:
+                    check_table(self.guard.routes, [rule.rule for rule in self.flask_app.url_map.iter_rules()],
+                                self._routed)
                 self._checked = True
+
+    def _routed(self, path: str) -> bool:
+        """Whether the app's ``url_map`` has a rule for ``path`` (any method; a redirect counts)."""
+        try:
+            self.flask_app.url_map.bind("localhost").match(path)
+        except HTTPException as exc:  # 405 and redirects: the path has a rule
+            return not isinstance(exc, NotFound)
+        except Exception:  # host matching without a host, a converter refusing the sample: not routed here
+            return False
+        return True
 
 
 _HTTP_METHODS = frozenset({"get", "head", "post", "put", "patch", "delete", "options", "trace", "connect"})
@@ -294,12 +309,15 @@ class SessionAware:
     ``SessionAware(app)`` or ``sa = SessionAware(); sa.init_app(app)`` (app factories; one instance may serve
     several apps). Without ``guard``, each app's Guard is built from its ``SA_*`` config keys at ``init_app``
     (see :func:`guard_from_config`); with ``guard``, every app shares that Guard and ``SA_*`` keys are not read.
+    At the first request, an entry of the Guard's table that matches no URL rule is an error (every request is
+    refused until it is fixed); ``check_table=False`` turns that off, for paths something else answers.
     """
 
-    def __init__(self, app: Flask | None = None, guard: Guard | None = None) -> None:
+    def __init__(self, app: Flask | None = None, guard: Guard | None = None, *, check_table: bool = True) -> None:
         if guard is not None and not isinstance(guard, Guard):
             raise TypeError("SessionAware(guard=...) needs a sa_middleware.Guard")
         self._guard = guard
+        self.check_table = check_table
         if app is not None:
             self.init_app(app)
 
@@ -312,7 +330,7 @@ class SessionAware:
         if EXTENSION in app.extensions:
             raise RuntimeError(f"sa-middleware is already initialised on the Flask app {app.name!r}")
         guard = self._guard if self._guard is not None else guard_from_config(app.config)
-        middleware = _FlaskMiddleware(app.wsgi_app, guard=guard, flask_app=app)
+        middleware = _FlaskMiddleware(app.wsgi_app, guard=guard, flask_app=app, check_table=self.check_table)
         try:
             middleware.check()
         except BaseException:

@@ -42,7 +42,7 @@ from sa_middleware.errors import ConfigurationError
 from sa_middleware.guard import Guard
 from sa_middleware.policy import Policy, RouteMatch
 
-from ._common import policy, policy_of, register_refusal, view_name, view_refusal
+from ._common import check_table, policy, policy_of, register_refusal, view_name, view_refusal
 
 __all__ = ["SessionAwareMiddleware", "policy", "sa_context"]
 
@@ -135,6 +135,19 @@ def _refusal(view: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> 
 register_refusal(_refusal, fallback=True)
 
 
+def _routed(routes: Iterable[Any], path: str) -> bool:
+    """Whether the router has a route for ``path`` (HTTP with any method, or websocket)."""
+    for kind in ("http", "websocket"):
+        scope: Scope = {"type": kind, "path": path, "root_path": "", "method": "GET", "headers": [],
+                        "query_string": b""}
+        try:
+            if _find(routes, scope, "") is not None:
+                return True
+        except Exception:  # a convertor refusing the sample: not this route
+            continue
+    return False
+
+
 def sa_context(connection: HTTPConnection) -> SAContext:
     """The :class:`~sa_middleware.SAContext` of this request or websocket (a FastAPI dependency, or a helper).
 
@@ -154,12 +167,16 @@ class SessionAwareMiddleware(_ASGIMiddleware):
 
     ``app.add_middleware(SessionAwareMiddleware, guard=guard)`` or ``Middleware(SessionAwareMiddleware,
     guard=guard)``; wrapping the app from outside (``SessionAwareMiddleware(app, guard=guard)``) works too.
+    At lifespan start-up, an entry of the Guard's table that matches no route of the app is an error (a typo
+    would silently leave its route under ``default_policy``); ``check_table=False`` turns that off, for paths
+    that something other than the router answers.
     """
 
     view_policies = True
 
-    def __init__(self, app: ASGIApp, *, guard: Guard) -> None:
+    def __init__(self, app: ASGIApp, *, guard: Guard, check_table: bool = True) -> None:
         super().__init__(app, guard=guard)
+        self.check_table = check_table
         self._inner = app
         self.app = self._with_state
         self._cache: dict[tuple[str, str, bool, int], tuple[object, str, Policy | None]] = {}
@@ -214,8 +231,24 @@ class SessionAwareMiddleware(_ASGIMiddleware):
 
     def _check_routes(self, routes: Iterable[Any]) -> None:
         """Raise :class:`ConfigurationError` if an endpoint policy is invalid or names a lock parameter its route
-        does not have (runs at lifespan start-up, so the server refuses to start)."""
+        does not have, or (``check_table``) if an entry of the Guard's table matches no route of the app (runs at
+        lifespan start-up, so the server refuses to start)."""
+        routes = list(routes)
         self._check(routes, "", frozenset())
+        if self.check_table:
+            check_table(self.guard.routes, self._templates(routes, ""), lambda path: _routed(routes, path))
+
+    def _templates(self, routes: Iterable[Any], prefix: str) -> Iterator[str]:
+        for route in _expand(routes):
+            path = getattr(route, "path", None) or ""
+            if hasattr(route, "routes"):
+                children = route.routes
+                if children:
+                    yield from self._templates(children, prefix + path)
+                    continue
+                yield f"{prefix}{path}/{{path:path}}"
+            else:
+                yield prefix + path
 
     def _check(self, routes: Iterable[Any], prefix: str, names: frozenset[str]) -> None:
         for route in _expand(routes):

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from .errors import ConfigurationError, InvalidRequest
 
-__all__ = ["MAX_LOCK_KEY", "EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "render_lock_key"]
+__all__ = ["MAX_LOCK_KEY", "EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "render_lock_key", "sample_paths",
+           "starlette_syntax"]
 
 #: The longest lock key, in characters after rendering; a request whose key is longer gets 400 invalid_request.
 MAX_LOCK_KEY = 512
@@ -216,6 +217,26 @@ def _starlette_param(m: re.Match[str]) -> str:
     return f"{{{m.group(2)}:{conv}}}" if conv else f"{{{m.group(2)}}}"
 
 
+def starlette_syntax(template: str) -> str:
+    """A Flask / Django route template in Starlette's syntax: ``/items/<int:id>`` -> ``/items/{id:int}``."""
+    return _FOREIGN_PARAM.sub(_starlette_param, template)
+
+
+_SAMPLES = {"int": ("1",), "float": ("1.5",), "uuid": ("00000000-0000-4000-8000-000000000000",),
+            "path": ("a", "a/b")}
+
+
+def sample_paths(template: str, limit: int = 16) -> list[str]:
+    """Concrete paths a Starlette-syntax template matches (one or two values a parameter, at most ``limit``)."""
+    paths = [""]
+    pos = 0
+    for m in _PARAM.finditer(template):
+        values = _SAMPLES.get(m.group(2) or "str", ("1", "a"))
+        paths = [p + template[pos:m.start()] + v for p in paths for v in values][:limit]
+        pos = m.end()
+    return [p + template[pos:] for p in paths]
+
+
 _METHODS = frozenset({"*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
                       "WEBSOCKET"})
 
@@ -305,6 +326,10 @@ class RouteTable:
             raise ConfigurationError(f"route {key!r}: {exc}") from None
         rank = (literal, -path_params, method != "*")
         return _Route(key, method, re.compile(pattern), convert, effective, rank, frozenset(convert), policy)
+
+    def entries(self) -> list[tuple[str, str, re.Pattern[str]]]:
+        """The table's routes: ``(key, path template, compiled path pattern)``."""
+        return [(r.key, r.key.strip().partition(" ")[2].strip(), r.regex) for r in self._routes]
 
     def match(self, method: str, path: str) -> RouteMatch:
         """The most specific route for this request, or the default policy (``route=None``)."""

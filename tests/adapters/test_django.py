@@ -930,8 +930,9 @@ def test_e003_not_raised_for_the_test_project(issuer: DemoIssuer, tmp_path: Path
     ([MIDDLEWARE_PATH, "django.middleware.cache.FetchFromCacheMiddleware"], []),
     ([MIDDLEWARE_PATH, "django.middleware.locale.LocaleMiddleware"], ["sa_middleware.W002"]),
     (["django.middleware.locale.LocaleMiddleware", MIDDLEWARE_PATH], []),
-    (["django.middleware.common.CommonMiddleware"], ["sa_middleware.W003"]),
-    ([], ["sa_middleware.W003"]),
+    # the project's views have a @policy: without the middleware they would refuse every request (E005)
+    (["django.middleware.common.CommonMiddleware"], ["sa_middleware.E005", "sa_middleware.W003"]),
+    ([], ["sa_middleware.E005", "sa_middleware.W003"]),
 ])
 def test_middleware_checks(issuer: DemoIssuer, tmp_path: Path, middleware: list[str], expected: list[str]) -> None:
     assert check_ids(SA_MIDDLEWARE=options(issuer, tmp_path), MIDDLEWARE=middleware) == expected

@@ -118,7 +118,6 @@ TABLE: dict[str, Any] = {  # SA_POLICIES, in the dict form the config accepts
     "POST /combo/{id}": {"scopes": {"table-scope"}, "locks": ["table:{id}"], "max_in_flight": 5},
     "GET /tablepublic": {"public": True},
     "GET /viewwins": {"public": True},
-    "GET /nowhere/{rest:path}": {"public": True},
 }
 
 
@@ -507,7 +506,9 @@ def test_default_policy_fills_the_rest(client: FlaskClient, issuer: DemoIssuer) 
 
 # -- requests for which Flask runs no view ------------------------------------------------------------------------
 
-def test_not_found_is_decided_by_the_table_and_default(client: FlaskClient, issuer: DemoIssuer) -> None:
+def test_not_found_is_decided_by_the_table_and_default(bench: Bench, issuer: DemoIssuer) -> None:
+    table = {**TABLE, "GET /nowhere/{rest:path}": {"public": True}}  # no URL rule: allowed with check_table=False
+    client = make_app(bench, SessionAware(check_table=False), **config(issuer, SA_POLICIES=table)).test_client()
     problem(client.get("/no/such/page"), 401, "missing_token")  # no route enumeration without a token
     resp = client.get("/no/such/page", headers=auth(issuer.token(who := sub())))
     assert (resp.status_code, resp.json) == (404, {"error": "not found", "principal": who})  # g.sa in the handler
