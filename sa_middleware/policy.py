@@ -3,8 +3,10 @@
 Routes are keyed ``"METHOD /path/{param}"`` with Starlette's path syntax (``{id}``, ``{id:int}``, ``{id:float}``,
 ``{id:uuid}``, ``{rest:path}``); ``"* /path"`` matches any method. The most specific match wins: more literal path
 characters first, then fewer ``path`` parameters, then an exact method over ``*`` (so a catch-all such as
-``GET /{rest:path}`` never shadows ``* /api/payments``). ``default_policy`` fills every field
-a route leaves unset, and applies alone to requests that match no route.
+``GET /{rest:path}`` never shadows ``* /api/payments``). A path that matches no route is tried again with runs of
+slashes collapsed and a trailing slash removed (``//payments/42/approve/`` is decided as ``/payments/42/approve``,
+as routers that merge slashes would serve it). ``default_policy`` fills every field a route leaves unset, and
+applies alone to requests that match no route.
 """
 
 from __future__ import annotations
@@ -207,6 +209,7 @@ _CONVERTORS: dict[str, tuple[str, Any]] = {
     "float": (r"[0-9]+(?:\.[0-9]+)?", float),
     "uuid": ("[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", uuid.UUID),
 }
+_MANY_SLASHES = re.compile(r"//+")
 _FOREIGN_PARAM = re.compile(r"<(?:([a-zA-Z_][a-zA-Z0-9_]*)(?:\([^)]*\))?:)?([a-zA-Z_][a-zA-Z0-9_]*)>")
 _FOREIGN_CONVERTORS = {"int": "int", "float": "float", "uuid": "uuid", "path": "path"}
 
@@ -343,6 +346,17 @@ class RouteTable:
         return result
 
     def _find(self, method: str, path: str) -> tuple[_Route, dict[str, Any]] | None:
+        found = self._find_exact(method, path)
+        if found is None:
+            # routers that merge slashes (werkzeug, Flask) or ignore a trailing one route these to the same view:
+            # the route's policy applies to them too, never default_policy
+            normal = _MANY_SLASHES.sub("/", path)
+            normal = normal[:-1] if len(normal) > 1 and normal.endswith("/") else normal
+            if normal != path:
+                found = self._find_exact(method, normal)
+        return found
+
+    def _find_exact(self, method: str, path: str) -> tuple[_Route, dict[str, Any]] | None:
         for route in self._routes:
             if route.method not in ("*", method) and not (route.method == "GET" and method == "HEAD"):
                 continue
