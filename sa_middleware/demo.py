@@ -377,6 +377,7 @@ def serve_asgi(app: Any, **config: Any) -> tuple[str, Callable[[], None]]:
     thread.start()
     while not server.started:
         if not thread.is_alive():
+            sock.close()
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
 

@@ -1111,3 +1111,54 @@ def test_the_suite_passes_under_django_42() -> None:
                           text=True, timeout=550)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+# -- fail closed: script prefixes, views without the middleware, table entries without a route --------------------
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi", "force_script_name"])
+def test_row1_table_matched_below_the_script_prefix(issuer: DemoIssuer, tmp_path: Path, flavour: str) -> None:
+    """The Guard table is matched on ``path_info``: under a WSGI mount, uvicorn's ``root_path`` or
+    ``FORCE_SCRIPT_NAME``, a table-only policy still applies."""
+    from werkzeug.exceptions import NotFound
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    extra: dict[str, Any] = {"FORCE_SCRIPT_NAME": "/api"} if flavour == "force_script_name" else {}
+    conf = options(issuer, tmp_path, policies={"GET /whoami": Policy(scopes={"admin"})})
+    with override_settings(SA_MIDDLEWARE=conf, **extra):
+        if flavour == "wsgi":
+            base, stop = serve_wsgi(DispatcherMiddleware(NotFound(), {"/api": WSGIHandler()}))
+            url = f"{base}/api/whoami"
+        elif flavour == "asgi":
+            base, stop = serve_asgi(ASGIHandler(), root_path="/api")  # uvicorn puts /api in scope["path"]
+            url = f"{base}/whoami"
+        else:
+            base, stop = serve_asgi(ASGIHandler())
+            url = f"{base}/api/whoami"
+        try:
+            problem(httpx.get(url, headers={"authorization": f"Bearer {issuer.token(sub())}"}, timeout=WAIT), 403,
+                    "insufficient_scope")
+            ok = httpx.get(url, headers={"authorization": f"Bearer {issuer.token(sub(), scope='admin')}"},
+                           timeout=WAIT)
+            assert ok.status_code == 200 and ok.json()["route"] == "GET /whoami", ok.text
+        finally:
+            stop()
+
+
+def test_row5_a_policy_view_without_the_middleware_refuses(issuer: DemoIssuer, tmp_path: Path) -> None:
+    with override_settings(SA_MIDDLEWARE=options(issuer, tmp_path), MIDDLEWARE=[]):
+        resp = Client().post("/payments/1/approve", HTTP_AUTHORIZATION=f"Bearer {issuer.token(sub())}")
+        assert resp.status_code == 503 and resp["content-type"] == "application/problem+json"
+        assert json.loads(resp.content)["code"] == "view_not_guarded"
+        assert Client().get("/health").status_code == 503  # @policy(public=True) too: nothing decided it
+
+
+def test_row6_a_table_entry_without_a_url_pattern_is_e006(issuer: DemoIssuer, tmp_path: Path) -> None:
+    conf = options(issuer, tmp_path, policies={"POST /payment/{id:int}/approve": Policy(scopes={"x"})})
+    with override_settings(SA_MIDDLEWARE=conf):
+        messages = [m for m in checks.run_checks(tags=["sa_middleware"]) if m.id == "sa_middleware.E006"]
+    assert len(messages) == 1
+    assert "'POST /payment/{id:int}/approve'" in messages[0].msg
+    assert "did you mean '/payments/<int:id>/approve'?" in messages[0].msg
+    good = options(issuer, tmp_path, policies={"POST /payments/{id:int}/approve": Policy(scopes={"x"}),
+                                               "OPTIONS /{rest:path}": Policy(public=True)})
+    assert check_ids(SA_MIDDLEWARE=good) == []
