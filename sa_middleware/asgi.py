@@ -109,7 +109,7 @@ class SessionAwareMiddleware:
     the framework's adapter for them.
     """
 
-    #: whether ``match`` applies the views' ``@policy`` (the adapters' subclasses do)
+    #: whether ``match`` applies the views' ``@policy`` when it finds the view (the adapters' subclasses do)
     view_policies = False
 
     def __init__(self, app: ASGIApp, *, guard: Guard) -> None:
@@ -127,8 +127,10 @@ class SessionAwareMiddleware:
             await self.app(scope, receive, send)
             return
         request = request_info(scope)
-        outcome = await self.guard.aadmit(request, self.match(scope, request))
+        match = self.match(scope, request)
+        outcome = await self.guard.aadmit(request, match)
         if isinstance(outcome, Denial):
             await send_denial(scope, receive, send, outcome, self.guard)
-        else:
-            await run_admitted(self.app, scope, receive, send, outcome, self.guard, self.view_policies)
+        else:  # decorated views may run only if their policy was read: by an adapter that found the view
+            views = self.view_policies and match is not None
+            await run_admitted(self.app, scope, receive, send, outcome, self.guard, views)

@@ -100,7 +100,7 @@ class SessionAwareWSGIMiddleware:
     the framework's adapter for them.
     """
 
-    #: whether ``match`` applies the views' ``@policy`` (the adapters' subclasses do)
+    #: whether ``match`` applies the views' ``@policy`` when it finds the view (the adapters' subclasses do)
     view_policies = False
 
     def __init__(self, app: WSGIApp, *, guard: Guard) -> None:
@@ -115,8 +115,10 @@ class SessionAwareWSGIMiddleware:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         request = request_info(environ)
-        outcome = self.guard.admit(request, self.match(environ, request))
+        match = self.match(environ, request)
+        outcome = self.guard.admit(request, match)
         if isinstance(outcome, Denial):
             return denial_app(outcome, self.guard, start_response)
         environ["sa_middleware"] = outcome.context
-        return run_admitted(self.app, environ, start_response, self.guard, outcome.ticket, self.view_policies)
+        views = self.view_policies and match is not None  # decorated views run only if their policy was read
+        return run_admitted(self.app, environ, start_response, self.guard, outcome.ticket, views)
