@@ -126,6 +126,8 @@ class Policy:
                 raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}")
         for template in self.locks or ():
             _lock_fields(template)
+            if len(template) > MAX_LOCK_KEY:
+                raise ConfigurationError(f"locks: a template longer than {MAX_LOCK_KEY} characters renders no key")
 
     def merged(self, fallback: Policy | None) -> Policy:
         """This policy with every unset field taken from ``fallback``."""

@@ -190,6 +190,8 @@ def test_row10_lock_key_length_cap() -> None:
     assert over.lock_keys == () and over.refusal is not None and str(MAX_LOCK_KEY) in over.refusal
     with pytest.raises(InvalidRequest):
         render_lock_key("k:{a}", {"a": "y" * MAX_LOCK_KEY})
+    with pytest.raises(ConfigurationError, match="longer than 512"):
+        Policy(locks=["k" * 513 + "{id}"]).validate()
 
 
 @pytest.mark.parametrize(("key", "hint"), [
