@@ -1089,3 +1089,53 @@ def test_example_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         sys.modules.pop(name, None)
         stop_backend()
+
+
+def test_row5_policy_views_classes_and_blueprints_refuse_without_the_extension(issuer: DemoIssuer) -> None:
+    """Without SessionAware on the app, every kind of decorated view answers 503 and never runs; with only the core
+    WSGI middleware (which reads the table, not @policy) too."""
+    from sa_middleware.wsgi import SessionAwareWSGIMiddleware
+
+    ran: list[str] = []
+    shop = policy(scopes={"shop"})(Blueprint("shop", __name__))
+
+    @shop.get("/basket")
+    def basket() -> str:
+        ran.append("blueprint")
+        return "ok"
+
+    @policy(exclusive=True)
+    class Things(MethodView):
+        def get(self) -> str:
+            ran.append("class")
+            return "ok"
+
+    def build() -> Flask:
+        app = Flask("unguarded")
+
+        @app.get("/fn")
+        @policy(scopes={"x"})
+        def fn() -> str:
+            ran.append("function")
+            return "ok"
+
+        app.add_url_rule("/things", view_func=Things.as_view("things"))
+        app.register_blueprint(shop)
+        return app
+
+    bare, core = build(), build()
+    guard = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience)
+    core.wsgi_app = SessionAwareWSGIMiddleware(core.wsgi_app, guard=guard)  # type: ignore[method-assign]
+    for app in (bare, core):
+        for path in ("/fn", "/things", "/basket"):
+            resp = app.test_client().get(path, headers=auth(issuer.token(sub(), scope="x shop")))
+            assert resp.status_code == 503, (path, resp.get_data(as_text=True))
+            assert resp.json is not None and resp.json["code"] == "view_not_guarded"
+    assert ran == []
+    guarded = build()
+    SessionAware(guarded, guard=guard)
+    for path in ("/fn", "/things", "/basket"):
+        assert guarded.test_client().get(path, headers=auth(issuer.token(sub(), scope="x shop"))).status_code == 200
+    assert ran == ["function", "class", "blueprint"]
+    guard.close()

@@ -1002,3 +1002,43 @@ def check_example(module_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_example_imports_and_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     check_example("starlette_app.py", tmp_path, monkeypatch)
+
+
+def test_row5_endpoint_classes_and_websockets_refuse_without_the_middleware() -> None:
+    ran: list[str] = []
+
+    @policy(exclusive=True)
+    class Things(HTTPEndpoint):
+        async def get(self, request: Request) -> JSONResponse:
+            ran.append("class")
+            return JSONResponse({})
+
+    @policy(locks=["room:{room}"])
+    async def room(websocket: WebSocket) -> None:
+        ran.append("websocket")
+        await websocket.accept()
+
+    app = Starlette(routes=[Route("/things", Things), WebSocketRoute("/ws/{room}", room)])
+
+    async def call(kind: str, path: str) -> list[Message]:
+        sent: list[Message] = []
+        incoming = [{"type": "http.request", "body": b""} if kind == "http" else {"type": "websocket.connect"}]
+
+        async def receive() -> Message:
+            if not incoming:
+                await anyio.sleep_forever()
+            return incoming.pop(0)
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": kind, "path": path, "root_path": "", "method": "GET", "headers": [], "query_string": b"",
+                 "asgi": {"version": "3.0"}}
+        with anyio.fail_after(WAIT):
+            await app(scope, receive, send)
+        return sent
+
+    http = anyio.run(call, "http", "/things")
+    assert http[0]["status"] == 503 and json.loads(http[1]["body"])["code"] == "view_not_guarded"
+    assert anyio.run(call, "websocket", "/ws/1") == [{"type": "websocket.close", "code": 1011, "reason": ""}]
+    assert ran == []
