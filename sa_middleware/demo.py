@@ -23,7 +23,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import anyio.to_thread
@@ -389,20 +389,21 @@ def serve_wsgi(app: Any) -> tuple[str, Callable[[], None]]:
     return f"http://127.0.0.1:{server.server_port}", stop
 
 
-def serve_asgi(app: Any, lifespan: Literal["auto", "on", "off"] = "off") -> tuple[str, Callable[[], None]]:
-    """Serve an ASGI app with uvicorn on a free loopback port in a thread; returns (base URL, stop)."""
+def serve_asgi(app: Any, **config: Any) -> tuple[str, Callable[[], None]]:
+    """Serve an ASGI app with uvicorn on a free loopback port in a thread; returns (base URL, stop). ``config``
+    adds uvicorn options (``root_path="/api"``, ``lifespan="on"``)."""
     import socket
 
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan=lifespan)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, **{"log_level": "warning", "lifespan": "off", **config}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         if not thread.is_alive():
+            sock.close()
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
 

@@ -7,7 +7,8 @@
      +-- StoreError              the store failed
      |    +-- StoreUnavailable   the store did not answer in time (requests get 503 store_unavailable)
      +-- InvalidToken            a bearer token failed verification (requests get 401 invalid_token)
-          +-- KeysUnavailable    the signing keys could not be fetched (requests get 503 keys_unavailable)
+     |    +-- KeysUnavailable    the signing keys could not be fetched (requests get 503 keys_unavailable)
+     +-- InvalidRequest          a request the Guard cannot decide safely (requests get 400 invalid_request)
 
 Requests never see these exceptions: the middleware turns them into denials.
 """
@@ -15,7 +16,8 @@ Requests never see these exceptions: the middleware turns them into denials.
 from __future__ import annotations
 
 __all__ = [
-    "ConfigurationError", "InvalidToken", "KeysUnavailable", "SAMiddlewareError", "StoreError", "StoreUnavailable",
+    "ConfigurationError", "InvalidRequest", "InvalidToken", "KeysUnavailable", "SAMiddlewareError", "StoreError",
+    "StoreUnavailable",
 ]
 
 
@@ -49,3 +51,8 @@ class KeysUnavailable(InvalidToken):
     def __init__(self, message: str = "signing keys unavailable", retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class InvalidRequest(SAMiddlewareError):
+    """A request whose URL or headers cannot be decided safely (a lock key with a dot segment or over the length
+    cap, a method-override header). The message is safe to show."""

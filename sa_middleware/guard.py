@@ -271,7 +271,7 @@ class Guard(Operations):
 
     def match(self, request: RequestInfo) -> RouteMatch:
         """The route and policy for a request (adapters pass their own router's match to ``admit`` instead)."""
-        return self.routes.match("WEBSOCKET" if request.websocket else request.method, request.path)
+        return self.routes.match("WEBSOCKET" if request.websocket else request.method, request.route_path)
 
     def _flow(self, request: RequestInfo, match: RouteMatch | None) -> Generator[_Step, Any, Outcome]:
         outcome = yield from self._decide(request, match)
@@ -281,6 +281,9 @@ class Guard(Operations):
 
     def _decide(self, request: RequestInfo, match: RouteMatch | None) -> Generator[_Step, Any, Outcome]:
         match = match or self.match(request)
+        refusal = match.refusal or _method_override(request)
+        if refusal is not None:
+            return Denial("invalid_request", refusal)
         policy = match.policy
         if policy.public:
             return Admitted(SAContext(None, None, None, route=match.route, params=match.params), None)
@@ -680,6 +683,19 @@ class Guard(Operations):
         with suppress(Exception):
             self.flush()
         super().close()
+
+
+_METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
+
+
+def _method_override(request: RequestInfo) -> str | None:
+    """Refuse a method-override header naming another method: the Guard decides the method the server saw, so an
+    app that honours the header would run a different route than the one decided."""
+    for name in _METHOD_OVERRIDES:
+        value = request.headers.get(name)
+        if value is not None and value.strip().upper() != request.method.upper():
+            return f"the {name} header is refused: send the request with the method itself"
+    return None
 
 
 def _scheme(request: RequestInfo) -> str:

@@ -554,6 +554,19 @@ async def test_one_object_is_one_lock_whatever_the_spelling(site: Site) -> None:
         assert [lock.key for lock in await site.guard.alocks()] == ["n:7"]
 
 
+@pytest.mark.anyio
+async def test_a_path_like_string_argument_is_one_object_or_refused(site: Site) -> None:
+    obj = fresh()
+    async with site.session(site.token(fresh())) as a, site.session(site.token(fresh())) as b, \
+            holding(a, site.bench, "write", {"obj": f"{obj}/x"}):
+        assert [lock.key for lock in await site.guard.alocks() if obj in lock.key] == [f"obj:{obj}/x"]
+        denied(await b.call_tool("write", {"obj": f"{obj}//x/"}), "object_locked", 423)  # the same object
+        for spelling in (f"{obj}/./x", f"{obj}/../{obj}/x", "x" * 600):
+            result = await b.call_tool("write", {"obj": spelling})
+            assert result.is_error and result.structured_content["status"] == 400  # type: ignore[index]
+        assert [lock.key for lock in await site.guard.alocks() if obj in lock.key] == [f"obj:{obj}/x"]
+
+
 # -- MCP sessions --------------------------------------------------------------------------------------------------
 
 @pytest.mark.anyio
