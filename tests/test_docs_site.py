@@ -46,9 +46,11 @@ def test_every_page_is_in_the_nav() -> None:
 def test_readme_is_short_and_links_into_the_docs() -> None:
     readme = (ROOT / "README.md").read_text()
     assert len(readme.encode()) <= README_LIMIT
-    for heading in ("## Security model", "## Using your identity provider", "## MCP servers", "## Observability"):
+    # each links into the docs; the security model keeps its guarantees and the deployer's duties in the README
+    for heading, most in (("## Security model", 16), ("## Using your identity provider", 3), ("## MCP servers", 3),
+                          ("## Observability", 3)):
         section = readme.split(heading, 1)[1].split("\n## ", 1)[0].strip()
-        assert 1 <= len(section.splitlines()) <= 3 and "](docs/" in section, heading
+        assert 1 <= len(section.splitlines()) <= most and "](docs/" in section, heading
     for link in re.findall(r"\]\((docs/[^)#]+)", readme):
         assert (ROOT / link).is_file(), link
 
