@@ -30,6 +30,10 @@ R = TypeVar("R")
 class Store(abc.ABC):
     """A place where contexts, tickets and locks live. Each admission and each release is one atomic operation.
 
+    Principal state (generation, watermarks, risk, privileges, sessions, tickets, markers) is kept per issuer and
+    subject: the operations on a principal take its ``iss`` ("" for tokens without an issuer). Session ids are
+    global: a session id held by one principal is refused to every other.
+
     Every operation has an async twin prefixed with ``a``. The base class runs the sync operation in a worker
     thread so the event loop never waits on I/O; stores with native async clients override the twins.
     """
@@ -53,11 +57,11 @@ class Store(abc.ABC):
         """Extend the leases of live tickets (and their locks) in one operation; expired ones stay expired."""
 
     @abc.abstractmethod
-    def rotate(self, sub: str) -> int:
+    def rotate(self, sub: str, iss: str = "") -> int:
         """Bump the principal's generation; returns the new generation."""
 
     @abc.abstractmethod
-    def revoke_principal(self, sub: str) -> float:
+    def revoke_principal(self, sub: str, iss: str = "") -> float:
         """Refuse every token of ``sub`` issued before now; returns the watermark."""
 
     @abc.abstractmethod
@@ -65,7 +69,7 @@ class Store(abc.ABC):
         """Revoke one session; returns whether it was known."""
 
     @abc.abstractmethod
-    def report_compromise(self, sub: str | None, session_id: str | None) -> list[str]:
+    def report_compromise(self, sub: str | None, session_id: str | None, iss: str = "") -> list[str]:
         """Mark every context related to ``sub`` / ``session_id`` compromised; returns their ids."""
 
     @abc.abstractmethod
@@ -81,12 +85,17 @@ class Store(abc.ABC):
         """Mark a device compliant or not."""
 
     @abc.abstractmethod
-    def set_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
+    def set_privileges(self, sub: str, scopes: Iterable[str] | None, iss: str = "") -> None:
         """Limit the scopes of tokens issued before now to ``scopes`` (``None`` lifts the limit)."""
 
     @abc.abstractmethod
-    def sessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
+    def sessions(self, sub: str, session_idle: float, iss: str = "") -> list[SessionInfo]:
         """The principal's sessions seen within ``session_idle`` seconds, with their status."""
+
+    def issuers(self, sub: str) -> list[str]:
+        """The issuers under which the store holds state for ``sub``, sorted ("" stands for tokens without an
+        issuer, and for state stored before issuers were recorded)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement issuers")
 
     @abc.abstractmethod
     def locks(self) -> list[LockInfo]:
@@ -96,27 +105,27 @@ class Store(abc.ABC):
     # Every store must implement these; the base raises NotImplementedError (rather than declaring them abstract)
     # so a store written before them still opens, and only the security-event features fail on it.
 
-    def revoke_sessions(self, sub: str, before: float | None) -> list[str]:
+    def revoke_sessions(self, sub: str, before: float | None, iss: str = "") -> list[str]:
         """Revoke every session of ``sub`` whose token was issued at or before ``min(before, now)`` (``None``:
         now): existing sessions created by then are marked revoked, and a token of ``sub`` issued at or before
         that time is refused (``session_revoked``) for any session. Returns the ids of the sessions marked."""
         raise NotImplementedError(f"{type(self).__name__} does not implement revoke_sessions")
 
-    def disable_principal(self, sub: str) -> float:
+    def disable_principal(self, sub: str, iss: str = "") -> float:
         """Refuse every token of ``sub`` (``token_revoked``) until :meth:`enable_principal`, and set the not-before
         watermark to now, so tokens issued before stay refused after that. Returns now."""
         raise NotImplementedError(f"{type(self).__name__} does not implement disable_principal")
 
-    def enable_principal(self, sub: str) -> bool:
+    def enable_principal(self, sub: str, iss: str = "") -> bool:
         """Undo :meth:`disable_principal` (the watermark stays); returns whether ``sub`` was disabled."""
         raise NotImplementedError(f"{type(self).__name__} does not implement enable_principal")
 
-    def set_assurance(self, sub: str, level: str | None, at: float | None) -> None:
+    def set_assurance(self, sub: str, level: str | None, at: float | None, iss: str = "") -> None:
         """Record ``sub``'s assurance level as of ``min(at, now)`` (``None``: now): for tokens issued before that
         time, ``level`` replaces the token's ``acr`` in the ``acr_values`` check. ``level=None`` forgets it."""
         raise NotImplementedError(f"{type(self).__name__} does not implement set_assurance")
 
-    def raise_risk(self, sub: str, amount: int, window: float) -> None:
+    def raise_risk(self, sub: str, amount: int, window: float, iss: str = "") -> None:
         """Add ``amount`` to ``sub``'s risk for ``window`` seconds from now (as an admitted ``raises_risk``)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement raise_risk")
 
@@ -171,17 +180,17 @@ class Store(abc.ABC):
     async def arenew(self, ticket_ids: Sequence[str], lease: float) -> None:
         await self._run(self.renew, ticket_ids, lease)
 
-    async def arotate(self, sub: str) -> int:
-        return await self._run(self.rotate, sub)
+    async def arotate(self, sub: str, iss: str = "") -> int:
+        return await self._run(self.rotate, sub, iss)
 
-    async def arevoke_principal(self, sub: str) -> float:
-        return await self._run(self.revoke_principal, sub)
+    async def arevoke_principal(self, sub: str, iss: str = "") -> float:
+        return await self._run(self.revoke_principal, sub, iss)
 
     async def arevoke_session(self, session_id: str) -> bool:
         return await self._run(self.revoke_session, session_id)
 
-    async def areport_compromise(self, sub: str | None, session_id: str | None) -> list[str]:
-        return await self._run(self.report_compromise, sub, session_id)
+    async def areport_compromise(self, sub: str | None, session_id: str | None, iss: str = "") -> list[str]:
+        return await self._run(self.report_compromise, sub, session_id, iss)
 
     async def apause_session(self, session_id: str) -> bool:
         return await self._run(self.pause_session, session_id)
@@ -192,29 +201,32 @@ class Store(abc.ABC):
     async def aset_device_status(self, device_id: str, compliant: bool) -> None:
         await self._run(self.set_device_status, device_id, compliant)
 
-    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
-        await self._run(self.set_privileges, sub, scopes)
+    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None, iss: str = "") -> None:
+        await self._run(self.set_privileges, sub, scopes, iss)
 
-    async def asessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
-        return await self._run(self.sessions, sub, session_idle)
+    async def asessions(self, sub: str, session_idle: float, iss: str = "") -> list[SessionInfo]:
+        return await self._run(self.sessions, sub, session_idle, iss)
+
+    async def aissuers(self, sub: str) -> list[str]:
+        return await self._run(self.issuers, sub)
 
     async def alocks(self) -> list[LockInfo]:
         return await self._run(self.locks)
 
-    async def arevoke_sessions(self, sub: str, before: float | None) -> list[str]:
-        return await self._run(self.revoke_sessions, sub, before)
+    async def arevoke_sessions(self, sub: str, before: float | None, iss: str = "") -> list[str]:
+        return await self._run(self.revoke_sessions, sub, before, iss)
 
-    async def adisable_principal(self, sub: str) -> float:
-        return await self._run(self.disable_principal, sub)
+    async def adisable_principal(self, sub: str, iss: str = "") -> float:
+        return await self._run(self.disable_principal, sub, iss)
 
-    async def aenable_principal(self, sub: str) -> bool:
-        return await self._run(self.enable_principal, sub)
+    async def aenable_principal(self, sub: str, iss: str = "") -> bool:
+        return await self._run(self.enable_principal, sub, iss)
 
-    async def aset_assurance(self, sub: str, level: str | None, at: float | None) -> None:
-        await self._run(self.set_assurance, sub, level, at)
+    async def aset_assurance(self, sub: str, level: str | None, at: float | None, iss: str = "") -> None:
+        await self._run(self.set_assurance, sub, level, at, iss)
 
-    async def araise_risk(self, sub: str, amount: int, window: float) -> None:
-        await self._run(self.raise_risk, sub, amount, window)
+    async def araise_risk(self, sub: str, amount: int, window: float, iss: str = "") -> None:
+        await self._run(self.raise_risk, sub, amount, window, iss)
 
     async def aseen_event(self, key: str, ttl: float) -> bool:
         return await self._run(self.seen_event, key, ttl)
