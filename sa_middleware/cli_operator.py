@@ -47,6 +47,12 @@ def _store_option(func: F) -> F:
                         help="The store the applications share (env SA_STORE).")(func)
 
 
+def _issuer_option(func: F) -> F:
+    return click.option("--issuer", default=None, metavar="ISSUER",
+                        help="The principal's token issuer (iss). Needed only when the subject is known under several "
+                             "issuers, or not yet known; \"\" for tokens without an issuer.")(func)
+
+
 def _json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(func)
 
@@ -72,6 +78,7 @@ def _operations(uri: str, session_idle: float = 900.0) -> Iterator[Operations]:
     _check_store(uri)
     try:
         ops = Operations(uri, session_idle=session_idle, source="cli")
+        ops.issuer_hint = "--issuer"
     except SAMiddlewareError as exc:
         raise click.ClickException(f"cannot open the store: {exc}") from None
     except Exception as exc:  # e.g. a file that is not a SQLite database
@@ -144,12 +151,13 @@ def _echo_json(value: object) -> None:
 @click.option("--idle", type=click.FloatRange(min=0, min_open=True), default=900.0, show_default=True,
               metavar="SECONDS",
               help="Seconds without a request after which a session no longer counts (the Guard's session_idle).")
+@_issuer_option
 @_json_option
 @_store_option
-def sessions(sub: str, idle: float, as_json: bool, store_uri: str) -> None:
+def sessions(sub: str, idle: float, issuer: str | None, as_json: bool, store_uri: str) -> None:
     """List SUB's active sessions with their status (active, paused, revoked, compromised)."""
     with _operations(store_uri, idle) as ops:
-        found = ops.sessions(sub)
+        found = ops.sessions(sub, issuer=issuer)
     if as_json:
         _echo_json([asdict(s) for s in found])
     elif not found:
@@ -253,14 +261,15 @@ def _one_of(**given: str | None) -> tuple[str, str]:
 @click.command()
 @click.option("--sub", default=None, metavar="SUB", help="Refuse every token of this principal issued before now.")
 @click.option("--session", "session_id", default=None, metavar="SESSION", help="Revoke this one session.")
+@_issuer_option
 @_store_option
-def revoke(sub: str | None, session_id: str | None, store_uri: str) -> None:
+def revoke(sub: str | None, session_id: str | None, issuer: str | None, store_uri: str) -> None:
     """Revoke a principal's tokens issued before now (--sub: the not-before watermark) or one session
     (--session)."""
     which, value = _one_of(sub=sub, session=session_id)
     with _operations(store_uri) as ops:
         if which == "sub":
-            watermark = ops.revoke_principal(value)
+            watermark = ops.revoke_principal(value, issuer=issuer)
             _say(f"{value}: every token issued before {iso(watermark)} is refused (token_revoked)")
         elif ops.revoke_session(value):
             _say(f"session {value} revoked (session_revoked)")
@@ -271,11 +280,12 @@ def revoke(sub: str | None, session_id: str | None, store_uri: str) -> None:
 
 @click.command()
 @click.argument("sub")
+@_issuer_option
 @_store_option
-def rotate(sub: str, store_uri: str) -> None:
+def rotate(sub: str, issuer: str | None, store_uri: str) -> None:
     """Bump SUB's credential generation: every token of a lower generation is refused (stale_generation)."""
     with _operations(store_uri) as ops:
-        generation = ops.rotate(sub)
+        generation = ops.rotate(sub, issuer=issuer)
     _say(f"{sub}: generation {generation}; tokens of a lower generation are refused (stale_generation)")
 
 
@@ -283,13 +293,14 @@ def rotate(sub: str, store_uri: str) -> None:
 @click.option("--sub", default=None, metavar="SUB", help="The compromised principal: every context related to it.")
 @click.option("--session", "session_id", default=None, metavar="SESSION",
               help="The compromised session: every context related to it.")
+@_issuer_option
 @_store_option
-def compromise(sub: str | None, session_id: str | None, store_uri: str) -> None:
+def compromise(sub: str | None, session_id: str | None, issuer: str | None, store_uri: str) -> None:
     """Report a compromise: every related context is refused (credential_compromised) until re-established."""
     if sub is None and session_id is None:
         raise click.UsageError("give --sub or --session (or both)")
     with _operations(store_uri) as ops:
-        marked = ops.report_compromise(sub, session_id)
+        marked = ops.report_compromise(sub, session_id, issuer=issuer)
     if marked:
         _say(f"marked compromised: {len(marked)} context{'s' if len(marked) != 1 else ''}")
         for session in marked:
@@ -344,14 +355,16 @@ def device(device_id: str, compliant: bool | None, store_uri: str) -> None:
 @click.argument("scopes", nargs=-1, metavar="[SCOPE]...")
 @click.option("--clear", is_flag=True, help="Lift the limit: tokens keep the scopes they carry.")
 @click.option("--none", "withdraw_all", is_flag=True, help="Withdraw every scope of SUB's tokens issued before now.")
+@_issuer_option
 @_store_option
-def privileges(sub: str, scopes: tuple[str, ...], clear: bool, withdraw_all: bool, store_uri: str) -> None:
+def privileges(sub: str, scopes: tuple[str, ...], clear: bool, withdraw_all: bool, issuer: str | None,
+               store_uri: str) -> None:
     """Limit the scopes of SUB's tokens issued before now to SCOPE... (--none: no scope; --clear: no limit)."""
     if sum((bool(scopes), clear, withdraw_all)) != 1:
         raise click.UsageError("give SCOPE..., --none or --clear (exactly one)")
     values = None if clear else list(scopes)
     with _operations(store_uri) as ops:
-        ops.set_privileges(sub, values)
+        ops.set_privileges(sub, values, issuer=issuer)
     if values is None:
         _say(f"{sub}: scope limit lifted")
     elif values:

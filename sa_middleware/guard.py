@@ -73,6 +73,7 @@ class _Report:
 
     sub: str
     session_id: str
+    iss: str
 
 
 _Step = _Verify | _Admit | _Sleep | _Report
@@ -199,6 +200,9 @@ class Guard(Operations):
         self.audit_admissions = audit_admissions
         Operations.__init__(self, store, session_idle=session_idle, audit_retention=audit_retention,
                             audit_max_records=audit_max_records, audit_buffer=audit_buffer)
+        # principal state is kept per issuer (see _state_issuer): operations without issuer= pick among these
+        pinned = self.verifier.issuer
+        self.issuers = ("",) if pinned is None else (pinned,) if isinstance(pinned, str) else tuple(pinned)
         self.leeway = float(leeway)
         self.session_idle = float(session_idle)
         self.lease = float(lease)
@@ -247,7 +251,7 @@ class Guard(Operations):
             return Denial("invalid_token", str(exc))
         if isinstance(binding, Denial):
             if binding.code == "token_reuse" and self.reuse_is_compromise:
-                yield _Report(admission.sub, admission.session_id)
+                yield _Report(admission.sub, admission.session_id, admission.iss)
             return binding
         deadline = None
         delay = 0.01
@@ -270,7 +274,7 @@ class Guard(Operations):
                     delay = min(delay * 2, 0.25)
                     continue
             if result.code == "token_reuse" and self.reuse_is_compromise:
-                yield _Report(admission.sub, admission.session_id)
+                yield _Report(admission.sub, admission.session_id, admission.iss)
             return self._challenge(result, admission)
 
     def _challenge(self, denial: Denial, a: Admission) -> Denial:
@@ -334,8 +338,17 @@ class Guard(Operations):
             raises_risk=policy.raises_risk, risk_window=policy.risk_window, max_risk=policy.max_risk,
             locks=tuple(LockRequest(key, policy.lock_mode) for key in match.lock_keys),
             on_lock_conflict=policy.on_lock_conflict, lease=self.lease, session_idle=self.session_idle,
-            audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait")
+            audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait",
+            iss=self._state_issuer(claims))
         return admission, SAContext(sub, kind, session_id, claims, route=match.route, params=match.params)
+
+    def _state_issuer(self, claims: Mapping[str, Any]) -> str:
+        """The issuer a token's principal state is kept under: its ``iss`` when the Guard pins issuers (then it
+        was verified to be one of them), else "" (one trust domain: the keys)."""
+        if self.verifier.issuer is None:
+            return ""
+        iss = claims.get("iss")
+        return iss if isinstance(iss, str) else ""
 
     def _token(self, request: RequestInfo) -> str | InvalidToken | None:
         header = request.headers.get("authorization")
@@ -442,7 +455,7 @@ class Guard(Operations):
         log.warning("sa-middleware: token reuse in session %s of %s: reporting a compromise", step.session_id,
                     step.sub)
         try:
-            self.report_compromise(step.sub, step.session_id, source="middleware")
+            self.report_compromise(step.sub, step.session_id, issuer=step.iss, source="middleware")
         except Exception:
             log.exception("sa-middleware: the compromise of session %s could not be reported", step.session_id)
 
@@ -450,7 +463,7 @@ class Guard(Operations):
         log.warning("sa-middleware: token reuse in session %s of %s: reporting a compromise", step.session_id,
                     step.sub)
         try:
-            await self.areport_compromise(step.sub, step.session_id, source="middleware")
+            await self.areport_compromise(step.sub, step.session_id, issuer=step.iss, source="middleware")
         except Exception:
             log.exception("sa-middleware: the compromise of session %s could not be reported", step.session_id)
 

@@ -126,7 +126,7 @@ class EventProcessor:
             return self._duplicate(event)
         try:
             for action in result.actions:
-                getattr(self.guard, action.op)(*action.args, source=_source(event))
+                getattr(self.guard, action.op)(*action.args, **_issuer(action), source=_source(event))
         except BaseException:
             with suppress(Exception):
                 store.forget_event(event.key)
@@ -142,12 +142,16 @@ class EventProcessor:
             return self._duplicate(event)
         try:
             for action in result.actions:
-                await getattr(self.guard, "a" + action.op)(*action.args, source=_source(event))
+                await getattr(self.guard, "a" + action.op)(*action.args, **_issuer(action), source=_source(event))
         except BaseException:
             with anyio.CancelScope(shield=True), suppress(Exception):
                 await store.aforget_event(event.key)
             raise
         return self._outcome(event, result)
+
+
+def _issuer(action: Action) -> dict[str, str]:
+    return {} if action.issuer is None else {"issuer": action.issuer}
 
 
 def _source(event: SecurityEvent) -> str:

@@ -16,7 +16,7 @@ from ..records import Admission, AuditRecord, LockInfo, SessionInfo, Ticket
 
 __all__ = [
     "DEFAULT_AUDIT_MAX_RECORDS", "DEFAULT_AUDIT_RETENTION", "Store", "check_audit_retention", "open_store",
-    "register_scheme",
+    "register_scheme", "scoped",
 ]
 
 #: how long audit records are kept (seconds), and how many at most: see README "Audit trail"
@@ -181,16 +181,16 @@ class Store(abc.ABC):
         await self._run(self.renew, ticket_ids, lease)
 
     async def arotate(self, sub: str, iss: str = "") -> int:
-        return await self._run(self.rotate, sub, iss)
+        return await self._run(self.rotate, sub, *scoped(iss))
 
     async def arevoke_principal(self, sub: str, iss: str = "") -> float:
-        return await self._run(self.revoke_principal, sub, iss)
+        return await self._run(self.revoke_principal, sub, *scoped(iss))
 
     async def arevoke_session(self, session_id: str) -> bool:
         return await self._run(self.revoke_session, session_id)
 
     async def areport_compromise(self, sub: str | None, session_id: str | None, iss: str = "") -> list[str]:
-        return await self._run(self.report_compromise, sub, session_id, iss)
+        return await self._run(self.report_compromise, sub, session_id, *scoped(iss))
 
     async def apause_session(self, session_id: str) -> bool:
         return await self._run(self.pause_session, session_id)
@@ -202,10 +202,10 @@ class Store(abc.ABC):
         await self._run(self.set_device_status, device_id, compliant)
 
     async def aset_privileges(self, sub: str, scopes: Iterable[str] | None, iss: str = "") -> None:
-        await self._run(self.set_privileges, sub, scopes, iss)
+        await self._run(self.set_privileges, sub, scopes, *scoped(iss))
 
     async def asessions(self, sub: str, session_idle: float, iss: str = "") -> list[SessionInfo]:
-        return await self._run(self.sessions, sub, session_idle, iss)
+        return await self._run(self.sessions, sub, session_idle, *scoped(iss))
 
     async def aissuers(self, sub: str) -> list[str]:
         return await self._run(self.issuers, sub)
@@ -214,19 +214,19 @@ class Store(abc.ABC):
         return await self._run(self.locks)
 
     async def arevoke_sessions(self, sub: str, before: float | None, iss: str = "") -> list[str]:
-        return await self._run(self.revoke_sessions, sub, before, iss)
+        return await self._run(self.revoke_sessions, sub, before, *scoped(iss))
 
     async def adisable_principal(self, sub: str, iss: str = "") -> float:
-        return await self._run(self.disable_principal, sub, iss)
+        return await self._run(self.disable_principal, sub, *scoped(iss))
 
     async def aenable_principal(self, sub: str, iss: str = "") -> bool:
-        return await self._run(self.enable_principal, sub, iss)
+        return await self._run(self.enable_principal, sub, *scoped(iss))
 
     async def aset_assurance(self, sub: str, level: str | None, at: float | None, iss: str = "") -> None:
-        await self._run(self.set_assurance, sub, level, at, iss)
+        await self._run(self.set_assurance, sub, level, at, *scoped(iss))
 
     async def araise_risk(self, sub: str, amount: int, window: float, iss: str = "") -> None:
-        await self._run(self.raise_risk, sub, amount, window, iss)
+        await self._run(self.raise_risk, sub, amount, window, *scoped(iss))
 
     async def aseen_event(self, key: str, ttl: float) -> bool:
         return await self._run(self.seen_event, key, ttl)
@@ -245,6 +245,12 @@ class Store(abc.ABC):
 
     async def aclose(self) -> None:
         await self._run(self.close)
+
+
+def scoped(iss: str) -> tuple[str, ...]:
+    """The issuer argument of a store operation: left out for the empty issuer, so a store written before issuers
+    (whose operations take no ``iss``) keeps working for tokens without one."""
+    return (iss,) if iss else ()
 
 
 def check_audit_retention(retention: float | None, max_records: int | None) -> None:

@@ -75,6 +75,9 @@ def _schema(db: sqlite_utils.Database) -> None:
         _add_issuer_to_principals(db, principals)
     db.table("principals").create(principals, pk=("iss", "sub"), not_null={"iss", "generation"},
                                   defaults={"iss": "", "generation": 0}, if_not_exists=True)
+    for column, kind in principals.items():  # added by later versions (security events): upgraded in place
+        if column not in db.table("principals").columns_dict:
+            db.table("principals").add_column(column, kind)
     db.table("sessions").create({"session_id": str, "sub": str, "kind": str, "status": str, "created": float,
                            "last_seen": float, "expires": float, "client": str, "user_agent": str, "device": str,
                            "credential": str, "actor": str, "marked_at": float, "marked_generation": int,
@@ -100,19 +103,16 @@ def _schema(db: sqlite_utils.Database) -> None:
                               "session_id": str, "route": str, "detail": str}, pk="id", if_not_exists=True)
     for columns in (["time"], ["sub", "time"], ["session_id", "time"], ["code", "time"]):
         db.table("audit").create_index(columns, if_not_exists=True)
-    for table, columns in (("sessions", ["sub"]), ("sessions", ["actor"]), ("sessions", ["iss", "sub"]), ("sessions", ["device"]),
-                           ("sessions", ["credential"]), ("tickets", ["sub"]), ("locks", ["ticket_id"])):
+    for table, columns in (("sessions", ["sub"]), ("sessions", ["iss", "sub"]), ("sessions", ["actor"]),
+                           ("sessions", ["device"]), ("sessions", ["credential"]), ("tickets", ["sub"]),
+                           ("locks", ["ticket_id"])):
         db.table(table).create_index(columns, if_not_exists=True)
 
 
 def _add_issuer_to_principals(db: sqlite_utils.Database, columns: dict[str, type]) -> None:
     """Upgrade a database created before issuers: the principals table gets an ``iss`` column ("" for every row it
     holds) in its primary key. SQLite cannot change a primary key in place, so the table is copied."""
-    old = db.table("principals")
-    for column, kind in columns.items():  # columns added by later versions, missing from older databases
-        if column not in old.columns_dict and column != "iss":
-            old.add_column(column, kind)
-    names = [c for c in columns if c != "iss"]
+    names = [c for c in columns if c != "iss" and c in db.table("principals").columns_dict]
     db.table("principals_upgrade").create(columns, pk=("iss", "sub"), not_null={"iss", "generation"},
                                           defaults={"iss": "", "generation": 0})
     db.execute(f"INSERT INTO principals_upgrade (iss, {', '.join(names)}) SELECT '', {', '.join(names)} "
@@ -457,8 +457,9 @@ class SQLiteStore(Store):
 
     def _apply(self, conn: sqlite3.Connection, now: float, a: Admission, v: Verdict) -> None:
         if v.new_generation is not None or v.risk is not None:
-            conn.execute("INSERT INTO principals (iss, sub, generation, risk) VALUES (?, ?, ?, ?) ON CONFLICT(iss, sub) "
-                         "DO UPDATE SET generation = max(generation, excluded.generation), risk = coalesce(?, risk)",
+            conn.execute("INSERT INTO principals (iss, sub, generation, risk) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT(iss, sub) DO UPDATE SET generation = max(generation, excluded.generation), "
+                         "risk = coalesce(?, risk)",
                          (a.iss, a.sub, v.new_generation or 0, json.dumps(v.risk or []),
                           None if v.risk is None else json.dumps(v.risk)))
         if v.session is not None:
