@@ -139,7 +139,7 @@ class Operations:
 
     def _operation(self, code: str, source: str | None, sub: str | None = None, session_id: str | None = None,
                    detail: str = "", iss: str = "") -> AuditRecord:
-        if iss:
+        if iss and self.issuers != (iss,):  # the issuer, unless it is the only one here
             detail = f"{detail}; issuer {iss}" if detail else f"issuer {iss}"
         return AuditRecord("operation", code, self.source if source is None else _source(source), sub, session_id,
                            None, detail)
