@@ -1223,7 +1223,7 @@ class RedisStore(Store):
         for route, group in self._groups(sorted(set(keys)), lambda k: k):
             for i in range(0, len(group), 256):
                 r = yield _Call("locks", route, {"keys": group[i:i + 256]})
-                found.extend(LockInfo(key, mode, _int(fence), tid, sub, sid, float(expires))
-                             for key, mode, fence, tid, sub, sid, expires in _seq(r.get("locks")))
+                found.extend(LockInfo(key, mode, _int(fence), tid, sub, sid, float(expires), iss)
+                             for key, mode, fence, tid, sub, sid, expires, iss in _seq(r.get("locks")))
         return sorted(found, key=lambda lock: (lock.key, lock.fencing_token))
 

@@ -295,7 +295,7 @@ sa.ops.locks = function(p, now, since)
     for i = 1, #h, 2 do
       local r = sa.dec(h[i + 1])
       if r.e > now then
-        out[#out + 1] = {r.key, r.m, sa.fmt(r.f), h[i], r.s, r.sid, sa.fmt(r.e)}
+        out[#out + 1] = {r.key, r.m, sa.fmt(r.f), h[i], r.s, r.sid, sa.fmt(r.e), r.is or ''}
       end
     end
   end
