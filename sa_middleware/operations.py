@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .audit import DEFAULT_AUDIT_BUFFER, AuditBuffer
-from .errors import ConfigurationError
+from .errors import ConfigurationError, IssuerRequired
 from .records import AuditRecord, LockInfo, SessionInfo
 from .stores.base import Store, check_audit_retention, open_store, scoped
 
@@ -148,7 +148,7 @@ class Operations:
 
     def issuer_of(self, sub: str, issuer: str | None = None, *, known: bool = True) -> str:
         """The issuer of the principal ``sub``: ``issuer`` when given, else this object's one issuer, else the one
-        issuer the store knows ``sub`` under. Raises ConfigurationError when that is ambiguous, or (``known``) when
+        issuer the store knows ``sub`` under. Raises IssuerRequired when that is ambiguous, or (``known``) when
         the store knows ``sub`` under none of the candidates; with ``known=False`` (listings) that is ""."""
         if issuer is not None:
             return _issuer(issuer)
@@ -181,11 +181,11 @@ class Operations:
             return found[0]
         hint = self.issuer_hint
         if found:
-            raise ConfigurationError(f"ambiguous: subject {sub} is known under issuers "
+            raise IssuerRequired(f"ambiguous: subject {sub} is known under issuers "
                                      f"{', '.join(repr(x) for x in found)}; pass {hint}")
         if not known:
             return ""
-        raise ConfigurationError(f"subject {sub} is not known to the store under "
+        raise IssuerRequired(f"subject {sub} is not known to the store under "
                                  f"{'any issuer' if self.issuers is None else 'the issuers trusted here'}; pass "
                                  f"{hint} (the empty string for tokens without an issuer)")
 

@@ -21,6 +21,7 @@ from typing import Literal
 
 import anyio
 
+from ..errors import IssuerRequired
 from ..guard import Guard
 from .errors import SETError
 from .mapping import STREAM_UPDATED, VERIFICATION, Action, MappingOptions, Plan, opaque_kind, plan
@@ -127,9 +128,10 @@ class EventProcessor:
         try:
             for action in result.actions:
                 getattr(self.guard, action.op)(*action.args, **_issuer(action), source=_source(event))
-        except BaseException:
+        except BaseException as exc:
             with suppress(Exception):
                 store.forget_event(event.key)
+            _refuse_unnamed(exc)
             raise
         return self._outcome(event, result)
 
@@ -143,11 +145,20 @@ class EventProcessor:
         try:
             for action in result.actions:
                 await getattr(self.guard, "a" + action.op)(*action.args, **_issuer(action), source=_source(event))
-        except BaseException:
+        except BaseException as exc:
             with anyio.CancelScope(shield=True), suppress(Exception):
                 await store.aforget_event(event.key)
+            _refuse_unnamed(exc)
             raise
         return self._outcome(event, result)
+
+
+def _refuse_unnamed(exc: BaseException) -> None:
+    """A subject whose principal's issuer cannot be told (known under several token issuers, or under none) is
+    refused with ``invalid_request`` (400): a retry would fail the same way, and nothing was applied."""
+    if isinstance(exc, IssuerRequired):
+        raise SETError("invalid_request", "the subject names a principal of several token issuers, or of none "
+                                          "known here: name it with an iss_sub subject") from None
 
 
 def _issuer(action: Action) -> dict[str, str]:
