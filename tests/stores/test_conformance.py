@@ -1235,6 +1235,16 @@ def test_on_lock_conflict_pause_reaches_a_holder_of_another_issuer(d: Driver) ->
     assert (lock.sub, lock.iss) == ("bot", B)
 
 
+def test_a_refreshed_token_reopens_its_expired_session_under_any_issuer(d: Driver) -> None:
+    # needs_clock
+    for iss in ("", A):
+        d.passes(iss=iss, session_id=f"s-{iss}", token_exp=d.clock() + 1)
+    d.clock.advance(1.5)  # the sessions expired with their tokens; the session ids are still indexed
+    for iss in ("", A):
+        d.passes(iss=iss, session_id=f"s-{iss}")
+    d.deny("invalid_token", iss=B, session_id=f"s-{A}")
+
+
 def test_issuers_of_a_subject(d: Driver) -> None:
     assert d.store.issuers("alice") == []
     d.passes(iss=A, session_id="a-1")

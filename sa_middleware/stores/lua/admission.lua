@@ -69,7 +69,7 @@ function sa.snapshot(a, now, since, facts)
     if a.one_time and a.jti ~= nil then sa.fact({'jti', a.jti}, nil, a.iss, keep_for, facts) end
     if s.session == nil then
       local h = redis.call('HMGET', sa.key('s', a.sid), 'o', 'st', 'oi')
-      if h[1] then facts.idx = {o = h[1], st = h[2], oi = h[3]} else facts.idx = false end
+      if h[1] then facts.idx = {o = h[1], st = h[2] or nil, oi = h[3] or nil} else facts.idx = false end
     end
   elseif s.session == nil and facts.idx == nil then
     return nil
