@@ -267,6 +267,8 @@ def revoke(sub: str | None, session_id: str | None, issuer: str | None, store_ur
     """Revoke a principal's tokens issued before now (--sub: the not-before watermark) or one session
     (--session)."""
     which, value = _one_of(sub=sub, session=session_id)
+    if issuer is not None and which != "sub":
+        raise click.UsageError("--issuer goes with --sub (a session names its own principal)")
     with _operations(store_uri) as ops:
         if which == "sub":
             watermark = ops.revoke_principal(value, issuer=issuer)
@@ -299,6 +301,8 @@ def compromise(sub: str | None, session_id: str | None, issuer: str | None, stor
     """Report a compromise: every related context is refused (credential_compromised) until re-established."""
     if sub is None and session_id is None:
         raise click.UsageError("give --sub or --session (or both)")
+    if issuer is not None and sub is None:
+        raise click.UsageError("--issuer goes with --sub (a session names its own principal)")
     with _operations(store_uri) as ops:
         marked = ops.report_compromise(sub, session_id, issuer=issuer)
     if marked:

@@ -234,7 +234,7 @@ class Operations:
                           issuer: str | None = None, source: str | None = None) -> list[str]:
         """Mark every context related to ``sub`` or ``session_id`` compromised; returns their session ids. A
         session alone names its own principal (and issuer)."""
-        args = _compromise_args(sub, session_id)
+        args = _compromise_args(sub, session_id, issuer)
         iss = "" if sub is None else self.issuer_of(sub, issuer)
         marked = self.store.report_compromise(*args, *scoped(iss))
         self._note(self._operation("report_compromise", source, *args, detail=_marked("compromised", marked),
@@ -388,7 +388,7 @@ class Operations:
 
     async def areport_compromise(self, sub: str | None = None, session_id: str | None = None, *,
                                  issuer: str | None = None, source: str | None = None) -> list[str]:
-        args = _compromise_args(sub, session_id)
+        args = _compromise_args(sub, session_id, issuer)
         iss = "" if sub is None else await self.aissuer_of(sub, issuer)
         marked = await self.store.areport_compromise(*args, *scoped(iss))
         await self._anote(self._operation("report_compromise", source, *args, detail=_marked("compromised", marked),
@@ -473,9 +473,12 @@ def _risk_args(amount: int, window: float) -> tuple[int, float]:
     return amount, number
 
 
-def _compromise_args(sub: str | None, session_id: str | None) -> tuple[str | None, str | None]:
+def _compromise_args(sub: str | None, session_id: str | None,
+                     issuer: str | None = None) -> tuple[str | None, str | None]:
     if sub is None and session_id is None:
         raise ConfigurationError("report_compromise needs sub or session_id")
+    if sub is None and issuer is not None:
+        raise ConfigurationError("issuer names the issuer of sub; a session names its own principal")
     return (None if sub is None else _arg(sub, "sub"),
             None if session_id is None else _arg(session_id, "session_id"))
 

@@ -379,6 +379,8 @@ def test_errors_are_one_clear_line_and_an_exit_status(tmp_path: Path) -> None:
         (("device", "laptop-1"), None, 2, "give --compliant or --noncompliant"),
         (("privileges", "alice"), None, 2, "give SCOPE..., --none or --clear (exactly one)"),
         (("privileges", "alice", "read", "--clear"), None, 2, "exactly one"),
+        (("revoke", "--session", "s1", "--issuer", "https://idp.example"), None, 2, "--issuer goes with --sub"),
+        (("compromise", "--session", "s1", "--issuer", "https://idp.example"), None, 2, "--issuer goes with --sub"),
         (("audit", "--since", "soon"), None, 2, "Invalid value for --since"),
         (("audit", "--limit", "0"), None, 2, "Invalid value for '--limit'"),
         (("audit", "--kind", "rumour"), None, 2, "Invalid value for '--kind'"),
