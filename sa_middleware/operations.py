@@ -154,11 +154,12 @@ class Operations:
             return _issuer(issuer)
         if self.issuers is not None and len(self.issuers) == 1:
             return self.issuers[0]
+        sub = _arg(sub, "sub")
         try:
             found = self.store.issuers(sub)
         except NotImplementedError:  # a store written before issuers
             found = []
-        return self._pick_issuer(_arg(sub, "sub"), found, known)
+        return self._pick_issuer(sub, found, known)
 
     async def aissuer_of(self, sub: str, issuer: str | None = None, *, known: bool = True) -> str:
         """Async twin of :meth:`issuer_of`."""
@@ -166,11 +167,12 @@ class Operations:
             return _issuer(issuer)
         if self.issuers is not None and len(self.issuers) == 1:
             return self.issuers[0]
+        sub = _arg(sub, "sub")
         try:
             found = await self.store.aissuers(sub)
         except NotImplementedError:
             found = []
-        return self._pick_issuer(_arg(sub, "sub"), found, known)
+        return self._pick_issuer(sub, found, known)
 
     def _pick_issuer(self, sub: str, found: list[str], known: bool) -> str:
         if self.issuers is not None:
@@ -182,12 +184,12 @@ class Operations:
         hint = self.issuer_hint
         if found:
             raise IssuerRequired(f"ambiguous: subject {sub} is known under issuers "
-                                     f"{', '.join(repr(x) for x in found)}; pass {hint}")
+                                 f"{', '.join(repr(x) for x in found)}; pass {hint}")
         if not known:
             return ""
         raise IssuerRequired(f"subject {sub} is not known to the store under "
-                                 f"{'any issuer' if self.issuers is None else 'the issuers trusted here'}; pass "
-                                 f"{hint} (the empty string for tokens without an issuer)")
+                             f"{'any issuer' if self.issuers is None else 'the issuers trusted here'}; pass "
+                             f"{hint} (the empty string for tokens without an issuer)")
 
     def _note(self, record: AuditRecord) -> None:
         """Write an operation's record at once; if the store fails now, buffer it."""
