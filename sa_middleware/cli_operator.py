@@ -57,6 +57,12 @@ def _store_option(func: F) -> F:
                         help="The store the applications share (env SA_STORE).")(func)
 
 
+def _issuer_option(func: F) -> F:
+    return click.option("--issuer", default=None, metavar="ISSUER",
+                        help="The principal's token issuer (iss). Needed only when the subject is known under several "
+                             "issuers, or not yet known; \"\" for tokens without an issuer.")(func)
+
+
 def _json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table or a line.")(func)
 
@@ -119,6 +125,7 @@ def _operations(uri: str, session_idle: float = 900.0, *, actor: str | None = No
     try:
         ops = Operations(uri, session_idle=session_idle, source="cli")
         ops.actor, ops.reason = actor or default_actor(), reason
+        ops.issuer_hint = "--issuer"
     except SAMiddlewareError as exc:
         raise click.ClickException(_printable(f"cannot open the store: {exc}")) from None
     except Exception as exc:  # e.g. a file that is not a SQLite database
@@ -236,13 +243,16 @@ def _echo_json(value: object) -> None:
               help="Seconds without a request after which a session no longer counts (the Guard's session_idle).")
 @click.option("--limit", type=click.IntRange(1, MAX_AUDIT_LIMIT), default=100, show_default=True, metavar="N",
               help="Without SUB: the most recently seen sessions shown at most.")
+@_issuer_option
 @_json_option
 @_store_option
-def sessions(sub: str | None, idle: float, limit: int, as_json: bool, store_uri: str) -> None:
+def sessions(sub: str | None, idle: float, limit: int, issuer: str | None, as_json: bool, store_uri: str) -> None:
     """List SUB's active sessions with their status (active, paused, revoked, compromised); without SUB, every
     principal's, most recently seen first (at most --limit)."""
+    if issuer is not None and sub is None:
+        raise click.UsageError("--issuer goes with SUB")
     with _operations(store_uri, idle, read_only=True) as ops:
-        found = ops.sessions(sub) if sub is not None else ops.all_sessions(limit)
+        found = ops.sessions(sub, issuer=issuer) if sub is not None else ops.all_sessions(limit)
     if as_json:
         _echo_json([asdict(s) for s in found])
     elif not found:
@@ -353,19 +363,22 @@ _OLD_SUB = click.option("--sub", "sub_option", default=None, metavar="SUB", hidd
 @_OLD_SUB
 @click.option("--session", "session_id", default=None, metavar="SID",
               help="Revoke this one session instead of SUB's tokens.")
+@_issuer_option
 @_operator_options
 @_json_option
 @_store_option
-def revoke(sub: str | None, sub_option: str | None, session_id: str | None, actor: str | None, reason: str | None,
-           as_json: bool, store_uri: str) -> None:
+def revoke(sub: str | None, sub_option: str | None, session_id: str | None, issuer: str | None, actor: str | None,
+           reason: str | None, as_json: bool, store_uri: str) -> None:
     """Refuse every token of SUB issued before now (token_revoked), or with --session SID revoke one session
     (session_revoked)."""
     sub = _subject(sub, sub_option)
     if (sub is None) == (session_id is None):
         raise click.UsageError("give SUB (every token of the principal) or --session SID (one session)")
+    if issuer is not None and sub is None:
+        raise click.UsageError("--issuer goes with SUB (a session names its own principal)")
     with _operations(store_uri, actor=actor, reason=reason) as ops:
         if sub is not None:
-            watermark = ops.revoke_principal(sub)
+            watermark = ops.revoke_principal(sub, issuer=issuer)
             _done(as_json, f"{sub}: every token issued before {_when(watermark)} is refused (token_revoked)",
                   operation="revoke_principal", sub=sub, watermark=watermark)
             return
@@ -380,10 +393,12 @@ def revoke(sub: str | None, sub_option: str | None, session_id: str | None, acto
 @click.argument("sub")
 @click.option("--reset", is_flag=True, help="Undo: set SUB's generation back to 0 (tokens without a generation "
               "claim are admitted again).")
+@_issuer_option
 @_operator_options
 @_json_option
 @_store_option
-def rotate(sub: str, reset: bool, actor: str | None, reason: str | None, as_json: bool, store_uri: str) -> None:
+def rotate(sub: str, reset: bool, issuer: str | None, actor: str | None, reason: str | None, as_json: bool,
+           store_uri: str) -> None:
     """Bump SUB's credential generation: every token of a lower generation is refused (stale_generation).
 
     Only for issuers whose tokens carry a generation claim (gen); for the others use revoke SUB (not-before).
@@ -391,13 +406,13 @@ def rotate(sub: str, reset: bool, actor: str | None, reason: str | None, as_json
     """
     with _operations(store_uri, actor=actor, reason=reason) as ops:
         if reset:
-            previous = ops.reset_generation(sub)
+            previous = ops.reset_generation(sub, issuer=issuer)
             _done(as_json, f"{sub}: generation reset from {previous} to 0", operation="reset_generation", sub=sub,
                   previous=previous, generation=0)
             return
         with _logged_above(logging.WARNING):  # the warning is printed below, in the CLI's words
-            generation = ops.rotate(sub)
-        warning = ops.rotation_warning(sub)
+            generation = ops.rotate(sub, issuer=issuer)
+        warning = ops.rotation_warning(sub, issuer=issuer)
     _done(as_json, f"{sub}: generation {generation}; tokens of a lower generation are refused (stale_generation)",
           operation="rotate", sub=sub, generation=generation, **({"warning": warning} if warning else {}))
     if warning and not as_json:
@@ -413,18 +428,21 @@ def rotate(sub: str, reset: bool, actor: str | None, reason: str | None, as_json
 @_OLD_SUB
 @click.option("--session", "session_id", default=None, metavar="SID",
               help="The compromised session: every context related to it.")
+@_issuer_option
 @_operator_options
 @_json_option
 @_store_option
-def compromise(sub: str | None, sub_option: str | None, session_id: str | None, actor: str | None,
-               reason: str | None, as_json: bool, store_uri: str) -> None:
+def compromise(sub: str | None, sub_option: str | None, session_id: str | None, issuer: str | None,
+               actor: str | None, reason: str | None, as_json: bool, store_uri: str) -> None:
     """Report a compromise of SUB, or of --session SID: every related context is refused (credential_compromised)
     until re-established."""
     sub = _subject(sub, sub_option)
     if sub is None and session_id is None:
         raise click.UsageError("give SUB or --session SID (or both)")
+    if issuer is not None and sub is None:
+        raise click.UsageError("--issuer goes with SUB (a session names its own principal)")
     with _operations(store_uri, actor=actor, reason=reason) as ops:
-        marked = ops.report_compromise(sub, session_id)
+        marked = ops.report_compromise(sub, session_id, issuer=issuer)
     if not marked and sub is None:
         raise click.ClickException(f"session {session_id} is unknown: nothing was marked")
     if as_json:
@@ -490,17 +508,18 @@ def device(device_id: str, compliant: bool | None, actor: str | None, reason: st
 @click.argument("scopes", nargs=-1, metavar="[SCOPE]...")
 @click.option("--clear", is_flag=True, help="Lift the limit: tokens keep the scopes they carry.")
 @click.option("--none", "withdraw_all", is_flag=True, help="Withdraw every scope of SUB's tokens issued before now.")
+@_issuer_option
 @_operator_options
 @_json_option
 @_store_option
-def privileges(sub: str, scopes: tuple[str, ...], clear: bool, withdraw_all: bool, actor: str | None,
-               reason: str | None, as_json: bool, store_uri: str) -> None:
+def privileges(sub: str, scopes: tuple[str, ...], clear: bool, withdraw_all: bool, issuer: str | None,
+               actor: str | None, reason: str | None, as_json: bool, store_uri: str) -> None:
     """Limit the scopes of SUB's tokens issued before now to SCOPE... (--none: no scope; --clear: no limit)."""
     if sum((bool(scopes), clear, withdraw_all)) != 1:
         raise click.UsageError("give SCOPE..., --none or --clear (exactly one)")
     values = None if clear else sorted(set(scopes))
     with _operations(store_uri, actor=actor, reason=reason) as ops:
-        ops.set_privileges(sub, values)
+        ops.set_privileges(sub, values, issuer=issuer)
     if values is None:
         line = f"{sub}: scope limit lifted"
     elif values:

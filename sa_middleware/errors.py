@@ -4,6 +4,7 @@
 
     SAMiddlewareError
      +-- ConfigurationError      bad Guard / Policy / store options, raised at start-up
+     |    +-- IssuerRequired     an operation names a subject whose issuer cannot be told: pass issuer=
      +-- StoreError              the store failed
      |    +-- StoreUnavailable   the store did not answer in time (requests get 503 store_unavailable)
      +-- InvalidToken            a bearer token failed verification (requests get 401 invalid_token)
@@ -16,8 +17,8 @@ Requests never see these exceptions: the middleware turns them into denials.
 from __future__ import annotations
 
 __all__ = [
-    "ConfigurationError", "InvalidRequest", "InvalidToken", "KeysUnavailable", "SAMiddlewareError", "StoreError",
-    "StoreUnavailable",
+    "ConfigurationError", "InvalidRequest", "InvalidToken", "IssuerRequired", "KeysUnavailable", "SAMiddlewareError",
+    "StoreError", "StoreUnavailable",
 ]
 
 
@@ -27,6 +28,11 @@ class SAMiddlewareError(Exception):
 
 class ConfigurationError(SAMiddlewareError, ValueError):
     """An option is invalid; raised when the Guard, a Policy or a store is built."""
+
+
+class IssuerRequired(ConfigurationError):
+    """An operation names a subject known under several issuers (or, for a change, under none of the candidates):
+    nothing was changed; name the issuer (``issuer=``, ``--issuer``)."""
 
 
 class StoreError(SAMiddlewareError):

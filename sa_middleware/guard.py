@@ -97,6 +97,7 @@ class _Report:
     observed: ClassVar[str] = "report"
     sub: str
     session_id: str
+    iss: str
 
 
 _Step = _Verify | _Admit | _Sleep | _Report
@@ -245,6 +246,9 @@ class Guard(Operations):
         self.audit_admissions = audit_admissions
         Operations.__init__(self, store, session_idle=session_idle, audit_retention=audit_retention,
                             audit_max_records=audit_max_records, audit_buffer=audit_buffer)
+        # principal state is kept per issuer (see _state_issuer): operations without issuer= pick among these
+        pinned = self.verifier.issuer
+        self.issuers = ("",) if pinned is None else (pinned,) if isinstance(pinned, str) else tuple(pinned)
         self.leeway = float(leeway)
         self.session_idle = float(session_idle)
         self.lease = float(lease)
@@ -260,8 +264,9 @@ class Guard(Operations):
                                              max_age=dpop_max_age, leeway=self.leeway)
         self._key_notes: int | None = None  # the store's key-notes generation this Guard has applied
         self._watched: list[TokenVerifier] = []  # other verifiers the key operations reach (watch_keys)
-        self._gen_claims: OrderedDict[str, bool] = OrderedDict()  # sub -> its latest token had a generation claim
-        self._gen_pending: dict[str, bool] = {}  # not yet written to the store
+        # (issuer, subject) -> whether its latest token had a generation claim; and what the store has not learnt yet
+        self._gen_claims: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        self._gen_pending: dict[tuple[str, str], bool] = {}
         self._gen_lock = threading.Lock()
         self._keeper = _Keeper(self.store, self.lease, self.flush, check=self._apply_key_notes)
         #: metrics and tracing (sa_middleware.observe); None when both are off
@@ -306,7 +311,7 @@ class Guard(Operations):
             return Denial("invalid_token", str(exc))
         if isinstance(binding, Denial):
             if binding.code == "token_reuse" and self.reuse_is_compromise:
-                yield _Report(admission.sub, admission.session_id)
+                yield _Report(admission.sub, admission.session_id, admission.iss)
             return binding
         deadline = None
         delay = 0.01
@@ -314,7 +319,7 @@ class Guard(Operations):
             result = yield _Admit(admission)
             if isinstance(result, Ticket):
                 self._keeper.add(result.ticket_id)
-                self._note_generation_claim(admission.sub, admission.token_gen is not None)
+                self._note_generation_claim((admission.iss, admission.sub), admission.token_gen is not None)
                 ctx = SAContext(context.principal, context.kind, context.session_id, context.claims,
                                 result.ticket_id, result.fencing_tokens, match.route, match.params)
                 return Admitted(ctx, result)
@@ -330,7 +335,7 @@ class Guard(Operations):
                     delay = min(delay * 2, 0.25)
                     continue
             if result.code == "token_reuse" and self.reuse_is_compromise:
-                yield _Report(admission.sub, admission.session_id)
+                yield _Report(admission.sub, admission.session_id, admission.iss)
             return self._challenge(result, admission)
 
     def _challenge(self, denial: Denial, a: Admission) -> Denial:
@@ -393,8 +398,17 @@ class Guard(Operations):
             raises_risk=policy.raises_risk, risk_window=policy.risk_window, max_risk=policy.max_risk,
             locks=tuple(LockRequest(key, policy.lock_mode) for key in match.lock_keys),
             on_lock_conflict=policy.on_lock_conflict, lease=self.lease, session_idle=self.session_idle,
-            audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait")
+            audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait",
+            iss=self._state_issuer(claims))
         return admission, SAContext(sub, kind, session_id, claims, route=match.route, params=match.params)
+
+    def _state_issuer(self, claims: Mapping[str, Any]) -> str:
+        """The issuer a token's principal state is kept under: its ``iss`` when the Guard pins issuers (then it
+        was verified to be one of them), else "" (one trust domain: the keys)."""
+        if self.verifier.issuer is None:
+            return ""
+        iss = claims.get("iss")
+        return iss if isinstance(iss, str) else ""
 
     def _token(self, request: RequestInfo) -> str | InvalidToken | None:
         header = request.headers.get("authorization")
@@ -521,7 +535,7 @@ class Guard(Operations):
         log.warning("sa-middleware: token reuse in session %s of %s: reporting a compromise", step.session_id,
                     step.sub)
         try:
-            self.report_compromise(step.sub, step.session_id, source="middleware")
+            self.report_compromise(step.sub, step.session_id, issuer=step.iss, source="middleware")
         except Exception:
             log.exception("sa-middleware: the compromise of session %s could not be reported", step.session_id)
 
@@ -529,7 +543,7 @@ class Guard(Operations):
         log.warning("sa-middleware: token reuse in session %s of %s: reporting a compromise", step.session_id,
                     step.sub)
         try:
-            await self.areport_compromise(step.sub, step.session_id, source="middleware")
+            await self.areport_compromise(step.sub, step.session_id, issuer=step.iss, source="middleware")
         except Exception:
             log.exception("sa-middleware: the compromise of session %s could not be reported", step.session_id)
 
@@ -626,14 +640,14 @@ class Guard(Operations):
         ``sa-middleware keys``) to ``verifier`` too: the security-event receiver's verifier of its transmitter."""
         self._watched.append(verifier)
 
-    def _note_generation_claim(self, sub: str, present: bool) -> None:
-        """Remember whether ``sub``'s tokens carry a generation claim; the store learns it (for the warning of
-        ``rotate``) from the keeper, once per principal and change."""
+    def _note_generation_claim(self, principal: tuple[str, str], present: bool) -> None:
+        """Remember whether the tokens of ``principal`` (issuer, subject) carry a generation claim; the store
+        learns it (for the warning of ``rotate``) from the keeper, once per principal and change."""
         with self._gen_lock:
-            if self._gen_claims.get(sub) == present:
-                self._gen_claims.move_to_end(sub)
+            if self._gen_claims.get(principal) == present:
+                self._gen_claims.move_to_end(principal)
                 return
-            self._gen_claims[sub] = self._gen_pending[sub] = present
+            self._gen_claims[principal] = self._gen_pending[principal] = present
             if len(self._gen_claims) > _GEN_CLAIMS_KEPT:
                 self._gen_claims.popitem(last=False)
             if len(self._gen_pending) > _GEN_CLAIMS_KEPT:

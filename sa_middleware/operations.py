@@ -4,6 +4,11 @@
 applications share, and :class:`~sa_middleware.Guard` inherits it, so ``guard.rotate(sub)`` and
 ``sa-middleware rotate SUB`` are the same code. Every operation is written to the audit trail with its ``source``
 (``operator`` for Python calls unless told otherwise, ``cli``, ``event:<type>`` for security events).
+
+Principal state is kept per issuer and subject. The operations on a principal take ``issuer=``; without it, a
+Guard that trusts one issuer uses that one (a Guard that pins none keeps every principal under the empty issuer),
+and otherwise the issuer is looked up in the store: the one issuer the subject is known under, else an error that
+names the candidates (see docs/issuers-and-sessions.md).
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .audit import DEFAULT_AUDIT_BUFFER, AuditBuffer
-from .errors import ConfigurationError, StoreUnavailable
+from .errors import ConfigurationError, IssuerRequired, StoreUnavailable
 from .records import AuditRecord, LockInfo, SessionInfo
-from .stores.base import Store, check_audit_retention, open_store
+from .stores.base import Store, check_audit_retention, open_store, scoped
 from .tokens import _KID_SHAPE
 
 __all__ = ["MAX_AUDIT_LIMIT", "Operations"]
@@ -42,17 +47,23 @@ class Operations:
     ``session_idle`` is what :meth:`sessions` counts as active; ``audit_retention`` (seconds) and
     ``audit_max_records`` override the store's audit retention (default 7 days and 100,000 records);
     ``audit_buffer`` bounds the records this process holds while the store cannot take them; ``source`` is the
-    audit source of operations called without one.
+    audit source of operations called without one. ``issuer`` is the issuer of the principals named without one
+    (default: looked up in the store, see the module docstring).
     """
+
+    #: what to tell a caller who must name the issuer (the CLI says ``--issuer``)
+    issuer_hint = "issuer="
 
     def __init__(self, store: str | Store = "sqlite:///sa-middleware.db", *, session_idle: float = 900.0,
                  audit_retention: float | None = None, audit_max_records: int | None = None,
-                 audit_buffer: int = DEFAULT_AUDIT_BUFFER, source: str = "operator") -> None:
+                 audit_buffer: int = DEFAULT_AUDIT_BUFFER, source: str = "operator", issuer: str | None = None) -> None:
         if isinstance(session_idle, bool) or not isinstance(session_idle, int | float) \
                 or not math.isfinite(session_idle) or session_idle <= 0:
             raise ConfigurationError("session_idle must be a positive, finite number of seconds")
         check_audit_retention(audit_retention, audit_max_records)
         self.source = _source(source)
+        #: the issuers a principal named without one may belong to (None: any the store knows)
+        self.issuers: tuple[str, ...] | None = None if issuer is None else (_issuer(issuer),)
         self._audit = AuditBuffer(audit_buffer)
         self._audit_unsupported = False
         self.store: Store = open_store(store)
@@ -178,11 +189,60 @@ class Operations:
                         "dropped", type(self.store).__name__)
 
     def _operation(self, code: str, source: str | None, sub: str | None = None, session_id: str | None = None,
-                   detail: str = "") -> AuditRecord:
+                   detail: str = "", iss: str = "") -> AuditRecord:
+        if iss and self.issuers != (iss,):  # the issuer, unless it is the only one here
+            detail = f"{detail}; issuer {iss}" if detail else f"issuer {iss}"
         if self.actor or self.reason:
             detail += f"; by {self.actor or 'unknown'}" + (f": {self.reason}" if self.reason else "")
         return AuditRecord("operation", code, self.source if source is None else _source(source), sub, session_id,
                            None, detail[:_MAX_DETAIL])
+
+    # -- issuers -----------------------------------------------------------------------------------------------
+
+    def issuer_of(self, sub: str, issuer: str | None = None, *, known: bool = True) -> str:
+        """The issuer of the principal ``sub``: ``issuer`` when given, else this object's one issuer, else the one
+        issuer the store knows ``sub`` under. Raises IssuerRequired when that is ambiguous, or (``known``) when
+        the store knows ``sub`` under none of the candidates; with ``known=False`` (listings) that is ""."""
+        if issuer is not None:
+            return _issuer(issuer)
+        if self.issuers is not None and len(self.issuers) == 1:
+            return self.issuers[0]
+        sub = _arg(sub, "sub")
+        try:
+            found = self.store.issuers(sub)
+        except NotImplementedError:  # a store written before issuers
+            found = []
+        return self._pick_issuer(sub, found, known)
+
+    async def aissuer_of(self, sub: str, issuer: str | None = None, *, known: bool = True) -> str:
+        """Async twin of :meth:`issuer_of`."""
+        if issuer is not None:
+            return _issuer(issuer)
+        if self.issuers is not None and len(self.issuers) == 1:
+            return self.issuers[0]
+        sub = _arg(sub, "sub")
+        try:
+            found = await self.store.aissuers(sub)
+        except NotImplementedError:
+            found = []
+        return self._pick_issuer(sub, found, known)
+
+    def _pick_issuer(self, sub: str, found: list[str], known: bool) -> str:
+        if self.issuers is not None:
+            found = [x for x in found if x in self.issuers]
+        elif len(found) > 1 and "" in found:  # state stored before issuers: every issuer's principal inherits it
+            found = [x for x in found if x]
+        if len(found) == 1:
+            return found[0]
+        hint = self.issuer_hint
+        if found:
+            raise IssuerRequired(f"ambiguous: subject {sub} is known under issuers "
+                                 f"{', '.join(repr(x) for x in found)}; pass {hint}")
+        if not known:
+            return ""
+        raise IssuerRequired(f"subject {sub} is not known to the store under "
+                             f"{'any issuer' if self.issuers is None else 'the issuers trusted here'}; pass "
+                             f"{hint} (the empty string for tokens without an issuer)")
 
     def _note(self, record: AuditRecord) -> None:
         """Write an operation's record at once; if the store fails now, buffer it."""
@@ -205,43 +265,49 @@ class Operations:
 
     # -- operations (contract) ---------------------------------------------------------------------------------
 
-    def rotate(self, sub: str, *, source: str | None = None) -> int:
+    def rotate(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> int:
         """Bump ``sub``'s generation: every token of a lower generation is refused from now on. When ``sub``'s
         latest token carried no generation claim, this logs :meth:`rotation_warning` (a new token will not help:
         use :meth:`revoke_principal`, and undo this with :meth:`reset_generation`)."""
-        generation = self.store.rotate(_arg(sub, "sub"))
-        self._note(self._operation("rotate", source, sub, detail=f"generation {generation}"))
-        warning = self.rotation_warning(sub)
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        generation = self.store.rotate(sub, *scoped(iss))
+        self._note(self._operation("rotate", source, sub, detail=f"generation {generation}", iss=iss))
+        warning = self.rotation_warning(sub, issuer=iss)
         if warning:
             log.warning("sa-middleware: %s", warning)
         return generation
 
-    def rotation_warning(self, sub: str) -> str | None:
+    def rotation_warning(self, sub: str, *, issuer: str | None = None) -> str | None:
         """A warning when rotating ``sub`` refuses its tokens for good: its latest token carried no generation
         claim (its issuer sends none). None when its tokens carry one, or none was seen yet."""
+        iss = self.issuer_of(_arg(sub, "sub"), issuer, known=False)
         try:
-            present = self.store.generation_claim(_arg(sub, "sub"))
+            present = self.store.generation_claim(sub, *scoped(iss))
         except NotImplementedError:
             return None
         return None if present is not False else _no_generation(sub)
 
-    async def arotation_warning(self, sub: str) -> str | None:
+    async def arotation_warning(self, sub: str, *, issuer: str | None = None) -> str | None:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer, known=False)
         try:
-            present = await self.store.ageneration_claim(_arg(sub, "sub"))
+            present = await self.store.ageneration_claim(sub, *scoped(iss))
         except NotImplementedError:
             return None
         return None if present is not False else _no_generation(sub)
 
-    def reset_generation(self, sub: str, *, source: str | None = None) -> int:
+    def reset_generation(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> int:
         """Undo :meth:`rotate`: set ``sub``'s generation back to 0, so tokens without a generation claim (and of
         any generation) are admitted again. Returns the generation it had."""
-        previous = self.store.reset_generation(_arg(sub, "sub"))
-        self._note(self._operation("reset_generation", source, sub, detail=f"generation {previous} -> 0"))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        previous = self.store.reset_generation(sub, *scoped(iss))
+        self._note(self._operation("reset_generation", source, sub, detail=f"generation {previous} -> 0", iss=iss))
         return previous
 
-    async def areset_generation(self, sub: str, *, source: str | None = None) -> int:
-        previous = await self.store.areset_generation(_arg(sub, "sub"))
-        await self._anote(self._operation("reset_generation", source, sub, detail=f"generation {previous} -> 0"))
+    async def areset_generation(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> int:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        previous = await self.store.areset_generation(sub, *scoped(iss))
+        await self._anote(self._operation("reset_generation", source, sub, detail=f"generation {previous} -> 0",
+                                          iss=iss))
         return previous
 
     def refresh_keys(self, *, source: str | None = None) -> None:
@@ -265,10 +331,11 @@ class Operations:
         await self.store.anote_keys(_kid(kid))
         await self._anote(self._operation("drop_key", source, detail=f"signing key {kid} dropped"))
 
-    def revoke_principal(self, sub: str, *, source: str | None = None) -> float:
+    def revoke_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> float:
         """Refuse every token of ``sub`` issued before now (not-before watermark)."""
-        watermark = self.store.revoke_principal(_arg(sub, "sub"))
-        self._note(self._operation("revoke_principal", source, sub, detail=_watermark(watermark)))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        watermark = self.store.revoke_principal(sub, *scoped(iss))
+        self._note(self._operation("revoke_principal", source, sub, detail=_watermark(watermark), iss=iss))
         return watermark
 
     def revoke_session(self, session_id: str, *, source: str | None = None) -> bool:
@@ -279,12 +346,15 @@ class Operations:
         return known
 
     def report_compromise(self, sub: str | None = None, session_id: str | None = None, *,
-                          source: str | None = None) -> list[str]:
-        """Mark every context related to ``sub`` or ``session_id`` compromised; returns their session ids."""
-        args = _compromise_args(sub, session_id)
-        marked = self.store.report_compromise(*args)
+                          issuer: str | None = None, source: str | None = None) -> list[str]:
+        """Mark every context related to ``sub`` or ``session_id`` compromised; returns their session ids. A
+        session alone names its own principal (and issuer)."""
+        args = _compromise_args(sub, session_id, issuer)
+        iss = "" if sub is None else self.issuer_of(sub, issuer)
+        marked = self.store.report_compromise(*args, *scoped(iss))
         owner = args[0] or self._owner(args[1])
-        self._note(self._operation("report_compromise", source, owner, args[1], detail=_marked("compromised", marked)))
+        self._note(self._operation("report_compromise", source, owner, args[1], detail=_marked("compromised", marked),
+                                   iss=iss))
         return marked
 
     def pause_session(self, session_id: str, *, source: str | None = None) -> bool:
@@ -306,15 +376,18 @@ class Operations:
         self.store.set_device_status(_arg(device_id, "device_id"), bool(compliant))
         self._note(self._operation("set_device_status", source, detail=_device(device_id, compliant)))
 
-    def set_privileges(self, sub: str, scopes: Iterable[str] | None, *, source: str | None = None) -> None:
+    def set_privileges(self, sub: str, scopes: Iterable[str] | None, *, issuer: str | None = None,
+                       source: str | None = None) -> None:
         """Limit the scopes of ``sub``'s tokens issued before now (``None`` lifts the limit)."""
         values = _scopes(scopes)
-        self.store.set_privileges(_arg(sub, "sub"), values)
-        self._note(self._operation("set_privileges", source, sub, detail=_privileges(values)))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        self.store.set_privileges(sub, values, *scoped(iss))
+        self._note(self._operation("set_privileges", source, sub, detail=_privileges(values), iss=iss))
 
-    def sessions(self, sub: str) -> list[SessionInfo]:
+    def sessions(self, sub: str, *, issuer: str | None = None) -> list[SessionInfo]:
         """``sub``'s active sessions with their status."""
-        return self.store.sessions(_arg(sub, "sub"), self.session_idle)
+        iss = self.issuer_of(_arg(sub, "sub"), issuer, known=False)
+        return self.store.sessions(sub, self.session_idle, *scoped(iss))
 
     def all_sessions(self, limit: int = 100) -> list[SessionInfo]:
         """Every principal's active sessions, most recently seen first, at most ``limit`` (1 to 10,000)."""
@@ -343,89 +416,111 @@ class Operations:
 
     # -- operations of security events (sa_middleware.events; also usable directly) ------------------------------
 
-    def revoke_sessions(self, sub: str, before: float | None = None, *, source: str | None = None) -> list[str]:
+    def revoke_sessions(self, sub: str, before: float | None = None, *, issuer: str | None = None,
+                        source: str | None = None) -> list[str]:
         """Revoke every session of ``sub`` whose token was issued at or before ``before`` (default, and at most:
         now): they are refused with ``session_revoked``, while a token issued later opens a new session. Returns
         the ids of the stored sessions marked revoked (CAEP ``session-revoked`` for a principal)."""
-        marked = self.store.revoke_sessions(_arg(sub, "sub"), _time(before, "before"))
-        self._note(self._operation("revoke_sessions", source, sub, detail=_marked("revoked", marked, before)))
+        when = _time(before, "before")
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        marked = self.store.revoke_sessions(sub, when, *scoped(iss))
+        self._note(self._operation("revoke_sessions", source, sub, detail=_marked("revoked", marked, before),
+                                   iss=iss))
         return marked
 
-    def disable_principal(self, sub: str, *, source: str | None = None) -> float:
+    def disable_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> float:
         """Refuse every token of ``sub`` (``token_revoked``) until :meth:`enable_principal`; tokens issued before
         now stay refused after that too (RISC ``account-disabled``). Returns the time of the watermark."""
-        watermark = self.store.disable_principal(_arg(sub, "sub"))
-        self._note(self._operation("disable_principal", source, sub, detail="disabled; " + _watermark(watermark)))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        watermark = self.store.disable_principal(sub, *scoped(iss))
+        self._note(self._operation("disable_principal", source, sub, detail="disabled; " + _watermark(watermark),
+                                   iss=iss))
         return watermark
 
-    def enable_principal(self, sub: str, *, source: str | None = None) -> bool:
+    def enable_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> bool:
         """Undo :meth:`disable_principal`: tokens issued since then are admitted again (RISC ``account-enabled``).
         Returns whether ``sub`` was disabled."""
-        enabled = self.store.enable_principal(_arg(sub, "sub"))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        enabled = self.store.enable_principal(sub, *scoped(iss))
         self._note(self._operation("enable_principal", source, sub,
-                                   detail="enabled" if enabled else "was not disabled"))
+                                   detail="enabled" if enabled else "was not disabled", iss=iss))
         return enabled
 
-    def set_assurance(self, sub: str, level: str | None, at: float | None = None, *,
+    def set_assurance(self, sub: str, level: str | None, at: float | None = None, *, issuer: str | None = None,
                       source: str | None = None) -> None:
         """Record ``sub``'s current assurance level (an ``acr`` value) as of ``at`` (default, and at most: now):
         for tokens issued before then, step-up (``acr_values``) checks ``level`` instead of the token's ``acr``
         (CAEP ``assurance-level-change``). ``level=None`` forgets it."""
         if level is not None:
             level = _arg(level, "level")
-        self.store.set_assurance(_arg(sub, "sub"), level, _time(at, "at"))
-        self._note(self._operation("set_assurance", source, sub, detail=_assurance(level)))
+        when = _time(at, "at")
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        self.store.set_assurance(sub, level, when, *scoped(iss))
+        self._note(self._operation("set_assurance", source, sub, detail=_assurance(level), iss=iss))
 
-    def raise_risk(self, sub: str, amount: int, window: float, *, source: str | None = None) -> None:
+    def raise_risk(self, sub: str, amount: int, window: float, *, issuer: str | None = None,
+                   source: str | None = None) -> None:
         """Add ``amount`` to ``sub``'s risk for ``window`` seconds, as an action with ``raises_risk`` would
         (CAEP ``risk-level-change``); routes with ``max_risk`` below it refuse with ``risk_too_high``."""
         args = _risk_args(amount, window)
-        self.store.raise_risk(_arg(sub, "sub"), *args)
-        self._note(self._operation("raise_risk", source, sub, detail=_risk(*args)))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        self.store.raise_risk(sub, *args, *scoped(iss))
+        self._note(self._operation("raise_risk", source, sub, detail=_risk(*args), iss=iss))
 
     # -- async twins -------------------------------------------------------------------------------------------
 
-    async def arevoke_sessions(self, sub: str, before: float | None = None, *,
+    async def arevoke_sessions(self, sub: str, before: float | None = None, *, issuer: str | None = None,
                                source: str | None = None) -> list[str]:
-        marked = await self.store.arevoke_sessions(_arg(sub, "sub"), _time(before, "before"))
-        await self._anote(self._operation("revoke_sessions", source, sub, detail=_marked("revoked", marked, before)))
+        when = _time(before, "before")
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        marked = await self.store.arevoke_sessions(sub, when, *scoped(iss))
+        await self._anote(self._operation("revoke_sessions", source, sub, detail=_marked("revoked", marked, before),
+                                          iss=iss))
         return marked
 
-    async def adisable_principal(self, sub: str, *, source: str | None = None) -> float:
-        watermark = await self.store.adisable_principal(_arg(sub, "sub"))
+    async def adisable_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> float:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        watermark = await self.store.adisable_principal(sub, *scoped(iss))
         await self._anote(self._operation("disable_principal", source, sub,
-                                          detail="disabled; " + _watermark(watermark)))
+                                          detail="disabled; " + _watermark(watermark), iss=iss))
         return watermark
 
-    async def aenable_principal(self, sub: str, *, source: str | None = None) -> bool:
-        enabled = await self.store.aenable_principal(_arg(sub, "sub"))
+    async def aenable_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> bool:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        enabled = await self.store.aenable_principal(sub, *scoped(iss))
         await self._anote(self._operation("enable_principal", source, sub,
-                                          detail="enabled" if enabled else "was not disabled"))
+                                          detail="enabled" if enabled else "was not disabled", iss=iss))
         return enabled
 
     async def aset_assurance(self, sub: str, level: str | None, at: float | None = None, *,
-                             source: str | None = None) -> None:
+                             issuer: str | None = None, source: str | None = None) -> None:
         if level is not None:
             level = _arg(level, "level")
-        await self.store.aset_assurance(_arg(sub, "sub"), level, _time(at, "at"))
-        await self._anote(self._operation("set_assurance", source, sub, detail=_assurance(level)))
+        when = _time(at, "at")
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        await self.store.aset_assurance(sub, level, when, *scoped(iss))
+        await self._anote(self._operation("set_assurance", source, sub, detail=_assurance(level), iss=iss))
 
-    async def araise_risk(self, sub: str, amount: int, window: float, *, source: str | None = None) -> None:
+    async def araise_risk(self, sub: str, amount: int, window: float, *, issuer: str | None = None,
+                          source: str | None = None) -> None:
         args = _risk_args(amount, window)
-        await self.store.araise_risk(_arg(sub, "sub"), *args)
-        await self._anote(self._operation("raise_risk", source, sub, detail=_risk(*args)))
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        await self.store.araise_risk(sub, *args, *scoped(iss))
+        await self._anote(self._operation("raise_risk", source, sub, detail=_risk(*args), iss=iss))
 
-    async def arotate(self, sub: str, *, source: str | None = None) -> int:
-        generation = await self.store.arotate(_arg(sub, "sub"))
-        await self._anote(self._operation("rotate", source, sub, detail=f"generation {generation}"))
-        warning = await self.arotation_warning(sub)
+    async def arotate(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> int:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        generation = await self.store.arotate(sub, *scoped(iss))
+        await self._anote(self._operation("rotate", source, sub, detail=f"generation {generation}", iss=iss))
+        warning = await self.arotation_warning(sub, issuer=iss)
         if warning:
             log.warning("sa-middleware: %s", warning)
         return generation
 
-    async def arevoke_principal(self, sub: str, *, source: str | None = None) -> float:
-        watermark = await self.store.arevoke_principal(_arg(sub, "sub"))
-        await self._anote(self._operation("revoke_principal", source, sub, detail=_watermark(watermark)))
+    async def arevoke_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> float:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        watermark = await self.store.arevoke_principal(sub, *scoped(iss))
+        await self._anote(self._operation("revoke_principal", source, sub, detail=_watermark(watermark), iss=iss))
         return watermark
 
     async def arevoke_session(self, session_id: str, *, source: str | None = None) -> bool:
@@ -435,12 +530,13 @@ class Operations:
         return known
 
     async def areport_compromise(self, sub: str | None = None, session_id: str | None = None, *,
-                                 source: str | None = None) -> list[str]:
-        args = _compromise_args(sub, session_id)
-        marked = await self.store.areport_compromise(*args)
+                                 issuer: str | None = None, source: str | None = None) -> list[str]:
+        args = _compromise_args(sub, session_id, issuer)
+        iss = "" if sub is None else await self.aissuer_of(sub, issuer)
+        marked = await self.store.areport_compromise(*args, *scoped(iss))
         owner = args[0] or await self._aowner(args[1])
         await self._anote(self._operation("report_compromise", source, owner, args[1],
-                                          detail=_marked("compromised", marked)))
+                                          detail=_marked("compromised", marked), iss=iss))
         return marked
 
     async def apause_session(self, session_id: str, *, source: str | None = None) -> bool:
@@ -459,13 +555,16 @@ class Operations:
         await self.store.aset_device_status(_arg(device_id, "device_id"), bool(compliant))
         await self._anote(self._operation("set_device_status", source, detail=_device(device_id, compliant)))
 
-    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None, *, source: str | None = None) -> None:
+    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None, *, issuer: str | None = None,
+                              source: str | None = None) -> None:
         values = _scopes(scopes)
-        await self.store.aset_privileges(_arg(sub, "sub"), values)
-        await self._anote(self._operation("set_privileges", source, sub, detail=_privileges(values)))
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        await self.store.aset_privileges(sub, values, *scoped(iss))
+        await self._anote(self._operation("set_privileges", source, sub, detail=_privileges(values), iss=iss))
 
-    async def asessions(self, sub: str) -> list[SessionInfo]:
-        return await self.store.asessions(_arg(sub, "sub"), self.session_idle)
+    async def asessions(self, sub: str, *, issuer: str | None = None) -> list[SessionInfo]:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer, known=False)
+        return await self.store.asessions(sub, self.session_idle, *scoped(iss))
 
     async def alocks(self) -> list[LockInfo]:
         return await self.store.alocks()
@@ -513,6 +612,16 @@ def _no_generation(sub: str) -> str:
             f"(sa-middleware revoke {'-- ' if sub.startswith('-') else ''}{sub}) instead")
 
 
+_MAX_ISSUER = 2048
+
+
+def _issuer(value: str) -> str:
+    if not isinstance(value, str) or len(value) > _MAX_ISSUER:
+        raise ConfigurationError(f"issuer must be a string of at most {_MAX_ISSUER} characters (\"\" for tokens "
+                                 "without an issuer)")
+    return value
+
+
 def _time(value: float | None, name: str) -> float | None:
     if value is None:
         return None
@@ -531,9 +640,12 @@ def _risk_args(amount: int, window: float) -> tuple[int, float]:
     return amount, number
 
 
-def _compromise_args(sub: str | None, session_id: str | None) -> tuple[str | None, str | None]:
+def _compromise_args(sub: str | None, session_id: str | None,
+                     issuer: str | None = None) -> tuple[str | None, str | None]:
     if sub is None and session_id is None:
         raise ConfigurationError("report_compromise needs sub or session_id")
+    if sub is None and issuer is not None:
+        raise ConfigurationError("issuer names the issuer of sub; a session names its own principal")
     return (None if sub is None else _arg(sub, "sub"),
             None if session_id is None else _arg(session_id, "session_id"))
 

@@ -79,6 +79,9 @@ class Admission:
     # while the Guard waits for the lock and retries: it records the final refusal itself)
     audit_admitted: bool = False
     audit_locked: bool = True
+    #: the token's issuer (its verified ``iss`` claim; "" when the token has none): principal state is kept per
+    #: issuer and subject, so two issuers' principals with the same ``sub`` never share state
+    iss: str = ""
 
 
 @dataclass(slots=True)
@@ -123,6 +126,7 @@ class SessionInfo:
     marked_at: float | None = None
     marked_generation: int | None = None
     cleared_at: float | None = None
+    iss: str = ""  # the principal's issuer ("": a token without ``iss``, or a session stored before issuers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +150,7 @@ class LockHolder:
     session_id: str
     kind: str
     expires: float
+    iss: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,7 @@ class LockInfo:
     sub: str
     session_id: str
     expires: float
+    iss: str = ""
 
 
 @dataclass(slots=True)
@@ -185,6 +191,7 @@ class Ticket:
     session_id: str
     fencing_tokens: dict[str, int]
     expires: float
+    iss: str = ""
 
 
 @dataclass(slots=True)

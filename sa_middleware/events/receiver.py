@@ -155,7 +155,8 @@ class SSFReceiver:
         trusted = {issuer, *subject_issuers}
         trusted.update([token_issuer] if isinstance(token_issuer, str) else token_issuer or ())
         options = MappingOptions(on_high_risk, risk_amount, float(risk_window), on_credential_change, levels)
-        self.processor = EventProcessor(guard, validator, SubjectResolver(trusted, critical_subject_members),
+        resolver = SubjectResolver(trusted, critical_subject_members, guard.issuers or ())
+        self.processor = EventProcessor(guard, validator, resolver,
                                         options, subject_resolver=subject_resolver,
                                         verification_state=verification_state)
 
