@@ -370,9 +370,17 @@ class SQLiteStore(Store):
 
     def checkpoint(self) -> None:
         """Write the WAL into the database and truncate it to zero bytes (``wal_checkpoint(TRUNCATE)``); waits up
-        to the store's timeout for readers and writers. The maintenance thread runs it when the WAL is past
+        to the store's timeout for readers and writers (and for a checkpoint another connection runs), then raises
+        :class:`~sa_middleware.errors.StoreUnavailable`. The maintenance thread runs it when the WAL is past
         :data:`WAL_LIMIT`; call it after a bulk change to give the space back at once."""
-        self._read(lambda conn, now: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        deadline = time.monotonic() + max(self.timeout, 1.0)
+        while True:
+            busy = self._read(lambda conn, now: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0])
+            if not busy:
+                return
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable("sqlite store busy: the WAL checkpoint could not complete")
+            time.sleep(0.01)
 
     @contextmanager
     def _transaction(self, nowait: bool = False) -> Iterator[sqlite3.Connection]:
