@@ -3,6 +3,7 @@ SQLite store; and its access rules over HTTP (login link, CSRF, bearer tokens de
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,9 +20,10 @@ import httpx
 import pytest
 from support import WAIT, problem
 
-from sa_middleware import Guard, Policy
+from sa_middleware import Denial, Guard, Policy, RequestInfo
 from sa_middleware.asgi import SessionAwareMiddleware
 from sa_middleware.console import Console, asgi_app
+from sa_middleware.console.app import Request as ConsoleRequest
 from sa_middleware.demo import DemoIssuer, serve_asgi
 from sa_middleware.records import AuditRecord
 
@@ -287,3 +289,36 @@ def test_cli_refuses_a_non_loopback_bind() -> None:
     out = subprocess.run([sys.executable, "-m", "sa_middleware.cli", "console", "--store", "sqlite:///x.db",
                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not a loopback address" in out.stderr
+
+
+def test_actions_on_a_subject_known_under_two_issuers_name_the_issuer(tmp_path: Path) -> None:
+    """One ``sub`` from two issuers is two principals: the console lists each with its issuer, and an action on
+    one names it (without it the operation cannot tell them apart: a clear 400, nothing changed)."""
+    a, b = DemoIssuer(issuer="https://idp-a.example"), DemoIssuer(issuer="https://idp-b.example")
+    b.private_key, b.public_pem = a.private_key, a.public_pem
+    guard = Guard(store=f"sqlite:///{tmp_path / 'two.db'}", keys=a.public_pem, algorithms=["RS256"],
+                  issuer=[a.issuer, b.issuer])
+    try:
+        for idp in (a, b):
+            outcome = guard.admit(RequestInfo("GET", "/x", {"authorization": f"Bearer {idp.token('alice', gen=0)}"}))
+            assert not isinstance(outcome, Denial)
+            guard.release(outcome.ticket)
+        console = Console(guard, guard=guard)
+        admin = {"authorization": f"Bearer {a.token('root-ops', scope='sa:admin')}",
+                 "content-type": "application/json"}
+
+        def act(**body: str) -> Any:
+            return console.handle(ConsoleRequest("POST", "/api/action", "", admin, json.dumps(body).encode()))
+
+        state = json.loads(console.handle(ConsoleRequest("GET", "/api/state", "", admin)).body)
+        assert {s["iss"] for s in state["sessions"] if s["sub"] == "alice"} == {a.issuer, b.issuer}
+        refused = act(action="rotate", sub="alice", reason="leaked")
+        assert refused.status == 400 and b"ambiguous" in refused.body
+        done = act(action="rotate", sub="alice", issuer=b.issuer, reason="leaked")
+        assert done.status == 200 and json.loads(done.body)["result"] == 1
+        assert guard.rotate("alice", issuer=a.issuer) == 1  # A's alice was not rotated by the console
+        done = act(action="report_compromise", sub="alice", issuer=a.issuer, reason="phished")
+        assert done.status == 200 and len(json.loads(done.body)["result"]) == 1
+        assert act(action="pause_session", session_id="s", issuer=a.issuer, reason="x").status == 400
+    finally:
+        guard.close()

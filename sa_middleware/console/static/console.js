@@ -62,20 +62,24 @@ function button(label, action, target) {
 
 function renderSessions(sessions) {
   const body = document.querySelector("#sessions tbody");
-  const byPrincipal = new Map();
+  const byPrincipal = new Map();  // a principal is an issuer and a subject: one sub may be two principals
   for (const s of sessions) {
-    if (!byPrincipal.has(s.sub)) byPrincipal.set(s.sub, []);
-    byPrincipal.get(s.sub).push(s);
+    const key = JSON.stringify([s.sub, s.iss || ""]);
+    if (!byPrincipal.has(key)) byPrincipal.set(key, []);
+    byPrincipal.get(key).push(s);
   }
   const rows = [];
-  for (const [sub, list] of [...byPrincipal.entries()].sort((a, b) => a[0] < b[0] ? -1 : 1)) {
+  for (const [key, list] of [...byPrincipal.entries()].sort((a, b) => a[0] < b[0] ? -1 : 1)) {
+    const [sub, issuer] = JSON.parse(key);
     const head = el("tr", undefined, "principal");
     head.dataset.principal = sub;
-    const name = el("td", sub);
+    head.dataset.issuer = issuer;
+    const name = el("td", issuer ? sub + " (" + issuer + ")" : sub);
     name.colSpan = 7;
     const actions = el("td");
-    actions.append(button("Rotate", "rotate", {sub}), button("Revoke tokens", "revoke_principal", {sub}),
-                   button("Report compromise", "report_compromise", {sub}));
+    const target = issuer ? {sub, issuer} : {sub};  // no issuer: the store's one issuer of sub
+    actions.append(button("Rotate", "rotate", target), button("Revoke tokens", "revoke_principal", target),
+                   button("Report compromise", "report_compromise", target));
     head.append(name, actions);
     rows.push(head);
     for (const s of list) {
@@ -207,8 +211,8 @@ async function refresh() {
 function ask(label, action, target) {
   pending = {action, target};
   document.getElementById("action-title").textContent = label;
-  document.getElementById("action-target").textContent = target.session_id ?
-    "session " + show(target.session_id) : "principal " + show(target.sub);
+  document.getElementById("action-target").textContent = target.session_id ? "session " + show(target.session_id)
+    : "principal " + show(target.sub) + (target.issuer ? " of " + show(target.issuer) : "");
   document.getElementById("action-error").textContent = "";
   document.getElementById("action-reason").value = "";
   document.getElementById("dialog").hidden = false;
