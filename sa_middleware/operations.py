@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import time
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import replace
@@ -608,8 +609,8 @@ def _kid(value: str) -> str:
 def _no_generation(sub: str) -> str:
     return (f"{sub}: its latest token carried no generation claim, so every token of {sub} is refused "
             "(stale_generation) and a new token from the same issuer will not help; undo with "
-            f"reset_generation (sa-middleware rotate --reset -- {sub}) and use revoke_principal "
-            f"(sa-middleware revoke {'-- ' if sub.startswith('-') else ''}{sub}) instead")
+            f"reset_generation (sa-middleware rotate --reset -- {shlex.quote(sub)}) and use revoke_principal "
+            f"(sa-middleware revoke {'-- ' if sub.startswith('-') else ''}{shlex.quote(sub)}) instead")
 
 
 _MAX_ISSUER = 2048
