@@ -18,6 +18,7 @@ from typing import Any
 import anyio.to_thread
 import httpx
 import pytest
+import redis_support
 from support import WAIT, problem
 
 from sa_middleware import Denial, Guard, Policy, RequestInfo
@@ -322,3 +323,27 @@ def test_actions_on_a_subject_known_under_two_issuers_name_the_issuer(tmp_path: 
         assert act(action="pause_session", session_id="s", issuer=a.issuer, reason="x").status == 400
     finally:
         guard.close()
+
+
+def test_cli_json_prints_the_login_link_and_never_the_store_password() -> None:
+    """``console --json`` prints one JSON line (the link a script opens); neither form echoes the password of the
+    store URI."""
+    redis_support.redis_store_available()
+    shared = redis_support.shared_redis_url()
+    uri = shared.replace("redis://", "redis://:s3cret-pw@", 1) + f"?prefix=console-{os.getpid()}"
+    for extra in (["--json"], []):
+        proc = subprocess.Popen([sys.executable, "-m", "sa_middleware.cli", "console", "--store", uri, "--port", "0",
+                                 *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            lines = [proc.stdout.readline()]
+            while "/login?token=" not in lines[-1]:
+                assert lines[-1], f"the console exited: {proc.stderr.read() if proc.stderr else ''}"
+                lines.append(proc.stdout.readline())
+        finally:
+            proc.terminate()
+            proc.wait(WAIT)
+        assert not any("s3cret-pw" in line for line in lines), lines
+        if extra:
+            shown = json.loads(lines[0])
+            assert shown["login_url"].startswith("http://127.0.0.1:") and "***" in shown["store"]
