@@ -28,6 +28,9 @@ __all__ = ["UNMATCHED", "Observer", "Probe", "build_observer", "route_label"]
 #: the route label of a request that matched no route (never the raw path: bounded cardinality)
 UNMATCHED = "unmatched"
 _TRACER = "sa_middleware"
+#: the methods ``http.request.method`` names; any other is ``_OTHER`` (OpenTelemetry's HTTP semantic conventions), so
+#: a client cannot make up attribute values
+_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"})
 
 
 def route_label(match: RouteMatch | None) -> str:
@@ -130,7 +133,7 @@ class Probe:
         tracer = observer.tracer
         if tracer is not None:
             self._span = tracer.start_span("sa_middleware.admit", kind=observer._kind, attributes={
-                "http.request.method": method, "http.route": route})
+                "http.request.method": method if method in _METHODS else "_OTHER", "http.route": route})
         self._start = perf_counter()
 
     def before(self, step: Any) -> None:
