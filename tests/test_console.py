@@ -30,7 +30,8 @@ from sa_middleware.records import AuditRecord
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-HOSTILE = "<script>window.__pwned=1</script><img src=x onerror=window.__pwned=2>\u202eexe.txt\u2066"
+HOSTILE = ("<script>window.__pwned=1</script><img src=x onerror=window.__pwned=2>\u202eexe.txt\u2066"
+           "root\U000e0041\u00ad")  # invisible: a tag character (ASCII smuggling), a soft hyphen
 POLICIES = {"GET /work/{id}": Policy(locks=["work:{id}"]), "GET /admin-only": Policy(scopes={"sa:admin"})}
 
 
@@ -157,6 +158,7 @@ def test_console_in_chromium(app: tuple[str, Guard, str], console_cli: str, issu
         shown = cell.get_attribute("textContent") or ""
         assert "<script>window.__pwned=1</script>" in shown and "<img src=x" in shown
         assert "\u202e" not in shown and "U+202E" in shown and "U+2066" in shown
+        assert "\U000e0041" not in shown and "U+E0041" in shown and "U+00AD" in shown
         assert driver.execute_script("return window.__pwned === undefined")
         assert cell.find_elements(By.CSS_SELECTOR, "*") == []
         assert len(driver.find_elements(By.TAG_NAME, "script")) == 1  # console.js, nothing else
