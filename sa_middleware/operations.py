@@ -203,9 +203,17 @@ class Operations:
     def issuer_of(self, sub: str, issuer: str | None = None, *, known: bool = True) -> str:
         """The issuer of the principal ``sub``: ``issuer`` when given, else this object's one issuer, else the one
         issuer the store knows ``sub`` under. Raises IssuerRequired when that is ambiguous, or (``known``) when
-        the store knows ``sub`` under none of the candidates; with ``known=False`` (listings) that is ""."""
+        the store knows ``sub`` under none of the candidates; with ``known=False`` (listings) that is "".
+        A named ``issuer`` for a change, unless it is one of this object's issuers, is refused when the store knows
+        ``sub`` under other issuers only (a typo, a missing trailing slash: the change would reach no token)."""
         if issuer is not None:
-            return _issuer(issuer)
+            if not known or (self.issuers is not None and issuer in self.issuers):
+                return _issuer(issuer)
+            try:
+                named = self.store.issuers(_arg(sub, "sub"))
+            except NotImplementedError:
+                named = []
+            return _named_issuer(sub, _issuer(issuer), named, self.issuer_hint)
         if self.issuers is not None and len(self.issuers) == 1:
             return self.issuers[0]
         sub = _arg(sub, "sub")
@@ -218,7 +226,13 @@ class Operations:
     async def aissuer_of(self, sub: str, issuer: str | None = None, *, known: bool = True) -> str:
         """Async twin of :meth:`issuer_of`."""
         if issuer is not None:
-            return _issuer(issuer)
+            if not known or (self.issuers is not None and issuer in self.issuers):
+                return _issuer(issuer)
+            try:
+                named = await self.store.aissuers(_arg(sub, "sub"))
+            except NotImplementedError:
+                named = []
+            return _named_issuer(sub, _issuer(issuer), named, self.issuer_hint)
         if self.issuers is not None and len(self.issuers) == 1:
             return self.issuers[0]
         sub = _arg(sub, "sub")
@@ -621,6 +635,16 @@ def _issuer(value: str) -> str:
         raise ConfigurationError(f"issuer must be a string of at most {_MAX_ISSUER} characters (\"\" for tokens "
                                  "without an issuer)")
     return value
+
+
+def _named_issuer(sub: str, issuer: str, found: list[str], hint: str) -> str:
+    """``issuer``, unless the store knows ``sub`` under other issuers only (then the change would reach no token;
+    "", tokens without an issuer, is never a misspelling)."""
+    if issuer and issuer not in found and any(found):
+        raise IssuerRequired(f"subject {sub} is not known under issuer {issuer!r}, only under "
+                             f"{', '.join(repr(x) for x in found if x)}; nothing was changed (check the spelling of "
+                             f"{hint}, e.g. a trailing slash)")
+    return issuer
 
 
 def _time(value: float | None, name: str) -> float | None:

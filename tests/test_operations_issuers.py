@@ -4,15 +4,17 @@ tests/e2e/test_issuers_and_sessions.py.)"""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from sa_middleware import Denial, Guard, RequestInfo
 from sa_middleware.demo import DemoIssuer
-from sa_middleware.errors import ConfigurationError
+from sa_middleware.errors import ConfigurationError, IssuerRequired
 from sa_middleware.events import SETError, SSFReceiver
 from sa_middleware.guard import Admitted
 from sa_middleware.operations import Operations
@@ -150,3 +152,30 @@ def test_an_iss_sub_event_acts_on_that_issuers_principal(both: Guard, idps: tupl
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_a_misspelt_issuer_is_refused_not_a_change_that_reaches_no_token(
+        idps: tuple[DemoIssuer, DemoIssuer], store: str) -> None:
+    """An operator names the issuer without its trailing slash (Auth0 writes one): the store knows the subject under
+    another issuer only, so the change would reach no token; it is refused and nothing changes. An issuer the
+    object trusts is taken as named (a principal not seen yet from it)."""
+    a, _ = idps
+    guard = Guard(store=store, keys=a.public_pem, algorithms=["RS256"], issuer=[A, B])
+    ops = Operations(store)
+    try:
+        alice = fresh()
+        assert code(guard, a.token(alice, gen=0)) == "ok"
+        for change in (lambda: ops.revoke_principal(alice, issuer=A + "/"), lambda: ops.rotate(alice, issuer="x"),
+                       lambda: ops.reset_generation(alice, issuer=A + "/")):
+            with pytest.raises(IssuerRequired, match=f"not known under issuer '{A}/'|not known under issuer 'x'"):
+                change()
+        assert code(guard, a.token(alice, gen=0)) == "ok"
+        assert ops.revoke_principal(alice, issuer=A) > 0
+        assert code(guard, a.token(alice, gen=0, iat=time.time() - 5)) == "token_revoked"
+        assert guard.rotate(alice, issuer=B) == 1  # B is trusted by the Guard: alice of B, before her first token
+        assert anyio.run(lambda: ops.arotate(alice, issuer=A)) == 1
+        with pytest.raises(IssuerRequired):
+            anyio.run(lambda: ops.arotate(alice, issuer=A + "/"))
+    finally:
+        ops.close()
+        guard.close()
