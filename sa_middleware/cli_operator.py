@@ -260,11 +260,12 @@ def sessions(sub: str | None, idle: float, limit: int, issuer: str | None, as_js
         _say(f"no active sessions for {sub}" if sub is not None else "no active sessions")
     else:
         now, every = time.time(), sub is None  # without SUB, a column says whose each session is
-        click.echo(_table(("SESSION", *(("SUB",) if every else ()), "STATUS", "KIND", "CREATED", "LAST SEEN",
-                           "EXPIRES", "CLIENT", "DEVICE", "ACTOR"),
-                          [(s.session_id, *((s.sub,) if every else ()), s.status, _cell(s.kind), _when(s.created),
-                            _when(s.last_seen), _expires(s.expires, now), _cell(s.client), _cell(s.device),
-                            _cell(s.actor)) for s in found]))
+        issuers = every and len({s.iss for s in found}) > 1  # one sub of two issuers is two principals
+        click.echo(_table(("SESSION", *(("SUB",) if every else ()), *(("ISSUER",) if issuers else ()), "STATUS",
+                           "KIND", "CREATED", "LAST SEEN", "EXPIRES", "CLIENT", "DEVICE", "ACTOR"),
+                          [(s.session_id, *((s.sub,) if every else ()), *((_cell(s.iss),) if issuers else ()),
+                            s.status, _cell(s.kind), _when(s.created), _when(s.last_seen), _expires(s.expires, now),
+                            _cell(s.client), _cell(s.device), _cell(s.actor)) for s in found]))
 
 
 @click.command()

@@ -482,6 +482,9 @@ def test_rotate_hints_work_when_pasted_into_a_shell(site: Site) -> None:
             assert isinstance(outcome, Admitted)
             guard.release(outcome.ticket)
             guard.flush()
+        listed = ok(site.cli("sessions", "--limit", "10000")).splitlines()
+        assert listed[0].split()[:3] == ["SESSION", "SUB", "ISSUER"]  # one sub of two issuers: two principals
+        assert {line.split()[2] for line in listed if f" {sub} " in line} == {site.idp.issuer, other.issuer}
         result = site.cli("rotate", "--issuer", other.issuer, sub)
         assert ok(result).startswith(f"{sub}: generation 1")
         hint = re.search(r"^  undo: +(sa-middleware rotate --reset .+)$", result.stderr, re.M)
