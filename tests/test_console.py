@@ -349,3 +349,25 @@ def test_cli_json_prints_the_login_link_and_never_the_store_password() -> None:
         if extra:
             shown = json.loads(lines[0])
             assert shown["login_url"].startswith("http://127.0.0.1:") and "***" in shown["store"]
+
+
+def test_a_rotation_no_token_survives_is_a_warning_in_the_console(tmp_path: Path, issuer: DemoIssuer) -> None:
+    """The principal's tokens carry no generation claim: after a rotation every token is refused and a new one
+    will not help; the console's answer says so (as the CLI and the operation do)."""
+    guard = make_guard(issuer, f"sqlite:///{tmp_path / 'gen.db'}")
+    try:
+        for sub, claims in (("svc-plain", {}), ("svc-counted", {"gen": 2})):
+            outcome = guard.admit(RequestInfo("GET", "/x", {"authorization": f"Bearer {issuer.token(sub, **claims)}"}))
+            assert not isinstance(outcome, Denial)
+            guard.release(outcome.ticket)
+        guard.flush()
+        console = Console(guard, guard=guard)
+        admin = {"authorization": f"Bearer {issuer.token('root-ops', scope='sa:admin')}",
+                 "content-type": "application/json"}
+        answers = [json.loads(console.handle(ConsoleRequest("POST", "/api/action", "", admin, json.dumps(
+            {"action": "rotate", "sub": sub, "reason": "leaked"}).encode())).body) for sub in ("svc-plain",
+                                                                                               "svc-counted")]
+        assert answers[0]["result"] == 1 and "no generation claim" in answers[0]["warning"]
+        assert answers[1]["result"] == 3 and "warning" not in answers[1]
+    finally:
+        guard.close()

@@ -329,7 +329,12 @@ class Console:
 
         ops._note(AuditRecord("operation", "reason", source, sub, session_id, None,
                               f"{action}: {reason.strip()}"))
-        return _json({"ok": True, "action": action, "result": result})
+        answer = {"ok": True, "action": action, "result": result}
+        if action == "rotate" and sub is not None:  # every token now refused, and a new one will not help
+            warning = ops.rotation_warning(sub, issuer=issuer)
+            if warning:
+                answer["warning"] = warning
+        return _json(answer)
 
     def _audit(self, request: Request) -> Response:
         query = {k: v[0] for k, v in parse_qs(request.query).items() if v and v[0]}

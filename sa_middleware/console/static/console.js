@@ -226,11 +226,13 @@ async function confirmAction(event) {
   if (!pending) return;
   const reason = document.getElementById("action-reason").value;
   try {
-    await api("api/action", {method: "POST", headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf || ""},
-                             body: JSON.stringify(Object.assign({action: pending.action, reason}, pending.target))});
+    const done = await api("api/action", {method: "POST",
+      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf || ""},
+      body: JSON.stringify(Object.assign({action: pending.action, reason}, pending.target))});
     pending = null;
     document.getElementById("dialog").hidden = true;
     await refresh();
+    if (done && done.warning) setStatus("warning: " + show(done.warning), true);  // e.g. a rotation no token survives
   } catch (e) {
     document.getElementById("action-error").textContent = e.message;
   }
