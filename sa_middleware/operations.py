@@ -207,13 +207,14 @@ class Operations:
         A named ``issuer`` for a change, unless it is one of this object's issuers, is refused when the store knows
         ``sub`` under other issuers only (a typo, a missing trailing slash: the change would reach no token)."""
         if issuer is not None:
-            if not known or (self.issuers is not None and issuer in self.issuers):
-                return _issuer(issuer)
+            iss = _issuer(issuer)
+            if not known or (self.issuers is not None and iss in self.issuers):
+                return iss
             try:
                 named = self.store.issuers(_arg(sub, "sub"))
             except NotImplementedError:
                 named = []
-            return _named_issuer(sub, _issuer(issuer), named, self.issuer_hint)
+            return _named_issuer(sub, iss, named, self.issuer_hint)
         if self.issuers is not None and len(self.issuers) == 1:
             return self.issuers[0]
         sub = _arg(sub, "sub")
@@ -226,13 +227,14 @@ class Operations:
     async def aissuer_of(self, sub: str, issuer: str | None = None, *, known: bool = True) -> str:
         """Async twin of :meth:`issuer_of`."""
         if issuer is not None:
-            if not known or (self.issuers is not None and issuer in self.issuers):
-                return _issuer(issuer)
+            iss = _issuer(issuer)
+            if not known or (self.issuers is not None and iss in self.issuers):
+                return iss
             try:
                 named = await self.store.aissuers(_arg(sub, "sub"))
             except NotImplementedError:
                 named = []
-            return _named_issuer(sub, _issuer(issuer), named, self.issuer_hint)
+            return _named_issuer(sub, iss, named, self.issuer_hint)
         if self.issuers is not None and len(self.issuers) == 1:
             return self.issuers[0]
         sub = _arg(sub, "sub")
