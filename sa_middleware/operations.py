@@ -302,7 +302,7 @@ class Operations:
             present = self.store.generation_claim(sub, *scoped(iss))
         except NotImplementedError:
             return None
-        return None if present is not False else _no_generation(sub)
+        return None if present is not False else _no_generation(sub, iss)
 
     async def arotation_warning(self, sub: str, *, issuer: str | None = None) -> str | None:
         iss = await self.aissuer_of(_arg(sub, "sub"), issuer, known=False)
@@ -310,7 +310,7 @@ class Operations:
             present = await self.store.ageneration_claim(sub, *scoped(iss))
         except NotImplementedError:
             return None
-        return None if present is not False else _no_generation(sub)
+        return None if present is not False else _no_generation(sub, iss)
 
     def reset_generation(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> int:
         """Undo :meth:`rotate`: set ``sub``'s generation back to 0, so tokens without a generation claim (and of
@@ -622,11 +622,12 @@ def _kid(value: str) -> str:
     return value
 
 
-def _no_generation(sub: str) -> str:
+def _no_generation(sub: str, iss: str = "") -> str:
+    named = f"--issuer {shlex.quote(iss)} " if iss else ""  # one subject may be known under several issuers
     return (f"{sub}: its latest token carried no generation claim, so every token of {sub} is refused "
             "(stale_generation) and a new token from the same issuer will not help; undo with "
-            f"reset_generation (sa-middleware rotate --reset -- {shlex.quote(sub)}) and use revoke_principal "
-            f"(sa-middleware revoke {'-- ' if sub.startswith('-') else ''}{shlex.quote(sub)}) instead")
+            f"reset_generation (sa-middleware rotate --reset {named}-- {shlex.quote(sub)}) and use revoke_principal "
+            f"(sa-middleware revoke {named}{'-- ' if sub.startswith('-') else ''}{shlex.quote(sub)}) instead")
 
 
 _MAX_ISSUER = 2048

@@ -4,6 +4,10 @@ tests/e2e/test_issuers_and_sessions.py.)"""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -178,4 +182,28 @@ def test_a_misspelt_issuer_is_refused_not_a_change_that_reaches_no_token(
             anyio.run(lambda: ops.arotate(alice, issuer=A + "/"))
     finally:
         ops.close()
+        guard.close()
+
+
+def test_the_rotation_warning_names_the_issuer_in_its_undo_command(
+        idps: tuple[DemoIssuer, DemoIssuer], store: str) -> None:
+    """A subject known under two issuers, whose tokens carry no generation: the warning's undo command (shown by
+    the console and logged) names the issuer, so it works when pasted."""
+    a, b = idps
+    guard = Guard(store=store, keys=a.public_pem, algorithms=["RS256"], issuer=[A, B])
+    try:
+        alice = f"auth0|{uuid.uuid4().hex[:8]}"
+        assert code(guard, a.token(alice)) == "ok" and code(guard, b.token(alice)) == "ok"
+        guard.flush()
+        assert guard.rotate(alice, issuer=B) == 1
+        warning = guard.rotation_warning(alice, issuer=B)
+        assert warning is not None
+        undo = re.search(r"\((sa-middleware rotate --reset [^)]+)\)", warning)
+        assert undo is not None, warning
+        env = {k: v for k, v in os.environ.items() if k != "SA_STORE"}
+        env |= {"SA_STORE": store, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+        pasted = subprocess.run(["sh", "-c", undo.group(1)], capture_output=True, text=True, timeout=60, env=env)
+        assert pasted.returncode == 0, pasted.stderr
+        assert code(guard, b.token(alice)) == "ok"
+    finally:
         guard.close()
