@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import anyio.to_thread
 import httpx
 import pytest
@@ -369,5 +370,36 @@ def test_a_rotation_no_token_survives_is_a_warning_in_the_console(tmp_path: Path
                                                                                                "svc-counted")]
         assert answers[0]["result"] == 1 and "no generation claim" in answers[0]["warning"]
         assert answers[1]["result"] == 3 and "warning" not in answers[1]
+    finally:
+        guard.close()
+
+
+def test_asgi_cookie_headers_sent_apart_are_one_cookie_string(tmp_path: Path, issuer: DemoIssuer) -> None:
+    """HTTP/2 servers (hypercorn) pass each cookie as its own ``cookie`` header: they are joined with ``; `` (RFC
+    9113 section 8.2.3), so the console's session cookie is still found beside another cookie."""
+    guard = make_guard(issuer, f"sqlite:///{tmp_path / 'h2.db'}")
+    console = Console(guard, guard=guard, login_link=True)
+    app = asgi_app(console)
+    try:
+        link = console.login_url("http://127.0.0.1")
+        query = link.split("?", 1)[1].encode()
+
+        async def call(path: str, query: bytes, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+            sent: list[dict[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "method": "GET", "path": path, "query_string": query, "headers": headers}
+            await app(scope, receive, send)
+            return sent[0]
+
+        start = anyio.run(call, "/login", query, [])
+        cookie = dict(start["headers"])[b"set-cookie"].split(b";")[0]
+        answer = anyio.run(call, "/api/state", b"", [(b"cookie", b"theme=dark"), (b"cookie", cookie)])
+        assert answer["status"] == 200
     finally:
         guard.close()
