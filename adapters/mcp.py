@@ -23,7 +23,9 @@
 - **Identity**: :class:`GuardTokenVerifier` verifies bearer tokens with the Guard's own verifier, so the SDK keeps
   answering a missing or bad token with HTTP 401, ``WWW-Authenticate: Bearer ... resource_metadata=...`` and its
   RFC 9728 metadata document. It reports the token's ``client_id`` (``azp``, else ``sub``), ``iss`` and ``sub``, so
-  the SDK refuses an MCP session id presented with another principal's token (404, as for an unknown session).
+  the SDK refuses an MCP session id presented with another principal's token (404, as for an unknown session), and
+  its scopes as the Guard reads them (``scope_claims``). When the signing keys cannot be fetched, the app of
+  :func:`streamable_http_app` answers 503 ``keys_unavailable`` with ``Retry-After`` instead of the SDK's 401.
 - **One admission per tool call** (and per ``prompts/get`` and ``resources/read``): decided before the tool runs,
   against the tool's ``@policy``, then the Guard's table entry ``"TOOL <name>"`` (``"PROMPT <name>"``,
   ``"RESOURCE <uri or uri template>"``), then ``default_policy``. Lock templates are filled from the call's
@@ -61,9 +63,10 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sa_middleware.claims import scopes_of
 from sa_middleware.context import RequestInfo, SAContext, admitted
 from sa_middleware.denials import Denial
-from sa_middleware.errors import ConfigurationError, InvalidRequest, InvalidToken
+from sa_middleware.errors import ConfigurationError, InvalidRequest, InvalidToken, KeysUnavailable
 from sa_middleware.guard import Guard
 from sa_middleware.policy import Policy, lock_fields
 from sa_middleware.responses import denial_response
@@ -81,6 +84,8 @@ _SESSION_PREFIX = "mcp:"
 _MAX_ARGUMENT = 256
 _LOCKABLE = ("string", "integer")
 _CURRENT: contextvars.ContextVar[SAContext | None] = contextvars.ContextVar("sa_middleware_mcp", default=None)
+#: set while :class:`_KeysOutage` serves a request: the verifier may raise KeysUnavailable for it to answer
+_ANSWERS_OUTAGE: contextvars.ContextVar[bool] = contextvars.ContextVar("sa_middleware_mcp_outage", default=False)
 
 
 def sa_context(ctx: object | None = None) -> SAContext:
@@ -110,6 +115,10 @@ class GuardTokenVerifier:
         """An ``AccessToken`` for a token that passes every check of the Guard's verifier, else ``None``."""
         try:
             verified = await self.guard.verifier.averify(token)
+        except KeysUnavailable:
+            if _ANSWERS_OUTAGE.get():  # the token may be good: streamable_http_app answers 503 keys_unavailable
+                raise
+            return None
         except InvalidToken:
             return None
         claims = verified.claims
@@ -117,9 +126,7 @@ class GuardTokenVerifier:
         client_id = claims.get("client_id", claims.get("azp", sub))
         if not isinstance(sub, str) or not isinstance(client_id, str):
             return None
-        scope = claims.get("scope", claims.get("scp"))
-        scopes = scope.split() if isinstance(scope, str) else [s for s in scope if isinstance(s, str)] \
-            if isinstance(scope, list) else []
+        scopes = sorted(scopes_of(claims, self.guard.scope_claims))  # the Guard's scope claims (scp, roles...)
         aud = claims.get("aud")
         audiences = [aud] if isinstance(aud, str) else [a for a in aud if isinstance(a, str)] \
             if isinstance(aud, list) else []
@@ -412,11 +419,48 @@ class _EndSessions:
                             exc_info=True)
 
 
+class _KeysOutage:
+    """Answers 503 ``keys_unavailable`` with ``Retry-After`` when the issuer's signing keys could not be fetched to
+    verify the request's token, as the Guard does for HTTP: the token may be good, so never the SDK's 401 (which
+    tells a client to throw it away)."""
+
+    def __init__(self, app: ASGIApp, guard: Guard) -> None:
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        answers = _ANSWERS_OUTAGE.set(True)
+        try:
+            await self.app(scope, receive, watch)
+        except KeysUnavailable as exc:
+            if started:
+                raise
+            guard = self.guard
+            denial = Denial("keys_unavailable", "the issuer's signing keys could not be fetched; try again",
+                            retry_after=max(exc.retry_after, guard.retry_after))
+            status, headers, body = denial_response(denial, guard.realm, guard.retry_after)
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            _ANSWERS_OUTAGE.reset(answers)
+
+
 def streamable_http_app(server: MCPServer[Any], guard: Guard, **options: Any) -> Starlette:
     """The server's Streamable HTTP app (``server.streamable_http_app(**options)``) with every tool call and
     prompt admitted by ``guard``. Checks the policies first: a mistake raises :class:`ConfigurationError`."""
     SessionAwareMCP(server, guard)
     app = server.streamable_http_app(**options)
     app.add_middleware(_EndSessions, guard=guard, server=server)
+    app.add_middleware(_KeysOutage, guard=guard)
     return app
 

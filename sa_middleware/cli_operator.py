@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+import shlex
 import socket
 import time
 import unicodedata
@@ -218,11 +219,11 @@ def _logged_above(level: int) -> Iterator[None]:
         logger.setLevel(saved)
 
 
-def command_line(command: str, *arguments: str) -> str:
-    """``sa-middleware COMMAND ARGUMENT...`` as a line that works when pasted: with ``--`` (end of options) before
-    the arguments when one of them starts with ``-``."""
+def command_line(command: str, *arguments: str, options: Sequence[str] = ()) -> str:
+    """``sa-middleware COMMAND [OPTION...] ARGUMENT...`` as a line that works when pasted into a shell: each value
+    quoted (``'auth0|x'``), with ``--`` (end of options) before the arguments when one of them starts with ``-``."""
     dash = ["--"] if any(a.startswith("-") for a in arguments) else []
-    return " ".join(["sa-middleware", command, *dash, *arguments])
+    return " ".join(["sa-middleware", command, *map(shlex.quote, options), *dash, *map(shlex.quote, arguments)])
 
 
 def _cell(value: object) -> str:
@@ -259,11 +260,12 @@ def sessions(sub: str | None, idle: float, limit: int, issuer: str | None, as_js
         _say(f"no active sessions for {sub}" if sub is not None else "no active sessions")
     else:
         now, every = time.time(), sub is None  # without SUB, a column says whose each session is
-        click.echo(_table(("SESSION", *(("SUB",) if every else ()), "STATUS", "KIND", "CREATED", "LAST SEEN",
-                           "EXPIRES", "CLIENT", "DEVICE", "ACTOR"),
-                          [(s.session_id, *((s.sub,) if every else ()), s.status, _cell(s.kind), _when(s.created),
-                            _when(s.last_seen), _expires(s.expires, now), _cell(s.client), _cell(s.device),
-                            _cell(s.actor)) for s in found]))
+        issuers = every and len({s.iss for s in found}) > 1  # one sub of two issuers is two principals
+        click.echo(_table(("SESSION", *(("SUB",) if every else ()), *(("ISSUER",) if issuers else ()), "STATUS",
+                           "KIND", "CREATED", "LAST SEEN", "EXPIRES", "CLIENT", "DEVICE", "ACTOR"),
+                          [(s.session_id, *((s.sub,) if every else ()), *((_cell(s.iss),) if issuers else ()),
+                            s.status, _cell(s.kind), _when(s.created), _when(s.last_seen), _expires(s.expires, now),
+                            _cell(s.client), _cell(s.device), _cell(s.actor)) for s in found]))
 
 
 @click.command()
@@ -416,10 +418,12 @@ def rotate(sub: str, reset: bool, issuer: str | None, actor: str | None, reason:
     _done(as_json, f"{sub}: generation {generation}; tokens of a lower generation are refused (stale_generation)",
           operation="rotate", sub=sub, generation=generation, **({"warning": warning} if warning else {}))
     if warning and not as_json:
+        named = ("--issuer", issuer) if issuer is not None else ()
         for line in (f"warning: {sub}'s latest token carried no generation claim: every token of {sub} is now "
                      "refused, and a new one will not help.",
-                     f"  undo:    {command_line('rotate --reset', sub)}",
-                     f"  instead: {command_line('revoke', sub)}   (refuses its tokens issued before now)"):
+                     f"  undo:    {command_line('rotate --reset', sub, options=named)}",
+                     f"  instead: {command_line('revoke', sub, options=named)}   (refuses its tokens issued before "
+                     "now)"):
             click.echo(_printable(line), err=True)
 
 

@@ -28,12 +28,21 @@ __all__ = ["UNMATCHED", "Observer", "Probe", "build_observer", "route_label"]
 #: the route label of a request that matched no route (never the raw path: bounded cardinality)
 UNMATCHED = "unmatched"
 _TRACER = "sa_middleware"
+#: the methods ``http.request.method`` names; any other is ``_OTHER`` (OpenTelemetry's HTTP semantic conventions), so
+#: a client cannot make up attribute values
+_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"})
+#: what a route name may start with (the rest becomes ``_OTHER``)
+_ROUTE_KINDS = _METHODS | {"*", "WEBSOCKET", "TOOL", "PROMPT", "RESOURCE"}
 
 
 def route_label(match: RouteMatch | None) -> str:
-    """The route template of a match, or :data:`UNMATCHED`."""
+    """The route template of a match, or :data:`UNMATCHED`. A framework names a route after the request's method
+    (``"BREW /items/{id}"`` for a method its route does not serve): a method HTTP does not define is ``_OTHER``."""
     route = match.route if match is not None else None
-    return route if route else UNMATCHED
+    if not route:
+        return UNMATCHED
+    method, sep, template = route.partition(" ")
+    return route if not sep or method in _ROUTE_KINDS else f"_OTHER {template}"
 
 
 def build_observer(ops: Operations, metrics: Metrics | bool | None, tracing: bool | None) -> Observer | None:
@@ -130,7 +139,7 @@ class Probe:
         tracer = observer.tracer
         if tracer is not None:
             self._span = tracer.start_span("sa_middleware.admit", kind=observer._kind, attributes={
-                "http.request.method": method, "http.route": route})
+                "http.request.method": method if method in _METHODS else "_OTHER", "http.route": route})
         self._start = perf_counter()
 
     def before(self, step: Any) -> None:

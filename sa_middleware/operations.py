@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import time
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import replace
@@ -202,9 +203,18 @@ class Operations:
     def issuer_of(self, sub: str, issuer: str | None = None, *, known: bool = True) -> str:
         """The issuer of the principal ``sub``: ``issuer`` when given, else this object's one issuer, else the one
         issuer the store knows ``sub`` under. Raises IssuerRequired when that is ambiguous, or (``known``) when
-        the store knows ``sub`` under none of the candidates; with ``known=False`` (listings) that is ""."""
+        the store knows ``sub`` under none of the candidates; with ``known=False`` (listings) that is "".
+        A named ``issuer`` for a change, unless it is one of this object's issuers, is refused when the store knows
+        ``sub`` under other issuers only (a typo, a missing trailing slash: the change would reach no token)."""
         if issuer is not None:
-            return _issuer(issuer)
+            iss = _issuer(issuer)
+            if not known or (self.issuers is not None and iss in self.issuers):
+                return iss
+            try:
+                named = self.store.issuers(_arg(sub, "sub"))
+            except NotImplementedError:
+                named = []
+            return _named_issuer(sub, iss, named, self.issuer_hint)
         if self.issuers is not None and len(self.issuers) == 1:
             return self.issuers[0]
         sub = _arg(sub, "sub")
@@ -217,7 +227,14 @@ class Operations:
     async def aissuer_of(self, sub: str, issuer: str | None = None, *, known: bool = True) -> str:
         """Async twin of :meth:`issuer_of`."""
         if issuer is not None:
-            return _issuer(issuer)
+            iss = _issuer(issuer)
+            if not known or (self.issuers is not None and iss in self.issuers):
+                return iss
+            try:
+                named = await self.store.aissuers(_arg(sub, "sub"))
+            except NotImplementedError:
+                named = []
+            return _named_issuer(sub, iss, named, self.issuer_hint)
         if self.issuers is not None and len(self.issuers) == 1:
             return self.issuers[0]
         sub = _arg(sub, "sub")
@@ -285,7 +302,7 @@ class Operations:
             present = self.store.generation_claim(sub, *scoped(iss))
         except NotImplementedError:
             return None
-        return None if present is not False else _no_generation(sub)
+        return None if present is not False else _no_generation(sub, iss)
 
     async def arotation_warning(self, sub: str, *, issuer: str | None = None) -> str | None:
         iss = await self.aissuer_of(_arg(sub, "sub"), issuer, known=False)
@@ -293,7 +310,7 @@ class Operations:
             present = await self.store.ageneration_claim(sub, *scoped(iss))
         except NotImplementedError:
             return None
-        return None if present is not False else _no_generation(sub)
+        return None if present is not False else _no_generation(sub, iss)
 
     def reset_generation(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> int:
         """Undo :meth:`rotate`: set ``sub``'s generation back to 0, so tokens without a generation claim (and of
@@ -605,11 +622,12 @@ def _kid(value: str) -> str:
     return value
 
 
-def _no_generation(sub: str) -> str:
+def _no_generation(sub: str, iss: str = "") -> str:
+    named = f"--issuer {shlex.quote(iss)} " if iss else ""  # one subject may be known under several issuers
     return (f"{sub}: its latest token carried no generation claim, so every token of {sub} is refused "
             "(stale_generation) and a new token from the same issuer will not help; undo with "
-            f"reset_generation (sa-middleware rotate --reset -- {sub}) and use revoke_principal "
-            f"(sa-middleware revoke {'-- ' if sub.startswith('-') else ''}{sub}) instead")
+            f"reset_generation (sa-middleware rotate --reset {named}-- {shlex.quote(sub)}) and use revoke_principal "
+            f"(sa-middleware revoke {named}{'-- ' if sub.startswith('-') else ''}{shlex.quote(sub)}) instead")
 
 
 _MAX_ISSUER = 2048
@@ -620,6 +638,16 @@ def _issuer(value: str) -> str:
         raise ConfigurationError(f"issuer must be a string of at most {_MAX_ISSUER} characters (\"\" for tokens "
                                  "without an issuer)")
     return value
+
+
+def _named_issuer(sub: str, issuer: str, found: list[str], hint: str) -> str:
+    """``issuer``, unless the store knows ``sub`` under other issuers only (then the change would reach no token;
+    "", tokens without an issuer, is never a misspelling)."""
+    if issuer and issuer not in found and any(found):
+        raise IssuerRequired(f"subject {sub} is not known under issuer {issuer!r}, only under "
+                             f"{', '.join(repr(x) for x in found if x)}; nothing was changed (check the spelling of "
+                             f"{hint}, e.g. a trailing slash)")
+    return issuer
 
 
 def _time(value: float | None, name: str) -> float | None:

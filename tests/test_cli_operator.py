@@ -468,6 +468,38 @@ def test_rotate_warns_when_tokens_carry_no_generation_and_reset_undoes_it(site: 
     assert [r.code for r in site.guard.audit(plain, kind="operation")] == ["reset_generation", "rotate"]
 
 
+def test_rotate_hints_work_when_pasted_into_a_shell(site: Site) -> None:
+    """The undo hint names the issuer it rotated under and quotes the subject: an Auth0 subject (``auth0|...``) is
+    not a pipe, and a subject known under two issuers is not ambiguous."""
+    sub = f"auth0|{uuid.uuid4().hex[:8]}"
+    other = DemoIssuer(issuer="https://other-idp.example")
+    other.private_key, other.public_pem = site.idp.private_key, site.idp.public_pem
+    second = Guard(store=site.uri, keys=other.public_pem, algorithms=["RS256"], issuer=other.issuer,
+                   audience=other.audience)
+    try:
+        for guard, idp in ((site.guard, site.idp), (second, other)):
+            outcome = guard.admit(RequestInfo("GET", "/things", {"authorization": f"Bearer {idp.token(sub)}"}))
+            assert isinstance(outcome, Admitted)
+            guard.release(outcome.ticket)
+            guard.flush()
+        listed = ok(site.cli("sessions", "--limit", "10000")).splitlines()
+        assert listed[0].split()[:3] == ["SESSION", "SUB", "ISSUER"]  # one sub of two issuers: two principals
+        assert {line.split()[2] for line in listed if f" {sub} " in line} == {site.idp.issuer, other.issuer}
+        result = site.cli("rotate", "--issuer", other.issuer, sub)
+        assert ok(result).startswith(f"{sub}: generation 1")
+        hint = re.search(r"^  undo: +(sa-middleware rotate --reset .+)$", result.stderr, re.M)
+        assert hint is not None, result.stderr
+        env = {k: v for k, v in os.environ.items() if k != "SA_STORE"}
+        env |= {"SA_STORE": site.uri, "PATH": f"{ENTRY_POINT.parent}{os.pathsep}{env.get('PATH', '')}"}
+        pasted = subprocess.run(["sh", "-c", hint.group(1)], capture_output=True, text=True, timeout=60, env=env)
+        assert ok(pasted) == f"{sub}: generation reset from 1 to 0\n", pasted.stderr
+        outcome = second.admit(RequestInfo("GET", "/things", {"authorization": f"Bearer {other.token(sub)}"}))
+        assert isinstance(outcome, Admitted)
+        second.release(outcome.ticket)
+    finally:
+        second.close()
+
+
 def test_keys_commands_write_notes_every_guard_reads(site: Site) -> None:
     before = site.guard.store.key_notes()
     assert ok(site.cli("keys", "refresh")).startswith("signing keys:")

@@ -3,6 +3,7 @@ SQLite store; and its access rules over HTTP (login link, CSRF, bearer tokens de
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,20 +15,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import anyio.to_thread
 import httpx
 import pytest
+import redis_support
 from support import WAIT, problem
 
-from sa_middleware import Guard, Policy
+from sa_middleware import Denial, Guard, Policy, RequestInfo
 from sa_middleware.asgi import SessionAwareMiddleware
 from sa_middleware.console import Console, asgi_app
+from sa_middleware.console.app import Request as ConsoleRequest
 from sa_middleware.demo import DemoIssuer, serve_asgi
 from sa_middleware.records import AuditRecord
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-HOSTILE = "<script>window.__pwned=1</script><img src=x onerror=window.__pwned=2>\u202eexe.txt\u2066"
+HOSTILE = ("<script>window.__pwned=1</script><img src=x onerror=window.__pwned=2>\u202eexe.txt\u2066"
+           "root\U000e0041\u00ad")  # invisible: a tag character (ASCII smuggling), a soft hyphen
 POLICIES = {"GET /work/{id}": Policy(locks=["work:{id}"]), "GET /admin-only": Policy(scopes={"sa:admin"})}
 
 
@@ -154,6 +159,7 @@ def test_console_in_chromium(app: tuple[str, Guard, str], console_cli: str, issu
         shown = cell.get_attribute("textContent") or ""
         assert "<script>window.__pwned=1</script>" in shown and "<img src=x" in shown
         assert "\u202e" not in shown and "U+202E" in shown and "U+2066" in shown
+        assert "\U000e0041" not in shown and "U+E0041" in shown and "U+00AD" in shown
         assert driver.execute_script("return window.__pwned === undefined")
         assert cell.find_elements(By.CSS_SELECTOR, "*") == []
         assert len(driver.find_elements(By.TAG_NAME, "script")) == 1  # console.js, nothing else
@@ -287,3 +293,113 @@ def test_cli_refuses_a_non_loopback_bind() -> None:
     out = subprocess.run([sys.executable, "-m", "sa_middleware.cli", "console", "--store", "sqlite:///x.db",
                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not a loopback address" in out.stderr
+
+
+def test_actions_on_a_subject_known_under_two_issuers_name_the_issuer(tmp_path: Path) -> None:
+    """One ``sub`` from two issuers is two principals: the console lists each with its issuer, and an action on
+    one names it (without it the operation cannot tell them apart: a clear 400, nothing changed)."""
+    a, b = DemoIssuer(issuer="https://idp-a.example"), DemoIssuer(issuer="https://idp-b.example")
+    b.private_key, b.public_pem = a.private_key, a.public_pem
+    guard = Guard(store=f"sqlite:///{tmp_path / 'two.db'}", keys=a.public_pem, algorithms=["RS256"],
+                  issuer=[a.issuer, b.issuer])
+    try:
+        for idp in (a, b):
+            outcome = guard.admit(RequestInfo("GET", "/x", {"authorization": f"Bearer {idp.token('alice', gen=0)}"}))
+            assert not isinstance(outcome, Denial)
+            guard.release(outcome.ticket)
+        console = Console(guard, guard=guard)
+        admin = {"authorization": f"Bearer {a.token('root-ops', scope='sa:admin')}",
+                 "content-type": "application/json"}
+
+        def act(**body: str) -> Any:
+            return console.handle(ConsoleRequest("POST", "/api/action", "", admin, json.dumps(body).encode()))
+
+        state = json.loads(console.handle(ConsoleRequest("GET", "/api/state", "", admin)).body)
+        assert {s["iss"] for s in state["sessions"] if s["sub"] == "alice"} == {a.issuer, b.issuer}
+        refused = act(action="rotate", sub="alice", reason="leaked")
+        assert refused.status == 400 and b"ambiguous" in refused.body
+        done = act(action="rotate", sub="alice", issuer=b.issuer, reason="leaked")
+        assert done.status == 200 and json.loads(done.body)["result"] == 1
+        assert guard.rotate("alice", issuer=a.issuer) == 1  # A's alice was not rotated by the console
+        done = act(action="report_compromise", sub="alice", issuer=a.issuer, reason="phished")
+        assert done.status == 200 and len(json.loads(done.body)["result"]) == 1
+        assert act(action="pause_session", session_id="s", issuer=a.issuer, reason="x").status == 400
+    finally:
+        guard.close()
+
+
+def test_cli_json_prints_the_login_link_and_never_the_store_password() -> None:
+    """``console --json`` prints one JSON line (the link a script opens); neither form echoes the password of the
+    store URI."""
+    redis_support.redis_store_available()
+    shared = redis_support.shared_redis_url()
+    uri = shared.replace("redis://", "redis://:s3cret-pw@", 1) + f"?prefix=console-{os.getpid()}"
+    for extra in (["--json"], []):
+        proc = subprocess.Popen([sys.executable, "-m", "sa_middleware.cli", "console", "--store", uri, "--port", "0",
+                                 *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            lines = [proc.stdout.readline()]
+            while "/login?token=" not in lines[-1]:
+                assert lines[-1], f"the console exited: {proc.stderr.read() if proc.stderr else ''}"
+                lines.append(proc.stdout.readline())
+        finally:
+            proc.terminate()
+            proc.wait(WAIT)
+        assert not any("s3cret-pw" in line for line in lines), lines
+        if extra:
+            shown = json.loads(lines[0])
+            assert shown["login_url"].startswith("http://127.0.0.1:") and "***" in shown["store"]
+
+
+def test_a_rotation_no_token_survives_is_a_warning_in_the_console(tmp_path: Path, issuer: DemoIssuer) -> None:
+    """The principal's tokens carry no generation claim: after a rotation every token is refused and a new one
+    will not help; the console's answer says so (as the CLI and the operation do)."""
+    guard = make_guard(issuer, f"sqlite:///{tmp_path / 'gen.db'}")
+    try:
+        for sub, claims in (("svc-plain", {}), ("svc-counted", {"gen": 2})):
+            outcome = guard.admit(RequestInfo("GET", "/x", {"authorization": f"Bearer {issuer.token(sub, **claims)}"}))
+            assert not isinstance(outcome, Denial)
+            guard.release(outcome.ticket)
+        guard.flush()
+        console = Console(guard, guard=guard)
+        admin = {"authorization": f"Bearer {issuer.token('root-ops', scope='sa:admin')}",
+                 "content-type": "application/json"}
+        answers = [json.loads(console.handle(ConsoleRequest("POST", "/api/action", "", admin, json.dumps(
+            {"action": "rotate", "sub": sub, "reason": "leaked"}).encode())).body) for sub in ("svc-plain",
+                                                                                               "svc-counted")]
+        assert answers[0]["result"] == 1 and "no generation claim" in answers[0]["warning"]
+        assert answers[1]["result"] == 3 and "warning" not in answers[1]
+    finally:
+        guard.close()
+
+
+def test_asgi_cookie_headers_sent_apart_are_one_cookie_string(tmp_path: Path, issuer: DemoIssuer) -> None:
+    """HTTP/2 servers (hypercorn) pass each cookie as its own ``cookie`` header: they are joined with ``; `` (RFC
+    9113 section 8.2.3), so the console's session cookie is still found beside another cookie."""
+    guard = make_guard(issuer, f"sqlite:///{tmp_path / 'h2.db'}")
+    console = Console(guard, guard=guard, login_link=True)
+    app = asgi_app(console)
+    try:
+        link = console.login_url("http://127.0.0.1")
+        query = link.split("?", 1)[1].encode()
+
+        async def call(path: str, query: bytes, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+            sent: list[dict[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "method": "GET", "path": path, "query_string": query, "headers": headers}
+            await app(scope, receive, send)
+            return sent[0]
+
+        start = anyio.run(call, "/login", query, [])
+        cookie = dict(start["headers"])[b"set-cookie"].split(b";")[0]
+        answer = anyio.run(call, "/api/state", b"", [(b"cookie", b"theme=dark"), (b"cookie", cookie)])
+        assert answer["status"] == 200
+    finally:
+        guard.close()

@@ -12,7 +12,7 @@ from typing import Any
 import anyio.to_thread
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from support import WAIT, problem
 
@@ -286,3 +286,32 @@ def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
     for bad in ((), (0.01, 0.001), (float("inf"),)):
         with pytest.raises(ConfigurationError, match="buckets"):
             Metrics(CollectorRegistry(), buckets=bad)
+
+
+def test_a_client_cannot_make_new_route_label_values(issuer: DemoIssuer) -> None:
+    """A framework names a route after the request's method (``"<METHOD> /items/{id}"``; Starlette for a wrong
+    method, Django for any): a method the client makes up is ``_OTHER`` in the route label, so random methods cannot
+    create new time series."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from sa_middleware.adapters.starlette import SessionAwareMiddleware as StarletteMiddleware
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry=registry)
+    guard = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience, metrics=metrics)
+    app = Starlette(routes=[Route("/items/{id:int}", lambda request: PlainTextResponse("ok"))])
+    app.add_middleware(StarletteMiddleware, guard=guard)
+    base, stop = serve_asgi(app)
+    try:
+        token = {"authorization": f"Bearer {issuer.token('load')}"}
+        for method in ("GET", "BREW-1", "BREW-2", "BREW-3"):
+            httpx.request(method, f"{base}/items/7", headers=token, timeout=WAIT)
+    finally:
+        stop()
+        guard.close()
+    routes = {s.labels["route"] for family in text_string_to_metric_families(generate_latest(registry).decode())
+              for s in family.samples if "route" in s.labels}
+    assert routes == {"GET /items/{id:int}", "_OTHER /items/{id:int}"}

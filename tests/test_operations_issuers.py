@@ -4,15 +4,21 @@ tests/e2e/test_issuers_and_sessions.py.)"""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from sa_middleware import Denial, Guard, RequestInfo
 from sa_middleware.demo import DemoIssuer
-from sa_middleware.errors import ConfigurationError
+from sa_middleware.errors import ConfigurationError, IssuerRequired
 from sa_middleware.events import SETError, SSFReceiver
 from sa_middleware.guard import Admitted
 from sa_middleware.operations import Operations
@@ -150,3 +156,54 @@ def test_an_iss_sub_event_acts_on_that_issuers_principal(both: Guard, idps: tupl
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_a_misspelt_issuer_is_refused_not_a_change_that_reaches_no_token(
+        idps: tuple[DemoIssuer, DemoIssuer], store: str) -> None:
+    """An operator names the issuer without its trailing slash (Auth0 writes one): the store knows the subject under
+    another issuer only, so the change would reach no token; it is refused and nothing changes. An issuer the
+    object trusts is taken as named (a principal not seen yet from it)."""
+    a, _ = idps
+    guard = Guard(store=store, keys=a.public_pem, algorithms=["RS256"], issuer=[A, B])
+    ops = Operations(store)
+    try:
+        alice = fresh()
+        assert code(guard, a.token(alice, gen=0)) == "ok"
+        for change in (lambda: ops.revoke_principal(alice, issuer=A + "/"), lambda: ops.rotate(alice, issuer="x"),
+                       lambda: ops.reset_generation(alice, issuer=A + "/")):
+            with pytest.raises(IssuerRequired, match=f"not known under issuer '{A}/'|not known under issuer 'x'"):
+                change()
+        assert code(guard, a.token(alice, gen=0)) == "ok"
+        assert ops.revoke_principal(alice, issuer=A) > 0
+        assert code(guard, a.token(alice, gen=0, iat=time.time() - 5)) == "token_revoked"
+        assert guard.rotate(alice, issuer=B) == 1  # B is trusted by the Guard: alice of B, before her first token
+        assert anyio.run(lambda: ops.arotate(alice, issuer=A)) == 1
+        with pytest.raises(IssuerRequired):
+            anyio.run(lambda: ops.arotate(alice, issuer=A + "/"))
+    finally:
+        ops.close()
+        guard.close()
+
+
+def test_the_rotation_warning_names_the_issuer_in_its_undo_command(
+        idps: tuple[DemoIssuer, DemoIssuer], store: str) -> None:
+    """A subject known under two issuers, whose tokens carry no generation: the warning's undo command (shown by
+    the console and logged) names the issuer, so it works when pasted."""
+    a, b = idps
+    guard = Guard(store=store, keys=a.public_pem, algorithms=["RS256"], issuer=[A, B])
+    try:
+        alice = f"auth0|{uuid.uuid4().hex[:8]}"
+        assert code(guard, a.token(alice)) == "ok" and code(guard, b.token(alice)) == "ok"
+        guard.flush()
+        assert guard.rotate(alice, issuer=B) == 1
+        warning = guard.rotation_warning(alice, issuer=B)
+        assert warning is not None
+        undo = re.search(r"\((sa-middleware rotate --reset [^)]+)\)", warning)
+        assert undo is not None, warning
+        env = {k: v for k, v in os.environ.items() if k != "SA_STORE"}
+        env |= {"SA_STORE": store, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+        pasted = subprocess.run(["sh", "-c", undo.group(1)], capture_output=True, text=True, timeout=60, env=env)
+        assert pasted.returncode == 0, pasted.stderr
+        assert code(guard, b.token(alice)) == "ok"
+    finally:
+        guard.close()

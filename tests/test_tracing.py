@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support import WAIT
 
-from sa_middleware import Guard, Policy
+from sa_middleware import Guard, Policy, RequestInfo
 from sa_middleware.asgi import SessionAwareMiddleware
 from sa_middleware.demo import DemoIssuer, serve_asgi
 
@@ -107,3 +107,18 @@ def test_without_opentelemetry_tracing_is_a_no_op_and_true_is_refused() -> None:
         "    print('refused:', exc)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "refused: tracing=True needs OpenTelemetry" in out.stdout, out.stderr
+
+
+def test_a_method_the_client_makes_up_is_other(issuer: DemoIssuer, exporter: InMemorySpanExporter) -> None:
+    """``http.request.method`` is one of the HTTP methods or ``_OTHER`` (OpenTelemetry's HTTP conventions): a
+    client cannot create new attribute values (which span-derived metrics would turn into labels)."""
+    guard = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience)
+    try:
+        for method in ("BREW-4f1a9c", "get", "DELETE"):
+            guard.admit(RequestInfo(method, "/x", {}))
+    finally:
+        guard.close()
+    methods = [(s.attributes or {}).get("http.request.method") for s in named(exporter.get_finished_spans(),
+                                                                             "sa_middleware.admit")]
+    assert methods == ["_OTHER", "_OTHER", "DELETE"]

@@ -303,10 +303,12 @@ class Console:
             raise _Denied(400, f"action must be one of {', '.join(sorted(ACTIONS))}")
         if not isinstance(reason, str) or not reason.strip() or len(reason) > _MAX_REASON:
             raise _Denied(400, f"a reason is required (at most {_MAX_REASON} characters)")
-        sub, session_id = data.get("sub") or None, data.get("session_id") or None
-        for value in (sub, session_id):
+        sub, session_id, issuer = data.get("sub") or None, data.get("session_id") or None, data.get("issuer")
+        for value in (sub, session_id, issuer):
             if value is not None and not isinstance(value, str):
-                raise _Denied(400, "sub and session_id must be strings")
+                raise _Denied(400, "sub, session_id and issuer must be strings")
+        if issuer is not None and sub is None:
+            raise _Denied(400, "issuer goes with sub (a session names its own principal)")
         source = f"console:{operator}"[:80]
         target = ACTIONS[action]
         ops = self.ops
@@ -318,16 +320,21 @@ class Console:
         elif target == "sub":
             if sub is None:
                 raise _Denied(400, f"{action} needs a sub")
-            result = getattr(ops, action)(sub, source=source)
+            result = getattr(ops, action)(sub, issuer=issuer, source=source)
         else:
             if sub is None and session_id is None:
                 raise _Denied(400, "report_compromise needs a sub or a session_id")
-            result = ops.report_compromise(sub, session_id, source=source)
+            result = ops.report_compromise(sub, session_id, issuer=issuer, source=source)
         from ..records import AuditRecord
 
         ops._note(AuditRecord("operation", "reason", source, sub, session_id, None,
                               f"{action}: {reason.strip()}"))
-        return _json({"ok": True, "action": action, "result": result})
+        answer = {"ok": True, "action": action, "result": result}
+        if action == "rotate" and sub is not None:  # every token now refused, and a new one will not help
+            warning = ops.rotation_warning(sub, issuer=issuer)
+            if warning:
+                answer["warning"] = warning
+        return _json(answer)
 
     def _audit(self, request: Request) -> Response:
         query = {k: v[0] for k, v in parse_qs(request.query).items() if v and v[0]}

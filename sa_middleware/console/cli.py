@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import getpass
 import ipaddress
+import json
 import socket
 
 import click
 
-from ..cli_operator import _operations, _store_option
+from ..cli_operator import _json_option, _operations, _redacted, _store_option
 from .app import Console
 from .server import wsgi_app
 
@@ -33,7 +34,8 @@ def _loopback(host: str) -> bool:
               help="Who acts, as written in the audit trail (console:NAME); default USER@HOST.")
 @click.option("--idle", type=click.FloatRange(min=0, min_open=True), default=900.0, show_default=True,
               help="Seconds since last seen for a session to count as active (the Guard's session_idle).")
-def console(store_uri: str, host: str, port: int, operator: str | None, idle: float) -> None:
+@_json_option
+def console(store_uri: str, host: str, port: int, operator: str | None, idle: float, as_json: bool) -> None:
     """Serve the web console for the store at URI: sessions, locks, denials, audit trail and actions.
 
     Prints a one-time login link; open it in a browser on this machine. To serve the console to other machines,
@@ -49,9 +51,12 @@ def console(store_uri: str, host: str, port: int, operator: str | None, idle: fl
         app = Console(ops, operator=name)
         server = make_server(host, port, wsgi_app(app), threaded=True)
         shown = f"[{host}]" if ":" in host else host
-        click.echo(f"sa-middleware console for {store_uri}, operator {name}")
-        click.echo(f"Open this link once to log in: {app.login_url(f'http://{shown}:{server.server_port}')}",
-                   nl=True)
+        link, store = app.login_url(f"http://{shown}:{server.server_port}"), _redacted(store_uri)
+        if as_json:  # one line, for scripts that start the console and open its link
+            click.echo(json.dumps({"store": store, "operator": name, "login_url": link}))
+        else:
+            click.echo(f"sa-middleware console for {store}, operator {name}")
+            click.echo(f"Open this link once to log in: {link}")
         try:
             server.serve_forever()
         except KeyboardInterrupt:

@@ -33,7 +33,9 @@ def asgi_app(console: Console) -> ASGIApp:
         headers: dict[str, str] = {}
         for name, value in scope.get("headers", ()):
             key = name.decode("latin-1").lower()
-            headers[key] = f"{headers[key]}, {value.decode('latin-1')}" if key in headers else value.decode("latin-1")
+            joiner = "; " if key == "cookie" else ", "  # HTTP/2 sends each cookie apart (RFC 9113 section 8.2.3)
+            headers[key] = f"{headers[key]}{joiner}{value.decode('latin-1')}" if key in headers \
+                else value.decode("latin-1")
         root = scope.get("root_path", "")
         path = scope.get("path", "/")
         path = path[len(root):] if root and path.startswith(root) else path

@@ -22,7 +22,7 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult
-from support import WAIT, Gate, Gates
+from support import WAIT, Gate, Gates, problem, unreachable_jwks_url
 
 from sa_middleware import Guard, Policy
 from sa_middleware.adapters.mcp import (
@@ -746,3 +746,33 @@ def test_the_verifier_reports_the_principal_the_sdk_binds_sessions_to(issuer: De
     assert json.dumps(access.model_dump(exclude={"token"})).count(token) == 0
     guard.close()
 
+
+
+def test_the_verifier_reports_the_scopes_the_guard_reads(issuer: DemoIssuer) -> None:
+    """The SDK checks ``required_scopes`` against the verifier's scopes: they come from the Guard's
+    ``scope_claims`` (Entra app-only tokens carry theirs in ``roles``), as the Guard's own scope checks do."""
+    guard = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience, scope_claims=["scp", "roles"])
+    verifier = GuardTokenVerifier(guard)
+    access = anyio.run(verifier.verify_token, issuer.token("app", roles=["Payments.Approve"], scp="tickets"))
+    assert access is not None and sorted(access.scopes) == ["Payments.Approve", "tickets"]
+    access = anyio.run(verifier.verify_token, issuer.token("app", scope="not-a-scope-here"))
+    assert access is not None and access.scopes == []  # `scope` is not one of this Guard's scope claims
+    guard.close()
+
+
+def test_signing_keys_unavailable_is_503_not_the_sdks_401(issuer: DemoIssuer) -> None:
+    """The identity provider is down: the token may be good, so the MCP endpoint answers 503 keys_unavailable with
+    Retry-After (as the Guard does for HTTP), never the 401 that tells a client to throw its token away."""
+    guard = Guard(store="memory://", jwks_url=unreachable_jwks_url(), algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience)
+    base, stop = serve_asgi(build(Bench(), guard), lifespan="on")
+    try:
+        resp = httpx.post(f"{base}/mcp", timeout=WAIT, json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                          headers={"authorization": f"Bearer {issuer.token('agent')}",
+                                   "accept": "application/json, text/event-stream"})
+        problem(resp, 503, "keys_unavailable")
+        assert httpx.post(f"{base}/mcp", timeout=WAIT, json={}).status_code == 401  # no token: still the SDK's 401
+    finally:
+        stop()
+        guard.close()

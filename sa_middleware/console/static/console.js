@@ -5,7 +5,9 @@
 
 const POLL_MS = 2000;
 const SVG = "http://www.w3.org/2000/svg";
-const CONTROL = /[\u0000-\u001f\u007f-\u009f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]/g;
+// what the CLI escapes too: control and format characters (bidi overrides, zero-width, tag characters, the soft
+// hyphen), surrogates, private-use and unassigned code points, line and paragraph separators
+const CONTROL = /[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}]/gu;
 const PALETTE = ["#c62828", "#6a1b9a", "#1565c0", "#ef6c00", "#00838f", "#ad1457", "#4e342e", "#283593",
                  "#9e9d24", "#37474f", "#d84315", "#5d4037", "#0277bd", "#7b1fa2", "#558b2f", "#f9a825"];
 let csrf = null;
@@ -62,20 +64,24 @@ function button(label, action, target) {
 
 function renderSessions(sessions) {
   const body = document.querySelector("#sessions tbody");
-  const byPrincipal = new Map();
+  const byPrincipal = new Map();  // a principal is an issuer and a subject: one sub may be two principals
   for (const s of sessions) {
-    if (!byPrincipal.has(s.sub)) byPrincipal.set(s.sub, []);
-    byPrincipal.get(s.sub).push(s);
+    const key = JSON.stringify([s.sub, s.iss || ""]);
+    if (!byPrincipal.has(key)) byPrincipal.set(key, []);
+    byPrincipal.get(key).push(s);
   }
   const rows = [];
-  for (const [sub, list] of [...byPrincipal.entries()].sort((a, b) => a[0] < b[0] ? -1 : 1)) {
+  for (const [key, list] of [...byPrincipal.entries()].sort((a, b) => a[0] < b[0] ? -1 : 1)) {
+    const [sub, issuer] = JSON.parse(key);
     const head = el("tr", undefined, "principal");
     head.dataset.principal = sub;
-    const name = el("td", sub);
+    head.dataset.issuer = issuer;
+    const name = el("td", issuer ? sub + " (" + issuer + ")" : sub);
     name.colSpan = 7;
     const actions = el("td");
-    actions.append(button("Rotate", "rotate", {sub}), button("Revoke tokens", "revoke_principal", {sub}),
-                   button("Report compromise", "report_compromise", {sub}));
+    const target = issuer ? {sub, issuer} : {sub};  // no issuer: the store's one issuer of sub
+    actions.append(button("Rotate", "rotate", target), button("Revoke tokens", "revoke_principal", target),
+                   button("Report compromise", "report_compromise", target));
     head.append(name, actions);
     rows.push(head);
     for (const s of list) {
@@ -207,8 +213,8 @@ async function refresh() {
 function ask(label, action, target) {
   pending = {action, target};
   document.getElementById("action-title").textContent = label;
-  document.getElementById("action-target").textContent = target.session_id ?
-    "session " + show(target.session_id) : "principal " + show(target.sub);
+  document.getElementById("action-target").textContent = target.session_id ? "session " + show(target.session_id)
+    : "principal " + show(target.sub) + (target.issuer ? " of " + show(target.issuer) : "");
   document.getElementById("action-error").textContent = "";
   document.getElementById("action-reason").value = "";
   document.getElementById("dialog").hidden = false;
@@ -220,11 +226,13 @@ async function confirmAction(event) {
   if (!pending) return;
   const reason = document.getElementById("action-reason").value;
   try {
-    await api("api/action", {method: "POST", headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf || ""},
-                             body: JSON.stringify(Object.assign({action: pending.action, reason}, pending.target))});
+    const done = await api("api/action", {method: "POST",
+      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf || ""},
+      body: JSON.stringify(Object.assign({action: pending.action, reason}, pending.target))});
     pending = null;
     document.getElementById("dialog").hidden = true;
     await refresh();
+    if (done && done.warning) setStatus("warning: " + show(done.warning), true);  // e.g. a rotation no token survives
   } catch (e) {
     document.getElementById("action-error").textContent = e.message;
   }
