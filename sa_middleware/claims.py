@@ -72,8 +72,11 @@ def _okta(claims: Mapping[str, Any]) -> str | None:
 
 
 def _keycloak(claims: Mapping[str, Any]) -> str | None:
-    name = claims.get("preferred_username")
-    return _service_if(isinstance(name, str) and name.startswith("service-account-"))
+    # the service account of client C is the user "service-account-c" (Keycloak lowercases user names), and its
+    # tokens name C in azp: both must agree, so a person who picks such a user name is not taken for a service
+    name, client = claims.get("preferred_username"), claims.get("azp")
+    return _service_if(isinstance(name, str) and isinstance(client, str) and client != ""
+                       and name.lower() == f"service-account-{client}".lower())
 
 
 _RULES: dict[str, KindRule] = {"client_id": _client_id, "auth0": _auth0, "entra": _entra, "okta": _okta,

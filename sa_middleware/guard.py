@@ -357,6 +357,9 @@ class Guard(Operations):
             kind = kind_of(claims, self.kind_claim, self.kind_rules)
         except ValueError:
             raise InvalidToken(f"claim {self.kind_claim} must be one of human, service, agent") from None
+        except Exception:  # a kind rule of the application failed: fail closed, and say so in the log
+            log.error("sa-middleware: a kind rule raised; the request is refused", exc_info=True)
+            raise InvalidToken("the principal's kind could not be decided") from None
         gen = claims.get(self.generation_claim)
         if gen is not None and (isinstance(gen, bool) or not isinstance(gen, int) or not 0 <= gen <= _MAX_GEN):
             raise InvalidToken(f"claim {self.generation_claim} must be an integer from 0 to 2**53-1")

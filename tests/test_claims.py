@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from sa_middleware import Denial, Guard, Policy, RequestInfo
-from sa_middleware.claims import DEFAULT_SCOPE_CLAIMS, kind_of, scopes_of, session_key
+from sa_middleware.claims import DEFAULT_SCOPE_CLAIMS, check_kind_rules, kind_of, scopes_of, session_key
 from sa_middleware.errors import ConfigurationError
 from sa_middleware.guard import Admitted
 from sa_middleware.tokens import generate_rsa_key, mint_token
@@ -113,6 +113,14 @@ def test_the_kind_claim_wins_over_every_rule(guard: Guard, shape: str) -> None:
     override = "agent" if kind == "service" else "service"
     outcome = _admit(guard, {**claims, "sa_kind": override})
     assert isinstance(outcome, Admitted) and outcome.context.kind == override
+
+
+def test_a_person_named_like_a_service_account_stays_human(guard: Guard) -> None:
+    # the keycloak rule needs the user name to be the service account of the client the token was issued to
+    claims = {**KEYCLOAK_USER, "preferred_username": "service-account-billing"}  # azp "web"
+    assert kind_of(claims, "sa_kind", check_kind_rules(["keycloak"])) == "human"
+    claims = {**KEYCLOAK_SERVICE, "azp": "Billing", "preferred_username": "service-account-billing"}
+    assert kind_of(claims, "sa_kind", check_kind_rules(["keycloak"])) == "service"
 
 
 def test_kind_rules_are_configurable() -> None:

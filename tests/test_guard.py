@@ -219,6 +219,22 @@ def test_bad_kind_is_invalid_token(guard: Guard, value: Any) -> None:
     denied(guard.admit(request("GET", "/items", token(sa_kind=value))), "invalid_token")
 
 
+def test_a_kind_rule_that_raises_refuses_the_request_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(claims: Any) -> str | None:
+        return str(claims["no such claim"])  # KeyError for every token
+
+    g = make_guard(kind_rules=[broken])
+    try:
+        with caplog.at_level("ERROR", logger="sa_middleware"):
+            denial = denied(g.admit(request("GET", "/items", token())), "invalid_token")
+        assert denial.detail == "the principal's kind could not be decided"
+        assert "a kind rule raised" in caplog.text
+        ok = admitted(g.admit(request("GET", "/items", token(sa_kind="agent"))))  # the kind claim needs no rule
+        assert ok.context.kind == "agent"
+    finally:
+        g.close()
+
+
 def test_custom_kind_claim() -> None:
     g = make_guard(kind_claim="principal_type")
     try:
