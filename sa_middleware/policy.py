@@ -275,8 +275,10 @@ _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")
 _CONVERTORS: dict[str, tuple[str, Any]] = {
     "str": ("[^/]+", str),
     "path": (".*", str),
-    "int": ("[0-9]+", int),
-    "float": (r"[0-9]+(?:\.[0-9]+)?", float),
+    # any Unicode decimal digit and a sign, as int() / float() and werkzeug's converters take them: a path a
+    # framework routes to a view is never missed by the table (and so never left to default_policy)
+    "int": (r"-?\d+", int),
+    "float": (r"-?\d+(?:\.\d+)?", float),
     "uuid": ("[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", uuid.UUID),
 }
 #: the kinds of non-HTTP table keys ("TOOL <name>"), kept for the MCP adapter
