@@ -68,7 +68,7 @@ from sa_middleware.guard import Guard
 from sa_middleware.policy import Policy, lock_fields
 from sa_middleware.responses import denial_response
 
-from ._common import policy, policy_of, view_name
+from ._common import policy, policy_of, serve_targets, view_name
 
 __all__ = ["DENIED", "GuardTokenVerifier", "SessionAwareMCP", "policy", "sa_context", "streamable_http_app"]
 
@@ -170,6 +170,7 @@ class SessionAwareMCP:
         self._targets: dict[str, _Target] = {}
         self.check()
         server.middleware.append(self)
+        serve_targets(guard.routes)
 
     # -- start-up --------------------------------------------------------------------------------------------
 
