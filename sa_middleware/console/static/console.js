@@ -5,7 +5,9 @@
 
 const POLL_MS = 2000;
 const SVG = "http://www.w3.org/2000/svg";
-const CONTROL = /[\u0000-\u001f\u007f-\u009f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]/g;
+// what the CLI escapes: control and format characters (bidi, zero-width, tags), surrogates, private-use and
+// unassigned code points, line and paragraph separators
+const CONTROL = /[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}]/gu;
 const PALETTE = ["#c62828", "#6a1b9a", "#1565c0", "#ef6c00", "#00838f", "#ad1457", "#4e342e", "#283593",
                  "#9e9d24", "#37474f", "#d84315", "#5d4037", "#0277bd", "#7b1fa2", "#558b2f", "#f9a825"];
 let csrf = null;
