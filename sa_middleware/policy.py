@@ -21,6 +21,7 @@ import functools
 import math
 import re
 import string
+import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, fields, replace
@@ -250,8 +251,8 @@ def _target_key(key: object) -> str | None:
 def render_lock_key(template: str, params: Mapping[str, Any]) -> str:
     """Render ``"payment:{id}"`` with the route's path parameters, so that one object has one key.
 
-    Each value is taken as the router gives it (percent-decoded once, never again) and normalised as a path: empty
-    segments are dropped (``a//b/`` -> ``a/b``). A value with a ``.`` or ``..`` segment, or a key longer than
+    Each value is taken as the router gives it (percent-decoded once, never again), put in Unicode NFC and
+    normalised as a path: empty segments are dropped (``a//b/`` -> ``a/b``). A value with a ``.`` or ``..`` segment, or a key longer than
     :data:`MAX_LOCK_KEY` characters, raises :class:`~sa_middleware.errors.InvalidRequest` (the request gets 400
     ``invalid_request``). A template naming a missing parameter raises ``KeyError``.
     """
@@ -262,7 +263,7 @@ def render_lock_key(template: str, params: Mapping[str, Any]) -> str:
 
 
 def _lock_value(value: Any) -> str:
-    text = str(value)
+    text = unicodedata.normalize("NFC", str(value))  # canonically equivalent spellings are one object
     if "/" not in text and text not in (".", ".."):
         return text
     segments = text.split("/")

@@ -168,6 +168,26 @@ def test_row3_path_lock_template_one_object_one_key(guard: Guard, issuer: DemoIs
         assert holder["r"].json()["fencing_tokens"].keys() == {"file:a/b.txt"}
 
 
+def test_row3_canonically_equivalent_names_are_one_object(guard: Guard, issuer: DemoIssuer) -> None:
+    """``café`` precomposed and ``cafe`` + a combining accent are the same text (Unicode canonical equivalence; the
+    same file on normalising file systems): one lock key, in NFC."""
+    api = starlette_api(guard, Middleware(sa_starlette.SessionAwareMiddleware, guard=guard))
+    token = issuer.token(sub(), scope=SCOPES)
+    with served(serve_asgi, api) as base:
+        name = uuid.uuid4().hex
+        holder: dict[str, httpx.Response] = {}
+        thread = threading.Thread(target=lambda: holder.update(r=httpx.put(
+            f"{base}/files/cafe%CC%81.txt?hold={name}", headers=bearer(token), timeout=WAIT)))
+        thread.start()
+        assert GATES.gate(name).entered.wait(WAIT)
+        assert [lock.key for lock in guard.locks()] == ["file:caf\u00e9.txt"]
+        other = bearer(issuer.token(sub(), scope=SCOPES))
+        problem(httpx.put(f"{base}/files/caf%C3%A9.txt", headers=other, timeout=WAIT), 423, "object_locked")
+        GATES.gate(name).released.set()
+        thread.join(WAIT)
+        assert holder["r"].json()["fencing_tokens"].keys() == {"file:caf\u00e9.txt"}
+
+
 def test_row10_lock_key_length_cap(guard: Guard, issuer: DemoIssuer) -> None:
     api = starlette_api(guard, Middleware(sa_starlette.SessionAwareMiddleware, guard=guard))
     token = issuer.token(sub(), scope=SCOPES)
