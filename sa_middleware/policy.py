@@ -254,7 +254,8 @@ def render_lock_key(template: str, params: Mapping[str, Any]) -> str:
     Each value is taken as the router gives it (percent-decoded once, never again), put in Unicode NFC and
     normalised as a path: empty segments are dropped (``a//b/`` -> ``a/b``). A value with a ``.`` or ``..``
     segment, or a key longer than :data:`MAX_LOCK_KEY` characters, raises
-    :class:`~sa_middleware.errors.InvalidRequest` (the request gets 400 ``invalid_request``). A template naming a missing parameter raises ``KeyError``.
+    :class:`~sa_middleware.errors.InvalidRequest` (the request gets 400 ``invalid_request``). A template naming a
+    missing parameter raises ``KeyError``.
     """
     key = template.format_map({name: _lock_value(value) for name, value in params.items()})
     if len(key) > MAX_LOCK_KEY:
