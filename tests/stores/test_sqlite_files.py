@@ -105,8 +105,8 @@ KEY = 500  # characters of each lock key's parameter (the key stays under the 51
 
 @pytest.mark.parametrize("flavour", ["event-loop", "threads"])
 def test_a_flood_of_admissions_leaves_the_wal_bounded(idp: DemoIssuer, tmp_path: Path, flavour: str) -> None:
-    """3,000 admissions with lock keys near the length cap: once the flood ends, the store's own maintenance brings the WAL back
-    under WAL_LIMIT (within about a second), and checkpoint() empties it."""
+    """3,000 admissions with lock keys near the length cap: once the flood ends, the store's own maintenance brings
+    the WAL back under WAL_LIMIT (within about a second), and checkpoint() empties it."""
     db = tmp_path / "sa.db"
     guard = guard_on(idp, f"sqlite:///{db}")
     store = guard.store
