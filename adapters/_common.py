@@ -25,6 +25,7 @@ import functools
 import inspect
 import json
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any, TypeVar
 
@@ -237,15 +238,30 @@ def policy_of(endpoint: object, method: str | None = None) -> Policy | None:
     return result
 
 
+#: the route tables whose ``"TOOL <name>"`` (``PROMPT``, ``RESOURCE``) entries an MCP adapter applies
+_TARGETS_SERVED: weakref.WeakSet[RouteTable] = weakref.WeakSet()
+
+
+def serve_targets(table: RouteTable) -> None:
+    """Record that an MCP server applies ``table``'s ``TOOL``/``PROMPT``/``RESOURCE`` entries (the MCP adapter)."""
+    _TARGETS_SERVED.add(table)
+
+
 def check_table(table: RouteTable, templates: Iterable[str], routed: Callable[[str], bool]) -> None:
     """Raise :class:`ConfigurationError` for the first Guard table entry that matches no route of the app, naming
-    it with the closest route template (did you mean ...?).
+    it with the closest route template (did you mean ...?), and for ``"TOOL <name>"`` entries when no MCP server is
+    guarded with this table (they would never apply).
 
     ``templates`` are the app's route templates (Starlette, Flask or Django syntax, full paths with a leading
     ``/``); ``routed(path)`` says whether the app's router has a route for a concrete path (any method). An entry is
     used when its pattern matches a sample path of some app route, or when the router routes a sample path of the
     entry (a mounted app without routes of its own, a regex route).
     """
+    if table.targets and table not in _TARGETS_SERVED:
+        key = next(iter(table.targets))
+        raise ConfigurationError(f"{key!r} of the Guard's policies applies to MCP tools, but no MCP server is guarded "
+                                 "with this Guard (sa_middleware.adapters.mcp.streamable_http_app(server, guard)), "
+                                 "so it would never apply")
     known = [t if t.startswith("/") else "/" + t for t in templates]
     samples = [path for template in known for path in sample_paths(starlette_syntax(template))]
     for key, path, regex in table.entries():

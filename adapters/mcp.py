@@ -63,6 +63,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sa_middleware.asgi import app_path
 from sa_middleware.claims import scopes_of
 from sa_middleware.context import RequestInfo, SAContext, admitted
 from sa_middleware.denials import Denial
@@ -71,7 +72,7 @@ from sa_middleware.guard import Guard
 from sa_middleware.policy import Policy, lock_fields
 from sa_middleware.responses import denial_response
 
-from ._common import policy, policy_of, view_name
+from ._common import policy, policy_of, serve_targets, view_name
 
 __all__ = ["DENIED", "GuardTokenVerifier", "SessionAwareMCP", "policy", "sa_context", "streamable_http_app"]
 
@@ -177,6 +178,7 @@ class SessionAwareMCP:
         self._targets: dict[str, _Target] = {}
         self.check()
         server.middleware.append(self)
+        serve_targets(guard.routes)
 
     # -- start-up --------------------------------------------------------------------------------------------
 
@@ -383,11 +385,13 @@ class _EndSessions:
     """Ends the store session of an MCP session its client deleted (when that MCP session was the session: the
     token carries no ``sid``). The SDK answers ``DELETE`` only for the session's own principal."""
 
-    def __init__(self, app: ASGIApp, guard: Guard, server: MCPServer[Any]) -> None:
-        self.app, self.guard, self.server = app, guard, server
+    def __init__(self, app: ASGIApp, guard: Guard, server: MCPServer[Any], path: str = "/mcp") -> None:
+        self.app, self.guard, self.server, self.path = app, guard, server, path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "DELETE" \
+        # only the MCP endpoint's DELETE: there the SDK checked the session is the caller's (another route's 2xx
+        # says nothing about the Mcp-Session-Id its request names)
+        if scope["type"] != "http" or scope["method"] != "DELETE" or app_path(scope) != self.path \
                 or getattr(self.server.session_manager, "stateless", True) is not False:
             await self.app(scope, receive, send)
             return
@@ -460,7 +464,7 @@ def streamable_http_app(server: MCPServer[Any], guard: Guard, **options: Any) ->
     prompt admitted by ``guard``. Checks the policies first: a mistake raises :class:`ConfigurationError`."""
     SessionAwareMCP(server, guard)
     app = server.streamable_http_app(**options)
-    app.add_middleware(_EndSessions, guard=guard, server=server)
+    app.add_middleware(_EndSessions, guard=guard, server=server, path=options.get("streamable_http_path", "/mcp"))
     app.add_middleware(_KeysOutage, guard=guard)
     return app
 

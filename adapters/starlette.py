@@ -35,9 +35,10 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.websockets import WebSocket
 
-from sa_middleware.asgi import ASGIApp, Receive, Scope, Send, app_path
+from sa_middleware.asgi import ASGIApp, Receive, Scope, Send, app_path, send_denial
 from sa_middleware.asgi import SessionAwareMiddleware as _ASGIMiddleware
 from sa_middleware.context import VIEW_POLICIES_READ, RequestInfo, SAContext
+from sa_middleware.denials import Denial
 from sa_middleware.errors import ConfigurationError
 from sa_middleware.guard import Guard
 from sa_middleware.policy import Policy, RouteMatch
@@ -169,7 +170,8 @@ class SessionAwareMiddleware(_ASGIMiddleware):
     guard=guard)``; wrapping the app from outside (``SessionAwareMiddleware(app, guard=guard)``) works too.
     At lifespan start-up, an entry of the Guard's table that matches no route of the app is an error (a typo
     would silently leave its route under ``default_policy``); ``check_table=False`` turns that off, for paths
-    that something other than the router answers.
+    that something other than the router answers. Without lifespan (or mounted in another app) the check runs at
+    the first request, and a mistake then refuses every request (503).
     """
 
     view_policies = True
@@ -180,6 +182,8 @@ class SessionAwareMiddleware(_ASGIMiddleware):
         self._inner = app
         self.app = self._with_state
         self._cache: dict[tuple[str, str, bool, int], tuple[object, str, Policy | None]] = {}
+        self._checked = False
+        self._broken: ConfigurationError | None = None
 
     async def _with_state(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = scope.get("sa_middleware")
@@ -274,15 +278,29 @@ class SessionAwareMiddleware(_ASGIMiddleware):
                     locks = ", ".join(repr(lock) for lock in found.locks or ())
                     raise ConfigurationError(f"view {view_name(endpoint)}: {exc} (locks: {locks})") from None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
+    def _check_once(self, scope: Scope) -> ConfigurationError | None:
+        """Check the routes once (at lifespan start-up, else at the first request: a server run without lifespan,
+        an app mounted in another, whose lifespan never reaches it); the error, kept, refuses every request."""
+        if not self._checked:
             routes = self._routes(scope)
             try:
                 if routes is not None:
                     self._check_routes(routes)
             except ConfigurationError as exc:
                 log.error("sa-middleware: %s", exc)
-                await receive()  # lifespan.startup
-                await send({"type": "lifespan.startup.failed", "message": f"sa-middleware: {exc}"})
+                self._broken = exc
+            self._checked = True
+        return self._broken
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("lifespan", "http", "websocket"):
+            broken = self._check_once(scope)
+            if broken is not None:
+                if scope["type"] == "lifespan":
+                    await receive()  # lifespan.startup
+                    await send({"type": "lifespan.startup.failed", "message": f"sa-middleware: {broken}"})
+                else:
+                    await send_denial(scope, receive, send, Denial("store_unavailable", "the authorisation policies "
+                                      "of this app are misconfigured"), self.guard)
                 return
         await super().__call__(scope, receive, send)

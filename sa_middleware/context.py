@@ -52,7 +52,9 @@ class RequestInfo:
 
     @property
     def user_agent(self) -> str:
-        return self.headers.get("user-agent", "")[:256]
+        """The ``User-Agent`` header, at most 256 characters, a lone surrogate escaped (``\\ud800``): no store can
+        write one, and a store failure must never stand in for a decision."""
+        return self.headers.get("user-agent", "")[:256].encode("utf-8", "backslashreplace").decode("utf-8")
 
     @property
     def route_path(self) -> str:

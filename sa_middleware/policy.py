@@ -21,6 +21,7 @@ import functools
 import math
 import re
 import string
+import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, fields, replace
@@ -250,10 +251,11 @@ def _target_key(key: object) -> str | None:
 def render_lock_key(template: str, params: Mapping[str, Any]) -> str:
     """Render ``"payment:{id}"`` with the route's path parameters, so that one object has one key.
 
-    Each value is taken as the router gives it (percent-decoded once, never again) and normalised as a path: empty
-    segments are dropped (``a//b/`` -> ``a/b``). A value with a ``.`` or ``..`` segment, or a key longer than
-    :data:`MAX_LOCK_KEY` characters, raises :class:`~sa_middleware.errors.InvalidRequest` (the request gets 400
-    ``invalid_request``). A template naming a missing parameter raises ``KeyError``.
+    Each value is taken as the router gives it (percent-decoded once, never again), put in Unicode NFC and
+    normalised as a path: empty segments are dropped (``a//b/`` -> ``a/b``). A value with a ``.`` or ``..``
+    segment, or a key longer than :data:`MAX_LOCK_KEY` characters, raises
+    :class:`~sa_middleware.errors.InvalidRequest` (the request gets 400 ``invalid_request``). A template naming a
+    missing parameter raises ``KeyError``.
     """
     key = template.format_map({name: _lock_value(value) for name, value in params.items()})
     if len(key) > MAX_LOCK_KEY:
@@ -262,7 +264,7 @@ def render_lock_key(template: str, params: Mapping[str, Any]) -> str:
 
 
 def _lock_value(value: Any) -> str:
-    text = str(value)
+    text = unicodedata.normalize("NFC", str(value))  # canonically equivalent spellings are one object
     if "/" not in text and text not in (".", ".."):
         return text
     segments = text.split("/")
@@ -275,8 +277,10 @@ _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")
 _CONVERTORS: dict[str, tuple[str, Any]] = {
     "str": ("[^/]+", str),
     "path": (".*", str),
-    "int": ("[0-9]+", int),
-    "float": (r"[0-9]+(?:\.[0-9]+)?", float),
+    # any Unicode decimal digit and a sign, as int() / float() and werkzeug's converters take them: a path a
+    # framework routes to a view is never missed by the table (and so never left to default_policy)
+    "int": (r"-?\d+", int),
+    "float": (r"-?\d+(?:\.\d+)?", float),
     "uuid": ("[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", uuid.UUID),
 }
 #: the kinds of non-HTTP table keys ("TOOL <name>"), kept for the MCP adapter

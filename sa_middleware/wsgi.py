@@ -26,7 +26,7 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 def request_info(environ: Environ) -> RequestInfo:
     """A RequestInfo from a WSGI environ: ``path`` is ``SCRIPT_NAME + PATH_INFO`` (the URL's path), ``app_path``
-    is ``PATH_INFO`` (what the Guard's table is matched on)."""
+    is ``PATH_INFO`` decoded as UTF-8 (what the Guard's table is matched on)."""
     headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items()
                if key.startswith("HTTP_") and isinstance(value, str)}
     for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
@@ -39,7 +39,16 @@ def request_info(environ: Environ) -> RequestInfo:
                        client=environ.get("REMOTE_ADDR", ""), scheme=scheme,
                        host=headers.get("host") or _server(environ),
                        client_cert=cert if isinstance(cert, str) and cert else None,
-                       app_path=environ.get("PATH_INFO") or "/")
+                       app_path=_decoded(environ.get("PATH_INFO") or "/"))
+
+
+def _decoded(path: str) -> str:
+    """``PATH_INFO`` (the URL's bytes as latin-1, PEP 3333) as the text routers match: UTF-8, an invalid byte
+    replaced (as werkzeug does), so the table sees the path the app's router sees."""
+    try:
+        return path.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a server that already decoded it
+        return path
 
 
 def _server(environ: Environ) -> str:

@@ -20,7 +20,10 @@ from support import WAIT, problem
 
 from sa_middleware import Guard, Policy, StoreError, StoreUnavailable
 from sa_middleware.asgi import SessionAwareMiddleware
+from sa_middleware.context import RequestInfo
 from sa_middleware.demo import DemoIssuer, serve_asgi
+from sa_middleware.denials import Denial
+from sa_middleware.guard import Admitted
 from sa_middleware.operations import Operations
 from sa_middleware.records import AuditRecord
 from sa_middleware.stores.memory import MemoryStore
@@ -186,3 +189,24 @@ def test_a_store_that_is_down_keeps_every_record() -> None:
     store.down = False
     assert ops.flush_audit() == 5
     assert {r.code for r in store.audit(limit=10)} == {f"c{i}" for i in range(5)}
+
+
+def test_an_unencodable_user_agent_is_escaped_never_a_store_failure(idp: DemoIssuer, store: str) -> None:
+    """A user agent no store can encode (a custom adapter's RequestInfo built from JSON) is escaped: the admission
+    is decided on the store's state, never turned into a store failure that a fail_open route would admit."""
+    guard = Guard(store=store, keys=idp.public_pem, algorithms=["RS256"], issuer=idp.issuer, audience=idp.audience,
+                  policies={"PUT /docs/{id}": Policy(max_sessions=1, locks=["doc:{id}"], fail_open=True)})
+    who = f"ua-{uuid.uuid4().hex[:8]}"
+    try:
+        def admit(sid: str) -> Any:
+            return guard.admit(RequestInfo(method="PUT", path="/docs/1", headers={
+                "authorization": f"Bearer {idp.token(who, sid=sid)}", "user-agent": f"agent{SURROGATE}"}))
+
+        first = admit("s1")
+        assert isinstance(first, Admitted) and first.ticket is not None
+        guard.release(first.ticket)
+        second = admit("s2")
+        assert isinstance(second, Denial) and second.code == "too_many_sessions"
+        assert [s.user_agent for s in guard.sessions(who)] == ["agent\\ud800"]
+    finally:
+        guard.close()

@@ -161,6 +161,11 @@ def test_console_in_chromium(app: tuple[str, Guard, str], console_cli: str, issu
         assert "\u202e" not in shown and "U+202E" in shown and "U+2066" in shown
         assert "\U000e0041" not in shown and "U+E0041" in shown and "U+00AD" in shown
         assert driver.execute_script("return window.__pwned === undefined")
+        # every invisible character the CLI escapes, the console shows too (tag characters hide text: "alice"
+        # and "alice" + U+E0041 must not look alike)
+        for hidden in ("\U000e0041", "\u00ad", "\u180e", "\u206a", "\ufff9", "\ue000", "\u0378"):
+            assert driver.execute_script("return show(arguments[0])", f"alice{hidden}") \
+                == f"alice\u27e6U+{ord(hidden):04X}\u27e7"
         assert cell.find_elements(By.CSS_SELECTOR, "*") == []
         assert len(driver.find_elements(By.TAG_NAME, "script")) == 1  # console.js, nothing else
         assert len(driver.find_elements(By.TAG_NAME, "img")) == 0

@@ -22,7 +22,7 @@ import support
 from support import WAIT, Gates, Served, Tracker, make_guard, sub
 from werkzeug.test import create_environ
 
-from sa_middleware import Guard, SAContext, StoreUnavailable
+from sa_middleware import Guard, Policy, SAContext, StoreUnavailable
 from sa_middleware.demo import DemoIssuer, serve_wsgi
 from sa_middleware.denials import Denial
 from sa_middleware.records import Admission, Ticket
@@ -384,3 +384,27 @@ def test_refused_request_never_reaches_the_app(counting: tuple[Guard, CountingSt
 def test_constructor_needs_a_guard() -> None:
     with pytest.raises(TypeError):
         SessionAwareWSGIMiddleware(App, guard=None)  # type: ignore[arg-type]
+
+
+def test_table_matches_the_utf8_path_the_router_sees(issuer: DemoIssuer) -> None:
+    """PATH_INFO carries the URL's bytes as latin-1 (PEP 3333); routers decode it as UTF-8, and so does the table:
+    a non-ASCII route is not left to default_policy, and an object has the key it has under ASGI."""
+    guard = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience, policies={"GET /docs/{name}": Policy(locks=["doc:{name}"]),
+                                                      "POST /café": Policy(scopes={"cafe:order"})})
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("content-type", "application/json")])
+        return [json.dumps(dict(environ["sa_middleware"].fencing_tokens)).encode()]
+
+    url, stop = serve_wsgi(SessionAwareWSGIMiddleware(app, guard=guard))
+    try:
+        with httpx.Client(base_url=url, timeout=WAIT) as http:
+            headers = {"authorization": f"Bearer {issuer.token(sub())}"}
+            assert http.post("/caf%C3%A9", headers=headers).status_code == 403
+            resp = http.get("/docs/caf%C3%A9", headers=headers)
+            assert resp.status_code == 200
+            support.assert_fences(resp.json(), {"doc:café"})
+    finally:
+        stop()
+        guard.close()

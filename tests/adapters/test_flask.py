@@ -1147,3 +1147,33 @@ def test_row5_policy_views_classes_and_blueprints_refuse_without_the_extension(i
         assert guarded.test_client().get(path, headers=auth(issuer.token(sub(), scope="x shop"))).status_code == 200
     assert ran == ["function", "class", "blueprint"]
     guard.close()
+
+
+def test_table_numbers_match_what_werkzeug_routes(issuer: DemoIssuer) -> None:
+    """werkzeug's ``int`` and ``float`` converters take any Unicode decimal digit (and a sign when asked): a path
+    the router sends to the view is matched by the table's ``{id:int}`` too, so its policy is never skipped."""
+    guard = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience, policies={
+                      "POST /payments/{id:int}/approve": Policy(scopes={"payments:approve"}, locks=["payment:{id}"]),
+                      "POST /rates/{r:float}": Policy(scopes={"rates:set"}, locks=["rate:{r}"])})
+    app = Flask("flask_unicode_digits")
+    def fences(**params: Any) -> dict[str, Any]:
+        return {"fences": dict(g.sa.fencing_tokens)}
+
+    app.add_url_rule("/payments/<int(signed=True):id>/approve", "approve", fences, methods=["POST"])
+    app.add_url_rule("/rates/<float:r>", "rate", fences, methods=["POST"])
+    SessionAware(app, guard)
+    url, stop = serve_wsgi(app)
+    try:
+        with httpx.Client(base_url=url, timeout=WAIT) as http:
+            plain, scoped = issuer.token(sub()), issuer.token(sub(), scope="payments:approve rates:set")
+            for path, key in [("/payments/42/approve", "payment:42"), ("/payments/%EF%BC%94%EF%BC%92/approve",
+                              "payment:42"), ("/payments/%D9%A4%D9%A2/approve", "payment:42"),
+                              ("/payments/-3/approve", "payment:-3"), ("/rates/%D9%A1.%D9%A5", "rate:1.5")]:
+                assert http.post(path, headers=auth(plain)).status_code == 403, path
+                resp = http.post(path, headers=auth(scoped))
+                assert resp.status_code == 200, path
+                assert_fences(resp.json()["fences"], {key})
+    finally:
+        stop()
+        guard.close()

@@ -22,6 +22,8 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult
+from starlette.requests import Request
+from starlette.responses import Response
 from support import WAIT, Gate, Gates, problem, unreachable_jwks_url
 
 from sa_middleware import Guard, Policy
@@ -143,6 +145,10 @@ def build(bench: Bench, guard: Guard) -> Any:
     @server.resource("receipts://{payment_id}")
     def receipt(payment_id: str) -> str:
         return json.dumps(dict(sa_context().fencing_tokens))
+
+    @server.custom_route("/things/{id}", methods=["DELETE"])
+    async def delete_thing(request: Request) -> Response:  # an HTTP route beside the MCP endpoint
+        return Response(status_code=204)
 
     return streamable_http_app(server, guard)
 
@@ -614,6 +620,20 @@ async def test_an_mcp_session_id_with_another_principals_token_is_refused(site: 
             assert own.status_code == 200 and "mcp:" + session in own.text
     assert [s.status for s in await site.guard.asessions(_sub(owner)) if s.session_id == f"mcp:{session}"] \
         == ["revoked"]  # ended by its owner's client, not before
+
+
+@pytest.mark.anyio
+async def test_a_delete_elsewhere_never_ends_an_mcp_session(site: Site) -> None:
+    """Only the MCP endpoint's own DELETE (whose session the SDK checked belongs to the caller) ends a session: a
+    2xx DELETE on another route of the app, naming someone's Mcp-Session-Id, does not."""
+    owner, thief = site.token(fresh()), site.token(fresh())
+    async with site.session(owner) as s:
+        session = ok(await s.call_tool("whoami", {}))["session_id"]
+        headers = {"authorization": f"Bearer {thief}", "mcp-session-id": session.removeprefix("mcp:")}
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            assert (await http.delete(f"{site.base}/things/1", headers=headers)).status_code == 204
+        assert ok(await s.call_tool("whoami", {}))["session_id"] == session
+    assert [x.status for x in await site.guard.asessions(_sub(owner)) if x.session_id == session] == ["revoked"]
 
 
 def _sub(token: str) -> str:

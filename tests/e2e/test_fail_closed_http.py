@@ -168,6 +168,26 @@ def test_row3_path_lock_template_one_object_one_key(guard: Guard, issuer: DemoIs
         assert holder["r"].json()["fencing_tokens"].keys() == {"file:a/b.txt"}
 
 
+def test_row3_canonically_equivalent_names_are_one_object(guard: Guard, issuer: DemoIssuer) -> None:
+    """``café`` precomposed and ``cafe`` + a combining accent are the same text (Unicode canonical equivalence; the
+    same file on normalising file systems): one lock key, in NFC."""
+    api = starlette_api(guard, Middleware(sa_starlette.SessionAwareMiddleware, guard=guard))
+    token = issuer.token(sub(), scope=SCOPES)
+    with served(serve_asgi, api) as base:
+        name = uuid.uuid4().hex
+        holder: dict[str, httpx.Response] = {}
+        thread = threading.Thread(target=lambda: holder.update(r=httpx.put(
+            f"{base}/files/cafe%CC%81.txt?hold={name}", headers=bearer(token), timeout=WAIT)))
+        thread.start()
+        assert GATES.gate(name).entered.wait(WAIT)
+        assert [lock.key for lock in guard.locks()] == ["file:caf\u00e9.txt"]
+        other = bearer(issuer.token(sub(), scope=SCOPES))
+        problem(httpx.put(f"{base}/files/caf%C3%A9.txt", headers=other, timeout=WAIT), 423, "object_locked")
+        GATES.gate(name).released.set()
+        thread.join(WAIT)
+        assert holder["r"].json()["fencing_tokens"].keys() == {"file:caf\u00e9.txt"}
+
+
 def test_row10_lock_key_length_cap(guard: Guard, issuer: DemoIssuer) -> None:
     api = starlette_api(guard, Middleware(sa_starlette.SessionAwareMiddleware, guard=guard))
     token = issuer.token(sub(), scope=SCOPES)
@@ -244,6 +264,47 @@ def test_row6_starlette_table_typo_stops_uvicorn(issuer: DemoIssuer, tmp_path: P
         assert "did you mean '/payments/{id:int}/approve'?" in caplog.text
     finally:
         typo.close()
+
+
+def test_row6_starlette_checks_at_the_first_request_without_lifespan(issuer: DemoIssuer,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A server run without lifespan (``--lifespan off``), and an app mounted in another (whose lifespan never
+    reaches it), check the table at the first request: every request is refused, none runs under default_policy."""
+    typo = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                 audience=issuer.audience, policies={"POST /payment/{id:int}/approve": Policy(scopes={"p"})})
+    try:
+        plain = starlette_api(typo, Middleware(sa_starlette.SessionAwareMiddleware, guard=typo))
+        mounted = Starlette(routes=[Mount("/v1", app=plain)])
+        for app, options, prefix in [(plain, {"lifespan": "off"}, ""), (mounted, {"lifespan": "on"}, "/v1")]:
+            base, stop = serve_asgi(app, **options)
+            try:
+                with caplog.at_level(logging.ERROR, logger="sa_middleware"):
+                    for _ in range(2):
+                        problem(httpx.post(f"{base}{prefix}/payments/1/approve", headers=bearer(issuer.token(sub())),
+                                           timeout=WAIT), 503, "store_unavailable")
+                assert "did you mean '/payments/{id:int}/approve'?" in caplog.text
+            finally:
+                stop()
+    finally:
+        typo.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # uvicorn's sys.exit(3)
+def test_row6_tool_entries_without_an_mcp_server_stop_uvicorn(issuer: DemoIssuer,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    guard = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience, policies={"TOOL approve_payment": Policy(scopes={"payments:approve"})})
+    try:
+        api = starlette_api(guard, Middleware(sa_starlette.SessionAwareMiddleware, guard=guard))
+        with caplog.at_level(logging.ERROR, logger="sa_middleware"), pytest.raises(RuntimeError, match="start"):
+            serve_asgi(api, lifespan="on")
+        assert "'TOOL approve_payment' of the Guard's policies applies to MCP tools" in caplog.text
+        flask = flask_api(guard)
+        sa_flask.SessionAware(flask, guard=guard)
+        with pytest.raises(ConfigurationError, match="no MCP server is guarded with this Guard"):
+            flask.test_client().post("/payments/1/approve")
+    finally:
+        guard.close()
 
 
 def test_row6_flask_table_typo_fails_the_first_request(issuer: DemoIssuer) -> None:
