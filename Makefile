@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := sa_middleware adapters tests benchmarks $(wildcard examples)
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
+# make bench: the HTTP comparison (ASGI and WSGI, wrk) and the in-process figures, written to
+# benchmarks/results.json, then the micro-benchmarks; make bench-quick: the comparison in under two minutes.
 bench: $(STAMP)
+	$(PY) benchmarks/compare.py --out benchmarks/results.json
 	$(PY) benchmarks/run.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/compare.py --quick --out benchmarks/results-quick.json
 
 clean:
 	rm -rf $(VENV) .venv-django42 build *.egg-info .pytest_cache .mypy_cache .ruff_cache
