@@ -145,7 +145,10 @@ class Bench:
         self.prefixes: list[str] = []
 
     def _env(self, config: str) -> dict[str, str]:
+        config, _, tree = config.partition("@")
         env = dict(self.env, SA_BENCH_CONFIG="sa" if config in ("memory", "sqlite", "redis") else config)
+        if tree:  # another copy of sa-middleware, measured side by side (--tree)
+            env["PYTHONPATH"] = os.pathsep.join([self.args.trees[tree], env["PYTHONPATH"]])
         if config == "memory":
             env["SA_BENCH_STORE"] = "memory://"
         elif config == "sqlite":
@@ -232,6 +235,19 @@ class Bench:
         return summary
 
 
+def inprocess(redis_uri: str, quick: bool, pythonpath: str) -> dict[str, Any]:
+    """The in-process figures (benchmarks/inprocess.py), measured in a fresh interpreter."""
+    command = [sys.executable, str(HERE / "inprocess.py"), "--redis", redis_uri, "--rounds", "3" if quick else "7",
+               "--batch", "200" if quick else "500"]
+    out = subprocess.run(command, env={**os.environ, "PYTHONPATH": pythonpath}, capture_output=True, text=True)
+    if out.returncode != 0:
+        fail(f"in-process benchmark failed: {out.stderr[-2000:]}")
+    for line in out.stderr.splitlines():
+        print(f"  {line}", flush=True)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError):
@@ -283,8 +299,10 @@ def table(title: str, summary: dict[str, Any]) -> str:
     lines = [f"### {title}", "", "| configuration | route | req/s | x bare | x token-only | p99 ms |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for config, routes in summary.items():
+        name, _, tree = config.partition("@")
+        label = LABELS[name] + (f" ({tree})" if tree else "")
         for route, row in routes.items():
-            lines.append(f"| {LABELS[config]} | {route} | {row['rps']:,} | {row['x_bare']:.2f} | "
+            lines.append(f"| {label} | {route} | {row['rps']:,} | {row['x_bare']:.2f} | "
                          f"{row['x_token']:.2f} | {row['p99_ms']:.1f} |")
     return "\n".join(lines)
 
@@ -301,8 +319,14 @@ def main() -> None:
                                                        "server-time figure is only meaningful if nobody else uses it)")
     parser.add_argument("--only", choices=("asgi", "wsgi", "inprocess"), action="append",
                         help="run only these parts (repeatable)")
+    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=PATH",
+                        help="also measure the sa-middleware configurations with the package found in PATH (e.g. a "
+                             "checkout of another version), labelled LABEL, alternated with the others")
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args()
+    args.trees = dict(item.split("=", 1) for item in args.tree)
+    sa_configs = [c for c in CONFIGS if c not in ("bare", "token")]
+    configs = list(CONFIGS) + [f"{c}@{label}" for label in args.trees for c in sa_configs]
     quick = args.quick
     args.rounds = args.rounds or (1 if quick else 3)
     args.duration = args.duration or (2 if quick else 6)
@@ -321,16 +345,16 @@ def main() -> None:
         bench = Bench(args, Path(tmp), redis_uri)
         if "asgi" in parts:
             print("ASGI (Starlette under uvicorn)", flush=True)
-            results["asgi"] = bench.run("asgi", list(CONFIGS), list(ROUTES))
+            results["asgi"] = bench.run("asgi", configs, list(ROUTES))
         if "wsgi" in parts:
             print("WSGI (Flask under gunicorn gthread)", flush=True)
-            results["wsgi"] = bench.run("wsgi", list(CONFIGS), ["plain"])
+            results["wsgi"] = bench.run("wsgi", configs, ["plain"])
         if "inprocess" in parts:
-            from inprocess import measure
-
             print("in-process", flush=True)
-            results["in_process"] = measure(redis_uri, 3 if quick else 7, 200 if quick else 500,
-                                            lambda line: print(f"  {line}", flush=True))
+            results["in_process"] = inprocess(redis_uri, quick, bench.env["PYTHONPATH"])
+            for label, path in args.trees.items():
+                results[f"in_process@{label}"] = inprocess(redis_uri, quick,
+                                                           os.pathsep.join([path, bench.env["PYTHONPATH"]]))
         if bench.prefixes:
             import redis
 
@@ -347,10 +371,12 @@ def main() -> None:
         print(table("ASGI: Starlette under uvicorn", results["asgi"]) + "\n")
     if "wsgi" in results:
         print(table("WSGI: Flask under gunicorn gthread", results["wsgi"]) + "\n")
-    if "in_process" in results:
-        print("in-process admit+release (us):", json.dumps(results["in_process"]["admit_release_us"]))
-        print("SQL statements per admit+release:", json.dumps(results["in_process"]["sqlite_statements"]))
-        print("Redis per admit+release:", json.dumps(results["in_process"]["redis"]))
+    for key, figures in results.items():
+        if key.startswith("in_process"):
+            print(f"{key}: admit+release us", json.dumps(figures["admit_release_us"]))
+            print(f"{key}: admit+release CPU us", json.dumps(figures["admit_release_cpu_us"]))
+            print(f"{key}: SQL statements per admit+release", json.dumps(figures["sqlite_statements"]))
+            print(f"{key}: Redis per admit+release", json.dumps(figures["redis"]))
     print()
     for row in results["targets"]:
         mark = {True: "met", False: "MISSED", None: "not measured"}[row["met"]]
