@@ -1,12 +1,14 @@
 # make demo: play the five behaviours over real HTTP on a throw-away SQLite store.
-# make test: install everything into .venv and run the whole suite (Redis at 127.0.0.1:6379 for the Redis tests).
+# make test: install everything into .venv and run the whole suite (Redis at 127.0.0.1:6379 for the Redis tests;
+# Node.js for the identity-provider tests, whose OpenID Provider is installed with npm into .cache/oidc-provider).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := sa_middleware adapters tests benchmarks $(wildcard examples)
+IDP := .cache/oidc-provider
 
-.PHONY: demo test lint typecheck bench bench-quick clean
+.PHONY: demo test lint typecheck bench bench-quick clean idp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +21,15 @@ $(STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/sa-middleware demo --examples examples
 
-test: $(STAMP)
+$(IDP)/.installed: tests/idp/package.json tests/idp/package-lock.json
+	mkdir -p $(IDP)
+	cp tests/idp/package.json tests/idp/package-lock.json $(IDP)/
+	cd $(IDP) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+idp: $(IDP)/.installed
+
+test: $(STAMP) $(IDP)/.installed
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
@@ -35,9 +45,10 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/compare.py --out benchmarks/results.json
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/metrics_cost.py
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/compare.py --quick --out benchmarks/results-quick.json
 
 clean:
-	rm -rf $(VENV) .venv-django42 build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-django42 build *.egg-info .pytest_cache .mypy_cache .ruff_cache .cache

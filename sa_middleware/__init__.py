@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from .context import RequestInfo, SAContext
 from .denials import CODES, Denial
-from .errors import ConfigurationError, InvalidToken, SAMiddlewareError, StoreError, StoreUnavailable
+from .errors import (
+    ConfigurationError,
+    InvalidToken,
+    KeysUnavailable,
+    SAMiddlewareError,
+    StoreError,
+    StoreUnavailable,
+)
 from .guard import Admitted, Guard
 from .operations import Operations
 from .policy import Policy
@@ -22,6 +29,7 @@ __all__ = [
     "Denial",
     "Guard",
     "InvalidToken",
+    "KeysUnavailable",
     "Operations",
     "Policy",
     "RequestInfo",

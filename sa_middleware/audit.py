@@ -34,6 +34,8 @@ class AuditBuffer:
         self.size = size
         self._records: deque[AuditRecord] = deque()
         self._dropped = 0
+        #: records dropped by this buffer since it was created (the ``sa_middleware_audit_dropped`` metric)
+        self.dropped_total = 0
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
@@ -49,6 +51,7 @@ class AuditBuffer:
             self._check_fork()
             if len(self._records) >= self.size:
                 self._dropped += 1
+                self.dropped_total += 1
                 return False
             self._records.append(record)
             return True
@@ -80,6 +83,7 @@ class AuditBuffer:
                 self._dropped += int(record.detail.split(" ", 1)[0])
             keep = back[-room:] if room > 0 else []
             self._dropped += len(back) - len(keep)
+            self.dropped_total += len(back) - len(keep)
             self._records.extendleft(reversed(keep))
 
     def __len__(self) -> int:

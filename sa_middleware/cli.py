@@ -9,6 +9,7 @@ import click
 
 from .cli_events import events
 from .cli_operator import COMMANDS
+from .console.cli import console
 from .errors import SAMiddlewareError
 
 __all__ = ["main"]
@@ -85,6 +86,7 @@ def token(sub: str, kind: str | None, scope: str | None, sid: str | None, gen: i
 
 
 main.add_command(events)
+main.add_command(console)
 for _command in COMMANDS:  # the operator commands: sessions, locks, revoke, rotate, ..., audit
     main.add_command(_command)
 

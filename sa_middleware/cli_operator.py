@@ -4,11 +4,16 @@ Each command opens the store given by ``--store URI`` (default: ``$SA_STORE``, e
 the Guard's default) with :class:`~sa_middleware.operations.Operations`: no token keys are needed. Listings print
 an aligned table, or JSON with ``--json``. Every change is written to the audit trail with source ``cli``. Errors
 are one line on stderr and exit status 1 (2 for a usage error); never a traceback.
+
+An argument that starts with ``-`` (a session id such as ``-5My...``) follows ``--``, which ends the options:
+``sa-middleware pause -- -5My...``; options take such values as ``--sub=-x``. The hints the commands print use
+these forms.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -126,6 +131,24 @@ def _when(seconds: float | None) -> str:
 def _left(seconds: float, now: float) -> str:
     left = seconds - now
     return f"in {left:.0f}s" if left >= 0 else f"{-left:.0f}s ago"
+
+
+@contextmanager
+def _logged_above(level: int) -> Iterator[None]:
+    logger = logging.getLogger("sa_middleware")
+    saved = logger.level
+    logger.setLevel(level + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
+def command_line(command: str, *arguments: str) -> str:
+    """``sa-middleware COMMAND ARGUMENT...`` as a line that works when pasted: with ``--`` (end of options) before
+    the arguments when one of them starts with ``-``."""
+    dash = ["--"] if any(a.startswith("-") for a in arguments) else []
+    return " ".join(["sa-middleware", command, *dash, *arguments])
 
 
 def _cell(value: object) -> str:
@@ -271,12 +294,30 @@ def revoke(sub: str | None, session_id: str | None, store_uri: str) -> None:
 
 @click.command()
 @click.argument("sub")
+@click.option("--reset", is_flag=True, help="Undo: set SUB's generation back to 0 (tokens without a generation "
+              "claim are admitted again).")
 @_store_option
-def rotate(sub: str, store_uri: str) -> None:
-    """Bump SUB's credential generation: every token of a lower generation is refused (stale_generation)."""
+def rotate(sub: str, reset: bool, store_uri: str) -> None:
+    """Bump SUB's credential generation: every token of a lower generation is refused (stale_generation).
+
+    Only for issuers whose tokens carry a generation claim (gen); for the others use revoke --sub (not-before).
+    A SUB that starts with - follows --: sa-middleware rotate -- -x.
+    """
     with _operations(store_uri) as ops:
-        generation = ops.rotate(sub)
+        if reset:
+            previous = ops.reset_generation(sub)
+            _say(f"{sub}: generation reset from {previous} to 0")
+            return
+        with _logged_above(logging.WARNING):  # the warning is printed below, in the CLI's words
+            generation = ops.rotate(sub)
+        warning = ops.rotation_warning(sub)
     _say(f"{sub}: generation {generation}; tokens of a lower generation are refused (stale_generation)")
+    if warning:
+        for line in (f"warning: {sub}'s latest token carried no generation claim: every token of {sub} is now "
+                     "refused, and a new one will not help.",
+                     f"  undo:    {command_line('rotate --reset', sub)}",
+                     f"  instead: sa-middleware revoke --sub={sub}   (refuses its tokens issued before now)"):
+            click.echo(_printable(line), err=True)
 
 
 @click.command()
@@ -310,7 +351,7 @@ def pause(session_id: str, store_uri: str) -> None:
         done = ops.pause_session(session_id)
     if not done:
         raise click.ClickException(f"session {session_id} was not paused: it is unknown, revoked or compromised")
-    _say(f"session {session_id} paused (session_paused until: sa-middleware resume {session_id})")
+    _say(f"session {session_id} paused (session_paused until: {command_line('resume', session_id)})")
 
 
 @click.command()
@@ -360,6 +401,33 @@ def privileges(sub: str, scopes: tuple[str, ...], clear: bool, withdraw_all: boo
         _say(f"{sub}: every scope of tokens issued before now withdrawn")
 
 
+@click.group()
+def keys() -> None:
+    """Act on the issuer's signing keys in every application sharing the store (within a few seconds)."""
+
+
+@keys.command("refresh")
+@_store_option
+def keys_refresh(store_uri: str) -> None:
+    """Make every Guard fetch its issuer's JWK set now: keys the issuer removed stop verifying, with the tokens
+    they verified."""
+    with _operations(store_uri) as ops:
+        ops.refresh_keys()
+    _say("signing keys: every Guard sharing the store fetches its JWK set within a few seconds")
+
+
+@keys.command("drop")
+@click.argument("kid", metavar="KID")
+@_store_option
+def keys_drop(kid: str, store_uri: str) -> None:
+    """Stop trusting the signing key KID in every Guard sharing the store, even while the issuer still
+    publishes it (a compromised key); tokens it verified are refused from then on."""
+    with _operations(store_uri) as ops:
+        ops.drop_key(kid)
+    _say(f"signing key {kid}: dropped by every Guard sharing the store within a few seconds (also by Guards "
+         "started later); remove it at the issuer too")
+
+
 #: the commands ``sa_middleware.cli`` adds to ``sa-middleware``
 COMMANDS: tuple[click.Command, ...] = (sessions, locks, revoke, rotate, compromise, pause, resume, device, privileges,
-                                       audit)
+                                       audit, keys)

@@ -27,6 +27,7 @@ CODES: Final[dict[str, tuple[int, str]]] = {
     "object_locked": (423, "Object locked"),
     "too_many_in_flight": (429, "Too many requests in flight"),
     "store_unavailable": (503, "Authorisation store unavailable"),
+    "keys_unavailable": (503, "Signing keys unavailable"),
 }
 
 

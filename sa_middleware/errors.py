@@ -7,13 +7,16 @@
      +-- StoreError              the store failed
      |    +-- StoreUnavailable   the store did not answer in time (requests get 503 store_unavailable)
      +-- InvalidToken            a bearer token failed verification (requests get 401 invalid_token)
+          +-- KeysUnavailable    the signing keys could not be fetched (requests get 503 keys_unavailable)
 
 Requests never see these exceptions: the middleware turns them into denials.
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigurationError", "InvalidToken", "SAMiddlewareError", "StoreError", "StoreUnavailable"]
+__all__ = [
+    "ConfigurationError", "InvalidToken", "KeysUnavailable", "SAMiddlewareError", "StoreError", "StoreUnavailable",
+]
 
 
 class SAMiddlewareError(Exception):
@@ -34,3 +37,15 @@ class StoreUnavailable(StoreError):
 
 class InvalidToken(SAMiddlewareError):
     """A token failed verification. The message is safe to show: it never contains the token."""
+
+
+class KeysUnavailable(InvalidToken):
+    """The issuer's signing keys (its JWK set) could not be fetched, so a token could not be checked at all.
+
+    A subclass of :class:`InvalidToken` so that code catching that one still refuses the token; the middleware
+    answers it with 503 ``keys_unavailable`` and ``Retry-After`` instead of 401, because the token may be good.
+    """
+
+    def __init__(self, message: str = "signing keys unavailable", retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

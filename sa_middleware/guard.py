@@ -14,28 +14,48 @@ import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 
+from .claims import (
+    DEFAULT_KIND_RULES,
+    DEFAULT_SCOPE_CLAIMS,
+    DEFAULT_SESSION_CLAIMS,
+    KindRule,
+    check_claim_names,
+    check_kind_rules,
+    check_session_claims,
+    encodable,
+    kind_of,
+    scopes_of,
+    session_key,
+)
 from .context import RequestInfo, SAContext
 from .denials import Denial
 from .dpop import DEFAULT_DPOP_ALGORITHMS, Binding, SenderConstraints
-from .errors import ConfigurationError, InvalidToken, StoreError
+from .errors import ConfigurationError, InvalidToken, KeysUnavailable, StoreError
+from .observe import build_observer
 from .operations import Operations, finite_number
 from .policy import Policy, RouteMatch, RouteTable
 from .records import Admission, AuditRecord, LockRequest, Ticket
 from .stores.base import Store
 from .tokens import TokenVerifier, VerifiedToken
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 __all__ = ["Admitted", "Guard", "Outcome"]
 
 log = logging.getLogger("sa_middleware")
 
-_KINDS = frozenset({"human", "service", "agent"})
 _MAX_ID = 256
+_GEN_CLAIMS_KEPT = 4096  # principals whose generation-claim note this process remembers
+_KEY_NOTES_EVERY = 2.0  # seconds between two looks at the store's key notes (refresh / drop asked by an operator)
 _MAX_GEN = 2**53 - 1  # exact in every store (SQLite integers, Lua doubles)
 
 
@@ -53,16 +73,19 @@ Outcome = Admitted | Denial
 
 @dataclass(frozen=True, slots=True)
 class _Verify:
+    observed: ClassVar[str] = "verify"
     token: str
 
 
 @dataclass(frozen=True, slots=True)
 class _Admit:
+    observed: ClassVar[str] = "admit"
     admission: Admission
 
 
 @dataclass(frozen=True, slots=True)
 class _Sleep:
+    observed: ClassVar[str] = "sleep"
     seconds: float
 
 
@@ -70,6 +93,7 @@ class _Sleep:
 class _Report:
     """``reuse_is_compromise``: report the session of a ``token_reuse`` denial compromised."""
 
+    observed: ClassVar[str] = "report"
     sub: str
     session_id: str
 
@@ -85,7 +109,8 @@ class _Facts:
     kind: str
     gen: int | None
     jti: str | None
-    sid: str | None
+    session: str | InvalidToken  # the session id the claims give (session_claim), or why they give none
+    has_sid: bool  # whether the token names its session (then a transport session never replaces it)
     actor: str | None
     credential: str | None
     device: str | None
@@ -101,9 +126,10 @@ class _Keeper:
     writes the buffered audit records (``flush``) every ``flush_every`` seconds."""
 
     def __init__(self, store: Store, lease: float, flush: Callable[[], object] | None = None,
-                 flush_every: float = 1.0) -> None:
+                 flush_every: float = 1.0, check: Callable[[], object] | None = None) -> None:
         self._store, self._lease = store, lease
         self._flush, self._flush_every = flush, flush_every
+        self._check = check
         self._live: dict[str, None] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -142,8 +168,19 @@ class _Keeper:
     def _run(self) -> None:
         every = self._lease / 3
         tick = every if self._flush is None else min(every, self._flush_every)
+        if self._check is not None:
+            tick = min(tick, _KEY_NOTES_EVERY)
         renew_at = time.monotonic() + every
-        while not self._wake.wait(tick):
+        check_at = time.monotonic()
+        while True:
+            if self._check is not None and time.monotonic() >= check_at:
+                check_at = time.monotonic() + _KEY_NOTES_EVERY
+                try:
+                    self._check()
+                except Exception as exc:  # the next round tries again
+                    log.warning("sa-middleware: key notes not read: %s", exc)
+            if self._wake.wait(tick):
+                return
             if time.monotonic() >= renew_at:
                 renew_at = time.monotonic() + every
                 ids = self.live()
@@ -187,6 +224,11 @@ class Guard(Operations):
         session_idle: float = 900.0,
         lease: float = 30.0,
         kind_claim: str = "sa_kind",
+        kind_rules: Sequence[str | KindRule] = DEFAULT_KIND_RULES,
+        scope_claims: str | Sequence[str] = DEFAULT_SCOPE_CLAIMS,
+        session_claim: str | Sequence[str] | Mapping[str, str | Sequence[str]] = DEFAULT_SESSION_CLAIMS,
+        jwks_ttl: float = 300.0,
+        jwks_refresh_interval: float = 5.0,
         generation_claim: str = "gen",
         device_claim: str = "device_id",
         realm: str | None = None,
@@ -199,6 +241,8 @@ class Guard(Operations):
         audit_retention: float | None = None,
         audit_max_records: int | None = None,
         audit_buffer: int = 10_000,
+        metrics: Metrics | bool = False,
+        tracing: bool | None = None,
     ) -> None:
         for name, value in (("session_idle", session_idle), ("lease", lease)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
@@ -210,7 +254,10 @@ class Guard(Operations):
         self.verifier = TokenVerifier(
             keys=keys, jwks=jwks, jwks_url=jwks_url, algorithms=algorithms, issuer=issuer, audience=audience,
             leeway=leeway, required_claims=required_claims, token_type=token_type, max_token_bytes=max_token_bytes,
-            cache_size=token_cache_size)
+            cache_size=token_cache_size, jwks_ttl=jwks_ttl, jwks_refresh_interval=jwks_refresh_interval)
+        self.kind_rules = check_kind_rules(kind_rules)
+        self.scope_claims = check_claim_names("scope_claims", scope_claims)
+        self.session_claims = check_session_claims(session_claim)
         self.routes = RouteTable(policies, default_policy)
         if not isinstance(audit_admissions, bool):
             raise ConfigurationError("audit_admissions must be True or False")
@@ -230,7 +277,14 @@ class Guard(Operations):
         self.reuse_is_compromise = reuse_is_compromise
         self.constraints = SenderConstraints(mode=sender_constraint, algorithms=dpop_algorithms,
                                              max_age=dpop_max_age, leeway=self.leeway)
-        self._keeper = _Keeper(self.store, self.lease, self.flush_audit)
+        self._key_notes: int | None = None  # the store's key-notes generation this Guard has applied
+        self._watched: list[TokenVerifier] = []  # other verifiers the key operations reach (watch_keys)
+        self._gen_claims: OrderedDict[str, bool] = OrderedDict()  # sub -> its latest token had a generation claim
+        self._gen_pending: dict[str, bool] = {}  # not yet written to the store
+        self._gen_lock = threading.Lock()
+        self._keeper = _Keeper(self.store, self.lease, self.flush, check=self._apply_key_notes)
+        #: metrics and tracing (sa_middleware.observe); None when both are off
+        self.observer = build_observer(self, metrics, tracing)
 
     # -- the decision flow -----------------------------------------------------------------------------------
 
@@ -255,6 +309,9 @@ class Guard(Operations):
         if isinstance(raw, InvalidToken):
             return Denial("invalid_token", str(raw))
         token: VerifiedToken | InvalidToken = yield _Verify(raw)
+        if isinstance(token, KeysUnavailable):  # the token may be good: never a 401, never fail_open
+            return Denial("keys_unavailable", "the issuer's signing keys could not be fetched; try again",
+                          retry_after=max(token.retry_after, self.retry_after))
         if isinstance(token, InvalidToken):
             return Denial("invalid_token", str(token))
         binding = self.constraints.check(request, _scheme(request), raw, token.claims)
@@ -273,6 +330,7 @@ class Guard(Operations):
             result = yield _Admit(admission)
             if isinstance(result, Ticket):
                 self._keeper.add(result.ticket_id)
+                self._note_generation_claim(admission.sub, admission.token_gen is not None)
                 ctx = SAContext(context.principal, context.kind, context.session_id, context.claims,
                                 result.ticket_id, result.fencing_tokens, match.route, match.params)
                 return Admitted(ctx, result)
@@ -303,7 +361,10 @@ class Guard(Operations):
         f = token.memo.get(self)
         if f is None:
             f = token.memo[self] = self._facts(token)
-        session_id = f.sid or request.session or f.jti or token.fingerprint[:32]
+        # a transport session (an MCP session) names the context when the token has no sid
+        session_id = request.session if request.session and not f.has_sid else f.session
+        if isinstance(session_id, InvalidToken):
+            raise session_id
         policy = match.policy
         if policy.one_time and f.jti is None:
             raise InvalidToken("this route accepts one-time tokens only: a jti claim is required")
@@ -331,39 +392,37 @@ class Guard(Operations):
         sub = _claim_str(claims, "sub")
         if sub is None:
             raise InvalidToken("missing claim: sub")
-        kind = claims.get(self.kind_claim)
-        if kind is None:
-            client_id = claims.get("client_id", claims.get("azp"))
-            kind = "service" if client_id is not None and client_id == sub else "human"
-        if not isinstance(kind, str) or kind not in _KINDS:
-            raise InvalidToken(f"claim {self.kind_claim} must be one of human, service, agent")
+        try:
+            kind = kind_of(claims, self.kind_claim, self.kind_rules)
+        except ValueError:
+            raise InvalidToken(f"claim {self.kind_claim} must be one of human, service, agent") from None
         gen = claims.get(self.generation_claim)
         if gen is not None and (isinstance(gen, bool) or not isinstance(gen, int) or not 0 <= gen <= _MAX_GEN):
             raise InvalidToken(f"claim {self.generation_claim} must be an integer from 0 to 2**53-1")
         jti = _claim_str(claims, "jti")
-        sid = _claim_str(claims, "sid")
+        has_sid = _claim_str(claims, "sid") is not None
+        session: str | InvalidToken
+        try:
+            session = session_key(claims, self.session_claims[kind], sub, token.fingerprint)
+        except ValueError as exc:  # refused unless a transport session names the context instead
+            session = InvalidToken(f"claim {exc} must be a non-empty string of at most {_MAX_ID} characters")
         act = claims.get("act")
         actor = _claim_str(act, "sub") if isinstance(act, Mapping) else None
         cnf = claims.get("cnf")
         credential = None
         if isinstance(cnf, Mapping):
             credential = _claim_str(cnf, "jkt") or _claim_str(cnf, "x5t#S256")
-        scope = claims.get("scope", claims.get("scp"))
-        if isinstance(scope, str):
-            scopes = frozenset(scope.split())
-        elif isinstance(scope, list) and all(isinstance(s, str) for s in scope):
-            scopes = frozenset(scope)
-        else:
-            scopes = frozenset()
+        scopes = scopes_of(claims, self.scope_claims)
         auth_time = finite_number(claims.get("auth_time"))
         if auth_time is not None and auth_time > time.time() + self.leeway:
             raise InvalidToken("auth_time is in the future")  # not kept: a later request checks again
         if "auth_time" in claims and auth_time is None:
             raise InvalidToken("claim auth_time must be a number")
         acr = claims.get("acr")
-        return _Facts(sub=sub, kind=kind, gen=gen, jti=jti, sid=sid, actor=actor, credential=credential,
-                      device=_claim_str(claims, self.device_claim), scopes=scopes, auth_time=auth_time,
-                      acr=acr if isinstance(acr, str) else None, iat=finite_number(claims.get("iat")),
+        return _Facts(sub=sub, kind=kind, gen=gen, jti=jti, session=session, has_sid=has_sid, actor=actor,
+                      credential=credential, device=_claim_str(claims, self.device_claim), scopes=scopes,
+                      auth_time=auth_time, acr=acr if isinstance(acr, str) else None,
+                      iat=finite_number(claims.get("iat")),
                       exp=token.expires_at + self.leeway)  # the token is accepted until then
 
     def _token(self, request: RequestInfo) -> str | InvalidToken | None:
@@ -380,6 +439,10 @@ class Guard(Operations):
 
     def admit(self, request: RequestInfo, match: RouteMatch | None = None) -> Outcome:
         """Decide a request, blocking (WSGI). Never raises for bad input or a failing store."""
+        probe = None
+        if self.observer is not None:
+            match = match or self.match(request)
+            probe = self.observer.admission(request, match)
         flow = self._flow(request, match)
         answer: Any = None
         verified: Any = None
@@ -387,6 +450,8 @@ class Guard(Operations):
         try:
             while True:
                 step = flow.send(answer)
+                if probe is not None:
+                    probe.before(step)
                 if isinstance(step, _Verify):
                     try:
                         answer = verified = self.verifier.verify(step.token)
@@ -400,14 +465,22 @@ class Guard(Operations):
                 else:
                     asked = step.admission
                     answer = self._admit_sync(asked)
+                if probe is not None:
+                    probe.after(step, answer)
         except StopIteration as stop:
             outcome: Outcome = stop.value
+            if probe is not None:
+                probe.finish(outcome, asked)
             if not (isinstance(outcome, Admitted) and (outcome.ticket is not None or asked is None)):
                 self._audit_outcome(outcome, request, match, asked, answer, verified)
             return outcome
 
     async def aadmit(self, request: RequestInfo, match: RouteMatch | None = None) -> Outcome:
         """Decide a request without blocking the event loop (ASGI). Never raises for bad input or a failing store."""
+        probe = None
+        if self.observer is not None:
+            match = match or self.match(request)
+            probe = self.observer.admission(request, match)
         flow = self._flow(request, match)
         answer: Any = None
         verified: Any = None
@@ -415,6 +488,8 @@ class Guard(Operations):
         try:
             while True:
                 step = flow.send(answer)
+                if probe is not None:
+                    probe.before(step)
                 if isinstance(step, _Verify):
                     try:
                         answer = verified = await self.verifier.averify(step.token)
@@ -428,8 +503,12 @@ class Guard(Operations):
                 else:
                     asked = step.admission
                     answer = await self._admit_async(asked)
+                if probe is not None:
+                    probe.after(step, answer)
         except StopIteration as stop:
             outcome: Outcome = stop.value
+            if probe is not None:
+                probe.finish(outcome, asked)
             if not (isinstance(outcome, Admitted) and (outcome.ticket is not None or asked is None)):
                 self._audit_outcome(outcome, request, match, asked, answer, verified)
             return outcome
@@ -509,27 +588,129 @@ class Guard(Operations):
         """End an admitted request. Safe to call with ``None``; a failure is logged (the lease bounds it)."""
         if ticket is None:
             return
+        started = self.observer.release_started() if self.observer is not None else None
         self._keeper.discard(ticket.ticket_id)
+        failed = False
         try:
             self.store.release(ticket.ticket_id)
         except Exception:
+            failed = True
             log.warning("sa-middleware: release of ticket %s failed; its lease will expire", ticket.ticket_id,
                         exc_info=True)
+        if started is not None and self.observer is not None:
+            self.observer.released(started, failed)
 
     async def arelease(self, ticket: Ticket | None) -> None:
         """Async twin of :meth:`release`."""
         if ticket is None:
             return
+        started = self.observer.release_started() if self.observer is not None else None
         self._keeper.discard(ticket.ticket_id)
+        failed = False
         try:
             await self.store.arelease(ticket.ticket_id)
         except Exception:
+            failed = True
             log.warning("sa-middleware: release of ticket %s failed; its lease will expire", ticket.ticket_id,
                         exc_info=True)
+        if started is not None and self.observer is not None:
+            self.observer.released(started, failed)
+
+    # -- the issuer's signing keys ----------------------------------------------------------------------------
+
+    def refresh_keys(self, *, source: str | None = None) -> None:
+        """Fetch the issuer's JWK set now in this process, and ask every Guard sharing the store to do the same
+        (within a few seconds). Cached tokens of keys that left the set are forgotten. Raises
+        :class:`~sa_middleware.errors.KeysUnavailable` when the fetch fails here."""
+        super().refresh_keys(source=source)
+        for other in self._watched:
+            other.expire_keys()
+        self.verifier.refresh_keys()
+
+    async def arefresh_keys(self, *, source: str | None = None) -> None:
+        """Async twin of :meth:`refresh_keys`."""
+        await super().arefresh_keys(source=source)
+        for other in self._watched:
+            other.expire_keys()
+        await self.verifier.arefresh_keys()
+
+    def drop_key(self, kid: str, *, source: str | None = None) -> None:
+        """Stop trusting the signing key ``kid`` at once, here and (within a few seconds) in every Guard sharing
+        the store, even while the issuer still publishes it; the tokens it verified are forgotten. For a
+        compromised key: remove it at the issuer too."""
+        self.verifier.drop_key(kid)  # validates kid, before anything is written
+        super().drop_key(kid, source=source)
+        for other in self._watched:
+            other.drop_key(kid)
+
+    async def adrop_key(self, kid: str, *, source: str | None = None) -> None:
+        """Async twin of :meth:`drop_key`."""
+        self.verifier.drop_key(kid)
+        await super().adrop_key(kid, source=source)
+        for other in self._watched:
+            other.drop_key(kid)
+
+    def watch_keys(self, verifier: TokenVerifier) -> None:
+        """Apply the key operations (``refresh_keys``, ``drop_key``, also when asked through the store by
+        ``sa-middleware keys``) to ``verifier`` too: the security-event receiver's verifier of its transmitter."""
+        self._watched.append(verifier)
+
+    def _note_generation_claim(self, sub: str, present: bool) -> None:
+        """Remember whether ``sub``'s tokens carry a generation claim; the store learns it (for the warning of
+        ``rotate``) from the keeper, once per principal and change."""
+        with self._gen_lock:
+            if self._gen_claims.get(sub) == present:
+                self._gen_claims.move_to_end(sub)
+                return
+            self._gen_claims[sub] = self._gen_pending[sub] = present
+            if len(self._gen_claims) > _GEN_CLAIMS_KEPT:
+                self._gen_claims.popitem(last=False)
+            if len(self._gen_pending) > _GEN_CLAIMS_KEPT:
+                self._gen_pending.pop(next(iter(self._gen_pending)))
+
+    def flush(self) -> None:
+        """Write what this process holds for the store now: the buffered audit records and which principals'
+        tokens carry a generation claim (the keeper does it every second)."""
+        self.flush_audit()
+        with self._gen_lock:
+            pending, self._gen_pending = self._gen_pending, {}
+        if not pending:
+            return
+        try:
+            self.store.note_generation_claims(pending)
+        except NotImplementedError:
+            pass
+        except Exception:
+            with self._gen_lock:
+                self._gen_pending = {**pending, **self._gen_pending}
+            raise
+
+    def _apply_key_notes(self) -> None:
+        """Apply what operators asked every Guard to do with the signing keys (run by the keeper thread)."""
+        try:
+            generation, dropped = self.store.key_notes()
+        except NotImplementedError:
+            return
+        verifiers = (self.verifier, *self._watched)
+        for verifier in verifiers:
+            for kid in dropped:
+                if kid not in verifier.dropped_keys:
+                    verifier.drop_key(kid)
+        if self._key_notes is not None and generation > self._key_notes:
+            self._key_notes = generation
+            for verifier in verifiers:
+                try:
+                    verifier.refresh_keys()
+                except KeysUnavailable:
+                    verifier.expire_keys()  # the next request tries again
+                    log.warning("sa-middleware: signing keys not refreshed as asked: the JWK set fetch failed")
+        self._key_notes = generation
 
     def close(self) -> None:
         """Stop the lease keeper, write the buffered audit records (best effort) and close the store."""
         self._keeper.stop()
+        with suppress(Exception):
+            self.flush()
         super().close()
 
 
@@ -542,14 +723,6 @@ def _claim_str(claims: Mapping[str, Any], name: str) -> str | None:
     value = claims.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > _MAX_ID or not _encodable(value):
+    if not isinstance(value, str) or not value or len(value) > _MAX_ID or not encodable(value):
         raise InvalidToken(f"claim {name} must be a non-empty string of at most {_MAX_ID} characters")
     return value
-
-
-def _encodable(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates
-        return False
-    return True

@@ -18,6 +18,7 @@ from .audit import DEFAULT_AUDIT_BUFFER, AuditBuffer
 from .errors import ConfigurationError
 from .records import AuditRecord, LockInfo, SessionInfo
 from .stores.base import Store, check_audit_retention, open_store
+from .tokens import _KID_SHAPE
 
 __all__ = ["MAX_AUDIT_LIMIT", "Operations"]
 
@@ -153,10 +154,64 @@ class Operations:
     # -- operations (contract) ---------------------------------------------------------------------------------
 
     def rotate(self, sub: str, *, source: str | None = None) -> int:
-        """Bump ``sub``'s generation: every token of a lower generation is refused from now on."""
+        """Bump ``sub``'s generation: every token of a lower generation is refused from now on. When ``sub``'s
+        latest token carried no generation claim, this logs :meth:`rotation_warning` (a new token will not help:
+        use :meth:`revoke_principal`, and undo this with :meth:`reset_generation`)."""
         generation = self.store.rotate(_arg(sub, "sub"))
         self._note(self._operation("rotate", source, sub, detail=f"generation {generation}"))
+        warning = self.rotation_warning(sub)
+        if warning:
+            log.warning("sa-middleware: %s", warning)
         return generation
+
+    def rotation_warning(self, sub: str) -> str | None:
+        """A warning when rotating ``sub`` refuses its tokens for good: its latest token carried no generation
+        claim (its issuer sends none). None when its tokens carry one, or none was seen yet."""
+        try:
+            present = self.store.generation_claim(_arg(sub, "sub"))
+        except NotImplementedError:
+            return None
+        return None if present is not False else _no_generation(sub)
+
+    async def arotation_warning(self, sub: str) -> str | None:
+        try:
+            present = await self.store.ageneration_claim(_arg(sub, "sub"))
+        except NotImplementedError:
+            return None
+        return None if present is not False else _no_generation(sub)
+
+    def reset_generation(self, sub: str, *, source: str | None = None) -> int:
+        """Undo :meth:`rotate`: set ``sub``'s generation back to 0, so tokens without a generation claim (and of
+        any generation) are admitted again. Returns the generation it had."""
+        previous = self.store.reset_generation(_arg(sub, "sub"))
+        self._note(self._operation("reset_generation", source, sub, detail=f"generation {previous} -> 0"))
+        return previous
+
+    async def areset_generation(self, sub: str, *, source: str | None = None) -> int:
+        previous = await self.store.areset_generation(_arg(sub, "sub"))
+        await self._anote(self._operation("reset_generation", source, sub, detail=f"generation {previous} -> 0"))
+        return previous
+
+    def refresh_keys(self, *, source: str | None = None) -> None:
+        """Ask every Guard sharing the store to fetch its issuer's signing keys (JWK set) now; they do within
+        a few seconds."""
+        self.store.note_keys(None)
+        self._note(self._operation("refresh_keys", source, detail="signing keys refresh asked"))
+
+    async def arefresh_keys(self, *, source: str | None = None) -> None:
+        await self.store.anote_keys(None)
+        await self._anote(self._operation("refresh_keys", source, detail="signing keys refresh asked"))
+
+    def drop_key(self, kid: str, *, source: str | None = None) -> None:
+        """Ask every Guard sharing the store to stop trusting the signing key ``kid`` (and forget the tokens it
+        verified) within a few seconds, even while the issuer still publishes it; Guards started later refuse it
+        too."""
+        self.store.note_keys(_kid(kid))
+        self._note(self._operation("drop_key", source, detail=f"signing key {kid} dropped"))
+
+    async def adrop_key(self, kid: str, *, source: str | None = None) -> None:
+        await self.store.anote_keys(_kid(kid))
+        await self._anote(self._operation("drop_key", source, detail=f"signing key {kid} dropped"))
 
     def revoke_principal(self, sub: str, *, source: str | None = None) -> float:
         """Refuse every token of ``sub`` issued before now (not-before watermark)."""
@@ -208,6 +263,10 @@ class Operations:
     def locks(self) -> list[LockInfo]:
         """Every object lock held now, with its fencing token."""
         return self.store.locks()
+
+    def active_sessions(self, limit: int = 1000) -> list[SessionInfo]:
+        """The active sessions of every principal, most recently seen first, at most ``limit``."""
+        return self.store.all_sessions(self.session_idle, _limit(limit))
 
     # -- operations of security events (sa_middleware.events; also usable directly) ------------------------------
 
@@ -286,6 +345,9 @@ class Operations:
     async def arotate(self, sub: str, *, source: str | None = None) -> int:
         generation = await self.store.arotate(_arg(sub, "sub"))
         await self._anote(self._operation("rotate", source, sub, detail=f"generation {generation}"))
+        warning = await self.arotation_warning(sub)
+        if warning:
+            log.warning("sa-middleware: %s", warning)
         return generation
 
     async def arevoke_principal(self, sub: str, *, source: str | None = None) -> float:
@@ -331,6 +393,9 @@ class Operations:
     async def alocks(self) -> list[LockInfo]:
         return await self.store.alocks()
 
+    async def aactive_sessions(self, limit: int = 1000) -> list[SessionInfo]:
+        return await self.store.aall_sessions(self.session_idle, _limit(limit))
+
 
 # -- argument checks -------------------------------------------------------------------------------------------
 
@@ -350,6 +415,25 @@ def _arg(value: str, name: str) -> str:
     if not isinstance(value, str) or not value or len(value) > _MAX_ID:
         raise ConfigurationError(f"{name} must be a non-empty string of at most {_MAX_ID} characters")
     return value
+
+
+def _limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_AUDIT_LIMIT:
+        raise ConfigurationError(f"limit must be an integer from 1 to {MAX_AUDIT_LIMIT}")
+    return limit
+
+
+def _kid(value: str) -> str:
+    if not isinstance(value, str) or not _KID_SHAPE.fullmatch(value):
+        raise ConfigurationError("a key id is 1..128 characters of [A-Za-z0-9._:-]")
+    return value
+
+
+def _no_generation(sub: str) -> str:
+    return (f"{sub}: its latest token carried no generation claim, so every token of {sub} is refused "
+            "(stale_generation) and a new token from the same issuer will not help; undo with "
+            f"reset_generation (sa-middleware rotate --reset -- {sub}) and use revoke_principal "
+            f"(sa-middleware revoke --sub={sub}) instead")
 
 
 def _time(value: float | None, name: str) -> float | None:

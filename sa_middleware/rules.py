@@ -55,6 +55,9 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
     # generation ratchet and not-before watermark
     token_gen = a.token_gen if a.token_gen is not None else 0
     if token_gen < p.generation:
+        if a.token_gen is None:
+            return _deny(v, "stale_generation", "the principal's credential generation was rotated and this token "
+                         "carries no generation claim; a new token will not help until an operator resets it")
         return _deny(v, "stale_generation", "the credential generation was superseded; obtain a new token")
     if token_gen > p.generation:
         v.new_generation = token_gen

@@ -32,18 +32,18 @@ Defaults and rules:
 - Verified tokens are kept in a bounded LRU cache (``cache_size``, default **4096** entries, 0 disables
   it), keyed by the token string. A hit costs one dict lookup under a lock plus one clock read: no
   decoding, no signature check. An entry is dropped the moment the clock reaches its ``exp`` (the leeway
-  does not extend a cache entry). Failures are never cached. Because entries live until ``exp``, a token
-  verified with a JWKS key stays accepted until it expires even if the key is later removed from the set;
-  revoke through the store (generation / watermark) for immediate effect.
+  does not extend a cache entry). Failures are never cached. When a key leaves the JWK set (a refresh no
+  longer lists it, or :meth:`TokenVerifier.drop_key`), the cached tokens it verified are forgotten at once.
 - ``jwks_url``: the JWK set is fetched with :class:`jwt.PyJWKClient` (http(s) only, no redirects, a 5 s
-  timeout) and cached for ``max(300, jwks_refresh_interval)`` seconds. A token with an unknown ``kid``
-  triggers a refresh, but fetches (of any kind) never happen more often than once per
-  ``jwks_refresh_interval`` seconds (default 60) by ``clock``. When a refresh fails the previous key set
-  stays usable for one more cache lifetime; with no usable set, verification fails closed with
-  ``"signing keys unavailable"``.
+  timeout), one fetch at a time (concurrent verifications wait for it and share its result), and kept for
+  ``jwks_ttl`` seconds (default **300**). A token with an unknown ``kid`` triggers a refresh, at most once per
+  ``jwks_refresh_interval`` seconds (default **5**) by ``clock``, so a flood of forged ``kid``s costs one fetch
+  per interval. A failed fetch is retried after **1 s** at the earliest. When a refresh fails the previous key
+  set stays usable for one more ``jwks_ttl``; with no usable set, verification fails closed with
+  :class:`~sa_middleware.errors.KeysUnavailable` (the middleware's 503 ``keys_unavailable``).
 - ``clock`` (default :func:`time.time`) drives every time check and the cache. With the default clock
-  PyJWT's own ``exp``/``nbf``/``iat`` checks also run (same time source, defence in depth); with an
-  injected clock they are switched off so that the injected clock is the only time source.
+  PyJWT's own ``exp`` check also runs (same time source, defence in depth); ``nbf`` and ``iat`` are checked by
+  this module only, so a token from the future gets a detail naming the clock skew.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 from jwt.types import Options
 
-from .errors import ConfigurationError, InvalidToken
+from .errors import ConfigurationError, InvalidToken, KeysUnavailable
 
 __all__ = ["TokenVerifier", "VerifiedToken", "generate_rsa_key", "mint_token"]
 
@@ -90,8 +90,8 @@ _FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c", "crit")
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _KID_SHAPE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _SSH_PREFIXES = (b"ssh-", b"ecdsa-sha2-", b"sk-ssh-", b"sk-ecdsa-")
-_JWKS_MIN_LIFESPAN = 300.0
 _JWKS_TIMEOUT = 5.0
+_JWKS_RETRY = 1.0  # seconds between a failed fetch and the next attempt
 _NUMERIC_CLAIMS = ("exp", "nbf", "iat")
 
 
@@ -169,7 +169,8 @@ class TokenVerifier:
         token_type: str | Sequence[str] | None = None,
         max_token_bytes: int = 8192,
         cache_size: int = 4096,
-        jwks_refresh_interval: float = 60.0,
+        jwks_refresh_interval: float = 5.0,
+        jwks_ttl: float = 300.0,
         clock: Callable[[], float] = time.time,
         require_expiry: bool = True,
     ) -> None:
@@ -183,6 +184,9 @@ class TokenVerifier:
         self._max_token_bytes = _check_int("max_token_bytes", max_token_bytes, minimum=16)
         self._cache_size = _check_int("cache_size", cache_size, minimum=0) if self._require_expiry else 0
         self._refresh_interval = _check_number("jwks_refresh_interval", jwks_refresh_interval, allow_zero=False)
+        self._jwks_ttl = _check_number("jwks_ttl", jwks_ttl, allow_zero=False)
+        if self._jwks_ttl < self._refresh_interval:
+            raise ConfigurationError("jwks_ttl must be at least jwks_refresh_interval")
         if not callable(clock):
             raise ConfigurationError("clock must be a callable returning seconds since the epoch")
         self._clock = clock
@@ -195,7 +199,10 @@ class TokenVerifier:
         self._jwks_state: _KeySet | None = None
         self._jwks_lock = threading.Lock()
         self._jwks_last_attempt: float | None = None
-        self._jwks_lifespan = max(_JWKS_MIN_LIFESPAN, self._refresh_interval)
+        self._jwks_failed = False  # the last fetch failed (the next may come after _JWKS_RETRY)
+        self._jwks_stale = False  # refresh_keys was asked for: the next verification fetches
+        self._jwks_fetching = False  # a fetch is running (a verification that needs keys waits for it)
+        self._dropped: frozenset[str] = frozenset()
         if keys is not None:
             self._static = _KeySet.build(_keys_from_option(keys, self._algorithms))
         elif jwks is not None:
@@ -203,15 +210,15 @@ class TokenVerifier:
         else:
             self._jwks_client = _make_jwks_client(jwks_url)
 
-        self._cache: OrderedDict[str, VerifiedToken] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[VerifiedToken, str | None]] = OrderedDict()  # token -> (it, key kid)
         self._cache_lock = threading.Lock()
 
         self._options: Options = {
             "require": list(self._required),
             "verify_signature": True,
             "verify_exp": clock is time.time,
-            "verify_nbf": clock is time.time,
-            "verify_iat": clock is time.time,
+            "verify_nbf": False,  # _check_claims: its detail names the clock skew
+            "verify_iat": False,
             "verify_aud": self._audience is not None,
             "verify_iss": self._issuer is not None,
             "verify_sub": True,
@@ -226,14 +233,16 @@ class TokenVerifier:
         """The accepted ``iss`` value(s), or None when ``iss`` is not checked."""
         return self._issuer
 
-    def verify(self, token: str) -> VerifiedToken:
-        """Verify ``token`` and return its claims; raise :class:`InvalidToken` for any failure."""
+    def verify(self, token: str, *, fetch: bool = True) -> VerifiedToken:
+        """Verify ``token`` and return its claims; raise :class:`InvalidToken` for any failure
+        (:class:`~sa_middleware.errors.KeysUnavailable` when the JWK set could not be fetched). With
+        ``fetch=False`` the JWK set is never fetched (no I/O): only the keys at hand are used."""
         try:
             text = self._as_text(token)
             hit = self._cache_get(text)
             if hit is not None:
                 return hit
-            return self._verify_uncached(text)
+            return self._verify_uncached(text, fetch)
         except InvalidToken:
             raise
         except Exception as exc:  # a bug or an unexpected library error must still deny, quietly
@@ -253,7 +262,44 @@ class TokenVerifier:
             return hit
         if self._jwks_client is not None and self._may_fetch(text):
             return await anyio.to_thread.run_sync(self.verify, text)
-        return self.verify(text)
+        return self.verify(text, fetch=False)
+
+    def refresh_keys(self) -> int:
+        """Fetch the JWK set now (one fetch, shared with concurrent verifications); returns the number of usable
+        keys. Cached tokens of keys that left the set are forgotten. Raises
+        :class:`~sa_middleware.errors.KeysUnavailable` when the fetch fails. No-op for static keys."""
+        if self._jwks_client is None:
+            return len(self._static.keys) if self._static is not None else 0
+        with self._jwks_lock:
+            if not self._fetch_locked(self._clock()):
+                raise KeysUnavailable(retry_after=math.ceil(_JWKS_RETRY))
+            state = self._jwks_state
+            return len(state.keys) if state is not None else 0
+
+    async def arefresh_keys(self) -> int:
+        """Async twin of :meth:`refresh_keys` (the fetch runs in a worker thread)."""
+        return await anyio.to_thread.run_sync(self.refresh_keys)
+
+    def expire_keys(self) -> None:
+        """Make the next verification fetch the JWK set (without waiting for ``jwks_ttl``)."""
+        self._jwks_stale = True
+
+    def drop_key(self, kid: str) -> int:
+        """Stop trusting the key ``kid`` at once, even while the issuer still publishes it, for the life of
+        this verifier; returns how many cached tokens it had verified (they are forgotten)."""
+        if not isinstance(kid, str) or not _KID_SHAPE.fullmatch(kid):
+            raise ConfigurationError("a key id is 1..128 characters of [A-Za-z0-9._:-]")
+        with self._cache_lock:
+            self._dropped = self._dropped | {kid}
+            gone = [token for token, (_, used) in self._cache.items() if used == kid]
+            for token in gone:
+                del self._cache[token]
+        return len(gone)
+
+    @property
+    def dropped_keys(self) -> frozenset[str]:
+        """The key ids dropped with :meth:`drop_key`."""
+        return self._dropped
 
     # ------------------------------------------------------------------ cache
 
@@ -264,20 +310,29 @@ class TokenVerifier:
             entry = self._cache.get(token)
             if entry is None:
                 return None
-            if entry.expires_at <= self._clock():
+            if entry[0].expires_at <= self._clock():
                 del self._cache[token]
                 return None
             self._cache.move_to_end(token)
-            return entry
+            return entry[0]
 
-    def _cache_put(self, token: str, verified: VerifiedToken) -> None:
+    def _cache_put(self, token: str, verified: VerifiedToken, kid: str | None) -> None:
         if not self._cache_size or verified.expires_at <= self._clock():
             return
         with self._cache_lock:
-            self._cache[token] = verified
+            if kid is not None and kid in self._dropped:
+                return
+            self._cache[token] = (verified, kid)
             self._cache.move_to_end(token)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+
+    def _cache_forget(self, keyset: _KeySet) -> None:
+        """Forget the cached tokens verified by a key that ``keyset`` no longer holds."""
+        with self._cache_lock:
+            gone = [token for token, (_, kid) in self._cache.items() if kid is None or kid not in keyset.by_kid]
+            for token in gone:
+                del self._cache[token]
 
     # ------------------------------------------------------------------ steps
 
@@ -316,15 +371,19 @@ class TokenVerifier:
                 raise InvalidToken("wrong token type")
         return header
 
-    def _verify_uncached(self, token: str) -> VerifiedToken:
+    def _verify_uncached(self, token: str, fetch: bool = True) -> VerifiedToken:
         header = self._check_header(token)
         alg: str = header["alg"]
         kid: str | None = header.get("kid")
-        candidates = [k for k in self._candidate_keys(kid) if alg in k.algorithms]
+        if kid is not None and kid in self._dropped:
+            raise InvalidToken("signing key withdrawn")
+        candidates = [k for k in self._candidate_keys(kid, fetch) if alg in k.algorithms
+                      and (k.kid is None or k.kid not in self._dropped)]
         if not candidates:
             raise InvalidToken("no matching key")
 
         claims: dict[str, Any] | None = None
+        used: _Key | None = None
         for candidate in candidates:
             try:
                 claims = jwt.decode(
@@ -336,6 +395,7 @@ class TokenVerifier:
                     leeway=self._leeway,
                     options=self._options,
                 )
+                used = candidate
                 break
             except (jwt.InvalidSignatureError, jwt.InvalidKeyError):
                 continue
@@ -351,7 +411,7 @@ class TokenVerifier:
             fingerprint=hashlib.sha256(token.encode("ascii")).hexdigest(),
             expires_at=expires_at,
         )
-        self._cache_put(token, verified)
+        self._cache_put(token, verified, used.kid if used is not None else None)
         return verified
 
     def _check_claims(self, claims: Mapping[str, Any]) -> float:
@@ -367,10 +427,12 @@ class TokenVerifier:
         exp = float(claims["exp"]) if "exp" in claims else math.inf
         if exp <= now - self._leeway:
             raise InvalidToken("token expired")
-        if "nbf" in claims and claims["nbf"] > now + self._leeway:
-            raise InvalidToken("token not yet valid")
-        if "iat" in claims and claims["iat"] > now + self._leeway:
-            raise InvalidToken("issued in the future")
+        for name in ("nbf", "iat"):
+            if name in claims and claims[name] > now + self._leeway:
+                raise InvalidToken(f"{'token not yet valid' if name == 'nbf' else 'issued in the future: not valid'} "
+                                   f"for another {math.ceil(claims[name] - now - self._leeway)} s ({name}); the "
+                                   f"issuer's clock may be ahead of this server's; leeway is {self._leeway:g} s "
+                                   "(Guard(leeway=...))")
         if "sub" in claims:
             sub = claims["sub"]
             if not isinstance(sub, str) or not sub:
@@ -379,58 +441,83 @@ class TokenVerifier:
 
     # ------------------------------------------------------------------ keys
 
-    def _candidate_keys(self, kid: str | None) -> tuple[_Key, ...]:
+    def _candidate_keys(self, kid: str | None, fetch: bool = True) -> tuple[_Key, ...]:
         if self._static is not None:
             return _pick(self._static, kid)
-        keyset = self._current_jwks()
+        keyset = self._jwks_state
+        if keyset is None or self._jwks_stale or self._clock() - keyset.fetched_at >= self._jwks_ttl:
+            keyset = self._refresh_jwks(keyset, fetch)
         if kid is not None and kid not in keyset.by_kid:
-            keyset = self._refresh_jwks(keyset)
+            keyset = self._refresh_jwks(keyset, fetch)
         return _pick(keyset, kid)
 
-    def _current_jwks(self) -> _KeySet:
-        keyset = self._jwks_state
-        if keyset is None or self._clock() - keyset.fetched_at >= self._jwks_lifespan:
-            return self._refresh_jwks(keyset)
-        return keyset
+    def _fetch_allowed(self, now: float) -> bool:
+        last = self._jwks_last_attempt
+        if last is None or self._jwks_stale:
+            return True
+        return now - last >= (_JWKS_RETRY if self._jwks_failed else self._refresh_interval)
 
-    def _refresh_jwks(self, seen: _KeySet | None) -> _KeySet:
-        """Fetch the JWK set unless a fetch happened within ``jwks_refresh_interval`` (by ``clock``)."""
-        client = self._jwks_client
-        if client is None:
-            raise InvalidToken("signing keys unavailable")
-        with self._jwks_lock:
-            current = self._jwks_state
-            if current is not seen and current is not None:
-                return current  # another thread refreshed while we waited for the lock
-            now = self._clock()
-            last = self._jwks_last_attempt
-            if last is None or now - last >= self._refresh_interval:
-                self._jwks_last_attempt = now
-                try:
-                    fetched = client.get_jwk_set(refresh=True)
-                    keys = list(_keys_from_pyjwks(fetched, self._algorithms))
-                    if not keys:
-                        raise ValueError("no usable signing keys")
-                except Exception as exc:
-                    _log.warning("JWK set fetch failed: %s", type(exc).__name__)
-                else:
-                    self._jwks_state = _KeySet.build(keys, fetched_at=now)
+    def _refresh_jwks(self, seen: _KeySet | None, fetch: bool = True) -> _KeySet:
+        """Fetch the JWK set when a fetch is allowed now (see :meth:`_fetch_allowed`) and ``fetch`` is true;
+        otherwise, or when the fetch fails, keep a set that is not too old."""
+        if fetch:
+            with self._jwks_lock:
+                current = self._jwks_state
+                if current is not seen and current is not None:
+                    return current  # another thread refreshed while we waited for the lock
+                if self._fetch_allowed(self._clock()) and self._fetch_locked(self._clock()):
+                    assert self._jwks_state is not None
                     return self._jwks_state
-            # No fetch allowed now, or the fetch failed: keep a set that is not too old.
-            if current is not None and now - current.fetched_at < 2 * self._jwks_lifespan:
-                return current
-            raise InvalidToken("signing keys unavailable")
+        return self._usable(self._jwks_state)
+
+    def _fetch_locked(self, now: float) -> bool:
+        """Fetch the JWK set (the caller holds ``_jwks_lock``); returns whether it succeeded."""
+        client = self._jwks_client
+        assert client is not None
+        self._jwks_last_attempt = now
+        self._jwks_stale = False
+        self._jwks_fetching = True
+        try:
+            fetched = client.get_jwk_set(refresh=True)
+            keys = list(_keys_from_pyjwks(fetched, self._algorithms))
+            if not keys:
+                raise ValueError("no usable signing keys")
+        except Exception as exc:
+            self._jwks_failed = True
+            _log.warning("JWK set fetch failed: %s", type(exc).__name__)
+            return False
+        finally:
+            self._jwks_fetching = False
+        self._jwks_failed = False
+        keyset = _KeySet.build(keys, fetched_at=now)
+        previous, self._jwks_state = self._jwks_state, keyset
+        if previous is not None:
+            self._cache_forget(keyset)
+        return True
+
+    def _usable(self, keyset: _KeySet | None) -> _KeySet:
+        """``keyset`` while it is at most one ``jwks_ttl`` past its lifetime; else fail closed."""
+        now = self._clock()
+        if keyset is not None and now - keyset.fetched_at < 2 * self._jwks_ttl:
+            return keyset
+        last = self._jwks_last_attempt
+        wait = _JWKS_RETRY if last is None else max(_JWKS_RETRY - (now - last), 0.0)
+        raise KeysUnavailable(retry_after=max(1, math.ceil(wait)))
 
     def _may_fetch(self, token: str) -> bool:
-        """True when verifying ``token`` might fetch the JWK set (so must run off the event loop)."""
+        """True when verifying ``token`` would fetch the JWK set now, or wait for a fetch that is running (so must
+        run off the event loop)."""
+        now = self._clock()
+        if not (self._jwks_fetching or self._fetch_allowed(now)):
+            return False
         keyset = self._jwks_state
-        if keyset is None or self._clock() - keyset.fetched_at >= self._jwks_lifespan:
+        if keyset is None or self._jwks_stale or now - keyset.fetched_at >= self._jwks_ttl:
             return True
         try:
             kid = self._check_header(token).get("kid")
         except Exception:
             return False  # verify() will refuse it without any I/O
-        return kid is not None and kid not in keyset.by_kid
+        return kid is not None and kid not in keyset.by_kid and kid not in self._dropped
 
 
 # ---------------------------------------------------------------------- helpers

@@ -258,3 +258,10 @@ def problem(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
     else:
         assert "retry-after" not in resp.headers
     return body
+
+
+def unreachable_jwks_url() -> str:
+    """A JWKS URL on a loopback port nothing listens on: the identity provider is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/jwks.json"

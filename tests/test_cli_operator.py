@@ -389,3 +389,56 @@ def test_store_option_wins_over_the_environment(tmp_path: Path) -> None:
     for command in ("sessions", "locks", "revoke", "rotate", "compromise", "pause", "resume", "device",
                     "privileges", "audit", "events", "token", "demo"):
         assert f"  {command} " in ok(results[2])
+
+
+# ---------------------------------------------------------------------------- ids starting with "-", rotation
+
+
+def test_ids_starting_with_a_dash_work_and_printed_hints_work_as_pasted(site: Site) -> None:
+    bot, session = fresh("-bot"), fresh("-5My")
+    token = site.token(bot, sid=session, sa_kind="agent")
+    assert site.code(token) == "ok"
+    out = ok(site.cli("pause", "--", session))
+    assert site.code(token) == "session_paused"
+    hint = re.search(r"until: (sa-middleware resume -- \S+)\)", out)
+    assert hint is not None, out
+    ok(site.cli(*hint.group(1).split()[1:]))  # the hint, as printed
+    assert site.code(token) == "ok"
+    ok(site.cli("revoke", f"--session={session}"))
+    assert site.code(token) == "session_revoked"
+    other = site.token(bot, sid=fresh("s"), sa_kind="agent", gen=0)
+    assert site.code(other) == "ok"
+    assert ok(site.cli("rotate", "--", bot)).startswith(f"{bot}: generation 1")
+    assert site.code(other) == "stale_generation"
+
+
+def test_rotate_warns_when_tokens_carry_no_generation_and_reset_undoes_it(site: Site) -> None:
+    plain, counted = fresh("svc"), fresh("svc")
+    assert site.code(site.token(plain)) == "ok"  # its issuer sends no gen claim
+    assert site.code(site.token(counted, gen=3)) == "ok"
+    site.guard.flush()  # this process's notes, for the CLI's process to read
+    result = site.cli("rotate", plain)
+    assert ok(result).startswith(f"{plain}: generation 1")
+    assert "carried no generation claim" in result.stderr
+    hint = re.search(r"^  undo: +(sa-middleware rotate --reset .+)$", result.stderr, re.M)
+    assert hint is not None, result.stderr
+    outcome = site.guard.admit(RequestInfo("GET", "/things", {"authorization": f"Bearer {site.token(plain)}"}, "h"))
+    assert isinstance(outcome, Denial) and outcome.code == "stale_generation"
+    assert "obtain a new token" not in outcome.detail and "no generation claim" in outcome.detail
+    assert ok(site.cli(*hint.group(1).split()[1:])) == f"{plain}: generation reset from 1 to 0\n"
+    assert site.code(site.token(plain)) == "ok"
+    result = site.cli("rotate", counted)
+    assert ok(result).startswith(f"{counted}: generation 4")
+    assert result.stderr == ""
+    assert site.code(site.token(counted, gen=3)) == "stale_generation"
+    assert site.code(site.token(counted, gen=4)) == "ok"
+    assert [r.code for r in site.guard.audit(plain, kind="operation")] == ["reset_generation", "rotate"]
+
+
+def test_keys_commands_write_notes_every_guard_reads(site: Site) -> None:
+    before = site.guard.store.key_notes()
+    assert ok(site.cli("keys", "refresh")).startswith("signing keys:")
+    assert ok(site.cli("keys", "drop", "demo-1")).startswith("signing key demo-1: dropped")
+    generation, dropped = site.guard.store.key_notes()
+    assert generation == before[0] + 2 and "demo-1" in dropped
+    fails(site.cli("keys", "drop", "../etc"), 1, "a key id is 1..128 characters")

@@ -665,3 +665,87 @@ def test_bad_auth_time_is_invalid_token(guard: Guard, auth_time: Any) -> None:
 def test_a_store_uri_that_does_not_parse_is_a_configuration_error(uri: str) -> None:
     with pytest.raises(ConfigurationError):
         make_guard(uri)
+
+
+# ---------------------------------------------------------------------------- the issuer's keys, session keys
+
+
+def test_unavailable_signing_keys_are_a_503_and_never_fail_open() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/jwks.json"
+    guard = Guard(store="memory://", jwks_url=url, algorithms=["RS256"], issuer=ISS, audience=AUD,
+                  default_policy=Policy(fail_open=True), retry_after=2)
+    try:
+        for _ in range(2):  # the first fetches (and fails); the second is within the retry delay
+            outcome = guard.admit(request("GET", "/x", mint_token(KEY, "RS256", claims(), {"kid": "k1"})))
+            assert isinstance(outcome, Denial) and outcome.code == "keys_unavailable"
+            assert outcome.status == 503 and outcome.retry_after == 2
+    finally:
+        guard.close()
+
+
+def test_session_claim_makes_one_session_per_client() -> None:
+    guard = Guard(store="memory://", keys=PUBLIC_PEM, algorithms=["RS256"], issuer=ISS, audience=AUD,
+                  default_policy=Policy(max_sessions=1), session_claim=("sid", "client_id", "jti"))
+    try:
+        for i in range(3):  # renewals, replicas: a new jti each time, one client
+            outcome = guard.admit(request("GET", "/x", token(sub="svc", client_id="svc", jti=f"j{i}")))
+            assert isinstance(outcome, Admitted), outcome
+            assert outcome.context.session_id == "svc/client_id:svc" and outcome.context.kind == "service"
+            guard.release(outcome.ticket)
+        outcome = guard.admit(request("GET", "/x", token(sub="alice", sid="browser-1")))
+        assert isinstance(outcome, Admitted) and outcome.context.session_id == "browser-1"
+        guard.release(outcome.ticket)
+        with pytest.raises(ConfigurationError):
+            Guard(store="memory://", keys=PUBLIC_PEM, algorithms=["RS256"], session_claim=[""])
+    finally:
+        guard.close()
+
+
+def test_session_claim_per_kind_leaves_humans_their_sessions() -> None:
+    guard = Guard(store="memory://", keys=PUBLIC_PEM, algorithms=["RS256"], issuer=ISS, audience=AUD,
+                  default_policy=Policy(max_sessions=1), session_claim={"service": ("client_id", "jti")})
+    try:
+        for i in range(2):
+            outcome = guard.admit(request("GET", "/x", token(sub="svc", client_id="svc", jti=f"j{i}")))
+            assert isinstance(outcome, Admitted) and outcome.context.session_id == "svc/client_id:svc"
+            guard.release(outcome.ticket)
+        outcome = guard.admit(request("GET", "/x", token(sub="alice", client_id="web", jti="a1")))
+        assert isinstance(outcome, Admitted) and outcome.context.session_id == "a1"
+        guard.release(outcome.ticket)
+        refused = guard.admit(request("GET", "/x", token(sub="alice", client_id="web", jti="a2")))
+        assert isinstance(refused, Denial) and refused.code == "too_many_sessions"
+        with pytest.raises(ConfigurationError, match="kinds"):
+            Guard(store="memory://", keys=PUBLIC_PEM, algorithms=["RS256"], session_claim={"robot": "azp"})
+    finally:
+        guard.close()
+
+
+def test_drop_key_acts_here_at_once_and_in_other_guards_on_the_store(tmp_path: Any) -> None:
+    import anyio
+
+    store = f"sqlite:///{tmp_path / 'keys.db'}"
+    options: dict[str, Any] = {"store": store, "keys": {"k1": PUBLIC_PEM, "k2": PUBLIC_PEM}, "algorithms": ["RS256"],
+                               "issuer": ISS, "audience": AUD}
+    here, there = Guard(**options), Guard(**options)
+    try:
+        tok1, tok2 = (mint_token(KEY, "RS256", claims(), {"kid": kid}) for kid in ("k1", "k2"))
+        for guard in (here, there):
+            assert isinstance(guard.admit(request("GET", "/x", tok1)), Admitted)  # verified, cached
+        here.drop_key("k1")
+        refused = here.admit(request("GET", "/x", tok1))
+        assert isinstance(refused, Denial) and refused.detail == "signing key withdrawn"
+        assert isinstance(there.admit(request("GET", "/x", tok1)), Admitted)  # not yet: its keeper reads the notes
+        there._apply_key_notes()  # what its keeper does every 2 s
+        assert isinstance(there.admit(request("GET", "/x", tok1)), Denial)
+        anyio.run(lambda: here.adrop_key("k2"))
+        assert isinstance(here.admit(request("GET", "/x", tok2)), Denial)
+        with pytest.raises(ConfigurationError):
+            here.drop_key("no spaces")
+        assert [r.detail for r in here.audit(code="drop_key")] == ["signing key k2 dropped", "signing key k1 dropped"]
+    finally:
+        here.close()
+        there.close()

@@ -23,7 +23,16 @@ import anyio
 
 from ..guard import Guard
 from .errors import SETError
-from .mapping import STREAM_UPDATED, VERIFICATION, Action, MappingOptions, Plan, opaque_kind, plan
+from .mapping import (
+    STREAM_UPDATED,
+    SUPPORTED_EVENTS,
+    VERIFICATION,
+    Action,
+    MappingOptions,
+    Plan,
+    opaque_kind,
+    plan,
+)
 from .sets import SecurityEvent, SETValidator
 from .subjects import Subject, SubjectResolver, Targets
 
@@ -107,12 +116,21 @@ class EventProcessor:
                 self.stream_status = str(event.payload.get("status"))
             outcome = EventOutcome(event, "applied" if result.actions else "ignored", result.actions, result.note)
         log.info("sa-middleware: security event %s", outcome.describe())
+        self._observe(outcome)
         return outcome
 
     def _duplicate(self, event: SecurityEvent) -> EventOutcome:
         outcome = EventOutcome(event, "duplicate", note="seen before; not applied again")
         log.info("sa-middleware: security event %s", outcome.describe())
+        self._observe(outcome)
         return outcome
+
+    def _observe(self, outcome: EventOutcome) -> None:
+        observer = self.guard.observer
+        if observer is not None:
+            event = outcome.event
+            observer.security_event(event.short_type if event.event_type in SUPPORTED_EVENTS else "other",
+                                    outcome.status)
 
     # -- the drivers -----------------------------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ A push is a ``POST`` with ``Content-Type: application/secevent+jwt`` and one SET
   ``invalid_key``, ``invalid_issuer``, ``invalid_audience``, ``authentication_failed`` (no ``Authorization``
   header when one is configured), ``access_denied`` (a different ``Authorization`` value), ``invalid_state``
   (a verification event with another ``state`` than the one expected).
-- ``405`` for another method; ``503`` with ``Retry-After`` when the store could not apply the event (nothing was
-  recorded, so the transmitter's retry is applied).
+- ``405`` for another method; ``503`` with ``Retry-After`` when the store could not apply the event, or the
+  transmitter's signing keys (its JWKS) could not be fetched (nothing was recorded, so the transmitter's retry is
+  applied).
 
 Nothing is logged of a SET but its event type, ``jti`` and outcome; the ``Authorization`` value is never logged.
 """
@@ -36,7 +37,7 @@ from werkzeug.wsgi import get_input_stream
 
 from ..asgi import Receive, Scope, Send
 from ..asgi import request_info as asgi_request_info
-from ..errors import ConfigurationError, StoreError
+from ..errors import ConfigurationError, KeysUnavailable, StoreError
 from ..guard import Guard
 from ..wsgi import Environ, StartResponse
 from ..wsgi import request_info as wsgi_request_info
@@ -148,6 +149,7 @@ class SSFReceiver:
         self._authorization = _authorization(authorization)
         validator = SETValidator(issuer=issuer, audience=audience, keys=keys, jwks=jwks, jwks_url=jwks_url,
                                  algorithms=algorithms, leeway=leeway, max_age=max_age, max_bytes=max_bytes)
+        guard.watch_keys(validator.verifier)  # sa-middleware keys refresh / drop reach the transmitter's keys too
         token_issuer = guard.verifier.issuer
         trusted = {issuer, *subject_issuers}
         trusted.update([token_issuer] if isinstance(token_issuer, str) else token_issuer or ())
@@ -215,6 +217,9 @@ class SSFReceiver:
         return _error(error.err, error.description)
 
     def _failed(self, exc: Exception) -> _Response:
+        if isinstance(exc, KeysUnavailable):
+            log.warning("sa-middleware: security event not applied, the transmitter's signing keys are unavailable")
+            return _unavailable(max(exc.retry_after, self.guard.retry_after))
         if isinstance(exc, StoreError):
             log.warning("sa-middleware: security event not applied, store unavailable: %s", exc)
         else:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigurationError, InvalidToken
+from ..errors import ConfigurationError, InvalidToken, KeysUnavailable
 from ..operations import finite_number
 from ..tokens import TokenVerifier, VerifiedToken
 from .errors import SETError
@@ -130,6 +130,8 @@ class SETValidator:
         text = self._precheck(token)
         try:
             verified = self.verifier.verify(text)
+        except KeysUnavailable:
+            raise  # the transmitter's keys could not be fetched: not the SET's fault (503, delivered again)
         except InvalidToken as exc:
             raise SETError("invalid_key", f"the SET signature was not accepted: {exc}") from None
         return self._event(verified)
@@ -139,6 +141,8 @@ class SETValidator:
         text = self._precheck(token)
         try:
             verified = await self.verifier.averify(text)
+        except KeysUnavailable:
+            raise  # the transmitter's keys could not be fetched: not the SET's fault (503, delivered again)
         except InvalidToken as exc:
             raise SETError("invalid_key", f"the SET signature was not accepted: {exc}") from None
         return self._event(verified)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -120,6 +120,11 @@ class Store(abc.ABC):
         """Add ``amount`` to ``sub``'s risk for ``window`` seconds from now (as an admitted ``raises_risk``)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement raise_risk")
 
+    def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        """The sessions of every principal seen within ``session_idle`` seconds, most recently seen first, at most
+        ``limit`` (the console and the metrics' session gauge)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement all_sessions")
+
     def seen_event(self, key: str, ttl: float) -> bool:
         """Record the security event ``key`` for ``ttl`` seconds, atomically; returns True when it was already
         recorded (and not expired): a duplicate."""
@@ -128,6 +133,30 @@ class Store(abc.ABC):
     def forget_event(self, key: str) -> None:
         """Forget the security event ``key`` (its processing failed; a redelivery must be applied)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement forget_event")
+
+    # -- signing keys and generation claims (see docs "Using your identity provider") ---------------------------
+    # Like the security-event operations, these raise NotImplementedError in the base so an older store still opens.
+
+    def note_keys(self, drop: str | None) -> int:
+        """Ask every Guard sharing this store to refresh its issuer's signing keys (and, with ``drop``, to stop
+        trusting that key id); returns the new key-notes generation. Dropped key ids are kept."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement note_keys")
+
+    def key_notes(self) -> tuple[int, tuple[str, ...]]:
+        """The key-notes generation (0 before any note) and the dropped key ids; one cheap read."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement key_notes")
+
+    def note_generation_claims(self, notes: Mapping[str, bool]) -> None:
+        """Record, per principal, whether its latest token carried a generation claim."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement note_generation_claims")
+
+    def generation_claim(self, sub: str) -> bool | None:
+        """Whether ``sub``'s latest recorded token carried a generation claim (None: nothing recorded)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement generation_claim")
+
+    def reset_generation(self, sub: str) -> int:
+        """Set ``sub``'s generation back to 0 (undo :meth:`rotate`); returns the generation it had."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement reset_generation")
 
     # -- the audit trail (see README "Audit trail") ---------------------------------------------------------------
     # Like the security-event operations, these raise NotImplementedError in the base so an older store still opens;
@@ -216,11 +245,29 @@ class Store(abc.ABC):
     async def araise_risk(self, sub: str, amount: int, window: float) -> None:
         await self._run(self.raise_risk, sub, amount, window)
 
+    async def aall_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        return await self._run(self.all_sessions, session_idle, limit)
+
     async def aseen_event(self, key: str, ttl: float) -> bool:
         return await self._run(self.seen_event, key, ttl)
 
     async def aforget_event(self, key: str) -> None:
         await self._run(self.forget_event, key)
+
+    async def anote_keys(self, drop: str | None) -> int:
+        return await self._run(self.note_keys, drop)
+
+    async def akey_notes(self) -> tuple[int, tuple[str, ...]]:
+        return await self._run(self.key_notes)
+
+    async def anote_generation_claims(self, notes: Mapping[str, bool]) -> None:
+        await self._run(self.note_generation_claims, notes)
+
+    async def ageneration_claim(self, sub: str) -> bool | None:
+        return await self._run(self.generation_claim, sub)
+
+    async def areset_generation(self, sub: str) -> int:
+        return await self._run(self.reset_generation, sub)
 
     async def arecord_audit(self, records: Sequence[AuditRecord]) -> None:
         await self._run(self.record_audit, records)

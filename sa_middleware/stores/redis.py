@@ -35,7 +35,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal, TypeVar, cast
@@ -1080,6 +1080,58 @@ class RedisStore(Store):
         r = yield _Call(op, self._key("ev", key), {"key": key, **({} if ttl is None else {"ttl": ttl})})
         return bool(r.get("seen"))
 
+    # -- signing keys and generation claims ----------------------------------------------------------------------
+
+    def note_keys(self, drop: str | None) -> int:
+        return self._drive(self._note_keys(drop))
+
+    async def anote_keys(self, drop: str | None) -> int:
+        return await self._aop(lambda: self._note_keys(drop))
+
+    def _note_keys(self, drop: str | None) -> _Flow[int]:
+        r = yield _Call("note_keys", self._key("keys", "notes"), {} if drop is None else {"drop": drop})
+        return _int(r["g"])
+
+    def key_notes(self) -> tuple[int, tuple[str, ...]]:
+        return self._drive(self._key_notes())
+
+    async def akey_notes(self) -> tuple[int, tuple[str, ...]]:
+        return await self._aop(self._key_notes)
+
+    def _key_notes(self) -> _Flow[tuple[int, tuple[str, ...]]]:
+        r = yield _Call("key_notes", self._key("keys", "notes"), {})
+        return _int(r["g"]), tuple(str(kid) for kid in _seq(r.get("dropped")))
+
+    def note_generation_claims(self, notes: Mapping[str, bool]) -> None:
+        self._drive(self._note_generation_claims(notes))
+
+    async def anote_generation_claims(self, notes: Mapping[str, bool]) -> None:
+        await self._aop(lambda: self._note_generation_claims(notes))
+
+    def _note_generation_claims(self, notes: Mapping[str, bool]) -> _Flow[None]:
+        for sub, present in notes.items():
+            yield _Call("gen_claim_note", self._key("p", sub), {"sub": sub, "present": bool(present)})
+
+    def generation_claim(self, sub: str) -> bool | None:
+        return self._drive(self._generation_claim(sub))
+
+    async def ageneration_claim(self, sub: str) -> bool | None:
+        return await self._aop(lambda: self._generation_claim(sub))
+
+    def _generation_claim(self, sub: str) -> _Flow[bool | None]:
+        r = yield _Call("gen_claim", self._key("p", sub), {"sub": sub})
+        return None if r.get("gc") in (None, "") else r["gc"] == "1"
+
+    def reset_generation(self, sub: str) -> int:
+        return self._drive(self._reset_generation(sub))
+
+    async def areset_generation(self, sub: str) -> int:
+        return await self._aop(lambda: self._reset_generation(sub))
+
+    def _reset_generation(self, sub: str) -> _Flow[int]:
+        r = yield _Call("reset_generation", self._key("p", sub), {"sub": sub})
+        return _int(r["g"])
+
     # -- the audit trail -----------------------------------------------------------------------------------------
 
     def _audit_key(self, route: str) -> str:
@@ -1168,6 +1220,23 @@ class RedisStore(Store):
             s.get("cl", ""), s.get("ua", ""), s.get("dv"), s.get("cr"), s.get("ac"), _opt_float(s.get("ma")),
             None if s.get("mg") is None else _int(s["mg"]), _opt_float(s.get("ca")))
             for s in _seq(r.get("sessions"))]
+
+    def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        return self._drive(self._all_sessions(session_idle, limit))
+
+    async def aall_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        return await self._aop(lambda: self._all_sessions(session_idle, limit))
+
+    def _all_sessions(self, session_idle: float, limit: int) -> _Flow[list[SessionInfo]]:
+        head = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":{p:"
+        keys: list[str] = yield _Scan(head + "*}:ss")
+        start = len(self.prefix) + len(":{p:")
+        found: list[SessionInfo] = []
+        for key in sorted(set(keys)):
+            sub = key[start:-len("}:ss")].replace("%7B", "{").replace("%7D", "}").replace("%25", "%")
+            found.extend((yield from self._sessions(sub, session_idle)))
+        found.sort(key=lambda s: (-s.last_seen, s.session_id))
+        return found[:limit]
 
     def locks(self) -> list[LockInfo]:
         return self._drive(self._locks())

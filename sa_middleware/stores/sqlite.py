@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -89,6 +89,10 @@ def _schema(db: sqlite_utils.Database) -> None:
         if column not in principals.columns_dict:
             principals.add_column(column, kind)
     db.table("events_seen").create({"key": str, "expires": float}, pk="key", if_not_exists=True)
+    # signing keys: what operators asked every Guard to do (refresh, drop a key id); whether tokens carry a generation
+    if "gen_claim" not in principals.columns_dict:
+        principals.add_column("gen_claim", int)
+    db.table("key_notes").create({"kid": str, "generation": int, "at": float}, pk="kid", if_not_exists=True)
     # the audit trail: ids grow with every insert (INTEGER PRIMARY KEY), which bounds the count cheaply
     db.table("audit").create({"id": int, "time": float, "kind": str, "code": str, "source": str, "sub": str,
                               "session_id": str, "route": str, "detail": str}, pk="id", if_not_exists=True)
@@ -623,6 +627,41 @@ class SQLiteStore(Store):
     def forget_event(self, key: str) -> None:
         self._write(lambda conn, now: conn.execute("DELETE FROM events_seen WHERE key = ?", (key,)))
 
+    # the key notes: the row with kid '' holds the generation; every other row is a dropped key id
+    def note_keys(self, drop: str | None) -> int:
+        def run(conn: sqlite3.Connection, now: float) -> int:
+            row = conn.execute("INSERT INTO key_notes (kid, generation, at) VALUES ('', 1, ?) ON CONFLICT(kid) DO "
+                               "UPDATE SET generation = generation + 1, at = excluded.at RETURNING generation",
+                               (now,)).fetchone()
+            if drop is not None:
+                conn.execute("INSERT OR IGNORE INTO key_notes (kid, generation, at) VALUES (?, ?, ?)",
+                             (drop, row[0], now))
+            return int(row[0])
+        return self._write(run)
+
+    def key_notes(self) -> tuple[int, tuple[str, ...]]:
+        def run(conn: sqlite3.Connection, now: float) -> tuple[int, tuple[str, ...]]:
+            rows = conn.execute("SELECT kid, generation FROM key_notes ORDER BY kid").fetchall()
+            return (next((int(g) for k, g in rows if k == ""), 0), tuple(k for k, _ in rows if k != ""))
+        return self._read(run)
+
+    def note_generation_claims(self, notes: Mapping[str, bool]) -> None:
+        self._write(lambda conn, now: conn.executemany(
+            "INSERT INTO principals (sub, generation, gen_claim) VALUES (?, 0, ?) ON CONFLICT(sub) DO UPDATE "
+            "SET gen_claim = excluded.gen_claim", [(sub, int(present)) for sub, present in notes.items()]))
+
+    def generation_claim(self, sub: str) -> bool | None:
+        row = self._read(lambda conn, now: conn.execute("SELECT gen_claim FROM principals WHERE sub = ?",
+                                                        (sub,)).fetchone())
+        return None if row is None or row[0] is None else bool(row[0])
+
+    def reset_generation(self, sub: str) -> int:
+        def run(conn: sqlite3.Connection, now: float) -> int:
+            row = conn.execute("SELECT generation FROM principals WHERE sub = ?", (sub,)).fetchone()
+            conn.execute("UPDATE principals SET generation = 0 WHERE sub = ?", (sub,))
+            return 0 if row is None else int(row[0])
+        return self._write(run)
+
     def _read(self, func: Callable[[sqlite3.Connection, float], T]) -> T:
         try:
             return func(self._connection(), self._clock())
@@ -633,6 +672,11 @@ class SQLiteStore(Store):
         return self._read(lambda conn, now: [_session(r) for r in conn.execute(
             f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE sub = ? AND expires > ? AND last_seen > ? "
             "ORDER BY created, session_id", (sub, now, now - session_idle))])
+
+    def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
+        return self._read(lambda conn, now: [_session(r) for r in conn.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE expires > ? AND last_seen > ? "
+            "ORDER BY last_seen DESC, session_id LIMIT ?", (now, now - session_idle, limit))])
 
     def locks(self) -> list[LockInfo]:
         return self._read(lambda conn, now: [LockInfo(*r) for r in conn.execute(

@@ -45,7 +45,7 @@ from django.urls import path
 from django.utils.decorators import method_decorator
 from django.views import View
 from dpop_support import Authority, Holder
-from support import WAIT, Served, Tracker, assert_fences, sub
+from support import WAIT, Served, Tracker, assert_fences, sub, unreachable_jwks_url
 
 from sa_middleware import CODES, Guard, Policy, StoreUnavailable
 from sa_middleware.adapters.django import MIDDLEWARE_PATH, SAMiddlewareConfig, SessionAwareMiddleware, get_guard, policy
@@ -283,6 +283,11 @@ def _store(s: Server, iss: DemoIssuer) -> httpx.Response:
     return resp
 
 
+def _keys(s: Server, iss: DemoIssuer) -> httpx.Response:
+    with s.use(keys=None, jwks_url=unreachable_jwks_url()):
+        return s.request("GET", "/whoami", iss.token(sub()))
+
+
 CASES: list[tuple[str, Case]] = [
     ("missing_token", _missing), ("invalid_token", _invalid), ("stale_generation", _stale),
     ("token_revoked", _token_revoked), ("session_revoked", _session_revoked),
@@ -290,7 +295,7 @@ CASES: list[tuple[str, Case]] = [
     ("step_up_required", _step_up), ("insufficient_scope", _scope), ("session_paused", _paused),
     ("device_noncompliant", _device), ("too_many_sessions", _sessions), ("risk_too_high", _risk),
     ("conflicting_action", _conflict), ("object_locked", _locked), ("too_many_in_flight", _in_flight),
-    ("store_unavailable", _store),
+    ("store_unavailable", _store), ("keys_unavailable", _keys),
 ]
 
 

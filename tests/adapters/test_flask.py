@@ -29,7 +29,7 @@ from flask import Blueprint, Flask, Response, g, stream_with_context
 from flask import request as flask_request
 from flask.testing import FlaskClient
 from flask.views import MethodView, View
-from support import WAIT, Served, Tracker, assert_fences, sub
+from support import WAIT, Served, Tracker, assert_fences, sub, unreachable_jwks_url
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.test import Client, TestResponse
 
@@ -385,6 +385,13 @@ def _store_unavailable(e: Env) -> TestResponse:
     return e.refused(lambda: broken.test_client().get("/whoami", headers=auth(tok)))
 
 
+def _keys_unavailable(e: Env) -> TestResponse:
+    down = make_app(e.bench, SessionAware(guard=Guard(store="memory://", jwks_url=unreachable_jwks_url(),
+                                                      algorithms=["RS256"], issuer=e.issuer.issuer,
+                                                      audience=e.issuer.audience)))
+    return e.refused(lambda: down.test_client().get("/whoami", headers=auth(e.issuer.token(sub()))))
+
+
 DENIALS: list[tuple[str, int, Callable[[Env], TestResponse]]] = [
     ("missing_token", 401, _missing_token),
     ("invalid_token", 401, _invalid_token),
@@ -404,6 +411,7 @@ DENIALS: list[tuple[str, int, Callable[[Env], TestResponse]]] = [
     ("object_locked", 423, _object_locked),
     ("too_many_in_flight", 429, _too_many_in_flight),
     ("store_unavailable", 503, _store_unavailable),
+    ("keys_unavailable", 503, _keys_unavailable),
 ]
 
 

@@ -38,7 +38,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Host, Mount, Route, Router, WebSocketRoute
 from starlette.websockets import WebSocket
-from support import WAIT, Gates, Served, Tracker, assert_fences, problem, sub
+from support import WAIT, Gates, Served, Tracker, assert_fences, problem, sub, unreachable_jwks_url
 
 from sa_middleware import CODES, ConfigurationError, Guard, Policy, SAContext
 from sa_middleware.adapters._common import POLICY_ATTR, policy_of
@@ -237,10 +237,11 @@ def sites(issuer: DemoIssuer, tmp_path: Path, build: Callable[..., Any]) -> Iter
     """A factory of served apps built by ``build(bench, guard, **options)``; all closed at the end."""
     made: list[Site] = []
 
-    def make(*, timeout: float | None = None, **options: Any) -> Site:
+    def make(*, timeout: float | None = None, jwks_url: str | None = None, **options: Any) -> Site:
         db = tmp_path / f"site-{len(made)}.db"
-        guard = Guard(store=f"sqlite:///{db}" + (f"?timeout={timeout}" if timeout else ""), keys=issuer.public_pem,
-                      algorithms=["RS256"], issuer=issuer.issuer, audience=issuer.audience, policies=TABLE,
+        guard = Guard(store=f"sqlite:///{db}" + (f"?timeout={timeout}" if timeout else ""),
+                      keys=None if jwks_url else issuer.public_pem, jwks_url=jwks_url, algorithms=["RS256"],
+                      issuer=issuer.issuer, audience=issuer.audience, policies=TABLE,
                       default_policy=Policy(max_sessions=3))
         bench = Bench(guard)
         try:
@@ -441,6 +442,11 @@ def _store_unavailable(make: Make) -> httpx.Response:
         blocker.close()
 
 
+def _keys_unavailable(make: Make) -> httpx.Response:
+    site = make(jwks_url=unreachable_jwks_url())
+    return site.request("GET", "/whoami", site.token(sub()))
+
+
 DENIALS: dict[str, Callable[[Make], httpx.Response]] = {
     "missing_token": _missing_token, "invalid_token": _invalid_token, "stale_generation": _stale_generation,
     "token_revoked": _token_revoked, "session_revoked": _session_revoked,
@@ -450,6 +456,7 @@ DENIALS: dict[str, Callable[[Make], httpx.Response]] = {
     "too_many_sessions": _too_many_sessions, "risk_too_high": _risk_too_high,
     "conflicting_action": _conflicting_action, "object_locked": _object_locked,
     "too_many_in_flight": _too_many_in_flight, "store_unavailable": _store_unavailable,
+    "keys_unavailable": _keys_unavailable,
 }
 
 

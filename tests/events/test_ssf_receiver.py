@@ -433,3 +433,57 @@ def test_receiver_paths_are_independent(site: Site) -> None:
                       content=site.tx.set(VERIFICATION, sub_id=opaque("s")),
                       headers={"content-type": "application/secevent+jwt"})
     assert resp.status_code == 202
+
+
+def test_transmitter_keys_unavailable_is_503_then_applied_and_a_dropped_key_is_refused(tmp_path: Path) -> None:
+    """The transmitter's JWKS down: 503 with Retry-After and nothing recorded; back up: the retry is applied. A key
+    dropped with the Guard's drop_key is refused by the receiver too."""
+    import http.server
+
+    from jwt.algorithms import RSAAlgorithm
+    from werkzeug.test import Client
+
+    from sa_middleware import Guard
+    from sa_middleware.demo import DemoIssuer
+    from sa_middleware.events import SSFReceiver
+
+    tx = Transmitter()
+    jwk = {**RSAAlgorithm.to_jwk(tx.private_key.public_key(), as_dict=True), "kid": "tx-1"}
+    up = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"keys": [jwk]}).encode() if up.is_set() else b"down"
+            self.send_response(200 if up.is_set() else 503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    idp = DemoIssuer()
+    guard = Guard(store=f"sqlite:///{tmp_path / 'ssf.db'}", keys=idp.public_pem, algorithms=["RS256"],
+                  issuer=idp.issuer, audience=idp.audience)
+    try:
+        receiver = SSFReceiver(guard, issuer=tx.issuer, audience=tx.audience,
+                               jwks_url=f"http://127.0.0.1:{httpd.server_address[1]}/jwks")
+        client = Client(receiver.wsgi)
+        sub = fresh_sub()
+        change = tx.set(CAEP + "credential-change", {"credential_type": "app", "change_type": "revoke"},
+                        sub_id=user(idp, sub))
+        headers = {"content-type": "application/secevent+jwt"}
+        resp = client.post("/", data=change, headers=headers)
+        assert resp.status_code == 503 and int(resp.headers["retry-after"]) >= 1
+        up.set()
+        time.sleep(int(resp.headers["retry-after"]))  # as the transmitter does
+        assert client.post("/", data=change, headers=headers).status_code == 202
+        assert guard.store.generation_claim(sub) is None and [r.code for r in guard.audit(sub)] == ["rotate"]
+        guard.drop_key("tx-1")
+        resp = client.post("/", data=tx.set(RISC + "account-disabled", sub_id=user(idp, sub)), headers=headers)
+        assert resp.status_code == 400 and resp.json["err"] == "invalid_key"
+    finally:
+        guard.close()
+        httpd.shutdown()

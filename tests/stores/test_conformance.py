@@ -275,6 +275,53 @@ def test_genless_token_is_stale_after_a_rotation(d: Driver) -> None:
     d.deny("stale_generation", token_gen=None)
 
 
+def test_genless_token_after_a_rotation_is_told_a_new_token_cannot_help(d: Driver) -> None:
+    d.store.rotate("alice")
+    denial = d.deny("stale_generation", token_gen=None)
+    assert "no generation claim" in denial.detail and "obtain a new token" not in denial.detail
+    assert "obtain a new token" in d.deny("stale_generation", session_id="alice-2", token_gen=0).detail
+
+
+def test_reset_generation_undoes_rotations(d: Driver) -> None:
+    assert d.store.reset_generation("nobody") == 0
+    d.store.rotate("alice")
+    d.store.rotate("alice")
+    d.deny("stale_generation", token_gen=None)
+    assert d.store.reset_generation("alice") == 2
+    d.passes(token_gen=None)
+    assert d.store.rotate("alice") == 1
+
+
+def test_generation_claim_notes_per_principal(d: Driver) -> None:
+    assert d.store.generation_claim("alice") is None
+    d.store.note_generation_claims({"alice": False, "bob": True})
+    assert (d.store.generation_claim("alice"), d.store.generation_claim("bob")) == (False, True)
+    d.store.note_generation_claims({"alice": True})
+    assert d.store.generation_claim("alice") is True
+    d.passes(token_gen=None)  # a note is not principal state that refuses anything
+    d.store.note_generation_claims({"carol": False})
+    d.passes(sub="carol", token_gen=None)
+
+
+def test_key_notes_count_refreshes_and_keep_dropped_key_ids(d: Driver) -> None:
+    assert d.store.key_notes() == (0, ())
+    assert d.store.note_keys(None) == 1
+    assert d.store.note_keys("kid-b") == 2
+    assert d.store.note_keys("kid-a") == 3
+    assert d.store.note_keys("kid-a") == 4
+    assert d.store.key_notes() == (4, ("kid-a", "kid-b"))
+
+
+@pytest.mark.anyio
+async def test_key_and_generation_notes_async_twins(store: Store) -> None:
+    assert await store.anote_keys("k") == 1
+    assert await store.akey_notes() == (1, ("k",))
+    await store.anote_generation_claims({"dave": False})
+    assert await store.ageneration_claim("dave") is False
+    await store.arotate("dave")
+    assert await store.areset_generation("dave") == 1
+
+
 def test_higher_generation_ratchets_the_store_forward(d: Driver) -> None:
     d.passes(token_gen=0)
     d.passes(session_id="alice-2", token_gen=3)

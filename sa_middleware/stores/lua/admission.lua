@@ -73,6 +73,10 @@ function sa.evaluate(a, s, with_locks)
   -- generation ratchet and not-before watermark (a detected state loss is a watermark too)
   local gen = a.gen or 0
   if gen < p.g then
+    if a.gen == nil then
+      return deny(v, 'stale_generation', "the principal's credential generation was rotated and this token " ..
+                  'carries no generation claim; a new token will not help until an operator resets it')
+    end
     return deny(v, 'stale_generation', 'the credential generation was superseded; obtain a new token')
   end
   if gen > p.g then v.gen = gen end

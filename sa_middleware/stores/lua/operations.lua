@@ -284,3 +284,40 @@ sa.ops.locks = function(p, now, since)
   end
   return {locks = out}
 end
+
+-- signing keys: what operators asked every Guard to do (field g: the generation; d:<kid>: a dropped key id)
+sa.ops.note_keys = function(p, now, since)
+  local key = sa.key('keys', 'notes')
+  local g = redis.call('HINCRBY', key, 'g', 1)
+  if p.drop ~= nil then redis.call('HSETNX', key, 'd:' .. p.drop, sa.fmt(now)) end
+  return {g = sa.fmt(g)}
+end
+
+sa.ops.key_notes = function(p, now, since)
+  local h = redis.call('HGETALL', sa.key('keys', 'notes'))
+  local g, dropped = 0, {}
+  for i = 1, #h, 2 do
+    if h[i] == 'g' then g = tonumber(h[i + 1])
+    elseif string.sub(h[i], 1, 2) == 'd:' then dropped[#dropped + 1] = string.sub(h[i], 3) end
+  end
+  table.sort(dropped)
+  return {g = sa.fmt(g), dropped = dropped}
+end
+
+-- whether a principal's latest token carried a generation claim (field gc: '1' or '0')
+sa.ops.gen_claim_note = function(p, now, since)
+  sa.touch_principal(p.sub)
+  redis.call('HSET', sa.key('p', p.sub), 'gc', p.present and '1' or '0')
+  return {ok = 1}
+end
+
+sa.ops.gen_claim = function(p, now, since)
+  return {gc = redis.call('HGET', sa.key('p', p.sub), 'gc') or ''}
+end
+
+sa.ops.reset_generation = function(p, now, since)
+  local key = sa.key('p', p.sub)
+  local g = tonumber(redis.call('HGET', key, 'g') or '0')
+  if g ~= 0 then redis.call('HSET', key, 'g', '0') end
+  return {g = sa.fmt(g)}
+end
