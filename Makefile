@@ -1,6 +1,8 @@
 # make demo: play the five behaviours over real HTTP on a throw-away SQLite store.
 # make test: install everything into .venv and run the whole suite (Redis at 127.0.0.1:6379 for the Redis tests;
-# Node.js for the identity-provider tests, whose OpenID Provider is installed with npm into .cache/oidc-provider).
+#            Node.js for the identity-provider tests, whose OpenID Provider is installed with npm into
+#            .cache/oidc-provider); the suite also builds the docs with --strict and runs the doc snippets.
+# make docs: build the documentation site into site/; make docs-serve: serve it at http://127.0.0.1:8000.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +10,7 @@ STAMP := $(VENV)/.installed
 LINT_PATHS := sa_middleware adapters tests benchmarks $(wildcard examples)
 IDP := .cache/oidc-provider
 
-.PHONY: demo test lint typecheck bench bench-quick clean idp
+.PHONY: demo test lint typecheck bench bench-quick docs docs-serve clean idp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,5 +52,11 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) benchmarks/compare.py --quick --out benchmarks/results-quick.json
 
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	$(PY) -m mkdocs serve --strict
+
 clean:
-	rm -rf $(VENV) .venv-django42 build *.egg-info .pytest_cache .mypy_cache .ruff_cache .cache
+	rm -rf $(VENV) .venv-django42 build site *.egg-info .pytest_cache .mypy_cache .ruff_cache .cache

@@ -35,7 +35,7 @@ ticket is released when the middleware returns, or, for a streamed response (``S
 ``SA_MIDDLEWARE`` is read on first use and again whenever it changes (``override_settings`` works); the Guard
 built from it is :func:`get_guard`. System checks (ids ``sa_middleware.E001``...) are registered when this module
 is imported: by the middleware at start-up, or earlier, at ``manage.py check``, when ``SAMiddlewareConfig`` is in
-``INSTALLED_APPS``. See README "Django".
+``INSTALLED_APPS``. See the "Django" page of the documentation.
 """
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ from django.conf import settings  # type: ignore[import-untyped, unused-ignore]
 from django.core import checks  # type: ignore[import-untyped, unused-ignore]
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped, unused-ignore]
 from django.core.signals import setting_changed  # type: ignore[import-untyped, unused-ignore]
-from django.http import FileResponse, HttpResponse  # type: ignore[import-untyped, unused-ignore]
+from django.http import FileResponse, HttpRequest, HttpResponse  # type: ignore[import-untyped, unused-ignore]
 from django.urls import Resolver404, URLPattern, URLResolver, get_resolver, resolve  # type: ignore[import-untyped, unused-ignore]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped, unused-ignore]
 
 from sa_middleware.asgi import request_info as _scope_info
-from sa_middleware.context import RequestInfo
+from sa_middleware.context import VIEW_POLICIES_READ, RequestInfo, admitted
 from sa_middleware.denials import Denial
 from sa_middleware.errors import ConfigurationError, SAMiddlewareError
 from sa_middleware.guard import Guard, Outcome
@@ -69,7 +69,7 @@ from sa_middleware.responses import denial_response
 from sa_middleware.stores.base import Store
 from sa_middleware.wsgi import request_info as _environ_info
 
-from ._common import policy, policy_of, view_name
+from ._common import check_table, policy, policy_of, register_refusal, view_name, view_refusal
 
 __all__ = ["SAMiddlewareConfig", "SessionAwareMiddleware", "get_guard", "policy"]
 
@@ -165,7 +165,7 @@ def _match(request: Any, guard: Guard) -> tuple[RequestInfo, RouteMatch | None]:
     Guard table's alone. The table is looked up by ``path_info``; the request (DPoP ``htu``) has the full path."""
     scope = getattr(request, "scope", None)  # ASGI: the scope has the real scheme and the TLS client certificate
     info = _scope_info(scope) if isinstance(scope, dict) else _environ_info(request.META)
-    info = replace(info, method=request.method, path=request.path)
+    info = replace(info, method=request.method, path=request.path, app_path=request.path_info)
     try:
         found = resolve(request.path_info, urlconf=getattr(request, "urlconf", None))
     except Resolver404:
@@ -176,6 +176,26 @@ def _match(request: Any, guard: Guard) -> tuple[RequestInfo, RouteMatch | None]:
                                           method=request.method, path=request.path_info)
     except ConfigurationError as exc:  # a start-up mistake (system check sa_middleware.E003): never run the view
         raise ImproperlyConfigured(f"view {view_name(found.func)}: {exc}") from exc
+
+
+def _refusal(view: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> object:
+    """A decorated view called without the middleware's decision: a 503 problem+json response (awaitable for an
+    async class-based view's ``dispatch``)."""
+    request = next((arg for arg in args if isinstance(arg, HttpRequest)), None)
+    if request is None:
+        return None
+    status, headers, body = view_refusal(view, VIEW_POLICIES_READ.get())
+    response = HttpResponse(body, status=status)
+    for name, value in headers:
+        response[name] = value
+    if args and getattr(type(args[0]), "view_is_async", False) is True:
+        async def answer() -> Any:
+            return response
+        return answer()
+    return response
+
+
+register_refusal(_refusal)
 
 
 class _Release:
@@ -277,7 +297,8 @@ class SessionAwareMiddleware:
         if not isinstance(release, _Release):
             return release  # refused
         try:
-            response = self.get_response(request)
+            with admitted(True):
+                response = self.get_response(request)
         except BaseException:
             release()
             raise
@@ -292,7 +313,8 @@ class SessionAwareMiddleware:
         if not isinstance(release, _Release):
             return release  # refused
         try:
-            response = await self.get_response(request)
+            with admitted(True):
+                response = await self.get_response(request)
         except BaseException:
             await release.arelease()
             raise
@@ -345,7 +367,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     try:
         get_guard()
     except ImproperlyConfigured as exc:
-        return [checks.Error(str(exc), hint="See README 'Guard options' and 'Policy fields'.",
+        return [checks.Error(str(exc), hint="See the documentation: 'Guard options' and 'Policies'.",
                              id="sa_middleware.E002")]
     return []
 
@@ -390,6 +412,44 @@ def _url_patterns(resolver: Any, route: str = "", params: frozenset[str] = froze
             yield from _url_patterns(entry, full, names | frozenset(entry.default_kwargs))
         elif isinstance(entry, URLPattern):
             yield full, entry.callback, names | frozenset(entry.default_args)
+
+
+def _routed(path: str) -> bool:
+    try:
+        resolve(path)
+    except Resolver404:
+        return False
+    except Exception:  # a converter refusing the sample path: not routed
+        return False
+    return True
+
+
+@checks.register("sa_middleware", checks.Tags.urls)  # type: ignore[untyped-decorator, unused-ignore]
+def check_routing(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """sa_middleware.E005 (views have a ``@policy`` but SessionAwareMiddleware is not in MIDDLEWARE: they would
+    refuse every request), E006 (an entry of the Guard's table matches no URL pattern)."""
+    try:
+        patterns = list(_url_patterns(get_resolver()))
+    except Exception:  # a broken URLconf is reported by Django's own checks
+        return []
+    messages: list[checks.CheckMessage] = []
+    guarded = [view for _, view, _ in patterns
+               if any(policy_of(view, m) is not None for m in (None, *_HTTP_METHODS))]
+    if guarded and not any(_is(cls, path, MIDDLEWARE_PATH) for _, path, cls in _middleware_classes()):
+        messages.append(checks.Error(
+            f"{len(guarded)} view(s) have an sa-middleware @policy (e.g. {view_name(guarded[0])}) but "
+            "SessionAwareMiddleware is not in MIDDLEWARE: they would answer every request with 503.",
+            hint=f"Add {MIDDLEWARE_PATH!r} to MIDDLEWARE.", id="sa_middleware.E005"))
+    try:
+        guard = get_guard()
+    except ImproperlyConfigured:  # reported as E001 / E002
+        return messages
+    try:
+        check_table(guard.routes, ["/" + route for route, _, _ in patterns], _routed)
+    except ConfigurationError as exc:
+        messages.append(checks.Error(f"{SETTING}: {exc}", hint="Fix the path, or silence sa_middleware.E006 if "
+                                     "something other than the URLconf answers it.", id="sa_middleware.E006"))
+    return messages
 
 
 @checks.register("sa_middleware", checks.Tags.urls)  # type: ignore[untyped-decorator, unused-ignore]

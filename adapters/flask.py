@@ -32,22 +32,31 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import fields
 from typing import Any
 
-from flask import Flask, current_app, g
+from flask import Blueprint, Flask, current_app, g, has_request_context
 from flask import request as flask_request
 from flask.testing import FlaskClient
-from werkzeug.exceptions import HTTPException
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.test import TestResponse
 
-from sa_middleware.context import RequestInfo
+from sa_middleware.context import VIEW_POLICIES_READ, RequestInfo
 from sa_middleware.errors import ConfigurationError
 from sa_middleware.guard import Guard
-from sa_middleware.policy import Policy, RouteMatch
+from sa_middleware.policy import Policy, RouteMatch, as_policy
 from sa_middleware.wsgi import Environ, SessionAwareWSGIMiddleware, WSGIApp
 
-from ._common import POLICY_ATTR, dispatcher_name, policy, policy_of
+from ._common import (
+    POLICY_ATTR,
+    check_table,
+    dispatcher_name,
+    policy,
+    policy_of,
+    register_attach_hook,
+    register_refusal,
+    view_refusal,
+)
 
 __all__ = ["SessionAware", "SessionAwareTestClient", "guard_from_config", "policy"]
 
@@ -55,7 +64,6 @@ EXTENSION = "sa_middleware"  # the key in app.extensions (its value is the app's
 
 _OPTIONS: tuple[str, ...] = tuple(inspect.signature(Guard).parameters)
 CONFIG_KEYS: dict[str, str] = {f"SA_{name.upper()}": name for name in _OPTIONS}  # "SA_JWKS_URL" -> "jwks_url"
-_POLICY_FIELDS = frozenset(f.name for f in fields(Policy) if f.init)
 _KEY_MATERIAL = ("SA_KEYS", "SA_JWKS", "SA_JWKS_URL")
 
 
@@ -120,14 +128,7 @@ def guard_from_config(config: Mapping[str, Any]) -> Guard:
 
 
 def _as_policy(value: Any, where: str) -> Policy:
-    if isinstance(value, Policy):
-        return value
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - _POLICY_FIELDS)
-        if unknown:
-            raise ConfigurationError(f"{where}: unknown Policy field {unknown[0]!r}")
-        return Policy(**value)
-    raise ConfigurationError(f"{where} must be a Policy or a dict of Policy fields")
+    return as_policy(value, where)
 
 
 def _culprit(message: str, material: str) -> str:
@@ -152,9 +153,12 @@ def _culprit(message: str, material: str) -> str:
 class _FlaskMiddleware(SessionAwareWSGIMiddleware):
     """The WSGI middleware with a ``match()`` that uses the Flask app's ``url_map`` and the views' policies."""
 
-    def __init__(self, app: WSGIApp, *, guard: Guard, flask_app: Flask) -> None:
+    view_policies = True
+
+    def __init__(self, app: WSGIApp, *, guard: Guard, flask_app: Flask, check_table: bool = True) -> None:
         super().__init__(app, guard=guard)
         self.flask_app = flask_app
+        self.check_table = check_table
         self._policies: dict[tuple[str, str], tuple[Callable[..., Any], Policy | None]] = {}
         self._checked = False
         self._check_lock = threading.Lock()
@@ -179,7 +183,7 @@ class _FlaskMiddleware(SessionAwareWSGIMiddleware):
         if view is None:
             return None
         return self.guard.routes.resolve(self._policy(rule.endpoint, view, method), f"{method} {rule.rule}", args,
-                                         method=method, path=request.path)
+                                         method=method, path=request.route_path)
 
     def _policy(self, endpoint: str, view: Callable[..., Any], method: str) -> Policy | None:
         cached = self._policies.get((endpoint, method))
@@ -217,7 +221,20 @@ class _FlaskMiddleware(SessionAwareWSGIMiddleware):
         with self._check_lock:
             if not self._checked:
                 self.check()
+                if self.check_table:
+                    check_table(self.guard.routes, [rule.rule for rule in self.flask_app.url_map.iter_rules()],
+                                self._routed)
                 self._checked = True
+
+    def _routed(self, path: str) -> bool:
+        """Whether the app's ``url_map`` has a rule for ``path`` (any method; a redirect counts)."""
+        try:
+            self.flask_app.url_map.bind("localhost").match(path)
+        except HTTPException as exc:  # 405 and redirects: the path has a rule
+            return not isinstance(exc, NotFound)
+        except Exception:  # host matching without a host, a converter refusing the sample: not routed here
+            return False
+        return True
 
 
 _HTTP_METHODS = frozenset({"get", "head", "post", "put", "patch", "delete", "options", "trace", "connect"})
@@ -238,6 +255,35 @@ def _check_unreachable(endpoint: str, cls: object, methods: Iterable[str]) -> No
                 f"on {dispatcher_name(cls)} or on an HTTP method's handler (get, post...)")
 
 
+def _refusal(view: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> object:
+    """A decorated view called without the extension's decision: a 503 problem+json response."""
+    if not has_request_context():
+        return None
+    status, headers, body = view_refusal(view, VIEW_POLICIES_READ.get())
+    return current_app.response_class(body, status=status, headers=headers)
+
+
+_BLUEPRINT_GUARD = "__sa_guarded__"
+
+
+def _guard_blueprint(target: object) -> None:
+    """``policy(...)(blueprint)``: the blueprint's views refuse to run without the extension's decision."""
+    if not isinstance(target, Blueprint) or getattr(target, _BLUEPRINT_GUARD, False):
+        return
+    setattr(target, _BLUEPRINT_GUARD, True)
+
+    def require_decision() -> ResponseReturnValue | None:
+        if VIEW_POLICIES_READ.get() is True:
+            return None
+        status, headers, body = view_refusal(f"blueprint {target.name!r}", VIEW_POLICIES_READ.get())
+        return current_app.response_class(body, status=status, headers=headers)
+    target.before_request(require_decision)
+
+
+register_refusal(_refusal)
+register_attach_hook(_guard_blueprint)
+
+
 def _expose_context() -> None:
     try:
         g.sa = flask_request.environ["sa_middleware"]
@@ -254,12 +300,15 @@ class SessionAware:
     ``SessionAware(app)`` or ``sa = SessionAware(); sa.init_app(app)`` (app factories; one instance may serve
     several apps). Without ``guard``, each app's Guard is built from its ``SA_*`` config keys at ``init_app``
     (see :func:`guard_from_config`); with ``guard``, every app shares that Guard and ``SA_*`` keys are not read.
+    At the first request, an entry of the Guard's table that matches no URL rule is an error (every request is
+    refused until it is fixed); ``check_table=False`` turns that off, for paths something else answers.
     """
 
-    def __init__(self, app: Flask | None = None, guard: Guard | None = None) -> None:
+    def __init__(self, app: Flask | None = None, guard: Guard | None = None, *, check_table: bool = True) -> None:
         if guard is not None and not isinstance(guard, Guard):
             raise TypeError("SessionAware(guard=...) needs a sa_middleware.Guard")
         self._guard = guard
+        self.check_table = check_table
         if app is not None:
             self.init_app(app)
 
@@ -272,7 +321,7 @@ class SessionAware:
         if EXTENSION in app.extensions:
             raise RuntimeError(f"sa-middleware is already initialised on the Flask app {app.name!r}")
         guard = self._guard if self._guard is not None else guard_from_config(app.config)
-        middleware = _FlaskMiddleware(app.wsgi_app, guard=guard, flask_app=app)
+        middleware = _FlaskMiddleware(app.wsgi_app, guard=guard, flask_app=app, check_table=self.check_table)
         try:
             middleware.check()
         except BaseException:

@@ -61,9 +61,9 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sa_middleware.context import RequestInfo, SAContext
+from sa_middleware.context import RequestInfo, SAContext, admitted
 from sa_middleware.denials import Denial
-from sa_middleware.errors import ConfigurationError, InvalidToken
+from sa_middleware.errors import ConfigurationError, InvalidRequest, InvalidToken
 from sa_middleware.guard import Guard
 from sa_middleware.policy import Policy, lock_fields
 from sa_middleware.responses import denial_response
@@ -280,7 +280,10 @@ class SessionAwareMCP:
         values, problem = _lock_values(target, arguments)
         if problem is not None:
             return self._invalid(kind, problem)
-        match = self.guard.routes.target(target.key, target.policy, values)
+        try:
+            match = self.guard.routes.target(target.key, target.policy, values)
+        except InvalidRequest as exc:  # a lock value with a dot segment, a key over the length cap
+            return self._invalid(kind, str(exc))
         request = _request_info(ctx, self._has_sessions(ctx))
         if request is None:
             return self._refuse(kind, Denial("missing_token", "this server authorises MCP over Streamable HTTP only"))
@@ -289,7 +292,8 @@ class SessionAwareMCP:
             return self._refuse(kind, outcome)
         token = _CURRENT.set(outcome.context)
         try:
-            return await call_next(ctx)
+            with admitted(True):  # the tool's own @policy was read: it may run
+                return await call_next(ctx)
         finally:
             _CURRENT.reset(token)
             with anyio.CancelScope(shield=True):
@@ -316,7 +320,7 @@ class SessionAwareMCP:
 
     def _invalid(self, kind: str, detail: str) -> HandlerResult:
         problem = {"type": "urn:sa-middleware:problem:invalid_argument", "title": "Invalid argument", "status": 400,
-                   "detail": detail}
+                   "detail": detail, "code": "invalid_request"}
         if kind != "TOOL":
             raise MCPError(code=-32602, message=f"Invalid argument: {detail}", data=problem)
         return CallToolResult(content=[TextContent(type="text", text=f"Invalid argument: {detail}")],
@@ -380,18 +384,15 @@ class _EndSessions:
                 or getattr(self.server.session_manager, "stateless", True) is not False:
             await self.app(scope, receive, send)
             return
-        status = 0
 
         async def watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+            # the SDK ended the MCP session: end it in the store before the client hears so
+            if message["type"] == "http.response.start" and 200 <= message["status"] < 300:
+                with anyio.CancelScope(shield=True):
+                    await self._end(scope)
             await send(message)
 
         await self.app(scope, receive, watch)
-        if 200 <= status < 300:
-            with anyio.CancelScope(shield=True):
-                await self._end(scope)
 
     async def _end(self, scope: Scope) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}

@@ -25,21 +25,24 @@ are checked against their routes' parameters at lifespan start-up (a mistake fai
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.endpoints import HTTPEndpoint, WebSocketEndpoint
 from starlette.requests import HTTPConnection
+from starlette.responses import Response
 from starlette.routing import Match
+from starlette.websockets import WebSocket
 
-from sa_middleware.asgi import ASGIApp, Receive, Scope, Send
+from sa_middleware.asgi import ASGIApp, Receive, Scope, Send, app_path
 from sa_middleware.asgi import SessionAwareMiddleware as _ASGIMiddleware
-from sa_middleware.context import RequestInfo, SAContext
+from sa_middleware.context import VIEW_POLICIES_READ, RequestInfo, SAContext
 from sa_middleware.errors import ConfigurationError
 from sa_middleware.guard import Guard
 from sa_middleware.policy import Policy, RouteMatch
 
-from ._common import policy, policy_of, view_name
+from ._common import check_table, policy, policy_of, register_refusal, view_name, view_refusal
 
 __all__ = ["SessionAwareMiddleware", "policy", "sa_context"]
 
@@ -58,15 +61,6 @@ class _Found:
     endpoint: object
     params: dict[str, Any]
     full: bool
-
-
-def _route_path(scope: Scope) -> str:
-    """The path below the scope's ``root_path`` (what Starlette's routes match against)."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root):]
-    return path
 
 
 def _effective_routes(routes: list[Any]) -> Iterator[Any]:
@@ -119,8 +113,39 @@ def _find(routes: Iterable[Any], scope: Scope, prefix: str) -> _Found | None:
             return _find(children, inner, prefix + path)
         # a mounted app without routes (static files, a sub-application): the mount is the route
         return _Found(f"{prefix}{path}/{{path:path}}", child.get("endpoint"),
-                      {**params, "path": _route_path(inner).lstrip("/")}, True)
+                      {**params, "path": app_path(inner).lstrip("/")}, True)
     return partial
+
+
+def _refusal(view: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> object:
+    """A decorated endpoint called without an adapter's decision: a 503 problem+json response (or, for a
+    websocket, a close with 1011 before the handshake is accepted)."""
+    status, headers, body = view_refusal(view, VIEW_POLICIES_READ.get())
+    response = Response(body, status_code=status, headers={k: v for k, v in headers if k != "content-length"})
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, HTTPEndpoint | WebSocketEndpoint):  # a class endpoint's dispatch(self)
+            if arg.scope["type"] == "websocket":
+                return arg.send({"type": "websocket.close", "code": 1011})
+            return response(arg.scope, arg.receive, arg.send)
+        if isinstance(arg, WebSocket):
+            return arg.close(1011)
+    return response  # a function endpoint (Starlette), or a FastAPI endpoint: a returned Response is sent as is
+
+
+register_refusal(_refusal, fallback=True)
+
+
+def _routed(routes: Iterable[Any], path: str) -> bool:
+    """Whether the router has a route for ``path`` (HTTP with any method, or websocket)."""
+    for kind in ("http", "websocket"):
+        scope: Scope = {"type": kind, "path": path, "root_path": "", "method": "GET", "headers": [],
+                        "query_string": b""}
+        try:
+            if _find(routes, scope, "") is not None:
+                return True
+        except Exception:  # a convertor refusing the sample: not this route
+            continue
+    return False
 
 
 def sa_context(connection: HTTPConnection) -> SAContext:
@@ -142,10 +167,16 @@ class SessionAwareMiddleware(_ASGIMiddleware):
 
     ``app.add_middleware(SessionAwareMiddleware, guard=guard)`` or ``Middleware(SessionAwareMiddleware,
     guard=guard)``; wrapping the app from outside (``SessionAwareMiddleware(app, guard=guard)``) works too.
+    At lifespan start-up, an entry of the Guard's table that matches no route of the app is an error (a typo
+    would silently leave its route under ``default_policy``); ``check_table=False`` turns that off, for paths
+    that something other than the router answers.
     """
 
-    def __init__(self, app: ASGIApp, *, guard: Guard) -> None:
+    view_policies = True
+
+    def __init__(self, app: ASGIApp, *, guard: Guard, check_table: bool = True) -> None:
         super().__init__(app, guard=guard)
+        self.check_table = check_table
         self._inner = app
         self.app = self._with_state
         self._cache: dict[tuple[str, str, bool, int], tuple[object, str, Policy | None]] = {}
@@ -179,7 +210,8 @@ class SessionAwareMiddleware(_ASGIMiddleware):
             return None
         method = "WEBSOCKET" if request.websocket else request.method
         name, endpoint_policy = self._lookup(found, method)
-        return self.guard.routes.resolve(endpoint_policy, name, found.params, method=method, path=request.path)
+        return self.guard.routes.resolve(endpoint_policy, name, found.params, method=method,
+                                         path=request.route_path)
 
     def _lookup(self, found: _Found, method: str) -> tuple[str, Policy | None]:
         """The route's name and its endpoint's policy for this method, cached per route (not per path)."""
@@ -199,8 +231,24 @@ class SessionAwareMiddleware(_ASGIMiddleware):
 
     def _check_routes(self, routes: Iterable[Any]) -> None:
         """Raise :class:`ConfigurationError` if an endpoint policy is invalid or names a lock parameter its route
-        does not have (runs at lifespan start-up, so the server refuses to start)."""
+        does not have, or (``check_table``) if an entry of the Guard's table matches no route of the app (runs at
+        lifespan start-up, so the server refuses to start)."""
+        routes = list(routes)
         self._check(routes, "", frozenset())
+        if self.check_table:
+            check_table(self.guard.routes, self._templates(routes, ""), lambda path: _routed(routes, path))
+
+    def _templates(self, routes: Iterable[Any], prefix: str) -> Iterator[str]:
+        for route in _expand(routes):
+            path = getattr(route, "path", None) or ""
+            if hasattr(route, "routes"):
+                children = route.routes
+                if children:
+                    yield from self._templates(children, prefix + path)
+                    continue
+                yield f"{prefix}{path}/{{path:path}}"
+            else:
+                yield prefix + path
 
     def _check(self, routes: Iterable[Any], prefix: str, names: frozenset[str]) -> None:
         for route in _expand(routes):

@@ -3,8 +3,9 @@
 Run it:  flask --app examples/flask_app.py run
 
 The Guard is configured with Flask config keys (SA_*), filled here from the environment: SA_STORE (default
-sqlite:///sa-example.db) and the development key SA_DEV_KEY (default ./.sa-dev-key.pem, created if missing). Mint a
-token with the same key:  sa-middleware token agent-7 --kind agent --scope "tickets payments:approve"
+sqlite:///sa-flask.db) and the development key SA_DEV_KEY (default ~/.config/sa-middleware/dev-key.pem, created
+if missing). Mint a token with the same key:
+    sa-middleware token agent-7 --kind agent --scope "tickets payments:approve"
 WORKBENCH_BACKEND (optional) is the base URL of the system of record each write is sent to, with its fencing tokens.
 """
 
@@ -80,7 +81,7 @@ def update_object(id: int) -> dict[str, Any]:
 def create_app() -> Flask:
     app = Flask(__name__)
     app.config.update(
-        SA_STORE=os.environ.get("SA_STORE", "sqlite:///sa-example.db"),
+        SA_STORE=os.environ.get("SA_STORE", "sqlite:///sa-flask.db"),
         SA_KEYS=dev_key().public_pem,
         SA_ALGORITHMS=["RS256"],
         SA_ISSUER=DEV_ISSUER,

@@ -1,6 +1,7 @@
 """The "agent workbench" as an MCP server (tools for agents) with an HTTP API (for humans), one Guard for both.
 
-Run it (from the repository root; SQLite store ./sa-example.db, development key ./.sa-dev-key.pem)::
+Run it (from the repository root; SQLite store ./sa-mcp.db, development key at $SA_DEV_KEY or
+~/.config/sa-middleware/dev-key.pem)::
 
     uvicorn --app-dir examples mcp_server:app
 
@@ -36,7 +37,7 @@ BACKEND = os.environ.get("WORKBENCH_BACKEND")
 MCP_URL = os.environ.get("SA_MCP_URL", "http://127.0.0.1:8000/mcp")
 
 guard = Guard(
-    store=os.environ.get("SA_STORE", "sqlite:///sa-example.db"),
+    store=os.environ.get("SA_STORE", "sqlite:///sa-mcp.db"),
     keys=dev_key().public_pem,  # development only: trust your identity provider (jwks_url=...) in production
     algorithms=["RS256"],
     issuer=DEV_ISSUER,

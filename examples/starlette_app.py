@@ -1,6 +1,7 @@
 """The "agent workbench" API on Starlette, protected by sa-middleware.
 
-Run it (from the repository root; SQLite store ./sa-example.db, development key ./.sa-dev-key.pem)::
+Run it (from the repository root; SQLite store ./sa-starlette.db, development key at $SA_DEV_KEY or
+~/.config/sa-middleware/dev-key.pem)::
 
     uvicorn --app-dir examples starlette_app:app
 
@@ -35,7 +36,7 @@ from sa_middleware.devkeys import DEV_AUDIENCE, DEV_ISSUER, dev_key
 BACKEND = os.environ.get("WORKBENCH_BACKEND")
 
 guard = Guard(
-    store=os.environ.get("SA_STORE", "sqlite:///sa-example.db"),
+    store=os.environ.get("SA_STORE", "sqlite:///sa-starlette.db"),
     keys=dev_key().public_pem,  # development only: trust your identity provider (jwks_url=...) in production
     algorithms=["RS256"],
     issuer=DEV_ISSUER,

@@ -13,19 +13,33 @@ from typing import Any
 
 import anyio
 
-from .context import RequestInfo
+from .context import RequestInfo, admitted
 from .denials import Denial
 from .guard import Admitted, Guard
 from .policy import RouteMatch
 from .responses import denial_response
 
-__all__ = ["SessionAwareMiddleware"]
+__all__ = ["SessionAwareMiddleware", "app_path"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def app_path(scope: Scope) -> str:
+    """The path relative to the application: ``scope["path"]`` minus ``scope["root_path"]``.
+
+    Servers that put the root path in ``path`` (uvicorn ``--root-path``, Starlette's ``Mount``) and servers that do
+    not are both handled, the way Starlette's router does: the root path is removed only when ``path`` starts with
+    it at a segment boundary. The empty remainder is ``"/"``.
+    """
+    path = str(scope.get("path") or "/")
+    root = str(scope.get("root_path") or "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        path = path[len(root):]
+    return path or "/"
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -40,7 +54,8 @@ def request_info(scope: Scope) -> RequestInfo:
     return RequestInfo(method=scope.get("method", "GET"), path=scope.get("path", "/"), headers=headers,
                        client=str(client[0]) if client else "", websocket=websocket,
                        scheme=str(scope.get("scheme") or ("ws" if websocket else "http")),
-                       host=headers.get("host") or _server(scope), client_cert=_client_cert(scope))
+                       host=headers.get("host") or _server(scope), client_cert=_client_cert(scope),
+                       app_path=app_path(scope))
 
 
 def _server(scope: Scope) -> str:
@@ -75,18 +90,27 @@ async def send_denial(scope: Scope, receive: Receive, send: Send, denial: Denial
 
 
 async def run_admitted(app: ASGIApp, scope: Scope, receive: Receive, send: Send, outcome: Admitted,
-                       guard: Guard) -> None:
-    """Run the app with the context in the scope, and release the ticket on every exit path."""
+                       guard: Guard, view_policies: bool = False) -> None:
+    """Run the app with the context in the scope, and release the ticket on every exit path. ``view_policies``:
+    the match applied the views' ``@policy`` (adapters), so decorated views may run."""
     scope["sa_middleware"] = outcome.context
     try:
-        await app(scope, receive, send)
+        with admitted(view_policies):
+            await app(scope, receive, send)
     finally:
         with anyio.CancelScope(shield=True):
             await guard.arelease(outcome.ticket)
 
 
 class SessionAwareMiddleware:
-    """Session-aware authorisation for any ASGI app."""
+    """Session-aware authorisation for any ASGI app, decided by the Guard's table (``policies``) alone.
+
+    Views decorated with an adapter's ``@policy`` refuse to run under it (their policy would not be applied): use
+    the framework's adapter for them.
+    """
+
+    #: whether ``match`` applies the views' ``@policy`` when it finds the view (the adapters' subclasses do)
+    view_policies = False
 
     def __init__(self, app: ASGIApp, *, guard: Guard) -> None:
         if not isinstance(guard, Guard):
@@ -103,8 +127,10 @@ class SessionAwareMiddleware:
             await self.app(scope, receive, send)
             return
         request = request_info(scope)
-        outcome = await self.guard.aadmit(request, self.match(scope, request))
+        match = self.match(scope, request)
+        outcome = await self.guard.aadmit(request, match)
         if isinstance(outcome, Denial):
             await send_denial(scope, receive, send, outcome, self.guard)
-        else:
-            await run_admitted(self.app, scope, receive, send, outcome, self.guard)
+        else:  # decorated views may run only if their policy was read: by an adapter that found the view
+            views = self.view_policies and match is not None
+            await run_admitted(self.app, scope, receive, send, outcome, self.guard, views)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 import click
 
-from .cli_operator import store_uri_callback
+from .cli_operator import _printable, store_uri_callback
 from .errors import ConfigurationError, SAMiddlewareError
 
 __all__ = ["events"]
@@ -107,8 +108,9 @@ def events() -> None:
               help="HTTP timeout of each request (longer than the transmitter holds a long poll).")
 @click.option("--once", is_flag=True, help="One round (then the acknowledgements), as --max-rounds 1.")
 @click.option("--max-rounds", type=click.IntRange(1), default=None, help="Stop after this many rounds.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line instead of text.")
 def poll(url: str, token: str | None, max_events: int, return_immediately: bool, interval: float, timeout: float,
-         once: bool, max_rounds: int | None, **opts: Any) -> None:
+         once: bool, max_rounds: int | None, as_json: bool, **opts: Any) -> None:
     """Poll the transmitter (RFC 8936), apply each SET, acknowledge it (or report it in setErrs).
 
     Prints one line per SET and a summary. Exits 1 when a poll request failed or a SET could not be applied
@@ -119,17 +121,19 @@ def poll(url: str, token: str | None, max_events: int, return_immediately: bool,
     from .events import poll as run_poll
 
     receiver = _receiver(opts)
+    echo = (lambda line: click.echo(json.dumps({"message": line}))) if as_json else (
+        lambda line: click.echo(_printable(line)))
     try:
         stats = run_poll(receiver, url, token, max_events=max_events, return_immediately=return_immediately,
-                         interval=interval, timeout=timeout, max_rounds=1 if once else max_rounds, echo=click.echo)
+                         interval=interval, timeout=timeout, max_rounds=1 if once else max_rounds, echo=echo)
     except KeyboardInterrupt:  # pragma: no cover - interactive stop
         sys.exit(130)
     except (PollError, ConfigurationError) as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(_printable(f"error: {exc}"), err=True)
         sys.exit(1)
     finally:
         receiver.guard.close()
-    click.echo(f"done: {stats.describe()}")
+    click.echo(json.dumps({"done": asdict(stats)}) if as_json else _printable(f"done: {stats.describe()}"))
     sys.exit(1 if stats.failed or stats.errors else 0)  # something was left for the next run
 
 
@@ -167,7 +171,7 @@ def ingest(file: TextIO, as_json: bool, **opts: Any) -> None:
                 record.update(status=outcome.status, event=outcome.event.event_type, jti=outcome.event.jti,
                               actions=[a.describe() for a in outcome.actions], note=outcome.note)
                 message = f"line {number}: {outcome.describe()}"
-            click.echo(json.dumps(record) if as_json else message)
+            click.echo(json.dumps(record) if as_json else _printable(message))
     finally:
         receiver.guard.close()
     sys.exit(1 if bad else 0)

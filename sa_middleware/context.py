@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RequestInfo", "SAContext"]
+__all__ = ["VIEW_POLICIES_READ", "RequestInfo", "SAContext", "admitted"]
+
+#: Set while an admitted request runs the app (in its task or thread, and the threads it copies its context to):
+#: ``True`` when the middleware that admitted it applied the views' ``@policy`` (an adapter), ``False`` when it
+#: applied the Guard's table alone (the core middleware); unset when no Guard decided the request. The adapters'
+#: ``@policy`` wrappers read it, so a decorated view never runs without its policy.
+VIEW_POLICIES_READ: ContextVar[bool | None] = ContextVar("sa_middleware_view_policies_read", default=None)
+
+
+@contextmanager
+def admitted(view_policies: bool) -> Iterator[None]:
+    """Mark the code run inside as belonging to a request the Guard admitted (see :data:`VIEW_POLICIES_READ`)."""
+    token = VIEW_POLICIES_READ.set(view_policies)
+    try:
+        yield
+    finally:
+        VIEW_POLICIES_READ.reset(token)
 
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
     """A framework-neutral view of one request. ``headers`` keys are lower-case.
 
-    ``scheme`` and ``host`` (the ``Host`` header, or the server's address) give the URI a DPoP proof must name;
-    ``client_cert`` is the PEM of the TLS client certificate when the server reports one (for certificate-bound
-    tokens, RFC 8705). ``session`` is a transport's own session id (MCP's ``Mcp-Session-Id``), the request's session
-    when its token carries no ``sid`` claim.
+    ``path`` is the full path of the URL (what a DPoP proof names); ``app_path`` is the path relative to the
+    application, the one the Guard's table is matched on: ASGI ``path`` minus ``root_path``, WSGI ``PATH_INFO``
+    (``None``: the same as ``path``). ``scheme`` and ``host`` (the ``Host`` header, or the server's address) give
+    the URI a DPoP proof must name; ``client_cert`` is the PEM of the TLS client certificate when the server
+    reports one (for certificate-bound tokens, RFC 8705). ``session`` is a transport's own session id (MCP's
+    ``Mcp-Session-Id``), the request's session when its token carries no ``sid`` claim.
     """
 
     method: str
@@ -28,10 +48,16 @@ class RequestInfo:
     host: str = ""
     client_cert: str | None = None
     session: str | None = None
+    app_path: str | None = None
 
     @property
     def user_agent(self) -> str:
         return self.headers.get("user-agent", "")[:256]
+
+    @property
+    def route_path(self) -> str:
+        """The path the Guard's table is matched on: :attr:`app_path`, else :attr:`path`."""
+        return self.path if self.app_path is None else self.app_path
 
 
 @dataclass(frozen=True, slots=True)

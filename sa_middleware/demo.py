@@ -1,4 +1,4 @@
-"""The demo: an "agent workbench" app (pure ASGI and WSGI twins) and a player for the five mission behaviours.
+"""The demo: an "agent workbench" app (pure ASGI and WSGI twins) and a player for the five behaviours.
 
 ``sa-middleware demo`` (and ``make demo``) starts the app on a real port with a throw-away SQLite store, mints
 tokens with a generated key, plays every behaviour over HTTP and prints one line per request. Tests reuse the app.
@@ -23,7 +23,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import anyio.to_thread
@@ -183,13 +183,14 @@ class Workbench:
 
 @dataclass
 class Step:
-    """One request of the demo and its result."""
+    """One request of the demo and its result; ``operator`` is what an operator did just before it was sent."""
 
     behaviour: str
     who: str
     what: str
     expected: tuple[int, str]
     got: tuple[int, str] = (0, "")
+    operator: str = ""
 
     @property
     def ok(self) -> bool:
@@ -262,7 +263,8 @@ SendRequest = Callable[[str, str, str, str | None], tuple[int, dict[str, Any]]]
 
 def play(base: str, guard: Guard, issuer: Issuer, report: Callable[[Step], None],
          hold: HoldFactory = _Held, send: SendRequest = request) -> list[Step]:
-    """Play the five mission behaviours against a running workbench; every step is reported as it completes.
+    """Play the five behaviours against a running workbench; returns the steps in the order they were sent, each
+    reported as it completes (a held request completes after the requests sent while it was in flight).
 
     ``guard`` is the operator's handle on the app's store (rotate, resume, compromise, revoke); ``hold`` starts the
     requests that must be in flight while another one arrives (the workbench's ``?hold=`` gates by default);
@@ -270,24 +272,41 @@ def play(base: str, guard: Guard, issuer: Issuer, report: Callable[[Step], None]
     """
     steps: list[Step] = []
     run = uuid.uuid4().hex[:6]
+    done_by_operator: list[str] = []
 
-    def check(behaviour: str, who: str, method: str, path: str, token: str, expected: tuple[int, str],
-              result: tuple[int, dict[str, Any]] | None = None) -> Step:
-        status, body = result if result is not None else send(base, method, path, token)
-        code = str(body.get("code") or ("ok" if 200 <= status < 300 else "no code"))
-        step = Step(behaviour, who, f"{method} {path}", expected, (status, code))
+    def operator(command: str) -> None:
+        """Note an operator's command (the CLI spelling of what ``guard`` just did) for the next step."""
+        done_by_operator.append(command)
+
+    def sent(behaviour: str, who: str, method: str, path: str, expected: tuple[int, str]) -> Step:
+        step = Step(behaviour, who, f"{method} {path}", expected, operator="; ".join(done_by_operator))
+        done_by_operator.clear()
         steps.append(step)
+        return step
+
+    def answered(step: Step, result: tuple[int, dict[str, Any]]) -> Step:
+        status, body = result
+        step.got = (status, str(body.get("code") or ("ok" if 200 <= status < 300 else "no code")))
         report(step)
         return step
+
+    def check(behaviour: str, who: str, method: str, path: str, token: str, expected: tuple[int, str]) -> Step:
+        return answered(sent(behaviour, who, method, path, expected), send(base, method, path, token))
+
+    def held(behaviour: str, who: str, method: str, path: str, token: str) -> tuple[Step, Held]:
+        """A request that stays in flight (inside the view) until released; its step is listed when sent."""
+        step = sent(behaviour, who, method, f"{path} (held)", ok)
+        request_ = hold(base, method, path, token, who)
+        request_.wait_entered()
+        return step, request_
 
     ok = (200, "ok")
     # 1. an agent opens a ticket; its simultaneous payment approval is refused, then its raised risk refuses it
     agent = f"agent-{run}"
     tok = issuer.token(agent, sa_kind="agent", sid=f"{agent}-s1", scope="tickets payments:approve")
-    held = hold(base, "POST", "/tickets", tok, agent)
-    held.wait_entered()
+    step, ticket = held("1 agent risk", agent, "POST", "/tickets", tok)
     check("1 agent risk", agent, "POST", "/payments/42/approve", tok, (409, "conflicting_action"))
-    check("1 agent risk", agent, "POST", "/tickets", tok, ok, held.release())
+    answered(step, ticket.release())
     check("1 agent risk", agent, "POST", "/payments/42/approve", tok, (403, "risk_too_high"))
 
     # 2. a service account rotates its credential mid-session
@@ -295,6 +314,7 @@ def play(base: str, guard: Guard, issuer: Issuer, report: Callable[[Step], None]
     old = issuer.token(svc, client_id=svc, gen=1, sid=f"{svc}-s1")
     check("2 rotation", svc, "GET", "/whoami", old, ok)
     guard.rotate(svc)  # the IdP rotated the credential: generation 2
+    operator(f"rotate {svc}")
     check("2 rotation", svc, "GET", "/whoami", old, (401, "stale_generation"))
     new = issuer.token(svc, client_id=svc, gen=2, sid=f"{svc}-s1")
     check("2 rotation", svc, "GET", "/whoami", new, ok)
@@ -305,18 +325,18 @@ def play(base: str, guard: Guard, issuer: Issuer, report: Callable[[Step], None]
     human, flow = f"alice-{run}", f"workflow-{run}"
     htok = issuer.token(human, sid=f"{human}-s1")
     ftok = issuer.token(flow, sa_kind="service", sid=f"{flow}-s1")
-    held = hold(base, "PUT", "/objects/7", htok, human)
-    held.wait_entered()
+    step, write = held("3 object lock", human, "PUT", "/objects/7", htok)
     check("3 object lock", flow, "PUT", "/objects/7", ftok, (403, "session_paused"))
     check("3 object lock", flow, "GET", "/whoami", ftok, (403, "session_paused"))
-    check("3 object lock", human, "PUT", "/objects/7", htok, ok, held.release())
+    answered(step, write.release())
     guard.resume_session(f"{flow}-s1")
-    held = hold(base, "PUT", "/objects/8", ftok, flow)  # now the workflow writes first and the human arrives
-    held.wait_entered()
+    operator(f"resume {flow}-s1")
+    step, write = held("3 object lock", flow, "PUT", "/objects/8", ftok)  # now the workflow writes first
     check("3 object lock", human, "PUT", "/objects/8", htok, (423, "object_locked"))
-    check("3 object lock", flow, "PUT", "/objects/8", ftok, ok, held.release())
+    answered(step, write.release())
     check("3 object lock", flow, "GET", "/whoami", ftok, (403, "session_paused"))
     guard.resume_session(f"{flow}-s1")
+    operator(f"resume {flow}-s1")
     check("3 object lock", flow, "PUT", "/objects/7", ftok, ok)
 
     # 4. a secret is found compromised in one session: every related context is re-evaluated
@@ -325,16 +345,16 @@ def play(base: str, guard: Guard, issuer: Issuer, report: Callable[[Step], None]
     s2 = issuer.token(bot, sa_kind="agent", sid=f"{bot}-s2", gen=1)
     delegated = issuer.token(user, sid=f"{user}-via-{bot}", act={"sub": bot})
     own = issuer.token(user, sid=f"{user}-own")
-    for who, token in ((bot, s1), (bot, s2), (user, delegated), (user, own)):
+    contexts = ((f"{bot} s1", s1), (f"{bot} s2", s2), (f"{user} via {bot}", delegated), (f"{user} own", own))
+    for who, token in contexts:
         check("4 compromise", who, "GET", "/whoami", token, ok)
     guard.report_compromise(session_id=f"{bot}-s1")
-    check("4 compromise", bot, "GET", "/whoami", s1, (401, "credential_compromised"))
-    check("4 compromise", bot, "GET", "/whoami", s2, (401, "credential_compromised"))
-    check("4 compromise", f"{user} (via {bot})", "GET", "/whoami", delegated, (401, "credential_compromised"))
-    check("4 compromise", f"{user} (own)", "GET", "/whoami", own, ok)
+    operator(f"compromise --session {bot}-s1")
+    for who, token in contexts:  # every related context is refused; bob's own session is unrelated
+        check("4 compromise", who, "GET", "/whoami", token, ok if token is own else (401, "credential_compromised"))
     fresh = issuer.token(bot, sa_kind="agent", sid=f"{bot}-s1", gen=2)
-    check("4 compromise", bot, "GET", "/whoami", fresh, ok)
-    check("4 compromise", bot, "GET", "/whoami", s2, (401, "stale_generation"))
+    check("4 compromise", f"{bot} s1 gen 2", "GET", "/whoami", fresh, ok)
+    check("4 compromise", f"{bot} s2", "GET", "/whoami", s2, (401, "stale_generation"))
 
     # 5. parallel sessions per principal are limited (3 in the workbench)
     many = f"crawler-{run}"
@@ -343,6 +363,7 @@ def play(base: str, guard: Guard, issuer: Issuer, report: Callable[[Step], None]
         check("5 sessions", f"{many} s{i}", "GET", "/whoami", token, ok if i < 3 else (403, "too_many_sessions"))
     check("5 sessions", f"{many} s0", "GET", "/whoami", tokens[0], ok)
     guard.revoke_session(f"{many}-s0")
+    operator(f"revoke --session {many}-s0")
     check("5 sessions", f"{many} s0", "GET", "/whoami", tokens[0], (401, "session_revoked"))
     check("5 sessions", f"{many} s3", "GET", "/whoami", tokens[3], ok)
     return steps
@@ -368,20 +389,21 @@ def serve_wsgi(app: Any) -> tuple[str, Callable[[], None]]:
     return f"http://127.0.0.1:{server.server_port}", stop
 
 
-def serve_asgi(app: Any, lifespan: Literal["auto", "on", "off"] = "off") -> tuple[str, Callable[[], None]]:
-    """Serve an ASGI app with uvicorn on a free loopback port in a thread; returns (base URL, stop)."""
+def serve_asgi(app: Any, **config: Any) -> tuple[str, Callable[[], None]]:
+    """Serve an ASGI app with uvicorn on a free loopback port in a thread; returns (base URL, stop). ``config``
+    adds uvicorn options (``root_path="/api"``, ``lifespan="on"``)."""
     import socket
 
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan=lifespan)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, **{"log_level": "warning", "lifespan": "off", **config}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         if not thread.is_alive():
+            sock.close()
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
 
@@ -429,54 +451,81 @@ def _builtin_targets(servers: Iterable[str], tmp: str, echo: Callable[[str], Non
         yield Target(label, short, base, guard, issuer, _Held, stop_all)
 
 
+_TITLES = {
+    "1": "An AI agent opens a ticket; its simultaneous payment approval is refused",
+    "2": "A service account rotates its credential mid-session",
+    "3": "A human and a non-human workflow modify the same object at once: the workflow is paused",
+    "4": "A secret is found compromised in one session: every related context is re-evaluated",
+    "5": "Parallel sessions per principal are limited (3 here)",
+}
+
+
 def run_demo(servers: Iterable[str] = ("asgi", "wsgi"), echo: Callable[[str], None] = print,
-             examples: str | None = None) -> int:
+             examples: str | None = None, *, as_json: bool = False) -> int:
     """Play the demo on each target (the built-in workbench on each server flavour, then each example app when
-    ``examples`` names the examples directory), print the framework x behaviour table; returns the mismatches."""
-    results: list[tuple[str, str, list[Step]]] = []
+    ``examples`` names the examples directory) and print the steps and the framework x behaviour table (with
+    ``as_json``, one JSON document instead); returns the mismatches."""
+    results: list[tuple[Target, list[Step]]] = []
+    say = (lambda line: None) if as_json else echo
     with tempfile.TemporaryDirectory(prefix="sa-demo-") as tmp:
-        targets: Iterator[Target] = _builtin_targets(servers, tmp, echo)
+        targets: Iterator[Target] = _builtin_targets(servers, tmp, say)
         if examples is not None:
             from .demo_examples import example_targets
 
-            targets = itertools.chain(targets, example_targets(examples, tmp, echo))
+            targets = itertools.chain(targets, example_targets(examples, tmp, say))
         for target in targets:
             try:
                 steps = play(target.base, target.guard, target.issuer, lambda step: None, target.hold, target.send)
             finally:
                 target.stop()
             bad = sum(not s.ok for s in steps)
-            echo(f"{target.label:<24} {target.base:<24} {len(steps) - bad}/{len(steps)} steps as expected")
-            results.append((target.label, target.short, steps))
-    failures = sum(not s.ok for _, _, steps in results for s in steps)
+            say(f"{target.label:<24} {target.base:<24} {len(steps) - bad}/{len(steps)} steps as expected")
+            results.append((target, steps))
+    failures = sum(not s.ok for _, steps in results for s in steps)
+    if as_json:
+        echo(json.dumps([{"target": t.label, "base": t.base, "steps": [
+            {"behaviour": s.behaviour, "who": s.who, "request": s.what, "operator": s.operator or None,
+             "expected": list(s.expected), "got": list(s.got), "ok": s.ok} for s in steps]}
+            for t, steps in results], indent=2))
+        return failures
     if results:
         _print_tables(results, echo)
     echo("\nall behaviours as expected" if failures == 0 else f"\n{failures} mismatches")
     return failures
 
 
-def _print_tables(results: list[tuple[str, str, list[Step]]], echo: Callable[[str], None]) -> None:
-    shorts = [short for _, short, _ in results]
-    width = max(len(short) for short in shorts) + 2
-    echo("\nEvery step, expected and got on each target ('ok' = got what was expected):")
-    columns = "".join(f"{x:<{width}}" for x in shorts)
-    echo(f"{'behaviour':<15} {'who':<24} {'request':<27} {'expected':<29}{columns}all")
-    for row in zip(*(steps for _, _, steps in results), strict=True):
+def _print_tables(results: list[tuple[Target, list[Step]]], echo: Callable[[str], None]) -> None:
+    """The steps in the order they were sent, one column per target (T1, T2, ...; at most 120 columns for up to
+    eight targets), then the framework x behaviour summary."""
+    columns = [f"T{i}" for i in range(1, len(results) + 1)]
+    echo("\nEvery request in the order it was sent, and what each target answered ('ok': as expected):")
+    echo(f"{'#':>3} {'who':<27} {'request':<26} {'expected':<26} " + " ".join(f"{c:<3}" for c in columns).rstrip())
+    behaviour = ""
+    for number, row in enumerate(zip(*(steps for _, steps in results), strict=True), 1):
         first = row[0]
-        got = "".join(f"{'ok' if s.ok else _fmt(s.got):<{width}}" for s in row)
-        mark = "ok" if all(s.ok for s in row) else "MISMATCH"
-        echo(f"{first.behaviour:<15} {first.who[:24]:<24} {first.what:<27} {_fmt(first.expected):<29}{got}{mark}")
-    behaviours = list(dict.fromkeys(s.behaviour for s in results[0][2]))
-    wide = max(len(label) for label, _, _ in results) + 2
+        if first.behaviour != behaviour:
+            behaviour = first.behaviour
+            echo(f"{behaviour[0]}. {_TITLES.get(behaviour[0], behaviour)}")
+        if first.operator:
+            echo(f"{'':>3} {'operator: sa-middleware ' + first.operator}")
+        marks = " ".join(f"{'ok' if s.ok else 'NO':<3}" for s in row)
+        echo(f"{number:>3} {first.who[:27]:<27} {first.what[:26]:<26} {_fmt(first.expected)[:26]:<26} {marks}".rstrip())
+    for (target, steps), column in zip(results, columns, strict=True):
+        for number, step in enumerate(steps, 1):
+            if not step.ok:
+                echo(f"MISMATCH {column} {target.label}, step {number}: expected {_fmt(step.expected)}, "
+                     f"got {_fmt(step.got)}")
+    behaviours = list(dict.fromkeys(s.behaviour for s in results[0][1]))
+    wide = max(len(target.label) for target, _ in results) + 6
     echo("\nFramework x behaviour (steps as expected / steps):")
     echo((f"{'framework':<{wide}}" + "".join(f"{b:<16}" for b in behaviours)).rstrip())
-    for label, _, steps in results:
+    for (target, steps), column in zip(results, columns, strict=True):
         cells = []
         for b in behaviours:
             mine = [s for s in steps if s.behaviour == b]
             good = sum(s.ok for s in mine)
             cells.append(f"{good}/{len(mine)} {'ok' if good == len(mine) else 'MISMATCH'}")
-        echo((f"{label:<{wide}}" + "".join(f"{c:<16}" for c in cells)).rstrip())
+        echo((f"{column + ' ' + target.label:<{wide}}" + "".join(f"{c:<16}" for c in cells)).rstrip())
 
 
 def _fmt(result: tuple[int, str]) -> str:

@@ -142,7 +142,7 @@ def example_targets(directory: str, tmp: str, echo: Callable[[str], None]) -> It
     root = Path(directory)
     if not (root / "starlette_app.py").is_file():
         raise ConfigurationError(f"{directory!r} is not the examples directory (no starlette_app.py)")
-    key = dev_key(Path(tmp) / "dev-key.pem")
+    key = dev_key(Path(tmp) / "dev-key.pem", announce=False)
     store = f"sqlite:///{Path(tmp) / 'examples.db'}"
     bench = Workbench()
     backend = Backend(bench)

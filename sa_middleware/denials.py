@@ -28,6 +28,7 @@ CODES: Final[dict[str, tuple[int, str]]] = {
     "too_many_in_flight": (429, "Too many requests in flight"),
     "store_unavailable": (503, "Authorisation store unavailable"),
     "keys_unavailable": (503, "Signing keys unavailable"),
+    "invalid_request": (400, "Invalid request"),
 }
 
 

@@ -6,7 +6,7 @@ certificate. :class:`SenderConstraints` checks, for one request, that the client
 returns the keys the request proved (:class:`Binding`), which become part of the client's identity for the reuse
 check (``token_reuse``). Everything here is pure: no I/O, no state.
 
-The rules (README "Token reuse and sender-constrained tokens"):
+The rules (the "Tokens and sender constraints" page of the documentation):
 
 - A DPoP-bound token (``cnf.jkt``) must come as ``Authorization: DPoP <token>`` (a ``Bearer`` presentation is refused,
   RFC 9449 section 7.2) with exactly one valid ``DPoP`` proof header (section 4.3): ``typ`` ``dpop+jwt``; an

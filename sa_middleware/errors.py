@@ -4,10 +4,12 @@
 
     SAMiddlewareError
      +-- ConfigurationError      bad Guard / Policy / store options, raised at start-up
+     |    +-- IssuerRequired     an operation names a subject whose issuer cannot be told: pass issuer=
      +-- StoreError              the store failed
      |    +-- StoreUnavailable   the store did not answer in time (requests get 503 store_unavailable)
      +-- InvalidToken            a bearer token failed verification (requests get 401 invalid_token)
-          +-- KeysUnavailable    the signing keys could not be fetched (requests get 503 keys_unavailable)
+     |    +-- KeysUnavailable    the signing keys could not be fetched (requests get 503 keys_unavailable)
+     +-- InvalidRequest          a request the Guard cannot decide safely (requests get 400 invalid_request)
 
 Requests never see these exceptions: the middleware turns them into denials.
 """
@@ -15,7 +17,8 @@ Requests never see these exceptions: the middleware turns them into denials.
 from __future__ import annotations
 
 __all__ = [
-    "ConfigurationError", "InvalidToken", "KeysUnavailable", "SAMiddlewareError", "StoreError", "StoreUnavailable",
+    "ConfigurationError", "InvalidRequest", "InvalidToken", "IssuerRequired", "KeysUnavailable", "SAMiddlewareError",
+    "StoreError", "StoreUnavailable",
 ]
 
 
@@ -25,6 +28,11 @@ class SAMiddlewareError(Exception):
 
 class ConfigurationError(SAMiddlewareError, ValueError):
     """An option is invalid; raised when the Guard, a Policy or a store is built."""
+
+
+class IssuerRequired(ConfigurationError):
+    """An operation names a subject known under several issuers (or, for a change, under none of the candidates):
+    nothing was changed; name the issuer (``issuer=``, ``--issuer``)."""
 
 
 class StoreError(SAMiddlewareError):
@@ -49,3 +57,8 @@ class KeysUnavailable(InvalidToken):
     def __init__(self, message: str = "signing keys unavailable", retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class InvalidRequest(SAMiddlewareError):
+    """A request whose URL or headers cannot be decided safely (a lock key with a dot segment or over the length
+    cap, a method-override header). The message is safe to show."""

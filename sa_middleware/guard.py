@@ -96,6 +96,7 @@ class _Report:
     observed: ClassVar[str] = "report"
     sub: str
     session_id: str
+    iss: str
 
 
 _Step = _Verify | _Admit | _Sleep | _Report
@@ -119,6 +120,7 @@ class _Facts:
     acr: str | None
     iat: float | None
     exp: float
+    iss: str  # the issuer the principal's state is kept under
 
 
 class _Keeper:
@@ -199,9 +201,9 @@ class _Keeper:
 class Guard(Operations):
     """Decides every request against the token, the route's policy and the state of all related contexts.
 
-    Keyword arguments are validated here, so a mistake fails at start-up. See README "Guard options". The
-    operations (``rotate``, ``sessions``, ``audit``...) are inherited from :class:`~sa_middleware.operations.
-    Operations`.
+    Keyword arguments are validated here, so a mistake fails at start-up (see the "Guard options" page of the
+    documentation). The operations (``rotate``, ``sessions``, ``audit``...) are inherited from
+    :class:`~sa_middleware.operations.Operations`.
     """
 
     def __init__(
@@ -214,8 +216,8 @@ class Guard(Operations):
         algorithms: Sequence[str],
         issuer: str | Sequence[str] | None = None,
         audience: str | Sequence[str] | None = None,
-        policies: Mapping[str, Policy] | None = None,
-        default_policy: Policy | None = None,
+        policies: Mapping[str, Policy | Mapping[str, Any]] | None = None,
+        default_policy: Policy | Mapping[str, Any] | None = None,
         leeway: float = 10.0,
         required_claims: Sequence[str] = ("exp", "iat", "sub"),
         token_type: str | Sequence[str] | None = None,
@@ -264,6 +266,9 @@ class Guard(Operations):
         self.audit_admissions = audit_admissions
         Operations.__init__(self, store, session_idle=session_idle, audit_retention=audit_retention,
                             audit_max_records=audit_max_records, audit_buffer=audit_buffer)
+        # principal state is kept per issuer (see _state_issuer): operations without issuer= pick among these
+        pinned = self.verifier.issuer
+        self.issuers = ("",) if pinned is None else (pinned,) if isinstance(pinned, str) else tuple(pinned)
         self.leeway = float(leeway)
         self.session_idle = float(session_idle)
         self.lease = float(lease)
@@ -279,8 +284,9 @@ class Guard(Operations):
                                              max_age=dpop_max_age, leeway=self.leeway)
         self._key_notes: int | None = None  # the store's key-notes generation this Guard has applied
         self._watched: list[TokenVerifier] = []  # other verifiers the key operations reach (watch_keys)
-        self._gen_claims: OrderedDict[str, bool] = OrderedDict()  # sub -> its latest token had a generation claim
-        self._gen_pending: dict[str, bool] = {}  # not yet written to the store
+        # (issuer, subject) -> whether its latest token had a generation claim; and what the store has not learnt yet
+        self._gen_claims: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        self._gen_pending: dict[tuple[str, str], bool] = {}
         self._gen_lock = threading.Lock()
         self._keeper = _Keeper(self.store, self.lease, self.flush, check=self._apply_key_notes)
         #: metrics and tracing (sa_middleware.observe); None when both are off
@@ -290,7 +296,7 @@ class Guard(Operations):
 
     def match(self, request: RequestInfo) -> RouteMatch:
         """The route and policy for a request (adapters pass their own router's match to ``admit`` instead)."""
-        return self.routes.match("WEBSOCKET" if request.websocket else request.method, request.path)
+        return self.routes.match("WEBSOCKET" if request.websocket else request.method, request.route_path)
 
     def _flow(self, request: RequestInfo, match: RouteMatch | None) -> Generator[_Step, Any, Outcome]:
         outcome = yield from self._decide(request, match)
@@ -300,6 +306,9 @@ class Guard(Operations):
 
     def _decide(self, request: RequestInfo, match: RouteMatch | None) -> Generator[_Step, Any, Outcome]:
         match = match or self.match(request)
+        refusal = match.refusal or _method_override(request)
+        if refusal is not None:
+            return Denial("invalid_request", refusal)
         policy = match.policy
         if policy.public:
             return Admitted(SAContext(None, None, None, route=match.route, params=match.params), None)
@@ -322,7 +331,7 @@ class Guard(Operations):
             return Denial("invalid_token", str(exc))
         if isinstance(binding, Denial):
             if binding.code == "token_reuse" and self.reuse_is_compromise:
-                yield _Report(admission.sub, admission.session_id)
+                yield _Report(admission.sub, admission.session_id, admission.iss)
             return binding
         deadline = None
         delay = 0.01
@@ -330,13 +339,13 @@ class Guard(Operations):
             result = yield _Admit(admission)
             if isinstance(result, Ticket):
                 self._keeper.add(result.ticket_id)
-                self._note_generation_claim(admission.sub, admission.token_gen is not None)
+                self._note_generation_claim((admission.iss, admission.sub), admission.token_gen is not None)
                 ctx = SAContext(context.principal, context.kind, context.session_id, context.claims,
                                 result.ticket_id, result.fencing_tokens, match.route, match.params)
                 return Admitted(ctx, result)
             if result.code == "store_unavailable" and policy.fail_open and "unexpected" not in result.extra:
-                log.warning("sa-middleware: store unavailable; admitting %s %s for %s (fail_open)",
-                            request.method, match.route, context.principal)
+                log.warning("sa-middleware: store unavailable; admitting %s for %s (fail_open)",
+                            match.route or f"{request.method} {request.path}", context.principal)
                 return Admitted(context, None)
             if result.code == "object_locked" and policy.on_lock_conflict == "wait":
                 now = time.monotonic()
@@ -346,7 +355,7 @@ class Guard(Operations):
                     delay = min(delay * 2, 0.25)
                     continue
             if result.code == "token_reuse" and self.reuse_is_compromise:
-                yield _Report(admission.sub, admission.session_id)
+                yield _Report(admission.sub, admission.session_id, admission.iss)
             return self._challenge(result, admission)
 
     def _challenge(self, denial: Denial, a: Admission) -> Denial:
@@ -382,13 +391,15 @@ class Guard(Operations):
             raises_risk=policy.raises_risk, risk_window=policy.risk_window, max_risk=policy.max_risk,
             locks=tuple(LockRequest(key, policy.lock_mode) for key in match.lock_keys),
             on_lock_conflict=policy.on_lock_conflict, lease=self.lease, session_idle=self.session_idle,
-            audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait")
+            audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait", iss=f.iss)
         return admission, SAContext(f.sub, f.kind, session_id, token.claims, route=match.route, params=match.params)
 
     def _facts(self, token: VerifiedToken) -> _Facts:
         """What an admission takes from the token's claims, checked: computed once per verified token (it is kept
         with the token in the verifier's cache), so a warm request only adds the route's policy."""
         claims = token.claims
+        if not _valid_text(claims):  # a store cannot keep such a string: refuse here, not with a store error
+            raise InvalidToken("a claim holds a string that is not valid Unicode (a lone surrogate)")
         sub = _claim_str(claims, "sub")
         if sub is None:
             raise InvalidToken("missing claim: sub")
@@ -423,7 +434,16 @@ class Guard(Operations):
                       credential=credential, device=_claim_str(claims, self.device_claim), scopes=scopes,
                       auth_time=auth_time, acr=acr if isinstance(acr, str) else None,
                       iat=finite_number(claims.get("iat")),
-                      exp=token.expires_at + self.leeway)  # the token is accepted until then
+                      exp=token.expires_at + self.leeway,  # the token is accepted until then
+                      iss=self._state_issuer(claims))
+
+    def _state_issuer(self, claims: Mapping[str, Any]) -> str:
+        """The issuer a token's principal state is kept under: its ``iss`` when the Guard pins issuers (then it
+        was verified to be one of them), else "" (one trust domain: the keys)."""
+        if self.verifier.issuer is None:
+            return ""
+        iss = claims.get("iss")
+        return iss if isinstance(iss, str) else ""
 
     def _token(self, request: RequestInfo) -> str | InvalidToken | None:
         header = request.headers.get("authorization")
@@ -550,7 +570,7 @@ class Guard(Operations):
         log.warning("sa-middleware: token reuse in session %s of %s: reporting a compromise", step.session_id,
                     step.sub)
         try:
-            self.report_compromise(step.sub, step.session_id, source="middleware")
+            self.report_compromise(step.sub, step.session_id, issuer=step.iss, source="middleware")
         except Exception:
             log.exception("sa-middleware: the compromise of session %s could not be reported", step.session_id)
 
@@ -558,7 +578,7 @@ class Guard(Operations):
         log.warning("sa-middleware: token reuse in session %s of %s: reporting a compromise", step.session_id,
                     step.sub)
         try:
-            await self.areport_compromise(step.sub, step.session_id, source="middleware")
+            await self.areport_compromise(step.sub, step.session_id, issuer=step.iss, source="middleware")
         except Exception:
             log.exception("sa-middleware: the compromise of session %s could not be reported", step.session_id)
 
@@ -655,14 +675,14 @@ class Guard(Operations):
         ``sa-middleware keys``) to ``verifier`` too: the security-event receiver's verifier of its transmitter."""
         self._watched.append(verifier)
 
-    def _note_generation_claim(self, sub: str, present: bool) -> None:
-        """Remember whether ``sub``'s tokens carry a generation claim; the store learns it (for the warning of
-        ``rotate``) from the keeper, once per principal and change."""
+    def _note_generation_claim(self, principal: tuple[str, str], present: bool) -> None:
+        """Remember whether the tokens of ``principal`` (issuer, subject) carry a generation claim; the store
+        learns it (for the warning of ``rotate``) from the keeper, once per principal and change."""
         with self._gen_lock:
-            if self._gen_claims.get(sub) == present:
-                self._gen_claims.move_to_end(sub)
+            if self._gen_claims.get(principal) == present:
+                self._gen_claims.move_to_end(principal)
                 return
-            self._gen_claims[sub] = self._gen_pending[sub] = present
+            self._gen_claims[principal] = self._gen_pending[principal] = present
             if len(self._gen_claims) > _GEN_CLAIMS_KEPT:
                 self._gen_claims.popitem(last=False)
             if len(self._gen_pending) > _GEN_CLAIMS_KEPT:
@@ -714,6 +734,19 @@ class Guard(Operations):
         super().close()
 
 
+_METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
+
+
+def _method_override(request: RequestInfo) -> str | None:
+    """Refuse a method-override header naming another method: the Guard decides the method the server saw, so an
+    app that honours the header would run a different route than the one decided."""
+    for name in _METHOD_OVERRIDES:
+        value = request.headers.get(name)
+        if value is not None and value.strip().upper() != request.method.upper():
+            return f"the {name} header is refused: send the request with the method itself"
+    return None
+
+
 def _scheme(request: RequestInfo) -> str:
     """The request's Authorization scheme, lower-case ("" without one)."""
     return request.headers.get("authorization", "").strip().partition(" ")[0].lower()
@@ -726,3 +759,20 @@ def _claim_str(claims: Mapping[str, Any], name: str) -> str | None:
     if not isinstance(value, str) or not value or len(value) > _MAX_ID or not encodable(value):
         raise InvalidToken(f"claim {name} must be a non-empty string of at most {_MAX_ID} characters")
     return value
+
+
+def _valid_text(claims: Mapping[str, Any]) -> bool:
+    """Whether every string in the claims (names and values, at any depth) can be encoded as UTF-8."""
+    stack: list[object] = [claims]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and not encodable(value):
+                return False
+        elif isinstance(value, Mapping):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return True
+

@@ -229,7 +229,7 @@ class _StateCollector(Collector):
             try:
                 sessions: dict[tuple[str, str], int] = {}
                 with suppress(NotImplementedError):  # a third-party store that cannot list sessions
-                    for s in ops.active_sessions(SESSION_SAMPLE_LIMIT):
+                    for s in ops.all_sessions(SESSION_SAMPLE_LIMIT):
                         sessions[(s.kind, s.status)] = sessions.get((s.kind, s.status), 0) + 1
                 locks: dict[str, int] = {}
                 for lock in ops.locks():

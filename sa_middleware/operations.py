@@ -4,20 +4,27 @@
 applications share, and :class:`~sa_middleware.Guard` inherits it, so ``guard.rotate(sub)`` and
 ``sa-middleware rotate SUB`` are the same code. Every operation is written to the audit trail with its ``source``
 (``operator`` for Python calls unless told otherwise, ``cli``, ``event:<type>`` for security events).
+
+Principal state is kept per issuer and subject. The operations on a principal take ``issuer=``; without it, a
+Guard that trusts one issuer uses that one (a Guard that pins none keeps every principal under the empty issuer),
+and otherwise the issuer is looked up in the store: the one issuer the subject is known under, else an error that
+names the candidates (see docs/issuers-and-sessions.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from .audit import DEFAULT_AUDIT_BUFFER, AuditBuffer
-from .errors import ConfigurationError
+from .errors import ConfigurationError, IssuerRequired, StoreUnavailable
 from .records import AuditRecord, LockInfo, SessionInfo
-from .stores.base import Store, check_audit_retention, open_store
+from .stores.base import Store, check_audit_retention, open_store, scoped
 from .tokens import _KID_SHAPE
 
 __all__ = ["MAX_AUDIT_LIMIT", "Operations"]
@@ -27,7 +34,9 @@ log = logging.getLogger("sa_middleware")
 _MAX_ID = 256
 _MAX_GEN = 2**53 - 1  # exact in every store (SQLite integers, Lua doubles)
 _MAX_SOURCE = 80
+_MAX_DETAIL = 512
 _FLUSH_BATCH = 1000  # records per store call when the buffer is written
+_REFUSED_ALONE = 3  # records refused one by one, none written, after which the store is taken to be failing
 #: the most records one ``audit`` query returns
 MAX_AUDIT_LIMIT = 10_000
 
@@ -38,22 +47,32 @@ class Operations:
     ``session_idle`` is what :meth:`sessions` counts as active; ``audit_retention`` (seconds) and
     ``audit_max_records`` override the store's audit retention (default 7 days and 100,000 records);
     ``audit_buffer`` bounds the records this process holds while the store cannot take them; ``source`` is the
-    audit source of operations called without one.
+    audit source of operations called without one. ``issuer`` is the issuer of the principals named without one
+    (default: looked up in the store, see the module docstring).
     """
+
+    #: what to tell a caller who must name the issuer (the CLI says ``--issuer``)
+    issuer_hint = "issuer="
 
     def __init__(self, store: str | Store = "sqlite:///sa-middleware.db", *, session_idle: float = 900.0,
                  audit_retention: float | None = None, audit_max_records: int | None = None,
-                 audit_buffer: int = DEFAULT_AUDIT_BUFFER, source: str = "operator") -> None:
+                 audit_buffer: int = DEFAULT_AUDIT_BUFFER, source: str = "operator", issuer: str | None = None) -> None:
         if isinstance(session_idle, bool) or not isinstance(session_idle, int | float) \
                 or not math.isfinite(session_idle) or session_idle <= 0:
             raise ConfigurationError("session_idle must be a positive, finite number of seconds")
         check_audit_retention(audit_retention, audit_max_records)
         self.source = _source(source)
+        #: the issuers a principal named without one may belong to (None: any the store knows)
+        self.issuers: tuple[str, ...] | None = None if issuer is None else (_issuer(issuer),)
         self._audit = AuditBuffer(audit_buffer)
         self._audit_unsupported = False
         self.store: Store = open_store(store)
         self.store.configure_audit(retention=audit_retention, max_records=audit_max_records)
         self.session_idle = float(session_idle)
+        #: who makes the operations and why (``sa-middleware --actor/--reason``): added to each operation's audit
+        #: detail, e.g. ``generation 3; by alice@ops-1: key leaked``
+        self.actor: str | None = None
+        self.reason: str | None = None
 
     def close(self) -> None:
         """Write what the audit buffer holds (best effort) and close the store."""
@@ -80,42 +99,84 @@ class Operations:
 
     def flush_audit(self) -> int:
         """Write the buffered audit records now (the Guard's keeper does it every second); returns how many were
-        written. A failing store keeps them buffered for the next flush."""
-        records = self._audit.take()
-        done = 0
-        while done < len(records):
-            batch = records[done:done + _FLUSH_BATCH]
-            try:
-                self.store.record_audit(batch)
-            except NotImplementedError:
-                self._unsupported()
-                return done
-            except Exception as exc:  # the store is down: keep them for the next round (bounded)
-                self._audit.give_back(records[done:])
-                log.warning("sa-middleware: audit records not written (%d kept for the next try): %s",
-                            len(records) - done, exc)
-                return done
-            done += len(batch)
-        return done
+        written. A failing store keeps them buffered for the next flush; a record the store refuses (not because it
+        is down) is written escaped, or dropped and counted: it never holds back the records after it."""
+        flow = self._flush()
+        error: Exception | None = None
+        try:
+            while True:
+                batch = flow.send(error)
+                try:
+                    self.store.record_audit(batch)
+                    error = None
+                except Exception as exc:
+                    error = exc
+        except StopIteration as stop:
+            written: int = stop.value
+            return written
 
     async def aflush_audit(self) -> int:
         """Async twin of :meth:`flush_audit`."""
+        flow = self._flush()
+        error: Exception | None = None
+        try:
+            while True:
+                batch = flow.send(error)
+                try:
+                    await self.store.arecord_audit(batch)
+                    error = None
+                except Exception as exc:
+                    error = exc
+        except StopIteration as stop:
+            written: int = stop.value
+            return written
+
+    def _flush(self) -> Generator[list[AuditRecord], Exception | None, int]:
+        """The batches to write (the driver sends back what each write raised, or None). A batch the store refuses
+        for another reason than being unavailable is tried again with its text escaped to ASCII, then record by
+        record. Records refused alone while others of the flush were written are bad records: dropped and counted
+        in an ``audit_dropped`` record. When nothing could be written (the store refuses everything, or is down),
+        every record is kept for the next round."""
         records = self._audit.take()
-        done = 0
-        while done < len(records):
-            batch = records[done:done + _FLUSH_BATCH]
-            try:
-                await self.store.arecord_audit(batch)
-            except NotImplementedError:
+        todo = [(records[i:i + _FLUSH_BATCH], 0) for i in range(0, len(records), _FLUSH_BATCH)]
+        written = 0
+        refused: list[AuditRecord] = []
+        error: Exception | None = None
+        while todo:
+            batch, tries = todo.pop(0)
+            error = yield batch
+            if error is None:
+                written += len(batch)
+            elif isinstance(error, NotImplementedError):
                 self._unsupported()
-                return done
-            except Exception as exc:
-                self._audit.give_back(records[done:])
-                log.warning("sa-middleware: audit records not written (%d kept for the next try): %s",
-                            len(records) - done, exc)
-                return done
-            done += len(batch)
-        return done
+                return written
+            elif not isinstance(error, StoreUnavailable) and tries == 0:
+                todo.insert(0, ([_escaped(record) for record in batch], 1))
+            elif not isinstance(error, StoreUnavailable) and tries == 1 and len(batch) > 1:
+                todo[0:0] = [([record], 2) for record in batch]
+            else:
+                down = isinstance(error, StoreUnavailable)
+                if not down:
+                    refused.extend(batch)
+                if down or (written == 0 and len(refused) >= _REFUSED_ALONE):  # the store fails, not the records
+                    left = (batch if down else []) + [record for pending, _ in todo for record in pending] + refused
+                    self._audit.give_back(left)
+                    log.warning("sa-middleware: audit records not written (%d kept for the next try): %s", len(left),
+                                error)
+                    return written
+        if refused and written == 0:  # nothing to tell a bad record from a failing store: keep them
+            self._audit.give_back(refused)
+            log.warning("sa-middleware: audit records not written (%d kept for the next try): %s", len(refused), error)
+        elif refused:
+            reason = _escaped_text(f"{type(error).__name__}: {error}")[:200]
+            log.warning("sa-middleware: the store refused %d audit records; dropped: %s", len(refused), reason)
+            many = len(refused) != 1
+            note = AuditRecord("change", "audit_dropped", "middleware", time=time.time(), detail=(
+                f"{len(refused)} audit record{'s' if many else ''} dropped: the store refused "
+                f"{'them' if many else 'it'}, even escaped ({reason})"))
+            if (yield [note]) is None:
+                written += 1
+        return written
 
     def _buffer(self, record: AuditRecord) -> None:
         """Keep a record for the next flush (subclasses start their flusher here)."""
@@ -128,9 +189,60 @@ class Operations:
                         "dropped", type(self.store).__name__)
 
     def _operation(self, code: str, source: str | None, sub: str | None = None, session_id: str | None = None,
-                   detail: str = "") -> AuditRecord:
+                   detail: str = "", iss: str = "") -> AuditRecord:
+        if iss and self.issuers != (iss,):  # the issuer, unless it is the only one here
+            detail = f"{detail}; issuer {iss}" if detail else f"issuer {iss}"
+        if self.actor or self.reason:
+            detail += f"; by {self.actor or 'unknown'}" + (f": {self.reason}" if self.reason else "")
         return AuditRecord("operation", code, self.source if source is None else _source(source), sub, session_id,
-                           None, detail)
+                           None, detail[:_MAX_DETAIL])
+
+    # -- issuers -----------------------------------------------------------------------------------------------
+
+    def issuer_of(self, sub: str, issuer: str | None = None, *, known: bool = True) -> str:
+        """The issuer of the principal ``sub``: ``issuer`` when given, else this object's one issuer, else the one
+        issuer the store knows ``sub`` under. Raises IssuerRequired when that is ambiguous, or (``known``) when
+        the store knows ``sub`` under none of the candidates; with ``known=False`` (listings) that is ""."""
+        if issuer is not None:
+            return _issuer(issuer)
+        if self.issuers is not None and len(self.issuers) == 1:
+            return self.issuers[0]
+        sub = _arg(sub, "sub")
+        try:
+            found = self.store.issuers(sub)
+        except NotImplementedError:  # a store written before issuers
+            found = []
+        return self._pick_issuer(sub, found, known)
+
+    async def aissuer_of(self, sub: str, issuer: str | None = None, *, known: bool = True) -> str:
+        """Async twin of :meth:`issuer_of`."""
+        if issuer is not None:
+            return _issuer(issuer)
+        if self.issuers is not None and len(self.issuers) == 1:
+            return self.issuers[0]
+        sub = _arg(sub, "sub")
+        try:
+            found = await self.store.aissuers(sub)
+        except NotImplementedError:
+            found = []
+        return self._pick_issuer(sub, found, known)
+
+    def _pick_issuer(self, sub: str, found: list[str], known: bool) -> str:
+        if self.issuers is not None:
+            found = [x for x in found if x in self.issuers]
+        elif len(found) > 1 and "" in found:  # state stored before issuers: every issuer's principal inherits it
+            found = [x for x in found if x]
+        if len(found) == 1:
+            return found[0]
+        hint = self.issuer_hint
+        if found:
+            raise IssuerRequired(f"ambiguous: subject {sub} is known under issuers "
+                                 f"{', '.join(repr(x) for x in found)}; pass {hint}")
+        if not known:
+            return ""
+        raise IssuerRequired(f"subject {sub} is not known to the store under "
+                             f"{'any issuer' if self.issuers is None else 'the issuers trusted here'}; pass "
+                             f"{hint} (the empty string for tokens without an issuer)")
 
     def _note(self, record: AuditRecord) -> None:
         """Write an operation's record at once; if the store fails now, buffer it."""
@@ -153,43 +265,49 @@ class Operations:
 
     # -- operations (contract) ---------------------------------------------------------------------------------
 
-    def rotate(self, sub: str, *, source: str | None = None) -> int:
+    def rotate(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> int:
         """Bump ``sub``'s generation: every token of a lower generation is refused from now on. When ``sub``'s
         latest token carried no generation claim, this logs :meth:`rotation_warning` (a new token will not help:
         use :meth:`revoke_principal`, and undo this with :meth:`reset_generation`)."""
-        generation = self.store.rotate(_arg(sub, "sub"))
-        self._note(self._operation("rotate", source, sub, detail=f"generation {generation}"))
-        warning = self.rotation_warning(sub)
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        generation = self.store.rotate(sub, *scoped(iss))
+        self._note(self._operation("rotate", source, sub, detail=f"generation {generation}", iss=iss))
+        warning = self.rotation_warning(sub, issuer=iss)
         if warning:
             log.warning("sa-middleware: %s", warning)
         return generation
 
-    def rotation_warning(self, sub: str) -> str | None:
+    def rotation_warning(self, sub: str, *, issuer: str | None = None) -> str | None:
         """A warning when rotating ``sub`` refuses its tokens for good: its latest token carried no generation
         claim (its issuer sends none). None when its tokens carry one, or none was seen yet."""
+        iss = self.issuer_of(_arg(sub, "sub"), issuer, known=False)
         try:
-            present = self.store.generation_claim(_arg(sub, "sub"))
+            present = self.store.generation_claim(sub, *scoped(iss))
         except NotImplementedError:
             return None
         return None if present is not False else _no_generation(sub)
 
-    async def arotation_warning(self, sub: str) -> str | None:
+    async def arotation_warning(self, sub: str, *, issuer: str | None = None) -> str | None:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer, known=False)
         try:
-            present = await self.store.ageneration_claim(_arg(sub, "sub"))
+            present = await self.store.ageneration_claim(sub, *scoped(iss))
         except NotImplementedError:
             return None
         return None if present is not False else _no_generation(sub)
 
-    def reset_generation(self, sub: str, *, source: str | None = None) -> int:
+    def reset_generation(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> int:
         """Undo :meth:`rotate`: set ``sub``'s generation back to 0, so tokens without a generation claim (and of
         any generation) are admitted again. Returns the generation it had."""
-        previous = self.store.reset_generation(_arg(sub, "sub"))
-        self._note(self._operation("reset_generation", source, sub, detail=f"generation {previous} -> 0"))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        previous = self.store.reset_generation(sub, *scoped(iss))
+        self._note(self._operation("reset_generation", source, sub, detail=f"generation {previous} -> 0", iss=iss))
         return previous
 
-    async def areset_generation(self, sub: str, *, source: str | None = None) -> int:
-        previous = await self.store.areset_generation(_arg(sub, "sub"))
-        await self._anote(self._operation("reset_generation", source, sub, detail=f"generation {previous} -> 0"))
+    async def areset_generation(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> int:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        previous = await self.store.areset_generation(sub, *scoped(iss))
+        await self._anote(self._operation("reset_generation", source, sub, detail=f"generation {previous} -> 0",
+                                          iss=iss))
         return previous
 
     def refresh_keys(self, *, source: str | None = None) -> None:
@@ -213,36 +331,44 @@ class Operations:
         await self.store.anote_keys(_kid(kid))
         await self._anote(self._operation("drop_key", source, detail=f"signing key {kid} dropped"))
 
-    def revoke_principal(self, sub: str, *, source: str | None = None) -> float:
+    def revoke_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> float:
         """Refuse every token of ``sub`` issued before now (not-before watermark)."""
-        watermark = self.store.revoke_principal(_arg(sub, "sub"))
-        self._note(self._operation("revoke_principal", source, sub, detail=_watermark(watermark)))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        watermark = self.store.revoke_principal(sub, *scoped(iss))
+        self._note(self._operation("revoke_principal", source, sub, detail=_watermark(watermark), iss=iss))
         return watermark
 
     def revoke_session(self, session_id: str, *, source: str | None = None) -> bool:
         """Revoke one session (also one not seen yet)."""
         known = self.store.revoke_session(_arg(session_id, "session_id"))
-        self._note(self._operation("revoke_session", source, session_id=session_id, detail=_revoked(known)))
+        self._note(self._operation("revoke_session", source, self._owner(session_id), session_id,
+                                   detail=_revoked(known)))
         return known
 
     def report_compromise(self, sub: str | None = None, session_id: str | None = None, *,
-                          source: str | None = None) -> list[str]:
-        """Mark every context related to ``sub`` or ``session_id`` compromised; returns their session ids."""
-        args = _compromise_args(sub, session_id)
-        marked = self.store.report_compromise(*args)
-        self._note(self._operation("report_compromise", source, *args, detail=_marked("compromised", marked)))
+                          issuer: str | None = None, source: str | None = None) -> list[str]:
+        """Mark every context related to ``sub`` or ``session_id`` compromised; returns their session ids. A
+        session alone names its own principal (and issuer)."""
+        args = _compromise_args(sub, session_id, issuer)
+        iss = "" if sub is None else self.issuer_of(sub, issuer)
+        marked = self.store.report_compromise(*args, *scoped(iss))
+        owner = args[0] or self._owner(args[1])
+        self._note(self._operation("report_compromise", source, owner, args[1], detail=_marked("compromised", marked),
+                                   iss=iss))
         return marked
 
     def pause_session(self, session_id: str, *, source: str | None = None) -> bool:
         """Pause a session until :meth:`resume_session`."""
         paused = self.store.pause_session(_arg(session_id, "session_id"))
-        self._note(self._operation("pause_session", source, session_id=session_id, detail=_paused(paused)))
+        self._note(self._operation("pause_session", source, self._owner(session_id), session_id,
+                                   detail=_paused(paused)))
         return paused
 
     def resume_session(self, session_id: str, *, source: str | None = None) -> bool:
         """Clear a paused or compromised session (an operator's decision)."""
         resumed = self.store.resume_session(_arg(session_id, "session_id"))
-        self._note(self._operation("resume_session", source, session_id=session_id, detail=_resumed(resumed)))
+        self._note(self._operation("resume_session", source, self._owner(session_id), session_id,
+                                   detail=_resumed(resumed)))
         return resumed
 
     def set_device_status(self, device_id: str, compliant: bool, *, source: str | None = None) -> None:
@@ -250,131 +376,178 @@ class Operations:
         self.store.set_device_status(_arg(device_id, "device_id"), bool(compliant))
         self._note(self._operation("set_device_status", source, detail=_device(device_id, compliant)))
 
-    def set_privileges(self, sub: str, scopes: Iterable[str] | None, *, source: str | None = None) -> None:
+    def set_privileges(self, sub: str, scopes: Iterable[str] | None, *, issuer: str | None = None,
+                       source: str | None = None) -> None:
         """Limit the scopes of ``sub``'s tokens issued before now (``None`` lifts the limit)."""
         values = _scopes(scopes)
-        self.store.set_privileges(_arg(sub, "sub"), values)
-        self._note(self._operation("set_privileges", source, sub, detail=_privileges(values)))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        self.store.set_privileges(sub, values, *scoped(iss))
+        self._note(self._operation("set_privileges", source, sub, detail=_privileges(values), iss=iss))
 
-    def sessions(self, sub: str) -> list[SessionInfo]:
+    def sessions(self, sub: str, *, issuer: str | None = None) -> list[SessionInfo]:
         """``sub``'s active sessions with their status."""
-        return self.store.sessions(_arg(sub, "sub"), self.session_idle)
+        iss = self.issuer_of(_arg(sub, "sub"), issuer, known=False)
+        return self.store.sessions(sub, self.session_idle, *scoped(iss))
+
+    def all_sessions(self, limit: int = 100) -> list[SessionInfo]:
+        """Every principal's active sessions, most recently seen first, at most ``limit`` (1 to 10,000)."""
+        return self.store.all_sessions(self.session_idle, _limit(limit))
+
+    def _owner(self, session_id: str | None) -> str | None:
+        """The principal of a stored session, for the audit record of an operation on it (best effort)."""
+        if session_id is None:
+            return None
+        try:
+            return self.store.session_owner(session_id)
+        except Exception:  # the operation itself succeeded; its record just names no principal
+            return None
+
+    async def _aowner(self, session_id: str | None) -> str | None:
+        if session_id is None:
+            return None
+        try:
+            return await self.store.asession_owner(session_id)
+        except Exception:
+            return None
 
     def locks(self) -> list[LockInfo]:
         """Every object lock held now, with its fencing token."""
         return self.store.locks()
 
-    def active_sessions(self, limit: int = 1000) -> list[SessionInfo]:
-        """The active sessions of every principal, most recently seen first, at most ``limit``."""
-        return self.store.all_sessions(self.session_idle, _limit(limit))
-
     # -- operations of security events (sa_middleware.events; also usable directly) ------------------------------
 
-    def revoke_sessions(self, sub: str, before: float | None = None, *, source: str | None = None) -> list[str]:
+    def revoke_sessions(self, sub: str, before: float | None = None, *, issuer: str | None = None,
+                        source: str | None = None) -> list[str]:
         """Revoke every session of ``sub`` whose token was issued at or before ``before`` (default, and at most:
         now): they are refused with ``session_revoked``, while a token issued later opens a new session. Returns
         the ids of the stored sessions marked revoked (CAEP ``session-revoked`` for a principal)."""
-        marked = self.store.revoke_sessions(_arg(sub, "sub"), _time(before, "before"))
-        self._note(self._operation("revoke_sessions", source, sub, detail=_marked("revoked", marked, before)))
+        when = _time(before, "before")
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        marked = self.store.revoke_sessions(sub, when, *scoped(iss))
+        self._note(self._operation("revoke_sessions", source, sub, detail=_marked("revoked", marked, before),
+                                   iss=iss))
         return marked
 
-    def disable_principal(self, sub: str, *, source: str | None = None) -> float:
+    def disable_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> float:
         """Refuse every token of ``sub`` (``token_revoked``) until :meth:`enable_principal`; tokens issued before
         now stay refused after that too (RISC ``account-disabled``). Returns the time of the watermark."""
-        watermark = self.store.disable_principal(_arg(sub, "sub"))
-        self._note(self._operation("disable_principal", source, sub, detail="disabled; " + _watermark(watermark)))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        watermark = self.store.disable_principal(sub, *scoped(iss))
+        self._note(self._operation("disable_principal", source, sub, detail="disabled; " + _watermark(watermark),
+                                   iss=iss))
         return watermark
 
-    def enable_principal(self, sub: str, *, source: str | None = None) -> bool:
+    def enable_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> bool:
         """Undo :meth:`disable_principal`: tokens issued since then are admitted again (RISC ``account-enabled``).
         Returns whether ``sub`` was disabled."""
-        enabled = self.store.enable_principal(_arg(sub, "sub"))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        enabled = self.store.enable_principal(sub, *scoped(iss))
         self._note(self._operation("enable_principal", source, sub,
-                                   detail="enabled" if enabled else "was not disabled"))
+                                   detail="enabled" if enabled else "was not disabled", iss=iss))
         return enabled
 
-    def set_assurance(self, sub: str, level: str | None, at: float | None = None, *,
+    def set_assurance(self, sub: str, level: str | None, at: float | None = None, *, issuer: str | None = None,
                       source: str | None = None) -> None:
         """Record ``sub``'s current assurance level (an ``acr`` value) as of ``at`` (default, and at most: now):
         for tokens issued before then, step-up (``acr_values``) checks ``level`` instead of the token's ``acr``
         (CAEP ``assurance-level-change``). ``level=None`` forgets it."""
         if level is not None:
             level = _arg(level, "level")
-        self.store.set_assurance(_arg(sub, "sub"), level, _time(at, "at"))
-        self._note(self._operation("set_assurance", source, sub, detail=_assurance(level)))
+        when = _time(at, "at")
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        self.store.set_assurance(sub, level, when, *scoped(iss))
+        self._note(self._operation("set_assurance", source, sub, detail=_assurance(level), iss=iss))
 
-    def raise_risk(self, sub: str, amount: int, window: float, *, source: str | None = None) -> None:
+    def raise_risk(self, sub: str, amount: int, window: float, *, issuer: str | None = None,
+                   source: str | None = None) -> None:
         """Add ``amount`` to ``sub``'s risk for ``window`` seconds, as an action with ``raises_risk`` would
         (CAEP ``risk-level-change``); routes with ``max_risk`` below it refuse with ``risk_too_high``."""
         args = _risk_args(amount, window)
-        self.store.raise_risk(_arg(sub, "sub"), *args)
-        self._note(self._operation("raise_risk", source, sub, detail=_risk(*args)))
+        iss = self.issuer_of(_arg(sub, "sub"), issuer)
+        self.store.raise_risk(sub, *args, *scoped(iss))
+        self._note(self._operation("raise_risk", source, sub, detail=_risk(*args), iss=iss))
 
     # -- async twins -------------------------------------------------------------------------------------------
 
-    async def arevoke_sessions(self, sub: str, before: float | None = None, *,
+    async def arevoke_sessions(self, sub: str, before: float | None = None, *, issuer: str | None = None,
                                source: str | None = None) -> list[str]:
-        marked = await self.store.arevoke_sessions(_arg(sub, "sub"), _time(before, "before"))
-        await self._anote(self._operation("revoke_sessions", source, sub, detail=_marked("revoked", marked, before)))
+        when = _time(before, "before")
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        marked = await self.store.arevoke_sessions(sub, when, *scoped(iss))
+        await self._anote(self._operation("revoke_sessions", source, sub, detail=_marked("revoked", marked, before),
+                                          iss=iss))
         return marked
 
-    async def adisable_principal(self, sub: str, *, source: str | None = None) -> float:
-        watermark = await self.store.adisable_principal(_arg(sub, "sub"))
+    async def adisable_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> float:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        watermark = await self.store.adisable_principal(sub, *scoped(iss))
         await self._anote(self._operation("disable_principal", source, sub,
-                                          detail="disabled; " + _watermark(watermark)))
+                                          detail="disabled; " + _watermark(watermark), iss=iss))
         return watermark
 
-    async def aenable_principal(self, sub: str, *, source: str | None = None) -> bool:
-        enabled = await self.store.aenable_principal(_arg(sub, "sub"))
+    async def aenable_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> bool:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        enabled = await self.store.aenable_principal(sub, *scoped(iss))
         await self._anote(self._operation("enable_principal", source, sub,
-                                          detail="enabled" if enabled else "was not disabled"))
+                                          detail="enabled" if enabled else "was not disabled", iss=iss))
         return enabled
 
     async def aset_assurance(self, sub: str, level: str | None, at: float | None = None, *,
-                             source: str | None = None) -> None:
+                             issuer: str | None = None, source: str | None = None) -> None:
         if level is not None:
             level = _arg(level, "level")
-        await self.store.aset_assurance(_arg(sub, "sub"), level, _time(at, "at"))
-        await self._anote(self._operation("set_assurance", source, sub, detail=_assurance(level)))
+        when = _time(at, "at")
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        await self.store.aset_assurance(sub, level, when, *scoped(iss))
+        await self._anote(self._operation("set_assurance", source, sub, detail=_assurance(level), iss=iss))
 
-    async def araise_risk(self, sub: str, amount: int, window: float, *, source: str | None = None) -> None:
+    async def araise_risk(self, sub: str, amount: int, window: float, *, issuer: str | None = None,
+                          source: str | None = None) -> None:
         args = _risk_args(amount, window)
-        await self.store.araise_risk(_arg(sub, "sub"), *args)
-        await self._anote(self._operation("raise_risk", source, sub, detail=_risk(*args)))
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        await self.store.araise_risk(sub, *args, *scoped(iss))
+        await self._anote(self._operation("raise_risk", source, sub, detail=_risk(*args), iss=iss))
 
-    async def arotate(self, sub: str, *, source: str | None = None) -> int:
-        generation = await self.store.arotate(_arg(sub, "sub"))
-        await self._anote(self._operation("rotate", source, sub, detail=f"generation {generation}"))
-        warning = await self.arotation_warning(sub)
+    async def arotate(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> int:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        generation = await self.store.arotate(sub, *scoped(iss))
+        await self._anote(self._operation("rotate", source, sub, detail=f"generation {generation}", iss=iss))
+        warning = await self.arotation_warning(sub, issuer=iss)
         if warning:
             log.warning("sa-middleware: %s", warning)
         return generation
 
-    async def arevoke_principal(self, sub: str, *, source: str | None = None) -> float:
-        watermark = await self.store.arevoke_principal(_arg(sub, "sub"))
-        await self._anote(self._operation("revoke_principal", source, sub, detail=_watermark(watermark)))
+    async def arevoke_principal(self, sub: str, *, issuer: str | None = None, source: str | None = None) -> float:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        watermark = await self.store.arevoke_principal(sub, *scoped(iss))
+        await self._anote(self._operation("revoke_principal", source, sub, detail=_watermark(watermark), iss=iss))
         return watermark
 
     async def arevoke_session(self, session_id: str, *, source: str | None = None) -> bool:
         known = await self.store.arevoke_session(_arg(session_id, "session_id"))
-        await self._anote(self._operation("revoke_session", source, session_id=session_id, detail=_revoked(known)))
+        await self._anote(self._operation("revoke_session", source, await self._aowner(session_id), session_id,
+                                          detail=_revoked(known)))
         return known
 
     async def areport_compromise(self, sub: str | None = None, session_id: str | None = None, *,
-                                 source: str | None = None) -> list[str]:
-        args = _compromise_args(sub, session_id)
-        marked = await self.store.areport_compromise(*args)
-        await self._anote(self._operation("report_compromise", source, *args, detail=_marked("compromised", marked)))
+                                 issuer: str | None = None, source: str | None = None) -> list[str]:
+        args = _compromise_args(sub, session_id, issuer)
+        iss = "" if sub is None else await self.aissuer_of(sub, issuer)
+        marked = await self.store.areport_compromise(*args, *scoped(iss))
+        owner = args[0] or await self._aowner(args[1])
+        await self._anote(self._operation("report_compromise", source, owner, args[1],
+                                          detail=_marked("compromised", marked), iss=iss))
         return marked
 
     async def apause_session(self, session_id: str, *, source: str | None = None) -> bool:
         paused = await self.store.apause_session(_arg(session_id, "session_id"))
-        await self._anote(self._operation("pause_session", source, session_id=session_id, detail=_paused(paused)))
+        await self._anote(self._operation("pause_session", source, await self._aowner(session_id), session_id,
+                                          detail=_paused(paused)))
         return paused
 
     async def aresume_session(self, session_id: str, *, source: str | None = None) -> bool:
         resumed = await self.store.aresume_session(_arg(session_id, "session_id"))
-        await self._anote(self._operation("resume_session", source, session_id=session_id,
+        await self._anote(self._operation("resume_session", source, await self._aowner(session_id), session_id,
                                           detail=_resumed(resumed)))
         return resumed
 
@@ -382,18 +555,21 @@ class Operations:
         await self.store.aset_device_status(_arg(device_id, "device_id"), bool(compliant))
         await self._anote(self._operation("set_device_status", source, detail=_device(device_id, compliant)))
 
-    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None, *, source: str | None = None) -> None:
+    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None, *, issuer: str | None = None,
+                              source: str | None = None) -> None:
         values = _scopes(scopes)
-        await self.store.aset_privileges(_arg(sub, "sub"), values)
-        await self._anote(self._operation("set_privileges", source, sub, detail=_privileges(values)))
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer)
+        await self.store.aset_privileges(sub, values, *scoped(iss))
+        await self._anote(self._operation("set_privileges", source, sub, detail=_privileges(values), iss=iss))
 
-    async def asessions(self, sub: str) -> list[SessionInfo]:
-        return await self.store.asessions(_arg(sub, "sub"), self.session_idle)
+    async def asessions(self, sub: str, *, issuer: str | None = None) -> list[SessionInfo]:
+        iss = await self.aissuer_of(_arg(sub, "sub"), issuer, known=False)
+        return await self.store.asessions(sub, self.session_idle, *scoped(iss))
 
     async def alocks(self) -> list[LockInfo]:
         return await self.store.alocks()
 
-    async def aactive_sessions(self, limit: int = 1000) -> list[SessionInfo]:
+    async def aall_sessions(self, limit: int = 100) -> list[SessionInfo]:
         return await self.store.aall_sessions(self.session_idle, _limit(limit))
 
 
@@ -433,7 +609,17 @@ def _no_generation(sub: str) -> str:
     return (f"{sub}: its latest token carried no generation claim, so every token of {sub} is refused "
             "(stale_generation) and a new token from the same issuer will not help; undo with "
             f"reset_generation (sa-middleware rotate --reset -- {sub}) and use revoke_principal "
-            f"(sa-middleware revoke --sub={sub}) instead")
+            f"(sa-middleware revoke {'-- ' if sub.startswith('-') else ''}{sub}) instead")
+
+
+_MAX_ISSUER = 2048
+
+
+def _issuer(value: str) -> str:
+    if not isinstance(value, str) or len(value) > _MAX_ISSUER:
+        raise ConfigurationError(f"issuer must be a string of at most {_MAX_ISSUER} characters (\"\" for tokens "
+                                 "without an issuer)")
+    return value
 
 
 def _time(value: float | None, name: str) -> float | None:
@@ -454,9 +640,12 @@ def _risk_args(amount: int, window: float) -> tuple[int, float]:
     return amount, number
 
 
-def _compromise_args(sub: str | None, session_id: str | None) -> tuple[str | None, str | None]:
+def _compromise_args(sub: str | None, session_id: str | None,
+                     issuer: str | None = None) -> tuple[str | None, str | None]:
     if sub is None and session_id is None:
         raise ConfigurationError("report_compromise needs sub or session_id")
+    if sub is None and issuer is not None:
+        raise ConfigurationError("issuer names the issuer of sub; a session names its own principal")
     return (None if sub is None else _arg(sub, "sub"),
             None if session_id is None else _arg(session_id, "session_id"))
 
@@ -498,6 +687,18 @@ def _audit_query(sub: str | None, session_id: str | None, code: str | None, sinc
 
 
 # -- audit details ---------------------------------------------------------------------------------------------
+
+
+def _escaped_text(text: str) -> str:
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _escaped(record: AuditRecord) -> AuditRecord:
+    """``record`` with every text escaped to ASCII (``\\u202e``): what a store refused once, tried again."""
+    def text(value: str | None) -> str | None:
+        return None if value is None else _escaped_text(value)
+    return replace(record, code=_escaped_text(record.code), source=_escaped_text(record.source), sub=text(record.sub),
+                   session_id=text(record.session_id), route=text(record.route), detail=_escaped_text(record.detail))
 
 
 def iso(seconds: float) -> str:

@@ -3,8 +3,10 @@
 Routes are keyed ``"METHOD /path/{param}"`` with Starlette's path syntax (``{id}``, ``{id:int}``, ``{id:float}``,
 ``{id:uuid}``, ``{rest:path}``); ``"* /path"`` matches any method. The most specific match wins: more literal path
 characters first, then fewer ``path`` parameters, then an exact method over ``*`` (so a catch-all such as
-``GET /{rest:path}`` never shadows ``* /api/payments``). ``default_policy`` fills every field
-a route leaves unset, and applies alone to requests that match no route.
+``GET /{rest:path}`` never shadows ``* /api/payments``). A path that matches no route is tried again with runs of
+slashes collapsed and a trailing slash removed (``//payments/42/approve/`` is decided as ``/payments/42/approve``,
+as routers that merge slashes would serve it). ``default_policy`` fills every field a route leaves unset, and
+applies alone to requests that match no route.
 
 Keys ``"TOOL <name>"``, ``"PROMPT <name>"`` and ``"RESOURCE <uri or uri template>"`` hold the policies of an MCP
 server's tools, prompts and resources: HTTP requests never match them; the MCP adapter
@@ -14,6 +16,8 @@ nothing on its server.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 import re
 import string
@@ -22,9 +26,15 @@ from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidRequest
 
-__all__ = ["TARGET_KINDS", "EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "lock_fields", "render_lock_key"]
+__all__ = [
+    "MAX_LOCK_KEY", "TARGET_KINDS", "EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "as_policy", "lock_fields",
+    "render_lock_key", "sample_paths", "starlette_syntax",
+]
+
+#: The longest lock key, in characters after rendering; a request whose key is longer gets 400 invalid_request.
+MAX_LOCK_KEY = 512
 
 SessionLimitAction = Literal["reject", "evict_oldest"]
 LockConflictAction = Literal["reject", "wait", "pause"]
@@ -52,7 +62,8 @@ def _str_set(value: Any, name: str) -> frozenset[str] | None:
 class Policy:
     """What a route requires. Every field is optional; ``None`` means "unset: take it from ``default_policy``".
 
-    See README "Policy fields" for the meaning and the default of each field.
+    See the "Policies" page of the documentation for the meaning and the default of each field. An unknown
+    keyword raises :class:`~sa_middleware.errors.ConfigurationError` with the closest field name.
     """
 
     public: bool | None = None
@@ -125,6 +136,8 @@ class Policy:
                 raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}")
         for template in self.locks or ():
             _lock_fields(template)
+            if len(template) > MAX_LOCK_KEY:
+                raise ConfigurationError(f"locks: a template longer than {MAX_LOCK_KEY} characters renders no key")
 
     def merged(self, fallback: Policy | None) -> Policy:
         """This policy with every unset field taken from ``fallback``."""
@@ -137,6 +150,39 @@ class Policy:
         """The policy with the library defaults filled in."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.init and getattr(self, f.name) is not None}
         return EffectivePolicy(**values)
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+POLICY_FIELDS = frozenset(f.name for f in fields(Policy) if f.init)
+_dataclass_init = Policy.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _policy_init(self: Policy, *args: Any, **kwargs: Any) -> None:
+    for name in kwargs:
+        if name not in POLICY_FIELDS:
+            raise ConfigurationError(f"Policy has no field {name!r}{_did_you_mean(name, POLICY_FIELDS)}")
+    _dataclass_init(self, *args, **kwargs)
+
+
+setattr(Policy, "__init__", _policy_init)  # noqa: B010  (unknown keywords: a ConfigurationError, not a TypeError)
+
+
+def as_policy(value: Any, where: str) -> Policy:
+    """``value`` as a :class:`Policy`: a Policy as is, or a dict of Policy fields (``{"max_sessions": 5}``)."""
+    if isinstance(value, Policy):
+        return value
+    if isinstance(value, Mapping):
+        for name in value:
+            if name not in POLICY_FIELDS:
+                hint = _did_you_mean(str(name), POLICY_FIELDS)
+                raise ConfigurationError(f"{where}: unknown Policy field {name!r}{hint}")
+        return Policy(**value)
+    raise ConfigurationError(f"{where} must be a Policy or a dict of Policy fields")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +248,27 @@ def _target_key(key: object) -> str | None:
 
 
 def render_lock_key(template: str, params: Mapping[str, Any]) -> str:
-    """Render ``"payment:{id}"`` with the route's path parameters."""
-    return template.format_map({key: str(value) for key, value in params.items()})
+    """Render ``"payment:{id}"`` with the route's path parameters, so that one object has one key.
+
+    Each value is taken as the router gives it (percent-decoded once, never again) and normalised as a path: empty
+    segments are dropped (``a//b/`` -> ``a/b``). A value with a ``.`` or ``..`` segment, or a key longer than
+    :data:`MAX_LOCK_KEY` characters, raises :class:`~sa_middleware.errors.InvalidRequest` (the request gets 400
+    ``invalid_request``). A template naming a missing parameter raises ``KeyError``.
+    """
+    key = template.format_map({name: _lock_value(value) for name, value in params.items()})
+    if len(key) > MAX_LOCK_KEY:
+        raise InvalidRequest(f"the lock key of this URL is longer than {MAX_LOCK_KEY} characters")
+    return key
+
+
+def _lock_value(value: Any) -> str:
+    text = str(value)
+    if "/" not in text and text not in (".", ".."):
+        return text
+    segments = text.split("/")
+    if "." in segments or ".." in segments:
+        raise InvalidRequest("a path parameter that names a lock has a '.' or '..' segment")
+    return "/".join(segment for segment in segments if segment)
 
 
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")
@@ -218,6 +283,37 @@ _CONVERTORS: dict[str, tuple[str, Any]] = {
 TARGET_KINDS = ("TOOL", "PROMPT", "RESOURCE")
 _TARGET_NAME = re.compile(r"[A-Za-z0-9_./-]{1,128}")
 _TARGET_URI = re.compile(r"[!-~]{1,1024}")  # printable ASCII, no spaces
+_MANY_SLASHES = re.compile(r"//+")
+_FOREIGN_PARAM = re.compile(r"<(?:([a-zA-Z_][a-zA-Z0-9_]*)(?:\([^)]*\))?:)?([a-zA-Z_][a-zA-Z0-9_]*)>")
+_FOREIGN_CONVERTORS = {"int": "int", "float": "float", "uuid": "uuid", "path": "path"}
+
+
+def _starlette_param(m: re.Match[str]) -> str:
+    """``<int:id>`` -> ``{id:int}``; ``<id>``, ``<string:id>``, ``<slug:id>`` -> ``{id}``."""
+    conv = _FOREIGN_CONVERTORS.get(m.group(1) or "")
+    return f"{{{m.group(2)}:{conv}}}" if conv else f"{{{m.group(2)}}}"
+
+
+def starlette_syntax(template: str) -> str:
+    """A Flask / Django route template in Starlette's syntax: ``/items/<int:id>`` -> ``/items/{id:int}``."""
+    return _FOREIGN_PARAM.sub(_starlette_param, template)
+
+
+_SAMPLES = {"int": ("1",), "float": ("1.5",), "uuid": ("00000000-0000-4000-8000-000000000000",),
+            "path": ("a", "a/b")}
+
+
+def sample_paths(template: str, limit: int = 16) -> list[str]:
+    """Concrete paths a Starlette-syntax template matches (one or two values a parameter, at most ``limit``)."""
+    paths = [""]
+    pos = 0
+    for m in _PARAM.finditer(template):
+        values = _SAMPLES.get(m.group(2) or "str", ("1", "a"))
+        paths = [p + template[pos:m.start()] + v for p in paths for v in values][:limit]
+        pos = m.end()
+    return [p + template[pos:] for p in paths]
+
+
 _METHODS = frozenset({"*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
                       "WEBSOCKET"})
 
@@ -230,6 +326,7 @@ class RouteMatch:
     params: Mapping[str, Any]
     policy: EffectivePolicy
     lock_keys: tuple[str, ...]
+    refusal: str | None = None  # why the request cannot be decided (400 invalid_request), e.g. a bad lock key
 
 
 @dataclass(slots=True)
@@ -247,9 +344,10 @@ class _Route:
 class RouteTable:
     """Matches ``(method, path)`` to the most specific route policy."""
 
-    def __init__(self, policies: Mapping[str, Policy] | None, default_policy: Policy | None = None) -> None:
-        if default_policy is not None and not isinstance(default_policy, Policy):
-            raise ConfigurationError("default_policy must be a Policy")
+    def __init__(self, policies: Mapping[str, Policy | Mapping[str, Any]] | None,
+                 default_policy: Policy | Mapping[str, Any] | None = None) -> None:
+        if default_policy is not None:
+            default_policy = as_policy(default_policy, "default_policy")
         self.default_policy = (default_policy or Policy()).validate("default_policy")
         if default_policy is not None and default_policy.locks:
             raise ConfigurationError("default_policy: locks need a route's path parameters; set them per route")
@@ -270,17 +368,23 @@ class RouteTable:
             self._routes.append(self._compile(key, policy))
         self._routes.sort(key=lambda r: r.rank, reverse=True)
 
-    def _compile(self, key: str, policy: Policy) -> _Route:
+    def _compile(self, key: str, value: Policy | Mapping[str, Any]) -> _Route:
         if not isinstance(key, str):
             raise ConfigurationError(f"route {key!r}: keys are strings like 'GET /items/{{id}}'")
-        if not isinstance(policy, Policy):
-            raise ConfigurationError(f"route {key!r}: the value must be a Policy")
+        if not isinstance(value, Policy | Mapping):
+            raise ConfigurationError(f"route {key!r}: the value must be a Policy or a dict of Policy fields")
+        policy = as_policy(value, f"route {key!r}")
         method, _, path = key.strip().partition(" ")
         method = method.upper()
         path = path.strip()
         if method not in _METHODS or not path.startswith("/"):
             raise ConfigurationError(f"route {key!r}: expected 'METHOD /path' with METHOD one of "
                                      f"{', '.join(sorted(_METHODS))}")
+        foreign = _FOREIGN_PARAM.search(path)
+        if foreign is not None:
+            raise ConfigurationError(f"route {key!r}: route keys use Starlette's path syntax, not Flask's: write "
+                                     f"{f'{method} {starlette_syntax(path)}'!r} ({foreign.group(0)!r}: write "
+                                     f"{_starlette_param(foreign)!r})")
         pattern, convert, literal, path_params, pos = "^", {}, 0, 0, 0
         for m in _PARAM.finditer(path):
             pattern += re.escape(path[pos:m.start()])
@@ -332,6 +436,10 @@ class RouteTable:
             raise ConfigurationError(f"{key!r}: a lock template names a missing parameter {exc}") from None
         return RouteMatch(key, dict(params), effective, keys)
 
+    def entries(self) -> list[tuple[str, str, re.Pattern[str]]]:
+        """The table's routes: ``(key, path template, compiled path pattern)``."""
+        return [(r.key, r.key.strip().partition(" ")[2].strip(), r.regex) for r in self._routes]
+
     def match(self, method: str, path: str) -> RouteMatch:
         """The most specific route for this request, or the default policy (``route=None``)."""
         cache_key = (method, path)
@@ -344,6 +452,17 @@ class RouteTable:
         return result
 
     def _find(self, method: str, path: str) -> tuple[_Route, dict[str, Any]] | None:
+        found = self._find_exact(method, path)
+        if found is None:
+            # routers that merge slashes (werkzeug, Flask) or ignore a trailing one route these to the same view:
+            # the route's policy applies to them too, never default_policy
+            normal = _MANY_SLASHES.sub("/", path)
+            normal = normal[:-1] if len(normal) > 1 and normal.endswith("/") else normal
+            if normal != path:
+                found = self._find_exact(method, normal)
+        return found
+
+    def _find_exact(self, method: str, path: str) -> tuple[_Route, dict[str, Any]] | None:
         for route in self._routes:
             if route.method not in ("*", method) and not (route.method == "GET" and method == "HEAD"):
                 continue
@@ -362,7 +481,10 @@ class RouteTable:
         if found is None:
             return RouteMatch(None, {}, self._default, ())
         route, params = found
-        keys = tuple(render_lock_key(t, params) for t in route.policy.locks)
+        try:
+            keys = tuple(render_lock_key(t, params) for t in route.policy.locks)
+        except InvalidRequest as exc:
+            return RouteMatch(route.key, params, route.policy, (), str(exc))
         return RouteMatch(route.key, params, route.policy, keys)
 
     def resolve(self, policy: Policy | None, route: str | None, params: Mapping[str, Any], *,
@@ -394,6 +516,8 @@ class RouteTable:
                 self._resolved[key] = effective
         try:
             keys = tuple(render_lock_key(t, merged_params) for t in effective.locks)
+        except InvalidRequest as exc:
+            return RouteMatch(route, merged_params, effective, (), str(exc))
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigurationError(f"{where}: a lock template names a missing path parameter {exc}") from None
         return RouteMatch(route, merged_params, effective, keys)

@@ -7,7 +7,7 @@ from typing import Literal
 
 __all__ = [
     "Admission", "AuditKind", "AuditRecord", "LockHolder", "LockInfo", "LockRequest", "Marker", "PrincipalState",
-    "SessionInfo", "SessionStatus", "Snapshot", "Ticket", "TicketRecord", "Verdict",
+    "SessionInfo", "SessionStatus", "Snapshot", "Ticket", "TicketRecord", "Verdict", "storable_text",
 ]
 
 SessionStatus = Literal["active", "paused", "revoked", "compromised"]
@@ -16,6 +16,15 @@ SessionStatus = Literal["active", "paused", "revoked", "compromised"]
 #: detected (``session_paused``, ``session_evicted``, ``state_loss``) and ``audit_dropped``
 AuditKind = Literal["denial", "admission", "operation", "change"]
 Kind = Literal["human", "service", "agent"]
+
+
+def storable_text(text: str) -> str:
+    """``text`` with the code points UTF-8 cannot encode (lone surrogates) escaped as ``\\udXXX``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +79,9 @@ class Admission:
     # while the Guard waits for the lock and retries: it records the final refusal itself)
     audit_admitted: bool = False
     audit_locked: bool = True
+    #: the token's issuer (its verified ``iss`` claim; "" when the token has none): principal state is kept per
+    #: issuer and subject, so two issuers' principals with the same ``sub`` never share state
+    iss: str = ""
 
 
 @dataclass(slots=True)
@@ -114,6 +126,7 @@ class SessionInfo:
     marked_at: float | None = None
     marked_generation: int | None = None
     cleared_at: float | None = None
+    iss: str = ""  # the principal's issuer ("": a token without ``iss``, or a session stored before issuers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +150,7 @@ class LockHolder:
     session_id: str
     kind: str
     expires: float
+    iss: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +164,7 @@ class LockInfo:
     sub: str
     session_id: str
     expires: float
+    iss: str = ""
 
 
 @dataclass(slots=True)
@@ -176,6 +191,7 @@ class Ticket:
     session_id: str
     fencing_tokens: dict[str, int]
     expires: float
+    iss: str = ""
 
 
 @dataclass(slots=True)
@@ -218,6 +234,14 @@ class AuditRecord:
     route: str | None = None
     detail: str = ""
     time: float | None = None
+
+    def __post_init__(self) -> None:
+        # a value UTF-8 cannot encode (a lone surrogate from a JSON escape in a token) would make every store refuse
+        # the record and the batch it rides in: it is kept with those code points escaped (as \ud800)
+        for name in ("code", "source", "sub", "session_id", "route", "detail"):
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.isascii():
+                object.__setattr__(self, name, storable_text(value))
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (``sa-middleware audit --json``)."""

@@ -2,8 +2,9 @@
 
 The memory and SQLite stores call :func:`evaluate` on a :class:`~sa_middleware.records.Snapshot` read inside one
 ``BEGIN IMMEDIATE`` transaction and apply the returned writes in the same transaction. The Redis store implements the
-same rule in Lua; the conformance suite keeps the two equal. Checks run in the order of DESIGN section 5, and the
-first failure wins, so the same state always gives the same code.
+same rule in Lua; the conformance suite keeps the two equal. Checks run in the order given on the "Denials" page of
+the documentation (docs/denials.md, "Order of checks"), and the first failure wins, so the same state always gives
+the same code.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 
 from .records import Admission, LockRequest, SessionInfo, SessionStatus, Snapshot, Ticket, TicketRecord, Verdict
 
-__all__ = ["FENCE_SLACK", "STATUS_RETENTION", "evaluate", "is_newer", "live_risk", "next_fence"]
+__all__ = ["FENCE_SLACK", "STATUS_RETENTION", "evaluate", "is_active", "is_newer", "live_risk", "next_fence", "owns"]
 
 #: seconds a paused, revoked or compromised session is remembered beyond its last token's expiry, so a refreshed
 #: token with the same session id cannot bring it back without an operator
@@ -37,6 +38,20 @@ def is_newer(marker_at: float, marker_gen: int | None, token_iat: float | None, 
     if marker_gen is not None and token_gen is not None:
         return token_gen > marker_gen
     return token_iat is not None and token_iat > marker_at
+
+
+def is_active(session: SessionInfo, session_idle: float, now: float) -> bool:
+    """Whether a stored session counts as active (for ``max_sessions``): seen within ``session_idle`` seconds, its
+    token not expired, and not revoked. Paused and compromised sessions count: they hold their place until an
+    operator revokes them or they go idle."""
+    return session.status != "revoked" and session.last_seen + session_idle > now and session.expires > now
+
+
+def owns(session: SessionInfo, a: Admission) -> bool:
+    """Whether a stored session may serve the admission's principal: the same subject under the same issuer. A
+    session without a subject (revoked before it was seen) serves anyone (and refuses them); one stored without an
+    issuer (before issuers were recorded) serves the same subject under any issuer, which then owns it."""
+    return session.sub == "" or (session.sub == a.sub and session.iss in ("", a.iss))
 
 
 def live_risk(entries: list[tuple[int, float]], now: float) -> list[tuple[int, float]]:
@@ -68,7 +83,7 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
 
     # session status
     session = next((x for x in s.sessions if x.session_id == a.session_id), None)
-    if session is not None and session.sub not in ("", a.sub):
+    if session is not None and not owns(session, a):
         return _deny(v, "invalid_token", "the session id belongs to another principal")
     if p.sessions_before is not None and (a.token_iat is None or a.token_iat <= p.sessions_before):
         return _deny(v, "session_revoked", "the principal's sessions were revoked; sign in again")
@@ -123,21 +138,25 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
         if s.device_compliant is False:
             return _deny(v, "device_noncompliant", "the device is marked non-compliant")
 
-    # parallel sessions
+    # parallel sessions: whichever route made them active (see is_active), the requesting session must be among
+    # the principal's max_sessions oldest active sessions ("reject"); "evict_oldest" evicts the oldest others until
+    # it is one of at most max_sessions. A session that is not active yet counts as the newest.
     evict: list[str] = []
-    is_active = session is not None and session.last_seen + a.session_idle > now
-    if a.max_sessions is not None and not is_active:
-        others = sorted((x for x in s.sessions if x.session_id != a.session_id and x.status != "revoked"
-                         and x.last_seen + a.session_idle > now), key=lambda x: (x.created, x.session_id))
-        excess = len(others) - a.max_sessions + 1
-        if excess > 0:
-            if a.on_session_limit != "evict_oldest":
-                return _deny(v, "too_many_sessions", f"at most {a.max_sessions} active sessions are allowed")
-            evict = [x.session_id for x in others[:excess]]
+    if a.max_sessions is not None:
+        others = sorted((x for x in s.sessions if x.session_id != a.session_id and is_active(x, a.session_idle, now)),
+                        key=_age)
+        if a.on_session_limit == "evict_oldest":
+            evict = [x.session_id for x in others[:max(0, len(others) - a.max_sessions + 1)]]
+        else:
+            mine = session if session is not None and is_active(session, a.session_idle, now) else None
+            older = others if mine is None else [x for x in others if _age(x) < _age(mine)]
+            if len(older) >= a.max_sessions:
+                detail = _at_most(a.max_sessions, "active session", "is", "are") + " allowed"
+                return _deny(v, "too_many_sessions", detail)
 
     # actions in flight
     if a.max_in_flight is not None and len(s.tickets) >= a.max_in_flight:
-        return _deny(v, "too_many_in_flight", f"at most {a.max_in_flight} requests may be in flight", 1)
+        return _deny(v, "too_many_in_flight", _at_most(a.max_in_flight, "request", "may", "may") + " be in flight", 1)
     for t in s.tickets:
         if a.exclusive or t.exclusive:
             return _deny(v, "conflicting_action", "another action of this principal is in flight", 1)
@@ -180,8 +199,8 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
         v.session = _new_session(a, now, "active")
     else:
         v.session = SessionInfo(
-            session.session_id, session.sub, a.kind, "active", session.created, now, max(session.expires, a.token_exp),
-            a.client, a.user_agent, a.device, a.credential, a.actor, None, None, session.cleared_at)
+            session.session_id, a.sub, a.kind, "active", session.created, now, max(session.expires, a.token_exp),
+            a.client, a.user_agent, a.device, a.credential, a.actor, None, None, session.cleared_at, a.iss)
     if a.raises_risk:
         v.risk = [*risk, (a.raises_risk, now + a.risk_window)]
     v.lock_grants = grants
@@ -189,7 +208,7 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
     expires = now + a.lease
     v.ticket_record = TicketRecord(a.ticket_id, a.sub, a.session_id, a.token_hash, client, a.tags, a.conflicts,
                                    a.exclusive, expires)
-    v.ticket = Ticket(a.ticket_id, a.sub, a.session_id, {key: fence for key, _, fence in grants}, expires)
+    v.ticket = Ticket(a.ticket_id, a.sub, a.session_id, {key: fence for key, _, fence in grants}, expires, a.iss)
     return v
 
 
@@ -205,7 +224,16 @@ def _merge_locks(locks: tuple[LockRequest, ...]) -> list[LockRequest]:
 def _new_session(a: Admission, now: float, status: SessionStatus) -> SessionInfo:
     expires = a.token_exp if status == "active" else max(a.token_exp, now + STATUS_RETENTION)
     return SessionInfo(a.session_id, a.sub, a.kind, status, now, now, expires, a.client,
-                       a.user_agent, a.device, a.credential, a.actor)
+                       a.user_agent, a.device, a.credential, a.actor, iss=a.iss)
+
+
+def _age(x: SessionInfo) -> tuple[float, str]:
+    return x.created, x.session_id
+
+
+def _at_most(limit: int, noun: str, one: str, many: str) -> str:
+    """``at most 1 active session is`` / ``at most 3 active sessions are`` (the Lua rule words it the same way)."""
+    return f"at most {limit} {noun} {one}" if limit == 1 else f"at most {limit} {noun}s {many}"
 
 
 def _deny(v: Verdict, code: str, detail: str, retry_after: int | None = None) -> Verdict:

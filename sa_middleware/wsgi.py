@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .context import RequestInfo
+from .context import RequestInfo, admitted
 from .denials import Denial
 from .guard import Guard
 from .policy import RouteMatch
@@ -25,7 +25,8 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
 def request_info(environ: Environ) -> RequestInfo:
-    """A RequestInfo from a WSGI environ."""
+    """A RequestInfo from a WSGI environ: ``path`` is ``SCRIPT_NAME + PATH_INFO`` (the URL's path), ``app_path``
+    is ``PATH_INFO`` (what the Guard's table is matched on)."""
     headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items()
                if key.startswith("HTTP_") and isinstance(value, str)}
     for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
@@ -37,7 +38,8 @@ def request_info(environ: Environ) -> RequestInfo:
     return RequestInfo(method=environ.get("REQUEST_METHOD", "GET").upper(), path=path, headers=headers,
                        client=environ.get("REMOTE_ADDR", ""), scheme=scheme,
                        host=headers.get("host") or _server(environ),
-                       client_cert=cert if isinstance(cert, str) and cert else None)
+                       client_cert=cert if isinstance(cert, str) and cert else None,
+                       app_path=environ.get("PATH_INFO") or "/")
 
 
 def _server(environ: Environ) -> str:
@@ -79,10 +81,12 @@ class AfterClose:
 
 
 def run_admitted(app: WSGIApp, environ: Environ, start_response: StartResponse, guard: Guard,
-                 ticket: Ticket | None) -> Iterable[bytes]:
-    """Call the app and return its response wrapped so the ticket is released on close or on error."""
+                 ticket: Ticket | None, view_policies: bool = False) -> Iterable[bytes]:
+    """Call the app and return its response wrapped so the ticket is released on close or on error.
+    ``view_policies``: the match applied the views' ``@policy`` (adapters), so decorated views may run."""
     try:
-        result = app(environ, start_response)
+        with admitted(view_policies):
+            result = app(environ, start_response)
     except BaseException:
         guard.release(ticket)
         raise
@@ -90,7 +94,14 @@ def run_admitted(app: WSGIApp, environ: Environ, start_response: StartResponse, 
 
 
 class SessionAwareWSGIMiddleware:
-    """Session-aware authorisation for any WSGI app."""
+    """Session-aware authorisation for any WSGI app, decided by the Guard's table (``policies``) alone.
+
+    Views decorated with an adapter's ``@policy`` refuse to run under it (their policy would not be applied): use
+    the framework's adapter for them.
+    """
+
+    #: whether ``match`` applies the views' ``@policy`` when it finds the view (the adapters' subclasses do)
+    view_policies = False
 
     def __init__(self, app: WSGIApp, *, guard: Guard) -> None:
         if not isinstance(guard, Guard):
@@ -104,8 +115,10 @@ class SessionAwareWSGIMiddleware:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         request = request_info(environ)
-        outcome = self.guard.admit(request, self.match(environ, request))
+        match = self.match(environ, request)
+        outcome = self.guard.admit(request, match)
         if isinstance(outcome, Denial):
             return denial_app(outcome, self.guard, start_response)
         environ["sa_middleware"] = outcome.context
-        return run_admitted(self.app, environ, start_response, self.guard, outcome.ticket)
+        views = self.view_policies and match is not None  # decorated views run only if their policy was read
+        return run_admitted(self.app, environ, start_response, self.guard, outcome.ticket, views)

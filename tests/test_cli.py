@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,6 @@ from sa_middleware.denials import Denial
 from sa_middleware.devkeys import DEV_AUDIENCE, DEV_ISSUER, dev_key
 
 ROOT = Path(__file__).resolve().parents[1]
-BEHAVIOURS = ("1 agent risk", "2 rotation", "3 object lock", "4 compromise", "5 sessions")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -28,7 +28,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> 
 
 
 def step_rows(stdout: str) -> list[str]:
-    return [line for line in stdout.splitlines() if line.startswith(BEHAVIOURS)]
+    """The numbered step lines of the demo's table (under a behaviour's title line, in the order sent)."""
+    return [line for line in stdout.splitlines() if re.match(r"^ *\d+ \S", line)]
+
+
+def titles(stdout: str) -> list[str]:
+    return [line[0] for line in stdout.splitlines() if re.match(r"^\d\. ", line)]
 
 
 def test_demo_plays_every_behaviour_as_expected() -> None:
@@ -36,12 +41,13 @@ def test_demo_plays_every_behaviour_as_expected() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     rows = step_rows(result.stdout)
     assert len(rows) == 32, result.stdout
-    assert all(row.endswith(" ok") and "MISMATCH" not in row for row in rows), result.stdout
-    for behaviour in BEHAVIOURS:
-        assert sum(row.startswith(behaviour) for row in rows) >= 3, behaviour
-    summary = [line for line in result.stdout.splitlines() if line.startswith(("core ASGI", "core WSGI"))]
-    assert len(summary) == 4  # the progress line and the framework x behaviour line of each
+    assert [int(row.split()[0]) for row in rows] == list(range(1, 33))
+    assert all(row.endswith(" ok  ok") and "NO" not in row.split()[-2:] for row in rows), result.stdout
+    assert titles(result.stdout) == list("12345")
+    summary = [line for line in result.stdout.splitlines() if line.startswith(("T1 core ASGI", "T2 core WSGI"))]
+    assert len(summary) == 2 and all(line.count(" ok") == 5 for line in summary), result.stdout
     assert "all behaviours as expected" in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 120
 
 
 @pytest.mark.slow
@@ -49,14 +55,14 @@ def test_demo_against_every_example_app() -> None:
     result = run_cli("demo", "--server", "asgi", "--examples", "examples")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = step_rows(result.stdout)
-    assert len(rows) == 32 and all(row.endswith(" ok") for row in rows), result.stdout
-    header = next(line for line in result.stdout.splitlines() if line.startswith("behaviour "))
-    assert header.split()[4:] == ["core-asgi", "starlette", "fastapi", "flask", "django-wsgi", "django-asgi", "mcp",
-                                  "all"]
-    for framework in ("Starlette", "FastAPI", "Flask", "Django WSGI", "Django ASGI", "MCP (uvicorn)"):
-        line = next(x for x in result.stdout.splitlines() if x.startswith(framework) and "http" not in x)
+    assert len(rows) == 32 and all(row.split()[-7:] == ["ok"] * 7 for row in rows), result.stdout
+    header = next(line for line in result.stdout.splitlines() if line.lstrip().startswith("# "))
+    assert header.split()[-7:] == ["T1", "T2", "T3", "T4", "T5", "T6", "T7"]
+    for column, framework in enumerate(("Starlette", "FastAPI", "Flask", "Django WSGI", "Django ASGI", "MCP"), 2):
+        line = next(x for x in result.stdout.splitlines() if x.startswith(f"T{column} {framework}"))
         assert line.count(" ok") == 5 and "MISMATCH" not in line, line
     assert "skipped" not in result.stdout and "all behaviours as expected" in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 120
 
 
 def test_demo_refuses_a_directory_that_is_not_the_examples(tmp_path: Path) -> None:

@@ -182,7 +182,7 @@ def test_revoke_a_principal_or_a_session(site: Site) -> None:
     assert site.code(old) == site.code(other) == "ok"
     assert "session r2 revoked (session_revoked)" in ok(site.cli("revoke", "--session", "r2"))
     assert site.code(other) == "session_revoked" and site.code(old) == "ok"
-    out = ok(site.cli("revoke", "--sub", alice))
+    out = ok(site.cli("revoke", alice))
     assert out.startswith(f"{alice}: every token issued before ") and "(token_revoked)" in out
     assert site.code(old) == "token_revoked"
     time.sleep(0.01)  # the next token's iat must be after the watermark (the store's clock)
@@ -202,8 +202,38 @@ def test_compromise(site: Site) -> None:
             site.code(site.token(agent, sid="c3", act={"sub": alice}, iat=time.time() - 5))} == {
         "credential_compromised"}
     fails(site.cli("compromise", "--session", "ghost"), 1, "session ghost is unknown: nothing was marked")
-    dave = fresh("dave")
-    assert "no stored session was active" in ok(site.cli("compromise", "--sub", dave))
+    dave = fresh("dave")  # never seen: the store cannot tell its issuer, so the operator names it
+    fails(site.cli("compromise", "--sub", dave), 1, f"subject {dave} is not known to the store under any issuer; "
+                                                    "pass --issuer")
+    assert "no stored session was active" in ok(site.cli("compromise", "--sub", dave, "--issuer", site.idp.issuer))
+    assert site.code(site.token(dave, iat=time.time() - 5)) == "credential_compromised"
+
+
+def test_a_subject_known_under_two_issuers_needs_the_issuer(site: Site) -> None:
+    other = DemoIssuer(issuer="https://other-idp.example")
+    guard_b = Guard(store=site.uri, keys=other.public_pem, algorithms=["RS256"], issuer=other.issuer,
+                    audience=other.audience, policies=POLICIES)
+    try:
+        alice = fresh("alice")
+        assert site.code(site.token(alice, sid="i1", gen=0)) == "ok"
+        request = RequestInfo("GET", "/things", {"user-agent": "pytest",
+                                                 "authorization": f"Bearer {other.token(alice, sid='i2', gen=0)}"},
+                              "10.1.2.3")
+        outcome = guard_b.admit(request)
+        assert isinstance(outcome, Admitted)
+        guard_b.release(outcome.ticket)
+        names = ", ".join(repr(x) for x in sorted((other.issuer, site.idp.issuer)))
+        message = f"ambiguous: subject {alice} is known under issuers {names}; pass --issuer"
+        for command in (("rotate", alice), ("sessions", alice), ("revoke", "--sub", alice),
+                        ("privileges", alice, "--none"), ("compromise", "--sub", alice)):
+            fails(site.cli(*command), 1, message)
+        assert f"{alice}: generation 1;" in ok(site.cli("rotate", alice, "--issuer", other.issuer))
+        listed = json.loads(ok(site.cli("sessions", alice, "--issuer", site.idp.issuer, "--json")))
+        assert [(s["session_id"], s["iss"]) for s in listed] == [("i1", site.idp.issuer)]
+        assert site.code(site.token(alice, sid="i1", gen=0)) == "ok"  # the other issuer's rotation is not ours
+        assert isinstance(guard_b.admit(request), Denial)
+    finally:
+        guard_b.close()
 
 
 def test_pause_and_resume(site: Site) -> None:
@@ -339,16 +369,19 @@ def test_errors_are_one_clear_line_and_an_exit_status(tmp_path: Path) -> None:
         (("audit", "--json"), "redis://127.0.0.1:1/0", 1, "Error: redis store unavailable"),
         (("locks",), "memory://", 2, "memory:// lives inside one process"),
         (("locks",), "nosuch://x", 1, "unknown store scheme"),
-        (("sessions",), None, 2, "Missing argument 'SUB'"),
+        (("sessions", "--limit", "0"), None, 2, "Invalid value for '--limit'"),
         (("rotate",), None, 2, "Missing argument 'SUB'"),
-        (("pause",), None, 2, "Missing argument 'SESSION'"),
-        (("resume",), None, 2, "Missing argument 'SESSION'"),
-        (("revoke",), None, 2, "give exactly one of --sub or --session"),
-        (("revoke", "--sub", "alice", "--session", "s1"), None, 2, "give exactly one of --sub or --session"),
-        (("compromise",), None, 2, "give --sub or --session"),
+        (("pause",), None, 2, "Missing argument 'SID'"),
+        (("resume",), None, 2, "Missing argument 'SID'"),
+        (("revoke",), None, 2, "give SUB (every token of the principal) or --session SID (one session)"),
+        (("revoke", "alice", "--session", "s1"), None, 2, "give SUB (every token of the principal) or --session"),
+        (("revoke", "alice", "--sub", "bob"), None, 2, "two principals given"),
+        (("compromise",), None, 2, "give SUB or --session SID"),
         (("device", "laptop-1"), None, 2, "give --compliant or --noncompliant"),
         (("privileges", "alice"), None, 2, "give SCOPE..., --none or --clear (exactly one)"),
         (("privileges", "alice", "read", "--clear"), None, 2, "exactly one"),
+        (("revoke", "--session", "s1", "--issuer", "https://idp.example"), None, 2, "--issuer goes with SUB"),
+        (("compromise", "--session", "s1", "--issuer", "https://idp.example"), None, 2, "--issuer goes with SUB"),
         (("audit", "--since", "soon"), None, 2, "Invalid value for --since"),
         (("audit", "--limit", "0"), None, 2, "Invalid value for '--limit'"),
         (("audit", "--kind", "rumour"), None, 2, "Invalid value for '--kind'"),

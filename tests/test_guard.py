@@ -623,8 +623,9 @@ async def test_operation_arguments_are_validated(guard: Guard, twin: bool, name:
         {"store": "ftp://host/db"},
         {"store": 42},
         {"policies": {"GETT /x": Policy()}},
-        {"policies": {"GET /x": {"public": True}}},
-        {"default_policy": {"max_sessions": 1}},
+        {"policies": {"GET /x": {"public": "yes"}}},
+        {"policies": {"GET /x": ["public"]}},
+        {"default_policy": {"max_session": 1}},
         {"keys": None},
     ],
     ids=lambda options: next(iter(options)),
@@ -738,8 +739,7 @@ def test_drop_key_acts_here_at_once_and_in_other_guards_on_the_store(tmp_path: A
         here.drop_key("k1")
         refused = here.admit(request("GET", "/x", tok1))
         assert isinstance(refused, Denial) and refused.detail == "signing key withdrawn"
-        assert isinstance(there.admit(request("GET", "/x", tok1)), Admitted)  # not yet: its keeper reads the notes
-        there._apply_key_notes()  # what its keeper does every 2 s
+        there._apply_key_notes()  # what its keeper does every 2 s (it may have done so already)
         assert isinstance(there.admit(request("GET", "/x", tok1)), Denial)
         anyio.run(lambda: here.adrop_key("k2"))
         assert isinstance(here.admit(request("GET", "/x", tok2)), Denial)

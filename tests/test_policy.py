@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from sa_middleware.errors import ConfigurationError
-from sa_middleware.policy import EffectivePolicy, Policy, RouteTable, render_lock_key
+from sa_middleware.errors import ConfigurationError, InvalidRequest
+from sa_middleware.policy import MAX_LOCK_KEY, EffectivePolicy, Policy, RouteTable, render_lock_key
 
 # ---------------------------------------------------------------------------------------------------- Policy
 
@@ -166,8 +166,41 @@ def test_literal_route() -> None:
     assert matched(rt, "GET", "/health") == "GET /health"
     assert matched(rt, "POST", "/items") == "POST /items"
     assert matched(rt, "GET", "/items") is None
-    assert matched(rt, "GET", "/health/") is None
     assert matched(rt, "GET", "/healthz") is None
+    # a router that merges slashes or ignores a trailing one serves these as /health: the route's policy applies
+    assert matched(rt, "GET", "/health/") == "GET /health"
+    assert matched(rt, "GET", "//health") == "GET /health"
+    assert matched(table("GET /health/"), "GET", "/health/") == "GET /health/"  # an exact match comes first
+
+
+def test_row3_path_lock_keys_one_object_one_key() -> None:
+    rt = RouteTable({"PUT /files/{name:path}": Policy(locks=["file:{name}"])})
+    for path in ("/files/a/b.txt", "/files/a//b.txt", "/files//a/b.txt/", "/files/a///b.txt"):
+        assert rt.match("PUT", path).lock_keys == ("file:a/b.txt",), path
+        assert rt.match("PUT", path).refusal is None
+    for path in ("/files/a/../b.txt", "/files/a/./b.txt", "/files/..", "/files/./a"):
+        found = rt.match("PUT", path)
+        assert found.lock_keys == () and found.refusal is not None and "'.' or '..'" in found.refusal, path
+
+
+def test_row10_lock_key_length_cap() -> None:
+    rt = RouteTable({"PUT /objects/{id}": Policy(locks=["object:{id}"])})
+    assert rt.match("PUT", "/objects/" + "x" * (MAX_LOCK_KEY - len("object:"))).refusal is None
+    over = rt.match("PUT", "/objects/" + "x" * (MAX_LOCK_KEY - len("object:") + 1))
+    assert over.lock_keys == () and over.refusal is not None and str(MAX_LOCK_KEY) in over.refusal
+    with pytest.raises(InvalidRequest):
+        render_lock_key("k:{a}", {"a": "y" * MAX_LOCK_KEY})
+    with pytest.raises(ConfigurationError, match="longer than 512"):
+        Policy(locks=["k" * 513 + "{id}"]).validate()
+
+
+@pytest.mark.parametrize(("key", "hint"), [
+    ("GET /items/<int:id>", "{id:int}"), ("GET /items/<id>", "{id}"), ("PUT /files/<path:name>", "{name:path}"),
+    ("GET /u/<string:name>/x", "{name}"),
+])
+def test_row6_flask_syntax_in_the_table_is_refused_with_a_hint(key: str, hint: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(f": write '{hint}')")):
+        RouteTable({key: Policy()})
 
 
 def test_str_parameter() -> None:
@@ -337,9 +370,10 @@ def test_non_string_route_key() -> None:
         RouteTable({5: Policy()})  # type: ignore[dict-item]
 
 
-def test_route_value_must_be_a_policy() -> None:
+def test_route_value_must_be_a_policy_or_a_dict_of_its_fields() -> None:
+    assert RouteTable({"POST /p": {"max_sessions": 1}}).match("POST", "/p").policy.max_sessions == 1
     with pytest.raises(ConfigurationError, match=re.escape("'POST /p'")):
-        RouteTable({"POST /p": {"max_sessions": 1}})  # type: ignore[dict-item]
+        RouteTable({"POST /p": ["max_sessions"]})  # type: ignore[dict-item]
 
 
 def test_lock_template_with_unknown_param_names_route_and_param() -> None:
@@ -358,8 +392,9 @@ def test_lock_template_on_a_parameterless_route() -> None:
 
 
 def test_default_policy_errors() -> None:
+    assert RouteTable(None, {"max_sessions": 1}).default_policy.max_sessions == 1
     with pytest.raises(ConfigurationError, match="default_policy"):
-        RouteTable(None, {"max_sessions": 1})  # type: ignore[arg-type]
+        RouteTable(None, 5)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="default_policy"):
         RouteTable(None, Policy(locks=["x:{id}"]))
 

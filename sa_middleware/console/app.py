@@ -192,7 +192,7 @@ class Console:
             _method(request.method, "GET")
             if path == "/api/state":
                 return _json({"operator": operator, "csrf": login.csrf if login else None, "now": time.time(),
-                              "sessions": [asdict(s) for s in self.ops.active_sessions(1000)],
+                              "sessions": [asdict(s) for s in self.ops.all_sessions(1000)],
                               "locks": [asdict(lk) for lk in self.ops.locks()]})
             if path == "/api/audit":
                 return self._audit(request)

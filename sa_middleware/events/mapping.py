@@ -31,7 +31,7 @@ SSF 1.0 requires receivers to tolerate events they do not act on. A payload that
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from .errors import SETError
@@ -75,9 +75,11 @@ class Action:
 
     op: str
     args: tuple[Any, ...] = ()
+    issuer: str | None = None  # the principal's issuer (``issuer=``), when the subject names it
 
     def describe(self) -> str:
-        return f"{self.op}({', '.join(repr(a) for a in self.args)})"
+        issuer = [] if self.issuer is None else [f"issuer={self.issuer!r}"]
+        return f"{self.op}({', '.join([*(repr(a) for a in self.args), *issuer])})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +244,10 @@ _HANDLERS: Final[dict[str, _Handler]] = {
 #: every event type this receiver acts on (others are accepted and ignored)
 SUPPORTED_EVENTS: Final = frozenset(_HANDLERS)
 
+#: the operations that name a principal (they take ``issuer=``)
+_PRINCIPAL_OPS = frozenset({"revoke_sessions", "rotate", "revoke_principal", "set_privileges", "set_assurance",
+                            "raise_risk", "report_compromise", "disable_principal", "enable_principal"})
+
 _OPAQUE_KIND = {SESSION_REVOKED: "session", DEVICE_COMPLIANCE_CHANGE: "device", VERIFICATION: "stream",
                 STREAM_UPDATED: "stream"}
 
@@ -257,4 +263,9 @@ def plan(event: SecurityEvent, targets: Targets, options: MappingOptions) -> Pla
     if handler is None:
         return Plan(note="event type not supported: ignored")
     result = handler(event, targets, options)  # validates the payload even when the event is then discarded
-    return Plan(note=targets.discard) if targets.discard is not None else result
+    if targets.discard is not None:
+        return Plan(note=targets.discard)
+    if targets.issuer is not None and targets.principal is not None:
+        result = Plan(tuple(replace(a, issuer=targets.issuer) if a.op in _PRINCIPAL_OPS else a
+                            for a in result.actions), result.note)
+    return result

@@ -21,6 +21,7 @@ from typing import Literal
 
 import anyio
 
+from ..errors import IssuerRequired
 from ..guard import Guard
 from .errors import SETError
 from .mapping import (
@@ -144,10 +145,11 @@ class EventProcessor:
             return self._duplicate(event)
         try:
             for action in result.actions:
-                getattr(self.guard, action.op)(*action.args, source=_source(event))
-        except BaseException:
+                getattr(self.guard, action.op)(*action.args, **_issuer(action), source=_source(event))
+        except BaseException as exc:
             with suppress(Exception):
                 store.forget_event(event.key)
+            _refuse_unnamed(exc)
             raise
         return self._outcome(event, result)
 
@@ -160,12 +162,25 @@ class EventProcessor:
             return self._duplicate(event)
         try:
             for action in result.actions:
-                await getattr(self.guard, "a" + action.op)(*action.args, source=_source(event))
-        except BaseException:
+                await getattr(self.guard, "a" + action.op)(*action.args, **_issuer(action), source=_source(event))
+        except BaseException as exc:
             with anyio.CancelScope(shield=True), suppress(Exception):
                 await store.aforget_event(event.key)
+            _refuse_unnamed(exc)
             raise
         return self._outcome(event, result)
+
+
+def _refuse_unnamed(exc: BaseException) -> None:
+    """A subject whose principal's issuer cannot be told (known under several token issuers, or under none) is
+    refused with ``invalid_request`` (400): a retry would fail the same way, and nothing was applied."""
+    if isinstance(exc, IssuerRequired):
+        raise SETError("invalid_request", "the subject names a principal of several token issuers, or of none "
+                                          "known here: name it with an iss_sub subject") from None
+
+
+def _issuer(action: Action) -> dict[str, str]:
+    return {} if action.issuer is None else {"issuer": action.issuer}
 
 
 def _source(event: SecurityEvent) -> str:

@@ -1,8 +1,9 @@
 """The SSF push receiver (RFC 8935): an ASGI app, and a WSGI app as ``.wsgi``, that applies pushed SETs to a Guard.
 
-Mount it at any path: it ignores the path. ASGI (Starlette ``Mount("/ssf/events", app=receiver)``, or any
-dispatcher); WSGI (werkzeug ``DispatcherMiddleware(app, {"/ssf/events": receiver.wsgi}``), or Flask
-``app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {...})``). Do not put it behind the session-aware middleware:
+Serve it at any path: it ignores the path. ASGI: Starlette ``Route("/ssf/events", receiver)`` (a ``Mount``
+would match only the paths below ``/ssf/events/``), or any dispatcher; WSGI: werkzeug
+``DispatcherMiddleware(app, {"/ssf/events": receiver.wsgi})``, or Flask
+``app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {...})``. Do not put it behind the session-aware middleware:
 the transmitter authenticates with its signature (and optionally a shared ``Authorization`` value), not with a
 bearer token of your users.
 
@@ -154,7 +155,8 @@ class SSFReceiver:
         trusted = {issuer, *subject_issuers}
         trusted.update([token_issuer] if isinstance(token_issuer, str) else token_issuer or ())
         options = MappingOptions(on_high_risk, risk_amount, float(risk_window), on_credential_change, levels)
-        self.processor = EventProcessor(guard, validator, SubjectResolver(trusted, critical_subject_members),
+        resolver = SubjectResolver(trusted, critical_subject_members, guard.issuers or ())
+        self.processor = EventProcessor(guard, validator, resolver,
                                         options, subject_resolver=subject_resolver,
                                         verification_state=verification_state)
 

@@ -7,7 +7,9 @@ are kept by name and not acted on). Any other format is refused (``invalid_reque
 Resolution (:meth:`SubjectResolver.resolve`) maps a subject to :class:`Targets`:
 
 - ``iss_sub``: the principal ``sub`` (our tokens' ``sub``), when ``iss`` is a trusted issuer (the SET issuer, the
-  Guard's token issuer, or ``subject_issuers``); otherwise nothing.
+  Guard's token issuer, or ``subject_issuers``); otherwise nothing. When ``iss`` is one of the Guard's token
+  issuers, the principal is that issuer's (principal state is kept per issuer); for every other subject the
+  Guard's operations pick the issuer (its one issuer, or the one the store knows the subject under).
 - ``email``: the principal whose ``sub`` is that address (IdPs that use e-mail addresses as ``sub``); pass a
   ``subject_resolver`` to the receiver to map it otherwise.
 - ``opaque``: a session id for the session events (``session-revoked``), a device id for
@@ -75,6 +77,7 @@ class Targets:
     device: str | None = None
     stream: str | None = None
     discard: str | None = None
+    issuer: str | None = None  # the principal's token issuer, when the subject names it (None: the Guard picks)
 
 
 def _string(value: Any, what: str, limit: int = _MAX_ID) -> str:
@@ -127,9 +130,11 @@ def parse_subject(value: Any, where: str = "sub_id") -> Subject:
 class SubjectResolver:
     """Maps subjects to principals, sessions and devices (see the module docstring)."""
 
-    def __init__(self, issuers: Iterable[str], critical_members: Iterable[str] = ()) -> None:
+    def __init__(self, issuers: Iterable[str], critical_members: Iterable[str] = (),
+                 state_issuers: Iterable[str] = ()) -> None:
         self.issuers = frozenset(issuers)
         self.critical_members = frozenset(critical_members)
+        self.state_issuers = frozenset(state_issuers)  # the token issuers principal state is kept under
 
     def _trusted(self, ident: SubjectId) -> bool:
         return ident.issuer is None or ident.issuer in self.issuers
@@ -143,6 +148,12 @@ class SubjectResolver:
         if ident is None or ident.format == "email" or not self._trusted(ident):
             return None
         return ident.value
+
+    def principal_issuer(self, ident: SubjectId | None) -> str | None:
+        """The token issuer an ``iss_sub`` subject names (None: any other subject, or an issuer of no tokens)."""
+        if ident is None or ident.format != "iss_sub" or ident.issuer not in self.state_issuers:
+            return None
+        return ident.issuer
 
     def device(self, ident: SubjectId | None) -> str | None:
         return self.session(ident)  # the same formats name a device: opaque id, iss_sub sub, jwt_id jti
@@ -160,11 +171,12 @@ class SubjectResolver:
                 return Targets(device=self.device(simple))
             if kind == "session" and simple.format == "opaque":
                 return Targets(session=simple.value)
-            return Targets(principal=self.principal(simple))
+            return Targets(principal=self.principal(simple), issuer=self.principal_issuer(simple))
         critical = sorted(self.critical_members.intersection(subject.other_members))
         if critical:
             return Targets(discard=f"critical subject member(s) not understood: {', '.join(critical)}")
-        targets = Targets(self.principal(subject.user), self.session(subject.session), self.device(subject.device))
+        targets = Targets(self.principal(subject.user), self.session(subject.session), self.device(subject.device),
+                          issuer=self.principal_issuer(subject.user))
         mapped = {"user": targets.principal, "device": targets.device, "session": targets.session}
         for name, value in mapped.items():  # a critical member we read but could not map is not processed either
             if name in self.critical_members and getattr(subject, name) is not None and value is None:

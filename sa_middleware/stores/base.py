@@ -16,10 +16,10 @@ from ..records import Admission, AuditRecord, LockInfo, SessionInfo, Ticket
 
 __all__ = [
     "DEFAULT_AUDIT_MAX_RECORDS", "DEFAULT_AUDIT_RETENTION", "Store", "check_audit_retention", "open_store",
-    "register_scheme",
+    "register_scheme", "scoped",
 ]
 
-#: how long audit records are kept (seconds), and how many at most: see README "Audit trail"
+#: how long audit records are kept (seconds), and how many at most (see the "Operator CLI and audit" page)
 DEFAULT_AUDIT_RETENTION = 7 * 86400.0
 DEFAULT_AUDIT_MAX_RECORDS = 100_000
 
@@ -29,6 +29,10 @@ R = TypeVar("R")
 
 class Store(abc.ABC):
     """A place where contexts, tickets and locks live. Each admission and each release is one atomic operation.
+
+    Principal state (generation, watermarks, risk, privileges, sessions, tickets, markers) is kept per issuer and
+    subject: the operations on a principal take its ``iss`` ("" for tokens without an issuer). Session ids are
+    global: a session id held by one principal is refused to every other.
 
     Every operation has an async twin prefixed with ``a``. The base class runs the sync operation in a worker
     thread so the event loop never waits on I/O; stores with native async clients override the twins.
@@ -53,11 +57,11 @@ class Store(abc.ABC):
         """Extend the leases of live tickets (and their locks) in one operation; expired ones stay expired."""
 
     @abc.abstractmethod
-    def rotate(self, sub: str) -> int:
+    def rotate(self, sub: str, iss: str = "") -> int:
         """Bump the principal's generation; returns the new generation."""
 
     @abc.abstractmethod
-    def revoke_principal(self, sub: str) -> float:
+    def revoke_principal(self, sub: str, iss: str = "") -> float:
         """Refuse every token of ``sub`` issued before now; returns the watermark."""
 
     @abc.abstractmethod
@@ -65,7 +69,7 @@ class Store(abc.ABC):
         """Revoke one session; returns whether it was known."""
 
     @abc.abstractmethod
-    def report_compromise(self, sub: str | None, session_id: str | None) -> list[str]:
+    def report_compromise(self, sub: str | None, session_id: str | None, iss: str = "") -> list[str]:
         """Mark every context related to ``sub`` / ``session_id`` compromised; returns their ids."""
 
     @abc.abstractmethod
@@ -81,12 +85,17 @@ class Store(abc.ABC):
         """Mark a device compliant or not."""
 
     @abc.abstractmethod
-    def set_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
+    def set_privileges(self, sub: str, scopes: Iterable[str] | None, iss: str = "") -> None:
         """Limit the scopes of tokens issued before now to ``scopes`` (``None`` lifts the limit)."""
 
     @abc.abstractmethod
-    def sessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
+    def sessions(self, sub: str, session_idle: float, iss: str = "") -> list[SessionInfo]:
         """The principal's sessions seen within ``session_idle`` seconds, with their status."""
+
+    def issuers(self, sub: str) -> list[str]:
+        """The issuers under which the store holds state for ``sub``, sorted ("" stands for tokens without an
+        issuer, and for state stored before issuers were recorded)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement issuers")
 
     @abc.abstractmethod
     def locks(self) -> list[LockInfo]:
@@ -96,33 +105,33 @@ class Store(abc.ABC):
     # Every store must implement these; the base raises NotImplementedError (rather than declaring them abstract)
     # so a store written before them still opens, and only the security-event features fail on it.
 
-    def revoke_sessions(self, sub: str, before: float | None) -> list[str]:
+    def revoke_sessions(self, sub: str, before: float | None, iss: str = "") -> list[str]:
         """Revoke every session of ``sub`` whose token was issued at or before ``min(before, now)`` (``None``:
         now): existing sessions created by then are marked revoked, and a token of ``sub`` issued at or before
         that time is refused (``session_revoked``) for any session. Returns the ids of the sessions marked."""
         raise NotImplementedError(f"{type(self).__name__} does not implement revoke_sessions")
 
-    def disable_principal(self, sub: str) -> float:
+    def disable_principal(self, sub: str, iss: str = "") -> float:
         """Refuse every token of ``sub`` (``token_revoked``) until :meth:`enable_principal`, and set the not-before
         watermark to now, so tokens issued before stay refused after that. Returns now."""
         raise NotImplementedError(f"{type(self).__name__} does not implement disable_principal")
 
-    def enable_principal(self, sub: str) -> bool:
+    def enable_principal(self, sub: str, iss: str = "") -> bool:
         """Undo :meth:`disable_principal` (the watermark stays); returns whether ``sub`` was disabled."""
         raise NotImplementedError(f"{type(self).__name__} does not implement enable_principal")
 
-    def set_assurance(self, sub: str, level: str | None, at: float | None) -> None:
+    def set_assurance(self, sub: str, level: str | None, at: float | None, iss: str = "") -> None:
         """Record ``sub``'s assurance level as of ``min(at, now)`` (``None``: now): for tokens issued before that
         time, ``level`` replaces the token's ``acr`` in the ``acr_values`` check. ``level=None`` forgets it."""
         raise NotImplementedError(f"{type(self).__name__} does not implement set_assurance")
 
-    def raise_risk(self, sub: str, amount: int, window: float) -> None:
+    def raise_risk(self, sub: str, amount: int, window: float, iss: str = "") -> None:
         """Add ``amount`` to ``sub``'s risk for ``window`` seconds from now (as an admitted ``raises_risk``)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement raise_risk")
 
     def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
         """The sessions of every principal seen within ``session_idle`` seconds, most recently seen first, at most
-        ``limit`` (the console and the metrics' session gauge)."""
+        ``limit`` (``sa-middleware sessions`` without a principal, the console, the metrics' session gauge)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement all_sessions")
 
     def seen_event(self, key: str, ttl: float) -> bool:
@@ -146,19 +155,24 @@ class Store(abc.ABC):
         """The key-notes generation (0 before any note) and the dropped key ids; one cheap read."""
         raise NotImplementedError(f"{type(self).__name__} does not implement key_notes")
 
-    def note_generation_claims(self, notes: Mapping[str, bool]) -> None:
-        """Record, per principal, whether its latest token carried a generation claim."""
+    def note_generation_claims(self, notes: Mapping[tuple[str, str], bool]) -> None:
+        """Record, per principal (``(issuer, subject)``), whether its latest token carried a generation claim."""
         raise NotImplementedError(f"{type(self).__name__} does not implement note_generation_claims")
 
-    def generation_claim(self, sub: str) -> bool | None:
+    def generation_claim(self, sub: str, iss: str = "") -> bool | None:
         """Whether ``sub``'s latest recorded token carried a generation claim (None: nothing recorded)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement generation_claim")
 
-    def reset_generation(self, sub: str) -> int:
+    def reset_generation(self, sub: str, iss: str = "") -> int:
         """Set ``sub``'s generation back to 0 (undo :meth:`rotate`); returns the generation it had."""
         raise NotImplementedError(f"{type(self).__name__} does not implement reset_generation")
 
-    # -- the audit trail (see README "Audit trail") ---------------------------------------------------------------
+    def session_owner(self, session_id: str) -> str | None:
+        """The principal a stored session belongs to (``None``: unknown). Read by the operations on one session,
+        so their audit record names its principal."""
+        return None
+
+    # -- the audit trail (see the "Operator CLI and audit" page of the documentation) ----------------------------
     # Like the security-event operations, these raise NotImplementedError in the base so an older store still opens;
     # the Guard then logs once and drops its audit records.
 
@@ -183,6 +197,11 @@ class Store(abc.ABC):
         ``limit``; records past the retention are never returned, even before they are pruned."""
         raise NotImplementedError(f"{type(self).__name__} does not implement audit")
 
+    def has_state(self) -> bool:
+        """Whether anything was ever written to this store: read-only tools (``sa-middleware sessions``...) report a
+        store that was never used instead of creating it. Stores that cannot tell answer True."""
+        return True
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the store's connections."""
 
@@ -200,17 +219,17 @@ class Store(abc.ABC):
     async def arenew(self, ticket_ids: Sequence[str], lease: float) -> None:
         await self._run(self.renew, ticket_ids, lease)
 
-    async def arotate(self, sub: str) -> int:
-        return await self._run(self.rotate, sub)
+    async def arotate(self, sub: str, iss: str = "") -> int:
+        return await self._run(self.rotate, sub, *scoped(iss))
 
-    async def arevoke_principal(self, sub: str) -> float:
-        return await self._run(self.revoke_principal, sub)
+    async def arevoke_principal(self, sub: str, iss: str = "") -> float:
+        return await self._run(self.revoke_principal, sub, *scoped(iss))
 
     async def arevoke_session(self, session_id: str) -> bool:
         return await self._run(self.revoke_session, session_id)
 
-    async def areport_compromise(self, sub: str | None, session_id: str | None) -> list[str]:
-        return await self._run(self.report_compromise, sub, session_id)
+    async def areport_compromise(self, sub: str | None, session_id: str | None, iss: str = "") -> list[str]:
+        return await self._run(self.report_compromise, sub, session_id, *scoped(iss))
 
     async def apause_session(self, session_id: str) -> bool:
         return await self._run(self.pause_session, session_id)
@@ -221,29 +240,35 @@ class Store(abc.ABC):
     async def aset_device_status(self, device_id: str, compliant: bool) -> None:
         await self._run(self.set_device_status, device_id, compliant)
 
-    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
-        await self._run(self.set_privileges, sub, scopes)
+    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None, iss: str = "") -> None:
+        await self._run(self.set_privileges, sub, scopes, *scoped(iss))
 
-    async def asessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
-        return await self._run(self.sessions, sub, session_idle)
+    async def asessions(self, sub: str, session_idle: float, iss: str = "") -> list[SessionInfo]:
+        return await self._run(self.sessions, sub, session_idle, *scoped(iss))
+
+    async def aissuers(self, sub: str) -> list[str]:
+        return await self._run(self.issuers, sub)
+
+    async def asession_owner(self, session_id: str) -> str | None:
+        return await self._run(self.session_owner, session_id)
 
     async def alocks(self) -> list[LockInfo]:
         return await self._run(self.locks)
 
-    async def arevoke_sessions(self, sub: str, before: float | None) -> list[str]:
-        return await self._run(self.revoke_sessions, sub, before)
+    async def arevoke_sessions(self, sub: str, before: float | None, iss: str = "") -> list[str]:
+        return await self._run(self.revoke_sessions, sub, before, *scoped(iss))
 
-    async def adisable_principal(self, sub: str) -> float:
-        return await self._run(self.disable_principal, sub)
+    async def adisable_principal(self, sub: str, iss: str = "") -> float:
+        return await self._run(self.disable_principal, sub, *scoped(iss))
 
-    async def aenable_principal(self, sub: str) -> bool:
-        return await self._run(self.enable_principal, sub)
+    async def aenable_principal(self, sub: str, iss: str = "") -> bool:
+        return await self._run(self.enable_principal, sub, *scoped(iss))
 
-    async def aset_assurance(self, sub: str, level: str | None, at: float | None) -> None:
-        await self._run(self.set_assurance, sub, level, at)
+    async def aset_assurance(self, sub: str, level: str | None, at: float | None, iss: str = "") -> None:
+        await self._run(self.set_assurance, sub, level, at, *scoped(iss))
 
-    async def araise_risk(self, sub: str, amount: int, window: float) -> None:
-        await self._run(self.raise_risk, sub, amount, window)
+    async def araise_risk(self, sub: str, amount: int, window: float, iss: str = "") -> None:
+        await self._run(self.raise_risk, sub, amount, window, *scoped(iss))
 
     async def aall_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
         return await self._run(self.all_sessions, session_idle, limit)
@@ -260,14 +285,14 @@ class Store(abc.ABC):
     async def akey_notes(self) -> tuple[int, tuple[str, ...]]:
         return await self._run(self.key_notes)
 
-    async def anote_generation_claims(self, notes: Mapping[str, bool]) -> None:
+    async def anote_generation_claims(self, notes: Mapping[tuple[str, str], bool]) -> None:
         await self._run(self.note_generation_claims, notes)
 
-    async def ageneration_claim(self, sub: str) -> bool | None:
-        return await self._run(self.generation_claim, sub)
+    async def ageneration_claim(self, sub: str, iss: str = "") -> bool | None:
+        return await self._run(self.generation_claim, sub, iss)
 
-    async def areset_generation(self, sub: str) -> int:
-        return await self._run(self.reset_generation, sub)
+    async def areset_generation(self, sub: str, iss: str = "") -> int:
+        return await self._run(self.reset_generation, sub, iss)
 
     async def arecord_audit(self, records: Sequence[AuditRecord]) -> None:
         await self._run(self.record_audit, records)
@@ -280,6 +305,12 @@ class Store(abc.ABC):
 
     async def aclose(self) -> None:
         await self._run(self.close)
+
+
+def scoped(iss: str) -> tuple[str, ...]:
+    """The issuer argument of a store operation: left out for the empty issuer, so a store written before issuers
+    (whose operations take no ``iss``) keeps working for tokens without one."""
+    return (iss,) if iss else ()
 
 
 def check_audit_retention(retention: float | None, max_records: int | None) -> None:
@@ -348,8 +379,8 @@ def _audit_options(uri: str) -> tuple[str, dict[str, Any]]:
 
 def open_store(uri: str | Store, **options: Any) -> Store:
     """Open a store from a URI: ``memory://``, ``sqlite:///path/to/file.db``, ``redis://host:6379/0``,
-    ``rediss://``, ``redis+unix://``, ``redis+sentinel://``, ``redis+cluster://`` (see README "Stores"). Every URI
-    also takes the audit options ``audit_retention`` (seconds) and ``audit_max_records``.
+    ``rediss://``, ``redis+unix://``, ``redis+sentinel://``, ``redis+cluster://`` (see the "Stores" page of the
+    documentation). Every URI also takes the audit options ``audit_retention`` (seconds) and ``audit_max_records``.
 
     A :class:`Store` object is returned as it is.
     """

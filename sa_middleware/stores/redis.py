@@ -1,4 +1,4 @@
-"""The Redis store: every worker on every host shares contexts, tickets and locks (see README "Redis store").
+"""The Redis store: every worker on every host shares contexts, tickets and locks (see the "Stores" page).
 
 URIs (options in the query string or as keyword arguments of :func:`~sa_middleware.stores.open_store`)::
 
@@ -102,6 +102,16 @@ _slot_tags: list[str] = []
 _slot_tags_lock = threading.Lock()
 
 
+def _unesc(value: str) -> str:
+    """Undo :func:`_esc`."""
+    return value.replace("%7D", "}").replace("%7B", "{").replace("%25", "%")
+
+
+def _glob(text: str) -> str:
+    """``text`` matched literally in a SCAN pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def _slot_tag(slot: int) -> str:
     """A short string that hashes to ``slot``: the hash tag of that slot's epoch marker in a cluster."""
     with _slot_tags_lock:
@@ -187,6 +197,7 @@ class _Issued:
     """A ticket this store admitted and has not released: where its records live."""
 
     sub: str
+    iss: str
     locks: tuple[str, ...]
     deadline: float  # monotonic; after it the ticket has expired anyway
 
@@ -464,6 +475,17 @@ class RedisStore(Store):
     def _key(self, kind: str, ident: str, suffix: str = "") -> str:
         return f"{self.prefix}:{{{kind}:{_esc(ident)}}}{suffix}"
 
+    def _principal(self, sub: str, iss: str, suffix: str = "") -> str:
+        """A principal's key: issuer and subject share one hash tag (the Lua side's ``sa.pkey``). The empty issuer
+        (tokens without ``iss``) keeps the tag of the subject alone, as stored before issuers were recorded."""
+        if not iss:
+            return self._key("p", sub, suffix)
+        return self._key("pi", iss.replace("%", "%25").replace("|", "%7C") + "|" + sub, suffix)
+
+    def _who(self, sub: str, iss: str) -> dict[str, Any]:
+        """The payload naming a principal; ``lg``: on one server, adopt the state stored before issuers."""
+        return {"sub": sub, "iss": iss, "lg": bool(iss) and not self.cluster}
+
     def _slot(self, key: str) -> int:
         return int(key_slot(key.encode()))
 
@@ -591,7 +613,7 @@ class RedisStore(Store):
 
         Does nothing when the store already has its epoch marker (it was used, or bootstrapped). Returns whether
         it created the marker. Never run it on a store that lost its state: that would accept again the tokens the
-        loss makes unsafe (see README "Redis store").
+        loss makes unsafe (see the "Stores" page of the documentation).
         """
         saved = self.timeout, self.connect_timeout
         self.timeout = self.connect_timeout = max(self.timeout, 10.0)  # a one-off: 16384 markers on a cluster
@@ -610,6 +632,17 @@ class RedisStore(Store):
             raise _unavailable(exc) from exc
         finally:
             client.close()
+
+    def has_state(self) -> bool:
+        """Whether the store was ever used or bootstrapped (an epoch marker exists). Reads only."""
+        client = self._client()
+        try:
+            if not self.cluster:
+                return bool(client.exists(f"{self.prefix}:epoch"))
+            pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":{e*}:epoch"
+            return next(iter(client.scan_iter(match=pattern, count=1000)), None) is not None
+        except _ERRORS as exc:
+            raise _unavailable(exc) from exc
 
     def declare_state_loss(self) -> float:
         """Treat every token issued before now as revoked, exactly as after a detected state loss. Run it after
@@ -650,8 +683,7 @@ class RedisStore(Store):
 
     # -- admission ---------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _spec(a: Admission) -> dict[str, Any]:
+    def _spec(self, a: Admission) -> dict[str, Any]:
         spec: dict[str, Any] = {
             "tid": a.ticket_id, "sub": a.sub, "kind": a.kind, "sid": a.session_id, "th": a.token_hash,
             "exp": a.token_exp, "iat": a.token_iat, "gen": a.token_gen, "jti": a.jti, "actor": a.actor,
@@ -663,8 +695,9 @@ class RedisStore(Store):
             "conflicts": sorted(a.conflicts), "raises_risk": a.raises_risk, "risk_window": a.risk_window,
             "max_risk": a.max_risk, "locks": [[r.key, r.mode] for r in _merge_locks(a.locks)],
             "on_conflict": a.on_lock_conflict, "lease": a.lease, "idle": a.session_idle, "route": a.route,
-            "audit_admitted": a.audit_admitted, "audit_locked": a.audit_locked,
+            "audit_admitted": a.audit_admitted, "audit_locked": a.audit_locked, "iss": a.iss,
         }
+        spec["lg"] = bool(a.iss) and not self.cluster
         return {k: v for k, v in spec.items() if v is not None}
 
     def admit(self, admission: Admission) -> Ticket | Denial:
@@ -697,7 +730,7 @@ class RedisStore(Store):
 
     def _admit(self, a: Admission) -> _Flow[Ticket | Denial]:
         spec = self._spec(a)
-        pkey = self._key("p", a.sub)
+        pkey = self._principal(a.sub, a.iss)
         if not self.cluster:
             try:
                 r = yield _Call("admit", pkey, spec)
@@ -717,17 +750,18 @@ class RedisStore(Store):
         jti_claim = a.jti if jti and a.one_time and a.jti is not None else None
         calls: list[_Call] = []
         if not self.cluster:
-            payload: dict[str, Any] = {"tid": a.ticket_id, "subs": [a.sub], "locks": keys}
+            payload: dict[str, Any] = {"tid": a.ticket_id, "subs": [[a.sub, a.iss]], "locks": keys}
             if jti_claim is not None:
                 payload["jti"] = jti_claim
-            calls.append(_Call("release", self._key("p", a.sub), payload))
+            calls.append(_Call("release", self._principal(a.sub, a.iss), payload))
         else:
             calls.extend(_Call("release", route, {"tid": a.ticket_id, "locks": group})
                          for route, group in self._groups(keys, lambda k: self._key("l", k)))
             if jti_claim is not None:
                 calls.append(_Call("release", self._key("j", jti_claim), {"tid": a.ticket_id, "jti": jti_claim}))
-            calls.append(_Call("undo", self._key("p", a.sub), undo) if undo is not None else
-                         _Call("release", self._key("p", a.sub), {"tid": a.ticket_id, "subs": [a.sub]}))
+            pkey = self._principal(a.sub, a.iss)
+            calls.append(_Call("undo", pkey, undo) if undo is not None else
+                         _Call("release", pkey, {"tid": a.ticket_id, "subs": [[a.sub, a.iss]]}))
         for call in calls:  # each on its own: one unreachable slot does not stop the others
             with contextlib.suppress(*_ERRORS):
                 yield call
@@ -738,8 +772,8 @@ class RedisStore(Store):
         with self._issued_lock:
             if len(self._issued) > 1024 and len(self._issued) % 256 == 0:
                 self._prune_issued()
-            self._issued[a.ticket_id] = _Issued(a.sub, locks, time.monotonic() + a.lease + 60.0)
-        return Ticket(a.ticket_id, a.sub, a.session_id, {k: _int(v) for k, v in fences.items()}, expires)
+            self._issued[a.ticket_id] = _Issued(a.sub, a.iss, locks, time.monotonic() + a.lease + 60.0)
+        return Ticket(a.ticket_id, a.sub, a.session_id, {k: _int(v) for k, v in fences.items()}, expires, a.iss)
 
     @staticmethod
     def _spec_locks(a: Admission) -> list[tuple[str, str]]:
@@ -769,14 +803,14 @@ class RedisStore(Store):
         if a.credential is not None:
             items.append(("cred", a.credential, self._key("c", a.credential)))
         if a.actor is not None:
-            items.append(("actor", a.actor, self._key("p", a.actor)))
+            items.append(("actor", a.actor, self._principal(a.actor, a.iss)))
         if a.one_time and a.jti is not None:
             items.append(("jti", a.jti, self._key("j", a.jti)))
         by_slot: dict[int, tuple[str, list[list[str]]]] = {}
         for kind, ident, route in items:
             by_slot.setdefault(self._slot(route), (route, []))[1].append([kind, ident])
         for route, group in by_slot.values():
-            r = yield _Call("facts", route, {"sub": a.sub, "exp": a.token_exp, "items": group})
+            r = yield _Call("facts", route, {"sub": a.sub, "iss": a.iss, "exp": a.token_exp, "items": group})
             since = max(since, float(r["since"]))
             facts.update({k: v for k, v in r.items() if k in ("dev_ok", "dev_ma", "cred_ma", "actor_ma", "jti")})
         facts["since"] = since
@@ -786,7 +820,8 @@ class RedisStore(Store):
         try:
             r = yield _Call("principal", pkey, {"a": spec, "f": facts})
             if r.get("need") == "index":
-                c = yield _Call("claim", ikey, {"sub": a.sub, "sid": a.session_id, "exp": a.token_exp})
+                c = yield _Call("claim", ikey, {"sub": a.sub, "iss": a.iss, "sid": a.session_id,
+                                                "exp": a.token_exp})
                 facts["idx"] = c["idx"]
                 facts["since"] = max(since, float(c["since"]))
                 r = yield _Call("principal", pkey, {"a": spec, "f": facts})
@@ -804,8 +839,8 @@ class RedisStore(Store):
         try:
             if r.get("touch") is not None:
                 with contextlib.suppress(*_ERRORS):  # the index lease: extended again next time if lost
-                    yield _Call("claim", ikey, {"sub": a.sub, "sid": a.session_id, "exp": a.token_exp,
-                                                "ttl": r["touch"]})
+                    yield _Call("claim", ikey, {"sub": a.sub, "iss": a.iss, "sid": a.session_id,
+                                                "exp": a.token_exp, "ttl": r["touch"]})
             if jkey is not None:
                 j = yield _Call("jti", jkey, {"jti": a.jti, "tid": a.ticket_id, "exp": a.token_exp})
                 if not j.get("ok"):
@@ -814,7 +849,7 @@ class RedisStore(Store):
                                                undo={**undo, "audit": [_denial_record(a, "token_replayed", detail)]})
                     return Denial("token_replayed", detail)
             for route, keys in self._groups(sorted(modes), lambda k: self._key("l", k)):
-                lock = yield _Call("lock", route, {"tid": a.ticket_id, "sub": a.sub, "sid": a.session_id,
+                lock = yield _Call("lock", route, {"tid": a.ticket_id, "sub": a.sub, "iss": a.iss, "sid": a.session_id,
                                                     "kind": a.kind, "lease": a.lease,
                                                     "locks": [[k, modes[k]] for k in keys]})
                 if lock.get("ok"):
@@ -836,10 +871,10 @@ class RedisStore(Store):
                     "audit": [_denial_record(a, "object_locked", detail)] if a.audit_locked else []})
                 if a.on_lock_conflict == "pause":
                     why = f"paused by a lock conflict with session {a.session_id} of {a.sub} on {a.route}"
-                    for holder_sub, holder_sid, holder_kind in _seq(lock.get("h")):
+                    for holder_sub, holder_sid, holder_kind, holder_iss in _seq(lock.get("h")):
                         if holder_kind != "human":
-                            yield _Call("status", self._key("p", holder_sub), {
-                                "sub": holder_sub, "sid": holder_sid, "st": "paused",
+                            yield _Call("status", self._principal(holder_sub, holder_iss), {
+                                "sub": holder_sub, "iss": holder_iss, "sid": holder_sid, "st": "paused",
                                 "audit": {"r": a.route, "d": why}})
                 return Denial("object_locked", detail, lock.get("r"))
         except _ERRORS:
@@ -868,11 +903,11 @@ class RedisStore(Store):
             info = self._issued.pop(ticket_id, None)
         if info is None:  # not admitted here, or already released: its lease ends it
             return
-        pkey = self._key("p", info.sub)
+        pkey = self._principal(info.sub, info.iss)
         if not self.cluster:
-            yield _Call("release", pkey, {"tid": ticket_id, "subs": [info.sub], "locks": list(info.locks)})
+            yield _Call("release", pkey, {"tid": ticket_id, "subs": [[info.sub, info.iss]], "locks": list(info.locks)})
             return
-        yield _Call("release", pkey, {"tid": ticket_id, "subs": [info.sub]})
+        yield _Call("release", pkey, {"tid": ticket_id, "subs": [[info.sub, info.iss]]})
         for route, keys in self._groups(info.locks, lambda k: self._key("l", k)):
             yield _Call("release", route, {"tid": ticket_id, "locks": keys})
 
@@ -883,17 +918,18 @@ class RedisStore(Store):
         await self._aop(lambda: self._renew(ticket_ids, lease))
 
     def _renew(self, ticket_ids: Sequence[str], lease: float) -> _Flow[None]:
-        by_hash: dict[tuple[str, str], list[str]] = {}
+        by_hash: dict[tuple[str, str, str], list[str]] = {}
         with self._issued_lock:
             known = [(tid, self._issued[tid]) for tid in ticket_ids if tid in self._issued]
         for tid, info in known:
-            by_hash.setdefault(("p", info.sub), []).append(tid)
+            by_hash.setdefault(("p", info.sub, info.iss), []).append(tid)
             for lock in info.locks:
-                by_hash.setdefault(("l", lock), []).append(tid)
+                by_hash.setdefault(("l", lock, ""), []).append(tid)
         if not by_hash:
             return
-        items: list[tuple[str, list[Any]]] = [(self._key(kind, ident), [kind, ident, tids])
-                                              for (kind, ident), tids in by_hash.items()]
+        items: list[tuple[str, list[Any]]] = [
+            (self._principal(ident, iss) if kind == "p" else self._key(kind, ident), [kind, ident, tids, iss])
+            for (kind, ident, iss), tids in by_hash.items()]
         if not self.cluster:
             yield _Call("renew", items[0][0], {"lease": lease, "items": [item for _, item in items]})
         else:
@@ -909,25 +945,17 @@ class RedisStore(Store):
 
     # -- operations --------------------------------------------------------------------------------------------
 
-    def rotate(self, sub: str) -> int:
-        return self._drive(self._rotate(sub))
+    def rotate(self, sub: str, iss: str = "") -> int:
+        return _int(self._drive(self._principal_op("rotate", sub, iss, answer="g")))
 
-    async def arotate(self, sub: str) -> int:
-        return await self._aop(lambda: self._rotate(sub))
+    async def arotate(self, sub: str, iss: str = "") -> int:
+        return _int(await self._aop(lambda: self._principal_op("rotate", sub, iss, answer="g")))
 
-    def _rotate(self, sub: str) -> _Flow[int]:
-        r = yield _Call("rotate", self._key("p", sub), {"sub": sub})
-        return _int(r["g"])
+    def revoke_principal(self, sub: str, iss: str = "") -> float:
+        return float(self._drive(self._principal_op("revoke_principal", sub, iss, answer="at")))
 
-    def revoke_principal(self, sub: str) -> float:
-        return self._drive(self._revoke_principal(sub))
-
-    async def arevoke_principal(self, sub: str) -> float:
-        return await self._aop(lambda: self._revoke_principal(sub))
-
-    def _revoke_principal(self, sub: str) -> _Flow[float]:
-        r = yield _Call("revoke_principal", self._key("p", sub), {"sub": sub})
-        return float(r["at"])
+    async def arevoke_principal(self, sub: str, iss: str = "") -> float:
+        return float(await self._aop(lambda: self._principal_op("revoke_principal", sub, iss, answer="at")))
 
     def revoke_session(self, session_id: str) -> bool:
         return self._drive(self._session_op(session_id, "revoked"))
@@ -956,51 +984,55 @@ class RedisStore(Store):
         owner = index.get("o")
         if not owner:
             return False
-        r = yield _Call("status", self._key("p", owner), {"sub": owner, "sid": session_id, "st": status})
+        owner_iss = index.get("oi") or ""
+        r = yield _Call("status", self._principal(owner, owner_iss),
+                        {**self._who(owner, owner_iss), "sid": session_id, "st": status})
         return bool(r["ok"])
 
-    def report_compromise(self, sub: str | None, session_id: str | None) -> list[str]:
-        return self._drive(self._compromise(sub, session_id))
+    def report_compromise(self, sub: str | None, session_id: str | None, iss: str = "") -> list[str]:
+        return self._drive(self._compromise(sub, session_id, iss))
 
-    async def areport_compromise(self, sub: str | None, session_id: str | None) -> list[str]:
-        return await self._aop(lambda: self._compromise(sub, session_id))
+    async def areport_compromise(self, sub: str | None, session_id: str | None, iss: str = "") -> list[str]:
+        return await self._aop(lambda: self._compromise(sub, session_id, iss))
 
-    def _compromise(self, sub: str | None, session_id: str | None) -> _Flow[list[str]]:
+    def _compromise(self, sub: str | None, session_id: str | None, iss: str) -> _Flow[list[str]]:
         if sub is None and session_id is None:
             raise ConfigurationError("report_compromise needs sub or session_id")
-        principal, origin_sid, strict, origins = sub, None, False, None
+        principal, issuer, origin_sid, strict, origins = sub, iss, None, False, None
         if session_id is not None:
             index = yield _Call("index", self._key("s", session_id), {"sid": session_id, "op": "get"})
-            owner = index.get("o") or None
+            owner, owner_iss = index.get("o") or None, index.get("oi") or ""
             if owner is None:
                 if principal is None:
                     return []
-            elif principal is None or principal == owner:
-                principal, origin_sid, strict = owner, session_id, sub is None
+            elif principal is None or (principal, issuer) == (owner, owner_iss):
+                principal, issuer, origin_sid, strict = owner, owner_iss, session_id, sub is None
             else:  # a named principal, and a session of another: that session's credential and device
-                s = yield _Call("session", self._key("p", owner), {"sub": owner, "sid": session_id})
+                s = yield _Call("session", self._principal(owner, owner_iss),
+                                {**self._who(owner, owner_iss), "sid": session_id})
                 if not s.get("none"):
                     origins = [[s["cr"], s["dv"]]]
         assert principal is not None
-        payload: dict[str, Any] = {"sub": principal, "strict": strict}
+        payload: dict[str, Any] = {**self._who(principal, issuer), "strict": strict}
         if origin_sid is not None:
             payload["sid"] = origin_sid
         if origins is not None:
             payload["origins"] = origins
-        c = yield _Call("compromise", self._key("p", principal), payload)
+        c = yield _Call("compromise", self._principal(principal, issuer), payload)
         if c.get("none"):
             return []
         at, creds, devs = c["at"], _seq(c.get("creds")), _seq(c.get("devs"))
         hits = set(_seq(c.get("hits")))
-        related = set(_seq(c.get("ax")))
+        related = {(issuer, other) for other in _seq(c.get("ax"))}  # actors are subjects of the same issuer
         for kind, values in (("c", creds), ("d", devs)):
             for value in values:
                 m = yield _Call("marker", self._key(kind, value), {"kind": kind, "id": value, "at": at})
-                related.update(_seq(m.get("subs")))
-        related.discard(principal)
-        for other in sorted(related):
-            r = yield _Call("related", self._key("p", other),
-                            {"sub": other, "at": at, "actor": principal, "creds": creds, "devs": devs})
+                related.update((str(i), str(u)) for i, u in _seq(m.get("subs")))
+        related.discard((issuer, principal))
+        for other_iss, other in sorted(related):
+            r = yield _Call("related", self._principal(other, other_iss),
+                            {**self._who(other, other_iss), "at": at, "actor": principal, "actor_iss": issuer,
+                             "creds": creds, "devs": devs})
             hits.update(_seq(r.get("hits")))
         return sorted(hits)
 
@@ -1013,53 +1045,53 @@ class RedisStore(Store):
     def _device(self, device_id: str, compliant: bool) -> _Flow[None]:
         yield _Call("device", self._key("d", device_id), {"id": device_id, "ok": bool(compliant)})
 
-    def set_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
-        self._drive(self._privileges(sub, scopes))
+    def set_privileges(self, sub: str, scopes: Iterable[str] | None, iss: str = "") -> None:
+        self._drive(self._privileges(sub, scopes, iss))
 
-    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
-        await self._aop(lambda: self._privileges(sub, scopes))
+    async def aset_privileges(self, sub: str, scopes: Iterable[str] | None, iss: str = "") -> None:
+        await self._aop(lambda: self._privileges(sub, scopes, iss))
 
-    def _privileges(self, sub: str, scopes: Iterable[str] | None) -> _Flow[None]:
-        payload: dict[str, Any] = {"sub": sub}
+    def _privileges(self, sub: str, scopes: Iterable[str] | None, iss: str) -> _Flow[None]:
+        payload: dict[str, Any] = self._who(sub, iss)
         if scopes is not None:
             payload["scopes"] = sorted(set(scopes))
-        yield _Call("privileges", self._key("p", sub), payload)
+        yield _Call("privileges", self._principal(sub, iss), payload)
 
     # -- operations of security events -------------------------------------------------------------------------
 
-    def revoke_sessions(self, sub: str, before: float | None) -> list[str]:
-        return self._drive(self._principal_op("revoke_sessions", sub, before=before, answer="hits"))
+    def revoke_sessions(self, sub: str, before: float | None, iss: str = "") -> list[str]:
+        return self._drive(self._principal_op("revoke_sessions", sub, iss, before=before, answer="hits"))
 
-    async def arevoke_sessions(self, sub: str, before: float | None) -> list[str]:
-        return await self._aop(lambda: self._principal_op("revoke_sessions", sub, before=before, answer="hits"))
+    async def arevoke_sessions(self, sub: str, before: float | None, iss: str = "") -> list[str]:
+        return await self._aop(lambda: self._principal_op("revoke_sessions", sub, iss, before=before, answer="hits"))
 
-    def disable_principal(self, sub: str) -> float:
-        return float(self._drive(self._principal_op("disable", sub, answer="at")))
+    def disable_principal(self, sub: str, iss: str = "") -> float:
+        return float(self._drive(self._principal_op("disable", sub, iss, answer="at")))
 
-    async def adisable_principal(self, sub: str) -> float:
-        return float(await self._aop(lambda: self._principal_op("disable", sub, answer="at")))
+    async def adisable_principal(self, sub: str, iss: str = "") -> float:
+        return float(await self._aop(lambda: self._principal_op("disable", sub, iss, answer="at")))
 
-    def enable_principal(self, sub: str) -> bool:
-        return bool(self._drive(self._principal_op("enable", sub, answer="ok")))
+    def enable_principal(self, sub: str, iss: str = "") -> bool:
+        return bool(self._drive(self._principal_op("enable", sub, iss, answer="ok")))
 
-    async def aenable_principal(self, sub: str) -> bool:
-        return bool(await self._aop(lambda: self._principal_op("enable", sub, answer="ok")))
+    async def aenable_principal(self, sub: str, iss: str = "") -> bool:
+        return bool(await self._aop(lambda: self._principal_op("enable", sub, iss, answer="ok")))
 
-    def set_assurance(self, sub: str, level: str | None, at: float | None) -> None:
-        self._drive(self._principal_op("assurance", sub, level=level, at=at))
+    def set_assurance(self, sub: str, level: str | None, at: float | None, iss: str = "") -> None:
+        self._drive(self._principal_op("assurance", sub, iss, level=level, at=at))
 
-    async def aset_assurance(self, sub: str, level: str | None, at: float | None) -> None:
-        await self._aop(lambda: self._principal_op("assurance", sub, level=level, at=at))
+    async def aset_assurance(self, sub: str, level: str | None, at: float | None, iss: str = "") -> None:
+        await self._aop(lambda: self._principal_op("assurance", sub, iss, level=level, at=at))
 
-    def raise_risk(self, sub: str, amount: int, window: float) -> None:
-        self._drive(self._principal_op("raise_risk", sub, amount=amount, window=window))
+    def raise_risk(self, sub: str, amount: int, window: float, iss: str = "") -> None:
+        self._drive(self._principal_op("raise_risk", sub, iss, amount=amount, window=window))
 
-    async def araise_risk(self, sub: str, amount: int, window: float) -> None:
-        await self._aop(lambda: self._principal_op("raise_risk", sub, amount=amount, window=window))
+    async def araise_risk(self, sub: str, amount: int, window: float, iss: str = "") -> None:
+        await self._aop(lambda: self._principal_op("raise_risk", sub, iss, amount=amount, window=window))
 
-    def _principal_op(self, op: str, sub: str, answer: str | None = None, **payload: Any) -> _Flow[Any]:
-        body = {"sub": sub, **{k: v for k, v in payload.items() if v is not None}}
-        r = yield _Call(op, self._key("p", sub), body)
+    def _principal_op(self, op: str, sub: str, iss: str, answer: str | None = None, **payload: Any) -> _Flow[Any]:
+        body = {**self._who(sub, iss), **{k: v for k, v in payload.items() if v is not None}}
+        r = yield _Call(op, self._principal(sub, iss), body)
         if answer == "hits":
             return _seq(r.get("hits"))
         return None if answer is None else r[answer]
@@ -1102,35 +1134,34 @@ class RedisStore(Store):
         r = yield _Call("key_notes", self._key("keys", "notes"), {})
         return _int(r["g"]), tuple(str(kid) for kid in _seq(r.get("dropped")))
 
-    def note_generation_claims(self, notes: Mapping[str, bool]) -> None:
+    def note_generation_claims(self, notes: Mapping[tuple[str, str], bool]) -> None:
         self._drive(self._note_generation_claims(notes))
 
-    async def anote_generation_claims(self, notes: Mapping[str, bool]) -> None:
+    async def anote_generation_claims(self, notes: Mapping[tuple[str, str], bool]) -> None:
         await self._aop(lambda: self._note_generation_claims(notes))
 
-    def _note_generation_claims(self, notes: Mapping[str, bool]) -> _Flow[None]:
-        for sub, present in notes.items():
-            yield _Call("gen_claim_note", self._key("p", sub), {"sub": sub, "present": bool(present)})
+    def _note_generation_claims(self, notes: Mapping[tuple[str, str], bool]) -> _Flow[None]:
+        for (iss, sub), present in notes.items():
+            yield from self._principal_op("gen_claim_note", sub, iss, present=bool(present))
 
-    def generation_claim(self, sub: str) -> bool | None:
-        return self._drive(self._generation_claim(sub))
+    def generation_claim(self, sub: str, iss: str = "") -> bool | None:
+        return self._drive(self._generation_claim(sub, iss))
 
-    async def ageneration_claim(self, sub: str) -> bool | None:
-        return await self._aop(lambda: self._generation_claim(sub))
+    async def ageneration_claim(self, sub: str, iss: str = "") -> bool | None:
+        return await self._aop(lambda: self._generation_claim(sub, iss))
 
-    def _generation_claim(self, sub: str) -> _Flow[bool | None]:
-        r = yield _Call("gen_claim", self._key("p", sub), {"sub": sub})
-        return None if r.get("gc") in (None, "") else r["gc"] == "1"
+    def _generation_claim(self, sub: str, iss: str) -> _Flow[bool | None]:
+        gc = yield from self._principal_op("gen_claim", sub, iss, answer="gc")
+        return None if gc in (None, "") else gc == "1"
 
-    def reset_generation(self, sub: str) -> int:
-        return self._drive(self._reset_generation(sub))
+    def reset_generation(self, sub: str, iss: str = "") -> int:
+        return self._drive(self._reset_generation(sub, iss))
 
-    async def areset_generation(self, sub: str) -> int:
-        return await self._aop(lambda: self._reset_generation(sub))
+    async def areset_generation(self, sub: str, iss: str = "") -> int:
+        return await self._aop(lambda: self._reset_generation(sub, iss))
 
-    def _reset_generation(self, sub: str) -> _Flow[int]:
-        r = yield _Call("reset_generation", self._key("p", sub), {"sub": sub})
-        return _int(r["g"])
+    def _reset_generation(self, sub: str, iss: str) -> _Flow[int]:
+        return _int((yield from self._principal_op("reset_generation", sub, iss, answer="g")))
 
     # -- the audit trail -----------------------------------------------------------------------------------------
 
@@ -1170,7 +1201,7 @@ class RedisStore(Store):
         if since is not None:
             cutoff = max(cutoff, since)
         if self.cluster:
-            pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":{e*}:audit"
+            pattern = _glob(self.prefix) + ":{e*}:audit"
             keys: list[str] = sorted(set((yield _Scan(pattern))))
         else:
             keys = [f"{self.prefix}:audit"]
@@ -1207,18 +1238,18 @@ class RedisStore(Store):
 
     # -- listings ----------------------------------------------------------------------------------------------
 
-    def sessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
-        return self._drive(self._sessions(sub, session_idle))
+    def sessions(self, sub: str, session_idle: float, iss: str = "") -> list[SessionInfo]:
+        return self._drive(self._sessions(sub, session_idle, iss))
 
-    async def asessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
-        return await self._aop(lambda: self._sessions(sub, session_idle))
+    async def asessions(self, sub: str, session_idle: float, iss: str = "") -> list[SessionInfo]:
+        return await self._aop(lambda: self._sessions(sub, session_idle, iss))
 
-    def _sessions(self, sub: str, session_idle: float) -> _Flow[list[SessionInfo]]:
-        r = yield _Call("sessions", self._key("p", sub), {"sub": sub, "idle": session_idle})
+    def _sessions(self, sub: str, session_idle: float, iss: str) -> _Flow[list[SessionInfo]]:
+        r = yield _Call("sessions", self._principal(sub, iss), {"sub": sub, "iss": iss, "idle": session_idle})
         return [SessionInfo(
             s["id"], s.get("s", ""), s.get("k", ""), s["st"], float(s["c"]), float(s["l"]), float(s["e"]),
             s.get("cl", ""), s.get("ua", ""), s.get("dv"), s.get("cr"), s.get("ac"), _opt_float(s.get("ma")),
-            None if s.get("mg") is None else _int(s["mg"]), _opt_float(s.get("ca")))
+            None if s.get("mg") is None else _int(s["mg"]), _opt_float(s.get("ca")), s.get("is") or "")
             for s in _seq(r.get("sessions"))]
 
     def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
@@ -1228,15 +1259,55 @@ class RedisStore(Store):
         return await self._aop(lambda: self._all_sessions(session_idle, limit))
 
     def _all_sessions(self, session_idle: float, limit: int) -> _Flow[list[SessionInfo]]:
-        head = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":{p:"
-        keys: list[str] = yield _Scan(head + "*}:ss")
-        start = len(self.prefix) + len(":{p:")
+        """Every principal's session hash (a scan), then each principal's active sessions (one call each)."""
+        principals: set[tuple[str, str]] = set()
+        for kind in ("p", "pi"):
+            head = f"{self.prefix}:{{{kind}:"
+            for key in (yield _Scan(f"{_glob(head)}*}}:ss")):
+                if not (key.startswith(head) and key.endswith("}:ss")):
+                    continue
+                ident = key[len(head):-len("}:ss")]
+                if kind == "p":
+                    principals.add(("", _unesc(ident)))
+                else:  # ISSUER|SUBJECT, the issuer's own "|" and "%" escaped (_principal)
+                    issuer, _, subject = ident.partition("|")
+                    principals.add((_unesc(issuer).replace("%7C", "|").replace("%25", "%"), _unesc(subject)))
         found: list[SessionInfo] = []
-        for key in sorted(set(keys)):
-            sub = key[start:-len("}:ss")].replace("%7B", "{").replace("%7D", "}").replace("%25", "%")
-            found.extend((yield from self._sessions(sub, session_idle)))
+        for iss, sub in sorted(principals):
+            found.extend((yield from self._sessions(sub, session_idle, iss)))
         found.sort(key=lambda s: (-s.last_seen, s.session_id))
         return found[:limit]
+
+    def session_owner(self, session_id: str) -> str | None:
+        return self._drive(self._owner(session_id))
+
+    async def asession_owner(self, session_id: str) -> str | None:
+        return await self._aop(lambda: self._owner(session_id))
+
+    def _owner(self, session_id: str) -> _Flow[str | None]:
+        index = yield _Call("index", self._key("s", session_id), {"sid": session_id, "op": "get"})
+        owner = index.get("o")
+        return str(owner) if owner else None
+
+    def issuers(self, sub: str) -> list[str]:
+        return self._drive(self._issuers(sub))
+
+    async def aissuers(self, sub: str) -> list[str]:
+        return await self._aop(lambda: self._issuers(sub))
+
+    def _issuers(self, sub: str) -> _Flow[list[str]]:
+        """The issuers with keys for ``sub``: a scan (for operators and the CLI, never on a request's path)."""
+        prefix, tag = _glob(self.prefix), _glob(_esc(sub))
+        found: set[str] = set()
+        for key in (yield _Scan(f"{prefix}:{{p:{tag}}}*")):
+            if key.startswith(f"{self.prefix}:{{p:{_esc(sub)}}}"):
+                found.add("")
+        for key in (yield _Scan(f"{prefix}:{{pi:*|{tag}}}*")):
+            ident = key[len(self.prefix) + 5:].partition("}")[0]  # prefix:{pi:ISSUER|SUBJECT}suffix
+            issuer, _, subject = ident.partition("|")
+            if _unesc(subject) == sub:
+                found.add(_unesc(issuer).replace("%7C", "|").replace("%25", "%"))
+        return sorted(found)
 
     def locks(self) -> list[LockInfo]:
         return self._drive(self._locks())
@@ -1245,13 +1316,13 @@ class RedisStore(Store):
         return await self._aop(self._locks)
 
     def _locks(self) -> _Flow[list[LockInfo]]:
-        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":{l:*}"
+        pattern = _glob(self.prefix) + ":{l:*}"
         keys: list[str] = yield _Scan(pattern)
         found: list[LockInfo] = []
         for route, group in self._groups(sorted(set(keys)), lambda k: k):
             for i in range(0, len(group), 256):
                 r = yield _Call("locks", route, {"keys": group[i:i + 256]})
-                found.extend(LockInfo(key, mode, _int(fence), tid, sub, sid, float(expires))
-                             for key, mode, fence, tid, sub, sid, expires in _seq(r.get("locks")))
+                found.extend(LockInfo(key, mode, _int(fence), tid, sub, sid, float(expires), iss)
+                             for key, mode, fence, tid, sub, sid, expires, iss in _seq(r.get("locks")))
         return sorted(found, key=lambda lock: (lock.key, lock.fencing_token))
 

@@ -8,11 +8,18 @@ On the event loop, admission and release first try the transaction inline on a c
 (busy timeout 0, no automatic checkpoint): when the write lock is free this costs no thread hop; when another
 writer holds it, the attempt is rolled back at once and the work goes to a worker thread, which may wait. WAL
 checkpoints, which fsync, run on a maintenance thread, never on the loop.
+
+The WAL is bounded: every connection sets ``journal_size_limit`` (:data:`WAL_LIMIT`), and the WAL's size is looked
+at every 64 commits and every second while commits come: past the limit, the maintenance thread truncates it
+(``wal_checkpoint(TRUNCATE)``) while this process's writers wait. The database file is created readable and
+writable by its owner only (0600, whatever the umask); SQLite gives its ``-wal``, ``-shm`` and journal files the
+same mode.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -43,18 +50,28 @@ from ..records import (
 from ..rules import FENCE_SLACK, STATUS_RETENTION, evaluate, live_risk
 from .base import Store
 
-__all__ = ["SQLiteStore"]
+__all__ = ["WAL_LIMIT", "SQLiteStore"]
+
+log = logging.getLogger("sa_middleware")
 
 T = TypeVar("T")
 
+#: bytes the WAL is cut back to after a checkpoint (``PRAGMA journal_size_limit``): see docs "Operations hygiene"
+WAL_LIMIT = 16 * 1024 * 1024
+
 _SESSION_COLUMNS = ("session_id, sub, kind, status, created, last_seen, expires, client, user_agent, device, "
-                    "credential, actor, marked_at, marked_generation, cleared_at")
+                    "credential, actor, marked_at, marked_generation, cleared_at, iss")
+_PRINCIPAL_COLUMNS = ("generation, not_before, risk, privileges, privileges_at, marker_at, marker_generation, "
+                      "sessions_before, disabled_at, assurance, assurance_at")
 _PRUNE_EVERY = 10.0  # seconds between sweeps of expired rows
 _AUDIT_COLUMNS = "time, kind, code, source, sub, session_id, route, detail"
 _AUDIT_PRUNE_EVERY = 64  # audit records written between two bounded prunes of the oldest ones
 _AUDIT_PRUNE_BATCH = 512  # the oldest records looked at by one bounded prune
 _AUDIT_DETAIL = 512  # characters of an audit detail kept
 _CHECKPOINT_EVERY = 256  # inline commits between WAL checkpoints (run on the maintenance thread)
+_WAL_CHECK_EVERY = 1.0  # seconds between two looks at the WAL's size by the maintenance thread, while commits come
+_WAL_LOOK_EVERY = 64  # commits between two looks at the WAL's size by the committing thread
+_FILES = ("", "-wal", "-shm", "-journal")  # the database and the files SQLite keeps next to it
 
 
 class _Busy(StoreUnavailable):
@@ -64,43 +81,101 @@ _FROM_STATES = {"paused": '["active", "paused"]', "revoked": '["active", "paused
 
 
 def _schema(db: sqlite_utils.Database) -> None:
-    db.table("principals").create({"sub": str, "generation": int, "not_before": float, "risk": str, "privileges": str,
-                             "privileges_at": float, "marker_at": float, "marker_generation": int},
-                            pk="sub", not_null={"generation"}, defaults={"generation": 0}, if_not_exists=True)
+    # principal state is kept per issuer and subject: a database created before issuers has them added ("" for
+    # the rows it holds, which _adopt copies to an issuer's principal on its first use)
+    principals = {"iss": str, "sub": str, "generation": int, "not_before": float, "risk": str, "privileges": str,
+                  "privileges_at": float, "marker_at": float, "marker_generation": int, "sessions_before": float,
+                  "disabled_at": float, "assurance": str, "assurance_at": float,
+                  "gen_claim": int}  # whether the principal's latest token carried a generation claim
+    if db.table("principals").exists() and "iss" not in db.table("principals").columns_dict:
+        _add_issuer_to_principals(db, principals)
+    db.table("principals").create(principals, pk=("iss", "sub"), not_null={"iss", "generation"},
+                                  defaults={"iss": "", "generation": 0}, if_not_exists=True)
+    for column, kind in principals.items():  # added by later versions (security events): upgraded in place
+        if column not in db.table("principals").columns_dict:
+            db.table("principals").add_column(column, kind)
     db.table("sessions").create({"session_id": str, "sub": str, "kind": str, "status": str, "created": float,
                            "last_seen": float, "expires": float, "client": str, "user_agent": str, "device": str,
                            "credential": str, "actor": str, "marked_at": float, "marked_generation": int,
-                           "cleared_at": float}, pk="session_id", if_not_exists=True)
+                           "cleared_at": float, "iss": str}, pk="session_id", not_null={"iss"}, defaults={"iss": ""},
+                          if_not_exists=True)
     db.table("tickets").create({"ticket_id": str, "sub": str, "session_id": str, "token_hash": str, "client": str,
-                          "tags": str, "conflicts": str, "exclusive": int, "expires": float},
-                         pk="ticket_id", if_not_exists=True)
+                          "tags": str, "conflicts": str, "exclusive": int, "expires": float, "iss": str},
+                         pk="ticket_id", not_null={"iss"}, defaults={"iss": ""}, if_not_exists=True)
     db.table("locks").create({"key": str, "ticket_id": str, "mode": str, "sub": str, "session_id": str, "kind": str,
-                        "fence": int, "expires": float}, pk=("key", "ticket_id"), if_not_exists=True)
+                        "fence": int, "expires": float, "iss": str}, pk=("key", "ticket_id"), not_null={"iss"},
+                        defaults={"iss": ""}, if_not_exists=True)
+    for table in ("sessions", "tickets", "locks"):
+        if "iss" not in db.table(table).columns_dict:
+            db.table(table).add_column("iss", str, not_null_default="")
     db.table("fences").create({"key": str, "value": int}, pk="key", if_not_exists=True)
     db.table("devices").create({"device_id": str, "compliant": int, "updated": float}, pk="device_id",
                          if_not_exists=True)
     db.table("jtis").create({"jti": str, "expires": float}, pk="jti", if_not_exists=True)
     db.table("markers").create({"kind": str, "value": str, "at": float}, pk=("kind", "value"), if_not_exists=True)
-    # security events (sa_middleware.events): principal state they set, and the events seen (replay protection);
-    # added as columns so a database created before them is upgraded in place
-    principals = db.table("principals")
-    for column, kind in (("sessions_before", float), ("disabled_at", float), ("assurance", str),
-                         ("assurance_at", float)):
-        if column not in principals.columns_dict:
-            principals.add_column(column, kind)
     db.table("events_seen").create({"key": str, "expires": float}, pk="key", if_not_exists=True)
-    # signing keys: what operators asked every Guard to do (refresh, drop a key id); whether tokens carry a generation
-    if "gen_claim" not in principals.columns_dict:
-        principals.add_column("gen_claim", int)
+    # signing keys: what operators asked every Guard to do (refresh, drop a key id)
     db.table("key_notes").create({"kid": str, "generation": int, "at": float}, pk="kid", if_not_exists=True)
     # the audit trail: ids grow with every insert (INTEGER PRIMARY KEY), which bounds the count cheaply
     db.table("audit").create({"id": int, "time": float, "kind": str, "code": str, "source": str, "sub": str,
                               "session_id": str, "route": str, "detail": str}, pk="id", if_not_exists=True)
     for columns in (["time"], ["sub", "time"], ["session_id", "time"], ["code", "time"]):
         db.table("audit").create_index(columns, if_not_exists=True)
-    for table, columns in (("sessions", ["sub"]), ("sessions", ["actor"]), ("sessions", ["device"]),
-                           ("sessions", ["credential"]), ("tickets", ["sub"]), ("locks", ["ticket_id"])):
+    for table, columns in (("sessions", ["sub"]), ("sessions", ["iss", "sub"]), ("sessions", ["actor"]),
+                           ("sessions", ["device"]), ("sessions", ["credential"]), ("tickets", ["sub"]),
+                           ("locks", ["ticket_id"])):
         db.table(table).create_index(columns, if_not_exists=True)
+
+
+def _create_private(path: str) -> None:
+    """Create the database file with mode 0600 whatever the umask (SQLite gives its -wal, -shm and journal files
+    the mode of the database). An existing file keeps its mode."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError:
+        return  # it exists, or e.g. its directory is missing: connecting reports that
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _warn_if_loose(path: str) -> None:
+    """Log a warning naming the store's files that others may read or write."""
+    loose = {path + suffix: mode for suffix in _FILES if (mode := _mode(path + suffix)) is not None and mode & 0o077}
+    if loose:
+        log.warning("sa-middleware: the SQLite store's files are readable or writable by others (%s); they hold "
+                    "subjects, sessions, client addresses and the audit trail: chmod 600 them unless that is "
+                    "deliberate", ", ".join(f"{name} {mode:04o}" for name, mode in loose.items()))
+
+
+def _mode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return None
+def _add_issuer_to_principals(db: sqlite_utils.Database, columns: dict[str, type]) -> None:
+    """Upgrade a database created before issuers: the principals table gets an ``iss`` column ("" for every row it
+    holds) in its primary key. SQLite cannot change a primary key in place, so the table is copied."""
+    names = [c for c in columns if c != "iss" and c in db.table("principals").columns_dict]
+    db.table("principals_upgrade").create(columns, pk=("iss", "sub"), not_null={"iss", "generation"},
+                                          defaults={"iss": "", "generation": 0})
+    db.execute(f"INSERT INTO principals_upgrade (iss, {', '.join(names)}) SELECT '', {', '.join(names)} "
+               "FROM principals")
+    db.execute("DROP TABLE principals")
+    db.execute("ALTER TABLE principals_upgrade RENAME TO principals")
+
+
+def _adopt(conn: sqlite3.Connection, iss: str, *subs: str | None) -> None:
+    """Give an issuer's principal the state its subject had before issuers were recorded (rows with ``iss`` ""),
+    on its first use: a database written by one issuer keeps its generations, watermarks and markers."""
+    if not iss:
+        return
+    for sub in {x for x in subs if x}:
+        conn.execute(f"INSERT INTO principals (iss, sub, {_PRINCIPAL_COLUMNS}) SELECT ?, sub, {_PRINCIPAL_COLUMNS} "
+                     "FROM principals WHERE iss = '' AND sub = ? ON CONFLICT(iss, sub) DO NOTHING", (iss, sub))
 
 
 def _session(row: sqlite3.Row | tuple[Any, ...]) -> SessionInfo:
@@ -126,7 +201,7 @@ def _admission_audit(a: Admission, v: Verdict, before: dict[str, tuple[str, str]
                                        why))
         elif status == "revoked" and was not in (None, "revoked"):
             records.append(AuditRecord("change", "session_evicted", "middleware", sub or a.sub, session_id, a.route,
-                                       f"evicted by the new session {a.session_id} (max_sessions={a.max_sessions})"))
+                                       f"evicted by session {a.session_id} (max_sessions={a.max_sessions})"))
     return records
 
 
@@ -135,6 +210,16 @@ def _outcome(verdict: Verdict) -> Ticket | Denial:
         return verdict.ticket
     assert verdict.code is not None
     return Denial(verdict.code, verdict.detail, verdict.retry_after)
+
+
+def _check_directory(path: str) -> None:
+    """A database file in a directory that does not exist cannot be created: say so, naming the path."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigurationError(f"sqlite store {path!r}: the directory {directory!r} does not exist (create it, or "
+                                 "give another path)")
 
 
 class SQLiteStore(Store):
@@ -146,6 +231,7 @@ class SQLiteStore(Store):
             raise ConfigurationError("sqlite store needs a file path: sqlite:///sa.db")
         if timeout <= 0:
             raise ConfigurationError("sqlite timeout must be > 0 seconds")
+        _check_directory(path)
         self.path = path
         self.timeout = timeout
         self._clock = clock
@@ -156,10 +242,17 @@ class SQLiteStore(Store):
         self._audit_writes = 0
         self.inline = inline
         self._inline_commits = 0
+        self._commits = 0
         self._checkpoint_due = threading.Event()
         self._maintenance: threading.Thread | None = None
+        self._stop_maintenance = threading.Event()
+        self._writable = threading.Event()  # cleared while the WAL is truncated: this process's writers wait
+        self._writable.set()
+        _create_private(path)
         with self._transaction() as conn:
             _schema(sqlite_utils.Database(conn))
+        if path != ":memory:":
+            _warn_if_loose(path)
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> SQLiteStore:
@@ -187,6 +280,7 @@ class SQLiteStore(Store):
         conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         self._use_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
         if nowait:
             conn.execute("PRAGMA wal_autocheckpoint = 0")
         with self._connections_lock:
@@ -229,17 +323,56 @@ class SQLiteStore(Store):
         return True, result
 
     def _request_checkpoint(self) -> None:
-        if self._maintenance is None or not self._maintenance.is_alive():
-            self._maintenance = threading.Thread(target=self._checkpoints, name="sa-middleware-sqlite-checkpoint",
-                                                 daemon=True)
-            self._maintenance.start()
+        self._ensure_maintenance()
         self._checkpoint_due.set()
 
-    def _checkpoints(self) -> None:
-        while self._checkpoint_due.wait():
+    def _ensure_maintenance(self) -> None:
+        if self._maintenance is None or not self._maintenance.is_alive():
+            self._stop_maintenance = threading.Event()  # close() sets it: the thread ends
+            self._maintenance = threading.Thread(target=self._checkpoints, args=(self._stop_maintenance,),
+                                                 name="sa-middleware-sqlite-checkpoint", daemon=True)
+            self._maintenance.start()
+
+    def _checkpoints(self, stop: threading.Event) -> None:
+        """The maintenance thread (from the 64th commit on, until :meth:`close`): the inline connections'
+        checkpoints (they never checkpoint themselves), and a look at the WAL's size every second while commits
+        come: past :data:`WAL_LIMIT`, it is truncated."""
+        seen = -1
+        while True:
+            due = self._checkpoint_due.wait(_WAL_CHECK_EVERY)
             self._checkpoint_due.clear()
-            with suppress(sqlite3.Error):  # the next checkpoint, or any connection's automatic one, catches up
-                self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
+            if stop.is_set():
+                return
+            if not due and self._commits == seen:
+                continue  # nothing written since the last look
+            seen = self._commits
+            with suppress(sqlite3.Error, StoreError):  # the next round, or an automatic checkpoint, catches up
+                if due:
+                    self._read(lambda conn, now: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+                if self.wal_size() > WAL_LIMIT:
+                    self._truncate()
+
+    def _truncate(self) -> None:
+        """Truncate the WAL while this process's writers wait (a checkpoint that must wait for the write lock
+        would rarely get it under a flood); other processes' writers are waited for up to the timeout."""
+        self._writable.clear()
+        try:
+            self.checkpoint()
+        finally:
+            self._writable.set()
+
+    def wal_size(self) -> int:
+        """The size of the WAL file in bytes (0 when there is none)."""
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
+
+    def checkpoint(self) -> None:
+        """Write the WAL into the database and truncate it to zero bytes (``wal_checkpoint(TRUNCATE)``); waits up
+        to the store's timeout for readers and writers. The maintenance thread runs it when the WAL is past
+        :data:`WAL_LIMIT`; call it after a bulk change to give the space back at once."""
+        self._read(lambda conn, now: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     @contextmanager
     def _transaction(self, nowait: bool = False) -> Iterator[sqlite3.Connection]:
@@ -257,15 +390,27 @@ class SQLiteStore(Store):
 
     def _write(self, func: Callable[[sqlite3.Connection, float], T], nowait: bool = False) -> T:
         """One write transaction; ``nowait`` never waits for the write lock and raises _Busy instead."""
+        if not self._writable.is_set():  # the maintenance thread is truncating the WAL
+            if nowait:
+                raise _Busy("the WAL is being truncated")
+            self._writable.wait(self.timeout)
         try:
             with self._transaction(nowait) as conn:
-                return func(conn, self._clock())
+                result = func(conn, self._clock())
         except sqlite3.OperationalError as exc:
             raise (_Busy if nowait else StoreUnavailable)(f"sqlite store error: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite store error: {exc}") from exc
+        self._commits += 1
+        if self._commits % _WAL_LOOK_EVERY == 0 and self.path != ":memory:":
+            self._ensure_maintenance()
+            if self.wal_size() > WAL_LIMIT:
+                self._checkpoint_due.set()
+        return result
 
     def close(self) -> None:
+        self._stop_maintenance.set()
+        self._checkpoint_due.set()
         with self._connections_lock:
             for conn in self._connections:
                 conn.close()
@@ -387,9 +532,9 @@ class SQLiteStore(Store):
 
     def _snapshot(self, conn: sqlite3.Connection, now: float, a: Admission) -> Snapshot:
         principal, markers = PrincipalState(), []
-        for row in conn.execute("SELECT sub, generation, not_before, risk, privileges, privileges_at, marker_at, "
-                                "marker_generation, sessions_before, disabled_at, assurance, assurance_at "
-                                "FROM principals WHERE sub IN (?, ?)", (a.sub, a.actor or a.sub)):
+        _adopt(conn, a.iss, a.sub, a.actor)
+        for row in conn.execute(f"SELECT sub, {_PRINCIPAL_COLUMNS} FROM principals WHERE iss = ? AND sub IN (?, ?)",
+                                (a.iss, a.sub, a.actor or a.sub)):
             if row[0] == a.sub:
                 principal = PrincipalState(row[1], row[2], [tuple(x) for x in json.loads(row[3] or "[]")],
                                            frozenset(json.loads(row[4])) if row[4] is not None else None, row[5],
@@ -399,19 +544,19 @@ class SQLiteStore(Store):
             if row[0] == a.actor and row[6] is not None:
                 markers.append(Marker(row[6], None))
         sessions = [_session(r) for r in conn.execute(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE (sub = ? OR session_id = ?) AND expires > ?",
-            (a.sub, a.session_id, now))]
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE ((iss = ? AND sub = ?) OR session_id = ?) AND expires > ?",
+            (a.iss, a.sub, a.session_id, now))]
         tickets = [TicketRecord(r[0], r[1], r[2], r[3], r[4], frozenset(json.loads(r[5])), frozenset(json.loads(r[6])),
                                 bool(r[7]), r[8])
                    for r in conn.execute("SELECT ticket_id, sub, session_id, token_hash, client, tags, conflicts, "
-                                         "exclusive, expires FROM tickets WHERE sub = ? AND expires > ?",
-                                         (a.sub, now))]
+                                         "exclusive, expires FROM tickets WHERE iss = ? AND sub = ? AND expires > ?",
+                                         (a.iss, a.sub, now))]
         holders: dict[str, list[LockHolder]] = {}
         fences: dict[str, int] = {}
         if a.locks:
             keys = [lock.key for lock in a.locks]
             marks = ",".join("?" * len(keys))
-            for r in conn.execute(f"SELECT key, ticket_id, mode, sub, session_id, kind, expires FROM locks "
+            for r in conn.execute(f"SELECT key, ticket_id, mode, sub, session_id, kind, expires, iss FROM locks "
                                   f"WHERE key IN ({marks}) AND expires > ?", (*keys, now)):
                 holders.setdefault(r[0], []).append(LockHolder(*r[1:]))
             fences = dict(conn.execute(f"SELECT key, value FROM fences WHERE key IN ({marks})", keys).fetchall())
@@ -429,17 +574,18 @@ class SQLiteStore(Store):
 
     def _apply(self, conn: sqlite3.Connection, now: float, a: Admission, v: Verdict) -> None:
         if v.new_generation is not None or v.risk is not None:
-            conn.execute("INSERT INTO principals (sub, generation, risk) VALUES (?, ?, ?) ON CONFLICT(sub) DO UPDATE "
-                         "SET generation = max(generation, excluded.generation), risk = coalesce(?, risk)",
-                         (a.sub, v.new_generation or 0, json.dumps(v.risk or []),
+            conn.execute("INSERT INTO principals (iss, sub, generation, risk) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT(iss, sub) DO UPDATE SET generation = max(generation, excluded.generation), "
+                         "risk = coalesce(?, risk)",
+                         (a.iss, a.sub, v.new_generation or 0, json.dumps(v.risk or []),
                           None if v.risk is None else json.dumps(v.risk)))
         if v.session is not None:
             s = v.session
             conn.execute(f"INSERT OR REPLACE INTO sessions ({_SESSION_COLUMNS}) VALUES "
-                         f"({','.join('?' * 15)})",
+                         f"({','.join('?' * 16)})",
                          (s.session_id, s.sub, s.kind, s.status, s.created, s.last_seen, s.expires, s.client,
                           s.user_agent, s.device, s.credential, s.actor, s.marked_at, s.marked_generation,
-                          s.cleared_at))
+                          s.cleared_at, s.iss))
         for session_id, status in v.session_status.items():
             if v.session is not None and session_id == v.session.session_id:
                 continue
@@ -449,12 +595,14 @@ class SQLiteStore(Store):
                          (status, now + STATUS_RETENTION, session_id, _FROM_STATES[status]))
         if v.ticket_record is not None:
             t = v.ticket_record
-            conn.execute("INSERT INTO tickets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            conn.execute("INSERT INTO tickets (ticket_id, sub, session_id, token_hash, client, tags, conflicts, "
+                         "exclusive, expires, iss) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (t.ticket_id, t.sub, t.session_id, t.token_hash, t.client, json.dumps(sorted(t.tags)),
-                          json.dumps(sorted(t.conflicts)), int(t.exclusive), t.expires))
+                          json.dumps(sorted(t.conflicts)), int(t.exclusive), t.expires, a.iss))
             for key, mode, fence in v.lock_grants:
-                conn.execute("INSERT INTO locks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (key, t.ticket_id, mode, a.sub, a.session_id, a.kind, fence, t.expires))
+                conn.execute("INSERT INTO locks (key, ticket_id, mode, sub, session_id, kind, fence, expires, iss) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (key, t.ticket_id, mode, a.sub, a.session_id, a.kind, fence, t.expires, a.iss))
                 conn.execute("INSERT INTO fences (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
                              "SET value = excluded.value", (key, fence))
         if v.record_jti:
@@ -490,17 +638,19 @@ class SQLiteStore(Store):
 
     # -- operations --------------------------------------------------------------------------------------------
 
-    def rotate(self, sub: str) -> int:
+    def rotate(self, sub: str, iss: str = "") -> int:
         def run(conn: sqlite3.Connection, now: float) -> int:
-            row = conn.execute("INSERT INTO principals (sub, generation) VALUES (?, 1) ON CONFLICT(sub) DO UPDATE "
-                               "SET generation = generation + 1 RETURNING generation", (sub,)).fetchone()
+            _adopt(conn, iss, sub)
+            row = conn.execute("INSERT INTO principals (iss, sub, generation) VALUES (?, ?, 1) ON CONFLICT(iss, sub) "
+                               "DO UPDATE SET generation = generation + 1 RETURNING generation", (iss, sub)).fetchone()
             return int(row[0])
         return self._write(run)
 
-    def revoke_principal(self, sub: str) -> float:
+    def revoke_principal(self, sub: str, iss: str = "") -> float:
         def run(conn: sqlite3.Connection, now: float) -> float:
-            conn.execute("INSERT INTO principals (sub, not_before) VALUES (?, ?) ON CONFLICT(sub) DO UPDATE "
-                         "SET not_before = max(coalesce(not_before, 0), excluded.not_before)", (sub, now))
+            _adopt(conn, iss, sub)
+            conn.execute("INSERT INTO principals (iss, sub, not_before) VALUES (?, ?, ?) ON CONFLICT(iss, sub) DO "
+                         "UPDATE SET not_before = max(coalesce(not_before, 0), excluded.not_before)", (iss, sub, now))
             return now
         return self._write(run)
 
@@ -510,45 +660,48 @@ class SQLiteStore(Store):
                             (now + STATUS_RETENTION, session_id)).rowcount:
                 return True
             conn.execute(f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, '', '', 'revoked', ?, ?, ?, '', '', "
-                         "NULL, NULL, NULL, NULL, NULL, NULL)", (session_id, now, now, now + STATUS_RETENTION))
+                         "NULL, NULL, NULL, NULL, NULL, NULL, '')", (session_id, now, now, now + STATUS_RETENTION))
             return False
         return self._write(run)
 
-    def report_compromise(self, sub: str | None, session_id: str | None) -> list[str]:
+    def report_compromise(self, sub: str | None, session_id: str | None, iss: str = "") -> list[str]:
         if sub is None and session_id is None:
             raise ConfigurationError("report_compromise needs sub or session_id")
 
         def run(conn: sqlite3.Connection, now: float) -> list[str]:
-            principal = sub
+            principal, issuer = sub, iss
             if session_id is not None:
-                row = conn.execute("SELECT sub, credential, device FROM sessions WHERE session_id = ? AND sub != ''",
-                                   (session_id,)).fetchone()
+                row = conn.execute("SELECT sub, credential, device, iss FROM sessions WHERE session_id = ? "
+                                   "AND sub != ''", (session_id,)).fetchone()
                 if row is None and principal is None:
                     return []
                 if row is not None:
-                    principal = principal or row[0]
+                    if principal is None:
+                        principal, issuer = row[0], row[3]
                     origins = [(row[1], row[2])]
             assert principal is not None
             if session_id is None or row is None:
-                origins = conn.execute("SELECT credential, device FROM sessions WHERE sub = ? AND expires > ?",
-                                       (principal, now)).fetchall()
+                origins = conn.execute("SELECT credential, device FROM sessions WHERE iss = ? AND sub = ? "
+                                       "AND expires > ?", (issuer, principal, now)).fetchall()
             credentials = sorted({c for c, _ in origins if c})
             devices = sorted({d for _, d in origins if d})
-            conn.execute("INSERT INTO principals (sub, generation, marker_at, marker_generation) VALUES (?, 0, ?, 0) "
-                         "ON CONFLICT(sub) DO UPDATE SET marker_at = excluded.marker_at, "
-                         "marker_generation = generation", (principal, now))
+            _adopt(conn, issuer, principal)
+            conn.execute("INSERT INTO principals (iss, sub, generation, marker_at, marker_generation) "
+                         "VALUES (?, ?, 0, ?, 0) ON CONFLICT(iss, sub) DO UPDATE SET marker_at = excluded.marker_at, "
+                         "marker_generation = generation", (issuer, principal, now))
             for kind, values in (("credential", credentials), ("device", devices)):
                 for value in values:
                     conn.execute("INSERT OR REPLACE INTO markers VALUES (?, ?, ?)", (kind, value, now))
-            where = ["sub = ?", "actor = ?"]
-            params: list[Any] = [principal, principal]
+            where = ["(iss = ? AND sub = ?)", "(iss = ? AND actor = ?)"]
+            params: list[Any] = [issuer, principal, issuer, principal]
             for column, values in (("credential", credentials), ("device", devices)):
                 if values:
                     where.append(f"{column} IN ({','.join('?' * len(values))})")
                     params.extend(values)
             rows = conn.execute(
                 f"UPDATE sessions SET status = 'compromised', marked_at = ?, expires = max(expires, ?), "
-                f"marked_generation = (SELECT generation FROM principals p WHERE p.sub = sessions.sub) "
+                f"marked_generation = (SELECT generation FROM principals p WHERE p.iss = sessions.iss "
+                f"AND p.sub = sessions.sub) "
                 f"WHERE expires > ? AND status != 'revoked' AND ({' OR '.join(where)}) RETURNING session_id",
                 (now, now + STATUS_RETENTION, now, *params)).fetchall()
             return sorted(r[0] for r in rows)
@@ -568,55 +721,68 @@ class SQLiteStore(Store):
         self._write(lambda conn, now: conn.execute(
             "INSERT OR REPLACE INTO devices VALUES (?, ?, ?)", (device_id, int(compliant), now)))
 
-    def set_privileges(self, sub: str, scopes: Iterable[str] | None) -> None:
+    def set_privileges(self, sub: str, scopes: Iterable[str] | None, iss: str = "") -> None:
         value = None if scopes is None else json.dumps(sorted(set(scopes)))
-        self._write(lambda conn, now: conn.execute(
-            "INSERT INTO principals (sub, generation, privileges, privileges_at) VALUES (?, 0, ?, ?) "
-            "ON CONFLICT(sub) DO UPDATE SET privileges = excluded.privileges, privileges_at = excluded.privileges_at",
-            (sub, value, now)))
+
+        def run(conn: sqlite3.Connection, now: float) -> None:
+            _adopt(conn, iss, sub)
+            conn.execute("INSERT INTO principals (iss, sub, generation, privileges, privileges_at) "
+                         "VALUES (?, ?, 0, ?, ?) ON CONFLICT(iss, sub) DO UPDATE SET "
+                         "privileges = excluded.privileges, privileges_at = excluded.privileges_at",
+                         (iss, sub, value, now))
+        self._write(run)
 
     # -- operations of security events -------------------------------------------------------------------------
 
-    def revoke_sessions(self, sub: str, before: float | None) -> list[str]:
+    def revoke_sessions(self, sub: str, before: float | None, iss: str = "") -> list[str]:
         def run(conn: sqlite3.Connection, now: float) -> list[str]:
             cut = now if before is None else min(before, now)
-            conn.execute("INSERT INTO principals (sub, generation, sessions_before) VALUES (?, 0, ?) "
-                         "ON CONFLICT(sub) DO UPDATE SET sessions_before = "
+            _adopt(conn, iss, sub)
+            conn.execute("INSERT INTO principals (iss, sub, generation, sessions_before) VALUES (?, ?, 0, ?) "
+                         "ON CONFLICT(iss, sub) DO UPDATE SET sessions_before = "
                          "max(coalesce(sessions_before, excluded.sessions_before), excluded.sessions_before)",
-                         (sub, cut))
-            rows = conn.execute("UPDATE sessions SET status = 'revoked', expires = max(expires, ?) WHERE sub = ? "
-                                "AND created <= ? AND expires > ? AND status != 'revoked' RETURNING session_id",
-                                (now + STATUS_RETENTION, sub, cut, now)).fetchall()
+                         (iss, sub, cut))
+            rows = conn.execute("UPDATE sessions SET status = 'revoked', expires = max(expires, ?) WHERE iss = ? "
+                                "AND sub = ? AND created <= ? AND expires > ? AND status != 'revoked' "
+                                "RETURNING session_id", (now + STATUS_RETENTION, iss, sub, cut, now)).fetchall()
             return sorted(r[0] for r in rows)
         return self._write(run)
 
-    def disable_principal(self, sub: str) -> float:
+    def disable_principal(self, sub: str, iss: str = "") -> float:
         def run(conn: sqlite3.Connection, now: float) -> float:
-            conn.execute("INSERT INTO principals (sub, generation, not_before, disabled_at) VALUES (?, 0, ?, ?) "
-                         "ON CONFLICT(sub) DO UPDATE SET disabled_at = coalesce(disabled_at, excluded.disabled_at), "
-                         "not_before = max(coalesce(not_before, 0), excluded.not_before)", (sub, now, now))
+            _adopt(conn, iss, sub)
+            conn.execute("INSERT INTO principals (iss, sub, generation, not_before, disabled_at) "
+                         "VALUES (?, ?, 0, ?, ?) ON CONFLICT(iss, sub) DO UPDATE SET "
+                         "disabled_at = coalesce(disabled_at, excluded.disabled_at), "
+                         "not_before = max(coalesce(not_before, 0), excluded.not_before)", (iss, sub, now, now))
             return now
         return self._write(run)
 
-    def enable_principal(self, sub: str) -> bool:
-        return self._write(lambda conn, now: conn.execute(
-            "UPDATE principals SET disabled_at = NULL WHERE sub = ? AND disabled_at IS NOT NULL", (sub,)).rowcount > 0)
+    def enable_principal(self, sub: str, iss: str = "") -> bool:
+        def run(conn: sqlite3.Connection, now: float) -> bool:
+            _adopt(conn, iss, sub)
+            return conn.execute("UPDATE principals SET disabled_at = NULL WHERE iss = ? AND sub = ? "
+                                "AND disabled_at IS NOT NULL", (iss, sub)).rowcount > 0
+        return self._write(run)
 
-    def set_assurance(self, sub: str, level: str | None, at: float | None) -> None:
+    def set_assurance(self, sub: str, level: str | None, at: float | None, iss: str = "") -> None:
         def run(conn: sqlite3.Connection, now: float) -> None:
             when = None if level is None else (now if at is None else min(at, now))
-            conn.execute("INSERT INTO principals (sub, generation, assurance, assurance_at) VALUES (?, 0, ?, ?) "
-                         "ON CONFLICT(sub) DO UPDATE SET assurance = excluded.assurance, "
-                         "assurance_at = excluded.assurance_at", (sub, level, when))
+            _adopt(conn, iss, sub)
+            conn.execute("INSERT INTO principals (iss, sub, generation, assurance, assurance_at) "
+                         "VALUES (?, ?, 0, ?, ?) ON CONFLICT(iss, sub) DO UPDATE SET "
+                         "assurance = excluded.assurance, assurance_at = excluded.assurance_at",
+                         (iss, sub, level, when))
         self._write(run)
 
-    def raise_risk(self, sub: str, amount: int, window: float) -> None:
+    def raise_risk(self, sub: str, amount: int, window: float, iss: str = "") -> None:
         def run(conn: sqlite3.Connection, now: float) -> None:
-            row = conn.execute("SELECT risk FROM principals WHERE sub = ?", (sub,)).fetchone()
+            _adopt(conn, iss, sub)
+            row = conn.execute("SELECT risk FROM principals WHERE iss = ? AND sub = ?", (iss, sub)).fetchone()
             entries = live_risk([(x[0], x[1]) for x in json.loads(row[0] or "[]")] if row else [], now)
             risk = json.dumps([*entries, (amount, now + window)])
-            conn.execute("INSERT INTO principals (sub, generation, risk) VALUES (?, 0, ?) "
-                         "ON CONFLICT(sub) DO UPDATE SET risk = excluded.risk", (sub, risk))
+            conn.execute("INSERT INTO principals (iss, sub, generation, risk) VALUES (?, ?, 0, ?) "
+                         "ON CONFLICT(iss, sub) DO UPDATE SET risk = excluded.risk", (iss, sub, risk))
         self._write(run)
 
     def seen_event(self, key: str, ttl: float) -> bool:
@@ -645,20 +811,21 @@ class SQLiteStore(Store):
             return (next((int(g) for k, g in rows if k == ""), 0), tuple(k for k, _ in rows if k != ""))
         return self._read(run)
 
-    def note_generation_claims(self, notes: Mapping[str, bool]) -> None:
+    def note_generation_claims(self, notes: Mapping[tuple[str, str], bool]) -> None:
         self._write(lambda conn, now: conn.executemany(
-            "INSERT INTO principals (sub, generation, gen_claim) VALUES (?, 0, ?) ON CONFLICT(sub) DO UPDATE "
-            "SET gen_claim = excluded.gen_claim", [(sub, int(present)) for sub, present in notes.items()]))
+            "INSERT INTO principals (iss, sub, generation, gen_claim) VALUES (?, ?, 0, ?) ON CONFLICT(iss, sub) "
+            "DO UPDATE SET gen_claim = excluded.gen_claim",
+            [(iss, sub, int(present)) for (iss, sub), present in notes.items()]))
 
-    def generation_claim(self, sub: str) -> bool | None:
-        row = self._read(lambda conn, now: conn.execute("SELECT gen_claim FROM principals WHERE sub = ?",
-                                                        (sub,)).fetchone())
+    def generation_claim(self, sub: str, iss: str = "") -> bool | None:
+        row = self._read(lambda conn, now: conn.execute("SELECT gen_claim FROM principals WHERE iss = ? AND sub = ?",
+                                                        (iss, sub)).fetchone())
         return None if row is None or row[0] is None else bool(row[0])
 
-    def reset_generation(self, sub: str) -> int:
+    def reset_generation(self, sub: str, iss: str = "") -> int:
         def run(conn: sqlite3.Connection, now: float) -> int:
-            row = conn.execute("SELECT generation FROM principals WHERE sub = ?", (sub,)).fetchone()
-            conn.execute("UPDATE principals SET generation = 0 WHERE sub = ?", (sub,))
+            row = conn.execute("SELECT generation FROM principals WHERE iss = ? AND sub = ?", (iss, sub)).fetchone()
+            conn.execute("UPDATE principals SET generation = 0 WHERE iss = ? AND sub = ?", (iss, sub))
             return 0 if row is None else int(row[0])
         return self._write(run)
 
@@ -668,17 +835,27 @@ class SQLiteStore(Store):
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"sqlite store error: {exc}") from exc
 
-    def sessions(self, sub: str, session_idle: float) -> list[SessionInfo]:
+    def sessions(self, sub: str, session_idle: float, iss: str = "") -> list[SessionInfo]:
         return self._read(lambda conn, now: [_session(r) for r in conn.execute(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE sub = ? AND expires > ? AND last_seen > ? "
-            "ORDER BY created, session_id", (sub, now, now - session_idle))])
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE iss = ? AND sub = ? AND expires > ? AND last_seen > ? "
+            "ORDER BY created, session_id", (iss, sub, now, now - session_idle))])
+
+    def issuers(self, sub: str) -> list[str]:
+        return self._read(lambda conn, now: [r[0] for r in conn.execute(
+            "SELECT iss FROM principals WHERE sub = ? UNION SELECT iss FROM sessions WHERE sub = ? AND expires > ? "
+            "ORDER BY 1", (sub, sub, now))])
 
     def all_sessions(self, session_idle: float, limit: int) -> list[SessionInfo]:
         return self._read(lambda conn, now: [_session(r) for r in conn.execute(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE expires > ? AND last_seen > ? "
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE sub != '' AND expires > ? AND last_seen > ? "
             "ORDER BY last_seen DESC, session_id LIMIT ?", (now, now - session_idle, limit))])
+
+    def session_owner(self, session_id: str) -> str | None:
+        row = self._read(lambda conn, now: conn.execute(
+            "SELECT sub FROM sessions WHERE session_id = ? AND sub != ''", (session_id,)).fetchone())
+        return None if row is None else str(row[0])
 
     def locks(self) -> list[LockInfo]:
         return self._read(lambda conn, now: [LockInfo(*r) for r in conn.execute(
-            "SELECT key, mode, fence, ticket_id, sub, session_id, expires FROM locks WHERE expires > ? "
+            "SELECT key, mode, fence, ticket_id, sub, session_id, expires, iss FROM locks WHERE expires > ? "
             "ORDER BY key, fence", (now,))])

@@ -288,6 +288,11 @@ def _keys(s: Server, iss: DemoIssuer) -> httpx.Response:
         return s.request("GET", "/whoami", iss.token(sub()))
 
 
+def _invalid_request(s: Server, iss: DemoIssuer) -> httpx.Response:
+    # the app would run DELETE, the Guard would decide GET: refused
+    return s.request("GET", "/whoami", iss.token(sub()), headers={"x-http-method-override": "DELETE"})
+
+
 CASES: list[tuple[str, Case]] = [
     ("missing_token", _missing), ("invalid_token", _invalid), ("stale_generation", _stale),
     ("token_revoked", _token_revoked), ("session_revoked", _session_revoked),
@@ -295,7 +300,7 @@ CASES: list[tuple[str, Case]] = [
     ("step_up_required", _step_up), ("insufficient_scope", _scope), ("session_paused", _paused),
     ("device_noncompliant", _device), ("too_many_sessions", _sessions), ("risk_too_high", _risk),
     ("conflicting_action", _conflict), ("object_locked", _locked), ("too_many_in_flight", _in_flight),
-    ("store_unavailable", _store), ("keys_unavailable", _keys),
+    ("store_unavailable", _store), ("keys_unavailable", _keys), ("invalid_request", _invalid_request),
 ]
 
 
@@ -930,8 +935,9 @@ def test_e003_not_raised_for_the_test_project(issuer: DemoIssuer, tmp_path: Path
     ([MIDDLEWARE_PATH, "django.middleware.cache.FetchFromCacheMiddleware"], []),
     ([MIDDLEWARE_PATH, "django.middleware.locale.LocaleMiddleware"], ["sa_middleware.W002"]),
     (["django.middleware.locale.LocaleMiddleware", MIDDLEWARE_PATH], []),
-    (["django.middleware.common.CommonMiddleware"], ["sa_middleware.W003"]),
-    ([], ["sa_middleware.W003"]),
+    # the project's views have a @policy: without the middleware they would refuse every request (E005)
+    (["django.middleware.common.CommonMiddleware"], ["sa_middleware.E005", "sa_middleware.W003"]),
+    ([], ["sa_middleware.E005", "sa_middleware.W003"]),
 ])
 def test_middleware_checks(issuer: DemoIssuer, tmp_path: Path, middleware: list[str], expected: list[str]) -> None:
     assert check_ids(SA_MIDDLEWARE=options(issuer, tmp_path), MIDDLEWARE=middleware) == expected
@@ -1110,3 +1116,54 @@ def test_the_suite_passes_under_django_42() -> None:
                           text=True, timeout=550)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+# -- fail closed: script prefixes, views without the middleware, table entries without a route --------------------
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi", "force_script_name"])
+def test_row1_table_matched_below_the_script_prefix(issuer: DemoIssuer, tmp_path: Path, flavour: str) -> None:
+    """The Guard table is matched on ``path_info``: under a WSGI mount, uvicorn's ``root_path`` or
+    ``FORCE_SCRIPT_NAME``, a table-only policy still applies."""
+    from werkzeug.exceptions import NotFound
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    extra: dict[str, Any] = {"FORCE_SCRIPT_NAME": "/api"} if flavour == "force_script_name" else {}
+    conf = options(issuer, tmp_path, policies={"GET /whoami": Policy(scopes={"admin"})})
+    with override_settings(SA_MIDDLEWARE=conf, **extra):
+        if flavour == "wsgi":
+            base, stop = serve_wsgi(DispatcherMiddleware(NotFound(), {"/api": WSGIHandler()}))
+            url = f"{base}/api/whoami"
+        elif flavour == "asgi":
+            base, stop = serve_asgi(ASGIHandler(), root_path="/api")  # uvicorn puts /api in scope["path"]
+            url = f"{base}/whoami"
+        else:  # a proxy stripped /api; Django builds its URLs (request.path) with the forced prefix
+            base, stop = serve_wsgi(WSGIHandler())
+            url = f"{base}/whoami"
+        try:
+            problem(httpx.get(url, headers={"authorization": f"Bearer {issuer.token(sub())}"}, timeout=WAIT), 403,
+                    "insufficient_scope")
+            ok = httpx.get(url, headers={"authorization": f"Bearer {issuer.token(sub(), scope='admin')}"},
+                           timeout=WAIT)
+            assert ok.status_code == 200 and ok.json()["route"] == "GET /whoami", ok.text
+        finally:
+            stop()
+
+
+def test_row5_a_policy_view_without_the_middleware_refuses(issuer: DemoIssuer, tmp_path: Path) -> None:
+    with override_settings(SA_MIDDLEWARE=options(issuer, tmp_path), MIDDLEWARE=[]):
+        resp = Client().post("/payments/1/approve", HTTP_AUTHORIZATION=f"Bearer {issuer.token(sub())}")
+        assert resp.status_code == 503 and resp["content-type"] == "application/problem+json"
+        assert json.loads(resp.content)["code"] == "view_not_guarded"
+        assert Client().get("/health").status_code == 503  # @policy(public=True) too: nothing decided it
+
+
+def test_row6_a_table_entry_without_a_url_pattern_is_e006(issuer: DemoIssuer, tmp_path: Path) -> None:
+    conf = options(issuer, tmp_path, policies={"POST /payment/{id:int}/approve": Policy(scopes={"x"})})
+    with override_settings(SA_MIDDLEWARE=conf):
+        messages = [m for m in checks.run_checks(tags=["sa_middleware"]) if m.id == "sa_middleware.E006"]
+    assert len(messages) == 1
+    assert "'POST /payment/{id:int}/approve'" in messages[0].msg
+    assert "did you mean '/payments/<int:id>/approve'?" in messages[0].msg
+    good = options(issuer, tmp_path, policies={"POST /payments/{id:int}/approve": Policy(scopes={"x"}),
+                                               "OPTIONS /{rest:path}": Policy(public=True)})
+    assert check_ids(SA_MIDDLEWARE=good) == []

@@ -118,7 +118,6 @@ TABLE: dict[str, Any] = {  # SA_POLICIES, in the dict form the config accepts
     "POST /combo/{id}": {"scopes": {"table-scope"}, "locks": ["table:{id}"], "max_in_flight": 5},
     "GET /tablepublic": {"public": True},
     "GET /viewwins": {"public": True},
-    "GET /nowhere/{rest:path}": {"public": True},
 }
 
 
@@ -241,6 +240,7 @@ def problem(resp: TestResponse, status: int, code: str) -> dict[str, Any]:
         assert "www-authenticate" not in resp.headers
     else:
         assert "retry-after" not in resp.headers
+    if status in (401, 403):
         assert resp.headers["www-authenticate"].startswith("Bearer")
     return body
 
@@ -392,6 +392,11 @@ def _keys_unavailable(e: Env) -> TestResponse:
     return e.refused(lambda: down.test_client().get("/whoami", headers=auth(e.issuer.token(sub()))))
 
 
+def _invalid_request(e: Env) -> TestResponse:
+    token = e.issuer.token(sub())  # the app would run DELETE, the Guard would decide GET: refused
+    return e.refused(lambda: e.client.get("/whoami", headers={**auth(token), "X-HTTP-Method-Override": "DELETE"}))
+
+
 DENIALS: list[tuple[str, int, Callable[[Env], TestResponse]]] = [
     ("missing_token", 401, _missing_token),
     ("invalid_token", 401, _invalid_token),
@@ -412,6 +417,7 @@ DENIALS: list[tuple[str, int, Callable[[Env], TestResponse]]] = [
     ("too_many_in_flight", 429, _too_many_in_flight),
     ("store_unavailable", 503, _store_unavailable),
     ("keys_unavailable", 503, _keys_unavailable),
+    ("invalid_request", 400, _invalid_request),
 ]
 
 
@@ -508,7 +514,9 @@ def test_default_policy_fills_the_rest(client: FlaskClient, issuer: DemoIssuer) 
 
 # -- requests for which Flask runs no view ------------------------------------------------------------------------
 
-def test_not_found_is_decided_by_the_table_and_default(client: FlaskClient, issuer: DemoIssuer) -> None:
+def test_not_found_is_decided_by_the_table_and_default(bench: Bench, issuer: DemoIssuer) -> None:
+    table = {**TABLE, "GET /nowhere/{rest:path}": {"public": True}}  # no URL rule: allowed with check_table=False
+    client = make_app(bench, SessionAware(check_table=False), **config(issuer, SA_POLICIES=table)).test_client()
     problem(client.get("/no/such/page"), 401, "missing_token")  # no route enumeration without a token
     resp = client.get("/no/such/page", headers=auth(issuer.token(who := sub())))
     assert (resp.status_code, resp.json) == (404, {"error": "not found", "principal": who})  # g.sa in the handler
@@ -1089,3 +1097,53 @@ def test_example_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         sys.modules.pop(name, None)
         stop_backend()
+
+
+def test_row5_policy_views_classes_and_blueprints_refuse_without_the_extension(issuer: DemoIssuer) -> None:
+    """Without SessionAware on the app, every kind of decorated view answers 503 and never runs; with only the core
+    WSGI middleware (which reads the table, not @policy) too."""
+    from sa_middleware.wsgi import SessionAwareWSGIMiddleware
+
+    ran: list[str] = []
+    shop = policy(scopes={"shop"})(Blueprint("shop", __name__))
+
+    @shop.get("/basket")
+    def basket() -> str:
+        ran.append("blueprint")
+        return "ok"
+
+    @policy(exclusive=True)
+    class Things(MethodView):
+        def get(self) -> str:
+            ran.append("class")
+            return "ok"
+
+    def build() -> Flask:
+        app = Flask("unguarded")
+
+        @app.get("/fn")
+        @policy(scopes={"x"})
+        def fn() -> str:
+            ran.append("function")
+            return "ok"
+
+        app.add_url_rule("/things", view_func=Things.as_view("things"))
+        app.register_blueprint(shop)
+        return app
+
+    bare, core = build(), build()
+    guard = Guard(store="memory://", keys=issuer.public_pem, algorithms=["RS256"], issuer=issuer.issuer,
+                  audience=issuer.audience)
+    core.wsgi_app = SessionAwareWSGIMiddleware(core.wsgi_app, guard=guard)  # type: ignore[method-assign]
+    for app in (bare, core):
+        for path in ("/fn", "/things", "/basket"):
+            resp = app.test_client().get(path, headers=auth(issuer.token(sub(), scope="x shop")))
+            assert resp.status_code == 503, (path, resp.get_data(as_text=True))
+            assert resp.json is not None and resp.json["code"] == "view_not_guarded"
+    assert ran == []
+    guarded = build()
+    SessionAware(guarded, guard=guard)
+    for path in ("/fn", "/things", "/basket"):
+        assert guarded.test_client().get(path, headers=auth(issuer.token(sub(), scope="x shop"))).status_code == 200
+    assert ran == ["function", "class", "blueprint"]
+    guard.close()

@@ -447,6 +447,11 @@ def _keys_unavailable(make: Make) -> httpx.Response:
     return site.request("GET", "/whoami", site.token(sub()))
 
 
+def _invalid_request(make: Make) -> httpx.Response:
+    site = make()  # the app would run DELETE, the Guard would decide GET: refused
+    return site.request("GET", "/whoami", site.token(sub()), headers={"x-http-method-override": "DELETE"})
+
+
 DENIALS: dict[str, Callable[[Make], httpx.Response]] = {
     "missing_token": _missing_token, "invalid_token": _invalid_token, "stale_generation": _stale_generation,
     "token_revoked": _token_revoked, "session_revoked": _session_revoked,
@@ -457,6 +462,7 @@ DENIALS: dict[str, Callable[[Make], httpx.Response]] = {
     "conflicting_action": _conflicting_action, "object_locked": _object_locked,
     "too_many_in_flight": _too_many_in_flight, "store_unavailable": _store_unavailable,
     "keys_unavailable": _keys_unavailable,
+    "invalid_request": _invalid_request,
 }
 
 
@@ -876,7 +882,7 @@ def test_good_app_starts_and_mount_parameters_count(guard: Guard) -> None:
         return JSONResponse({})
 
     app = Starlette(routes=[Mount("/orgs/{org}", routes=[Route("/pay/{id}", policy(locks=["p:{org}:{id}"])(view))])])
-    app.add_middleware(SessionAwareMiddleware, guard=guard)
+    app.add_middleware(SessionAwareMiddleware, guard=guard, check_table=False)  # the fixture's table is another app's
     assert lifespan(app) == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
 
 
@@ -899,14 +905,23 @@ def test_policy_takes_exactly_the_policy_fields() -> None:
     assert list(params) == [f.name for f in fields(Policy) if f.init]
 
 
-def test_policy_returns_the_same_object_and_keeps_the_signature() -> None:
+def test_policy_wraps_a_function_keeping_its_signature_and_a_class_keeping_its_identity() -> None:
     async def endpoint(request: Request, item: int = 3) -> JSONResponse:
         return JSONResponse({})
 
     before = inspect.signature(endpoint)
-    assert policy(exclusive=True)(endpoint) is endpoint
-    assert inspect.signature(endpoint) == before
-    assert getattr(endpoint, POLICY_ATTR) == Policy(exclusive=True)
+    guarded = policy(exclusive=True)(endpoint)
+    assert guarded.__wrapped__ is endpoint  # type: ignore[attr-defined]
+    assert inspect.signature(guarded) == before and inspect.iscoroutinefunction(guarded)
+    assert getattr(guarded, POLICY_ATTR) == Policy(exclusive=True)
+    assert policy(max_in_flight=2)(guarded) is guarded  # stacked: wrapped once
+    assert getattr(guarded, POLICY_ATTR) == Policy(exclusive=True, max_in_flight=2)
+
+    class Endpoint(HTTPEndpoint):
+        async def get(self, request: Request) -> JSONResponse:
+            return JSONResponse({})
+
+    assert policy(exclusive=True)(Endpoint) is Endpoint
 
 
 def test_policy_of_layers() -> None:
@@ -994,3 +1009,43 @@ def check_example(module_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_example_imports_and_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     check_example("starlette_app.py", tmp_path, monkeypatch)
+
+
+def test_row5_endpoint_classes_and_websockets_refuse_without_the_middleware() -> None:
+    ran: list[str] = []
+
+    @policy(exclusive=True)
+    class Things(HTTPEndpoint):
+        async def get(self, request: Request) -> JSONResponse:
+            ran.append("class")
+            return JSONResponse({})
+
+    @policy(locks=["room:{room}"])
+    async def room(websocket: WebSocket) -> None:
+        ran.append("websocket")
+        await websocket.accept()
+
+    app = Starlette(routes=[Route("/things", Things), WebSocketRoute("/ws/{room}", room)])
+
+    async def call(kind: str, path: str) -> list[Message]:
+        sent: list[Message] = []
+        incoming = [{"type": "http.request", "body": b""} if kind == "http" else {"type": "websocket.connect"}]
+
+        async def receive() -> Message:
+            if not incoming:
+                await anyio.sleep_forever()
+            return incoming.pop(0)
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": kind, "path": path, "root_path": "", "method": "GET", "headers": [], "query_string": b"",
+                 "asgi": {"version": "3.0"}}
+        with anyio.fail_after(WAIT):
+            await app(scope, receive, send)
+        return sent
+
+    http = anyio.run(call, "http", "/things")
+    assert http[0]["status"] == 503 and json.loads(http[1]["body"])["code"] == "view_not_guarded"
+    assert anyio.run(call, "websocket", "/ws/1") == [{"type": "websocket.close", "code": 1011, "reason": ""}]
+    assert ran == []

@@ -1,4 +1,4 @@
-"""The five mission behaviours, end to end over real HTTP, on uvicorn (ASGI) and werkzeug's threaded server (WSGI).
+"""The five behaviours, end to end over real HTTP, on uvicorn (ASGI) and werkzeug's threaded server (WSGI).
 
 Every server gets a fresh SQLite store file. Requests are held in flight deterministically with the workbench's
 ``?hold=NAME`` gates (the test waits on the gate's ``entered`` event, never on a sleep), and concurrent requests

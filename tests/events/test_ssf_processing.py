@@ -244,7 +244,7 @@ def test_scp_list_and_risk_options(guard: Guard, tx: Transmitter, idp: DemoIssue
     assert outcome.actions[0].args == (sub, ["a", "b"])
     outcome = rx.process(tx.set(CAEP + "risk-level-change", {"principal": "USER", "current_level": "high"},
                                 sub_id=user(idp, sub)))
-    assert outcome.actions[0].describe() == f"raise_risk('{sub}', 3, 60.0)"
+    assert outcome.actions[0].describe() == f"raise_risk('{sub}', 3, 60.0, issuer='{idp.issuer}')"
 
 
 def test_risc_sessions_revoked_and_account_purged(guard: Guard, tx: Transmitter, idp: DemoIssuer) -> None:
@@ -294,11 +294,11 @@ class FlakyStore(MemoryStore):
         super().__init__()
         self.fail_next = True
 
-    def rotate(self, sub: str) -> int:
+    def rotate(self, sub: str, iss: str = "") -> int:
         if self.fail_next:
             self.fail_next = False
             raise StoreUnavailable("store did not answer")
-        return super().rotate(sub)
+        return super().rotate(sub, iss)
 
 
 def test_a_failed_application_is_forgotten_so_the_redelivery_applies(tx: Transmitter, idp: DemoIssuer) -> None:
@@ -312,7 +312,7 @@ def test_a_failed_application_is_forgotten_so_the_redelivery_applies(tx: Transmi
         rx.process(change)
     assert rx.process(change).status == "applied"
     assert rx.process(change).status == "duplicate"
-    assert store.rotate(sub) == 2  # applied exactly once before this
+    assert store.rotate(sub, idp.issuer) == 2  # applied exactly once before this
 
 
 @pytest.mark.anyio

@@ -14,6 +14,7 @@ unless CI is set: then they fail.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import socket
@@ -952,3 +953,19 @@ def test_sentinel_failover_is_followed(tmp_path: Path) -> None:
         proc.wait(10)
         replica.stop()
         master.stop()
+
+
+def test_a_device_index_written_before_issuers_still_relates_its_principals(shared_uri: str) -> None:
+    """Device and credential indexes name principals as [issuer, subject]; a plain subject (written before
+    issuers) stands for the empty issuer, so a compromise still reaches its contexts."""
+    with opened(shared_uri) as store:
+        ok(store, sub="bob", session_id="bob-1", device="laptop-9")
+        ok(store, sub="carol", session_id="carol-1", device="laptop-9", iss="https://idp-a.example")
+        client = store._client()
+        key = store._key("d", "laptop-9", ":ix")
+        members = {tuple(json.loads(m)) for m in client.smembers(key)}
+        assert members == {("", "bob"), ("https://idp-a.example", "carol")}
+        client.srem(key, '["","bob"]')
+        client.sadd(key, "bob")  # as written before issuers
+        assert store.report_compromise("carol", None, "https://idp-a.example") == ["bob-1", "carol-1"]
+        assert store.issuers("carol") == ["https://idp-a.example"]

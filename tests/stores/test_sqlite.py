@@ -227,3 +227,52 @@ def test_workers_opening_a_new_database_together_all_succeed(tmp_path: Path) -> 
         assert check.execute("SELECT generation FROM principals WHERE sub = 'alice'").fetchone() == (6,)
         check.close()
     assert failures == []
+
+
+def test_a_database_written_before_issuers_is_upgraded_and_its_state_kept(tmp_path: Path) -> None:
+    """A database of the schema before principal state was kept per issuer: every row belongs to the empty issuer,
+    which an issuer's principal inherits on first use (a single-issuer store keeps its generations and statuses)."""
+    path = tmp_path / "old.db"
+    now = time.time()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript("""
+        CREATE TABLE principals (sub TEXT PRIMARY KEY, generation INTEGER NOT NULL DEFAULT 0, not_before FLOAT,
+            risk TEXT, privileges TEXT, privileges_at FLOAT, marker_at FLOAT, marker_generation INTEGER,
+            sessions_before FLOAT, disabled_at FLOAT, assurance TEXT, assurance_at FLOAT);
+        CREATE TABLE sessions (session_id TEXT PRIMARY KEY, sub TEXT, kind TEXT, status TEXT, created FLOAT,
+            last_seen FLOAT, expires FLOAT, client TEXT, user_agent TEXT, device TEXT, credential TEXT, actor TEXT,
+            marked_at FLOAT, marked_generation INTEGER, cleared_at FLOAT);
+        CREATE TABLE tickets (ticket_id TEXT PRIMARY KEY, sub TEXT, session_id TEXT, token_hash TEXT, client TEXT,
+            tags TEXT, conflicts TEXT, exclusive INTEGER, expires FLOAT);
+        CREATE TABLE locks (key TEXT, ticket_id TEXT, mode TEXT, sub TEXT, session_id TEXT, kind TEXT,
+            fence INTEGER, expires FLOAT, PRIMARY KEY (key, ticket_id));
+    """)
+    conn.execute("INSERT INTO principals (sub, generation) VALUES ('alice', 2)")
+    for sid, status in (("alice-1", "paused"), ("alice-2", "active")):
+        conn.execute("INSERT INTO sessions VALUES (?, 'alice', 'human', ?, ?, ?, ?, '', '', NULL, NULL, NULL, NULL, "
+                     "NULL, NULL)", (sid, status, now - 60, now - 30, now + 3600))
+    conn.close()
+    issuer = "https://idp.example"
+    store = SQLiteStore(str(path))
+    try:
+        assert isinstance(store.admit(admission(iss=issuer, session_id="alice-3", token_gen=1, locks=())), Denial)
+        assert isinstance(store.admit(admission(iss=issuer, session_id="alice-2", token_gen=2, locks=())), Ticket)
+        paused = store.admit(admission(iss=issuer, session_id="alice-1", token_gen=2, locks=()))
+        assert isinstance(paused, Denial) and paused.code == "session_paused"
+        assert store.rotate("alice", issuer) == 3  # the inherited generation, bumped
+        assert store.rotate("alice") == 3  # the rows of the empty issuer stay, for every other issuer
+        assert [s.session_id for s in store.sessions("alice", 900, issuer)] == ["alice-2"]
+    finally:
+        store.close()
+    store = SQLiteStore(str(path))  # opened again: upgraded once, the state stays
+    try:
+        assert store.rotate("alice", issuer) == 4
+        assert store.issuers("alice") == ["", issuer]
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    try:
+        columns = {row[1]: row[5] for row in conn.execute("PRAGMA table_info(principals)")}
+        assert columns["iss"] == 1 and columns["sub"] == 2  # the primary key is (iss, sub)
+    finally:
+        conn.close()

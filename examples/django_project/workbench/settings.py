@@ -1,9 +1,9 @@
 """Settings of the workbench example. sa-middleware needs three things: the middleware in MIDDLEWARE, the dict
 SA_MIDDLEWARE (the Guard's keyword arguments) and, for ``manage.py check``, the app in INSTALLED_APPS.
 
-Environment: SA_STORE (store URI, default sqlite:///sa-example.db), SA_DEV_KEY (development key file, default
-./.sa-dev-key.pem, created if missing), WORKBENCH_BACKEND (optional "system of record" URL). Mint a token with the
-same key:  sa-middleware token agent-7 --kind agent --scope "tickets payments:approve"
+Environment: SA_STORE (store URI, default sqlite:///sa-django.db), SA_DEV_KEY (development key file, default
+~/.config/sa-middleware/dev-key.pem, created if missing), WORKBENCH_BACKEND (optional "system of record" URL).
+Mint a token with the same key:  sa-middleware token agent-7 --kind agent --scope "tickets payments:approve"
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ DATABASES: dict[str, dict[str, str]] = {}
 USE_TZ = True
 
 SA_MIDDLEWARE = {
-    "store": os.environ.get("SA_STORE", "sqlite:///sa-example.db"),
+    "store": os.environ.get("SA_STORE", "sqlite:///sa-django.db"),
     "keys": dev_key().public_pem,  # development only: trust your identity provider (jwks_url=...) in production
     "algorithms": ["RS256"],
     "issuer": DEV_ISSUER,

@@ -18,44 +18,80 @@ end
 function sa.new_session(a, now, status)
   local e = a.exp
   if status ~= 'active' then e = math.max(a.exp, now + sa.RET) end
-  return {id = a.sid, s = a.sub, k = a.kind, st = status, c = now, l = now, e = e, cl = a.client, ua = a.ua,
-          dv = a.dev, cr = a.cred, ac = a.actor}
+  return {id = a.sid, s = a.sub, is = sa.nonempty(a.iss), k = a.kind, st = status, c = now, l = now, e = e,
+          cl = a.client, ua = a.ua, dv = a.dev, cr = a.cred, ac = a.actor}
 end
 
-local function set_status(v, sid, sub, status)
+function sa.nonempty(x)
+  if x == '' then return nil end
+  return x
+end
+
+local function set_status(v, sid, sub, iss, status)
   if v.status[sid] == nil then v.status_order[#v.status_order + 1] = sid end
-  v.status[sid] = {sub = sub, st = status}
+  v.status[sid] = {sub = sub, iss = iss or '', st = status}
+end
+
+-- rules.owns: a session serves the same subject under the same issuer (one stored without an issuer: any issuer;
+-- one without a subject, revoked before it was seen: anyone)
+function sa.owns(x, a)
+  return x.s == '' or (x.s == a.sub and (x.is == nil or x.is == '' or x.is == a.iss))
+end
+
+-- rules.is_active: seen within session_idle, token not expired, not revoked (paused and compromised count)
+function sa.is_active(x, idle, now)
+  return x.st ~= 'revoked' and x.l + idle > now and x.e > now
+end
+
+local function older(x, y)
+  if x.c ~= y.c then return x.c < y.c end
+  return x.id < y.id
 end
 
 -- the state one admission is decided on. `facts` come from other slots (cluster) or are read here (one server).
 -- Returns nil when the session is unknown to the principal and the session index was not consulted yet.
 function sa.snapshot(a, now, since, facts)
   local s = {now = now, since = since, markers = {}}
-  s.p = sa.principal(a.sub)
-  s.sessions = sa.records(sa.key('p', a.sub, ':ss'), now, true)
+  sa.adopt(a.sub, a.iss, a.lg)
+  if a.actor ~= nil then sa.adopt(a.actor, a.iss, a.lg) end
+  s.p = sa.principal(a.sub, a.iss)
+  s.sessions = sa.records(sa.pkey(a.sub, a.iss, ':ss'), now, true)
   for _, x in ipairs(s.sessions) do
     if x.id == a.sid then s.session = x end
   end
-  s.tickets = sa.records(sa.key('p', a.sub, ':tk'), now, true)
+  s.tickets = sa.records(sa.pkey(a.sub, a.iss, ':tk'), now, true)
   if facts == nil then -- one server: read the other facts here
     facts = {}
     local keep_for = a.exp - now + sa.RET
-    if a.dev ~= nil then sa.fact({'dev', a.dev}, nil, keep_for, facts) end
-    if a.cred ~= nil then sa.fact({'cred', a.cred}, nil, keep_for, facts) end
-    if a.actor ~= nil then sa.fact({'actor', a.actor}, nil, keep_for, facts) end
-    if a.one_time and a.jti ~= nil then sa.fact({'jti', a.jti}, nil, keep_for, facts) end
+    if a.dev ~= nil then sa.fact({'dev', a.dev}, nil, a.iss, keep_for, facts) end
+    if a.cred ~= nil then sa.fact({'cred', a.cred}, nil, a.iss, keep_for, facts) end
+    if a.actor ~= nil then sa.fact({'actor', a.actor}, nil, a.iss, keep_for, facts) end
+    if a.one_time and a.jti ~= nil then sa.fact({'jti', a.jti}, nil, a.iss, keep_for, facts) end
     if s.session == nil then
-      local h = redis.call('HMGET', sa.key('s', a.sid), 'o', 'st')
-      if h[1] then facts.idx = {o = h[1], st = h[2]} else facts.idx = false end
+      local h = redis.call('HMGET', sa.key('s', a.sid), 'o', 'st', 'oi')
+      if h[1] then facts.idx = {o = h[1], st = h[2] or nil, oi = h[3] or nil} else facts.idx = false end
     end
   elseif s.session == nil and facts.idx == nil then
     return nil
   end
   s.facts = facts
   if (facts.since or 0) > s.since then s.since = facts.since end
+  local idx = facts.idx
+  if s.session == nil and idx and a.lg and idx.o == a.sub and (idx.oi or '') == '' then
+    -- one server: the session as stored before issuers were recorded, adopted by this issuer's principal (the
+    -- session index is rewritten: ix = nil)
+    local raw = redis.call('HGET', sa.key('p', a.sub, ':ss'), a.sid)
+    if raw then
+      local x = sa.dec(raw)
+      if x.e > now then
+        x.id, x.raw, x.ix = a.sid, nil, nil
+        s.session = x
+      end
+    end
+  end
   -- a session id held by another principal (or revoked before it was ever seen) stands in for the session
-  if s.session == nil and facts.idx and facts.idx.o ~= a.sub then
-    s.session = {id = a.sid, s = facts.idx.o, st = facts.idx.st or 'active', l = 0, e = 0, c = 0}
+  if s.session == nil and idx and (idx.o ~= a.sub or not sa.owns({s = idx.o, is = idx.oi}, a)) then
+    s.session = {id = a.sid, s = idx.o, is = idx.oi, st = idx.st or 'active', l = 0, e = 0, c = 0}
   end
   if s.p.ma ~= nil then s.markers[#s.markers + 1] = {at = s.p.ma, gen = s.p.mg} end
   if facts.actor_ma ~= nil then s.markers[#s.markers + 1] = {at = tonumber(facts.actor_ma)} end
@@ -90,7 +126,7 @@ function sa.evaluate(a, s, with_locks)
 
   -- session status
   local session = s.session
-  if session ~= nil and session.s ~= '' and session.s ~= a.sub then
+  if session ~= nil and not sa.owns(session, a) then
     return deny(v, 'invalid_token', 'the session id belongs to another principal')
   end
   if p.sb ~= nil and (a.iat == nil or a.iat <= p.sb) then
@@ -153,30 +189,35 @@ function sa.evaluate(a, s, with_locks)
     if s.dev_ok == false then return deny(v, 'device_noncompliant', 'the device is marked non-compliant') end
   end
 
-  -- parallel sessions
+  -- parallel sessions: whichever route made them active, the requesting session must be among the principal's
+  -- max_sessions oldest active sessions ("reject"); "evict_oldest" evicts the oldest others until it is one of at
+  -- most max_sessions. A session that is not active yet counts as the newest.
   local evict = {}
-  local is_active = session ~= nil and session.l + a.idle > now
-  if a.max_sessions ~= nil and not is_active then
+  if a.max_sessions ~= nil then
     local others = {}
     for _, x in ipairs(s.sessions) do
-      if x.id ~= a.sid and x.st ~= 'revoked' and x.l + a.idle > now then others[#others + 1] = x end
+      if x.id ~= a.sid and sa.is_active(x, a.idle, now) then others[#others + 1] = x end
     end
-    table.sort(others, function(x, y)
-      if x.c ~= y.c then return x.c < y.c end
-      return x.id < y.id
-    end)
-    local excess = #others - a.max_sessions + 1
-    if excess > 0 then
-      if a.on_limit ~= 'evict_oldest' then
-        return deny(v, 'too_many_sessions', 'at most ' .. a.max_sessions .. ' active sessions are allowed')
+    table.sort(others, older)
+    if a.on_limit == 'evict_oldest' then
+      for i = 1, #others - a.max_sessions + 1 do evict[#evict + 1] = others[i].id end
+    else
+      local count = #others
+      if session ~= nil and sa.is_active(session, a.idle, now) then
+        count = 0
+        for _, x in ipairs(others) do if older(x, session) then count = count + 1 end end
       end
-      for i = 1, excess do evict[#evict + 1] = others[i].id end
+      if count >= a.max_sessions then
+        return deny(v, 'too_many_sessions', 'at most ' .. a.max_sessions ..
+          (a.max_sessions == 1 and ' active session is allowed' or ' active sessions are allowed'))
+      end
     end
   end
 
   -- actions in flight
   if a.max_in_flight ~= nil and #s.tickets >= a.max_in_flight then
-    return deny(v, 'too_many_in_flight', 'at most ' .. a.max_in_flight .. ' requests may be in flight', 1)
+    return deny(v, 'too_many_in_flight', 'at most ' .. a.max_in_flight ..
+      (a.max_in_flight == 1 and ' request may be in flight' or ' requests may be in flight'), 1)
   end
   local tags, conflicts = sa.set(a.tags), sa.set(a.conflicts)
   for _, t in ipairs(s.tickets) do
@@ -212,13 +253,13 @@ function sa.evaluate(a, s, with_locks)
         for _, h in ipairs(blocking) do if soonest == nil or h.e < soonest then soonest = h.e end end
         if a.on_conflict == 'pause' then
           if a.kind ~= 'human' then
-            set_status(v, a.sid, a.sub, 'paused')
+            set_status(v, a.sid, a.sub, a.iss, 'paused')
             if session == nil then v.session = sa.new_session(a, now, 'paused') end
             return deny(v, 'session_paused', lock .. ' is being modified by another principal; this session is ' ..
                                              'paused until an operator resumes it')
           end
           for _, h in ipairs(blocking) do
-            if h.k ~= 'human' then set_status(v, h.sid, h.s, 'paused') end
+            if h.k ~= 'human' then set_status(v, h.sid, h.s, h.is, 'paused') end
           end
         end
         return deny(v, 'object_locked', lock .. ' is locked by another request', sa.seconds(soonest - now))
@@ -228,12 +269,12 @@ function sa.evaluate(a, s, with_locks)
   end
 
   -- admitted
-  for _, sid in ipairs(evict) do set_status(v, sid, a.sub, 'revoked') end
+  for _, sid in ipairs(evict) do set_status(v, sid, a.sub, a.iss, 'revoked') end
   if session == nil then
     v.session = sa.new_session(a, now, 'active')
     v.new_session = true
   else
-    v.session = {id = session.id, s = session.s, k = a.kind, st = 'active', c = session.c, l = now,
+    v.session = {id = session.id, s = a.sub, is = sa.nonempty(a.iss), k = a.kind, st = 'active', c = session.c, l = now,
                  e = math.max(session.e, a.exp), cl = a.client, ua = a.ua, dv = a.dev, cr = a.cred, ac = a.actor,
                  ca = session.ca, ix = session.ix}
   end
@@ -252,11 +293,11 @@ end
 -- the principal-slot writes of a verdict. Returns the undo record (what a compensation restores) and, when the
 -- session index's lease must be extended, the seconds it must live from now.
 function sa.apply_principal(a, s, v, now, writer)
-  local pkey = sa.key('p', a.sub)
+  local pkey = sa.pkey(a.sub, a.iss)
   local undo = {ev = {}}
   if v.gen ~= nil or v.risk ~= nil then
     if v.gen ~= nil and v.gen > s.p.g then redis.call('HSET', pkey, 'g', sa.fmt(v.gen)) end
-    sa.touch_principal(a.sub)
+    sa.touch_principal(a.sub, a.iss)
     if v.risk ~= nil then
       redis.call('HSET', pkey, 'rk', sa.encode_risk(v.risk))
       undo.r = true
@@ -264,7 +305,7 @@ function sa.apply_principal(a, s, v, now, writer)
   end
   local touch = nil
   if v.session ~= nil then
-    local rec, skey = v.session, sa.key('p', a.sub, ':ss')
+    local rec, skey = v.session, sa.pkey(a.sub, a.iss, ':ss')
     undo.s = (s.session ~= nil and s.session.raw) or false
     if v.new_session or rec.ix == nil or rec.ix < rec.e + sa.RET / 2 then
       rec.ix = rec.e + sa.RET
@@ -277,8 +318,8 @@ function sa.apply_principal(a, s, v, now, writer)
   for _, sid in ipairs(v.status_order) do
     local st = v.status[sid]
     if not (v.session ~= nil and sid == v.session.id) then
-      local prev = sa.update_status(st.sub, sid, st.st, now, writer)
-      if prev ~= nil and st.sub == a.sub then undo.ev[sid] = prev end
+      local prev = sa.update_status(st.sub, st.iss, sid, st.st, now, writer)
+      if prev ~= nil and st.sub == a.sub and st.iss == a.iss then undo.ev[sid] = prev end
     end
   end
   return undo, touch
@@ -289,7 +330,7 @@ end
 function sa.before(v)
   local out = {}
   for _, sid in ipairs(v.status_order) do
-    local raw = redis.call('HGET', sa.key('p', v.status[sid].sub, ':ss'), sid)
+    local raw = redis.call('HGET', sa.pkey(v.status[sid].sub, v.status[sid].iss, ':ss'), sid)
     if raw then out[sid] = cjson.decode(raw).st end
   end
   return out
@@ -326,7 +367,7 @@ function sa.admission_audit(a, v, before, with_admitted)
       out[#out + 1] = {k = 'change', c = 'session_paused', s = 'middleware', u = st.sub, i = sid, r = a.route, d = why}
     elseif st.st == 'revoked' and was ~= nil and was ~= 'revoked' then
       out[#out + 1] = {k = 'change', c = 'session_evicted', s = 'middleware', u = st.sub, i = sid, r = a.route,
-                       d = 'evicted by the new session ' .. a.sid .. ' (max_sessions=' .. a.max_sessions .. ')'}
+                       d = 'evicted by session ' .. a.sid .. ' (max_sessions=' .. a.max_sessions .. ')'}
     end
   end
   return out
@@ -358,15 +399,16 @@ sa.ops.admit = function(a, now, since)
       local ikey = sa.key('s', a.sid)
       redis.call('HSET', ikey, 'o', a.sub)
       redis.call('HDEL', ikey, 'st')
+      if a.iss ~= '' then redis.call('HSET', ikey, 'oi', a.iss) else redis.call('HDEL', ikey, 'oi') end
       redis.call('PEXPIRE', ikey, math.ceil(touch * 1000) + sa.SLACK)
     end
     local out = {}
-    if rec.dv ~= nil then sa.fact({'dev', rec.dv}, a.sub, keep_for, out) end
-    if rec.cr ~= nil then sa.fact({'cred', rec.cr}, a.sub, keep_for, out) end
-    if rec.ac ~= nil then sa.fact({'actor', rec.ac}, a.sub, keep_for, out) end
+    if rec.dv ~= nil then sa.fact({'dev', rec.dv}, a.sub, a.iss, keep_for, out) end
+    if rec.cr ~= nil then sa.fact({'cred', rec.cr}, a.sub, a.iss, keep_for, out) end
+    if rec.ac ~= nil then sa.fact({'actor', rec.ac}, a.sub, a.iss, keep_for, out) end
   end
   if v.ticket ~= nil then
-    local tkey = sa.key('p', a.sub, ':tk')
+    local tkey = sa.pkey(a.sub, a.iss, ':tk')
     redis.call('HSET', tkey, a.tid, sa.enc(v.ticket))
     sa.keep(tkey, v.ticket.e - now)
     for _, g in ipairs(v.grants) do sa.grant(g[1], g[2], g[3], a, v.ticket.e, now) end
@@ -391,7 +433,7 @@ sa.ops.principal = function(p, now, since)
   local undo, touch = sa.apply_principal(a, s, v, now, a.tid)
   if v.ticket ~= nil then
     v.ticket.u = undo
-    local tkey = sa.key('p', a.sub, ':tk')
+    local tkey = sa.pkey(a.sub, a.iss, ':tk')
     redis.call('HSET', tkey, a.tid, sa.enc(v.ticket))
     sa.keep(tkey, v.ticket.e - now)
   end
@@ -408,20 +450,24 @@ end
 -- cluster: the facts of other slots (device, credential, actor, jti), read on their own slot
 sa.ops.facts = function(p, now, since)
   local out = {since = since}
-  for _, item in ipairs(p.items) do sa.fact(item, p.sub, p.exp - now + sa.RET, out) end
+  for _, item in ipairs(p.items) do sa.fact(item, p.sub, p.iss, p.exp - now + sa.RET, out) end
   return out
 end
 
 -- cluster: claim a session id for a principal in the session index (or extend the claim)
 sa.ops.claim = function(p, now, since)
   local key = sa.key('s', p.sid)
-  local h = redis.call('HMGET', key, 'o', 'st')
+  local h = redis.call('HMGET', key, 'o', 'st', 'oi')
   if not h[1] then
     redis.call('HSET', key, 'o', p.sub)
     h[1] = p.sub
   end
-  if h[1] == p.sub then sa.keep(key, p.ttl and tonumber(p.ttl) or (p.exp - now + sa.RET)) end
-  return {since = since, idx = {o = h[1], st = h[2] or nil}}
+  if h[1] == p.sub and p.iss ~= '' and (h[3] or '') == '' then -- claimed (or stored before issuers): this issuer's
+    redis.call('HSET', key, 'oi', p.iss)
+    h[3] = p.iss
+  end
+  if h[1] == p.sub and (h[3] or '') == p.iss then sa.keep(key, p.ttl and tonumber(p.ttl) or (p.exp - now + sa.RET)) end
+  return {since = since, idx = {o = h[1], st = h[2] or nil, oi = h[3] or nil}}
 end
 
 -- cluster: claim a one-time token's jti
@@ -443,7 +489,7 @@ sa.ops.lock = function(p, now, since)
       local soonest, who = nil, {}
       for _, h in ipairs(blocking) do
         if soonest == nil or h.e < soonest then soonest = h.e end
-        who[#who + 1] = {h.s, h.sid, h.k}
+        who[#who + 1] = {h.s, h.sid, h.k, h.is or ''}
       end
       return {ok = 0, key = lock, r = sa.seconds(soonest - now), h = who}
     end
@@ -460,7 +506,7 @@ end
 -- later admission changed it since); optionally pause the requesting session (on_lock_conflict="pause")
 sa.ops.undo = function(p, now, since)
   local a = p.a
-  local tkey, skey = sa.key('p', a.sub, ':tk'), sa.key('p', a.sub, ':ss')
+  local tkey, skey = sa.pkey(a.sub, a.iss, ':tk'), sa.pkey(a.sub, a.iss, ':ss')
   local raw = redis.call('HGET', tkey, a.tid)
   if raw then
     redis.call('HDEL', tkey, a.tid)
@@ -474,7 +520,7 @@ sa.ops.undo = function(p, now, since)
       if c and cjson.decode(c).w == a.tid then redis.call('HSET', skey, sid, prev) end
     end
     if u.r then
-      local pkey = sa.key('p', a.sub)
+      local pkey = sa.pkey(a.sub, a.iss)
       local rk = redis.call('HGET', pkey, 'rk')
       if rk then
         local kept = {}
@@ -488,7 +534,7 @@ sa.ops.undo = function(p, now, since)
     local raw = redis.call('HGET', skey, a.sid)
     local was = nil
     if raw then was = cjson.decode(raw).st end
-    if not sa.update_status(a.sub, a.sid, 'paused', now) and not raw then
+    if not sa.update_status(a.sub, a.iss, a.sid, 'paused', now) and not raw then
       local rec = sa.new_session(a, now, 'paused')
       redis.call('HSET', skey, a.sid, sa.enc(rec))
       sa.keep(skey, rec.e - now)
@@ -511,7 +557,7 @@ end
 -- release: drop a ticket from its principal's tickets and from the holders of its locks (the hashes named in the
 -- payload, all in this call's slot), and a claimed jti if it is still this ticket's
 sa.ops.release = function(p, now, since)
-  for _, sub in ipairs(p.subs or {}) do redis.call('HDEL', sa.key('p', sub, ':tk'), p.tid) end
+  for _, who in ipairs(p.subs or {}) do redis.call('HDEL', sa.pkey(who[1], who[2], ':tk'), p.tid) end
   for _, lock in ipairs(p.locks or {}) do redis.call('HDEL', sa.key('l', lock), p.tid) end
   if p.jti ~= nil then
     local jkey = sa.key('j', p.jti)
@@ -525,7 +571,7 @@ sa.ops.renew = function(p, now, since)
   local expires = now + p.lease
   for _, item in ipairs(p.items) do
     local key
-    if item[1] == 'p' then key = sa.key('p', item[2], ':tk') else key = sa.key('l', item[2]) end
+    if item[1] == 'p' then key = sa.pkey(item[2], item[4], ':tk') else key = sa.key('l', item[2]) end
     local tids = item[3]
     local values = redis.call('HMGET', key, unpack(tids))
     local renewed = false

@@ -67,6 +67,36 @@ function sa.key(kind, id, suffix)
   return PREFIX .. ':{' .. kind .. ':' .. string.gsub(id, '[%%{}]', ESC) .. '}' .. (suffix or '')
 end
 
+-- a principal's keys: issuer and subject share one hash tag (RedisStore._principal). The empty issuer (tokens
+-- without `iss`) keeps the tag of the subject alone, as stored before issuers were recorded.
+function sa.pkey(sub, iss, suffix)
+  if iss == nil or iss == '' then return sa.key('p', sub, suffix) end
+  return sa.key('pi', string.gsub(string.gsub(iss, '%%', '%%25'), '|', '%%7C') .. '|' .. sub, suffix)
+end
+
+-- on one server (`lg`): an issuer's principal seen for the first time takes the state its subject had before
+-- issuers were recorded (generation, watermarks, markers...). A cluster keeps those keys in other slots.
+function sa.adopt(sub, iss, lg)
+  if not lg or iss == nil or iss == '' then return end
+  local key = sa.pkey(sub, iss)
+  if redis.call('EXISTS', key) == 1 then return end
+  local old = redis.call('HGETALL', sa.key('p', sub))
+  if #old > 0 then redis.call('HSET', key, unpack(old)) end
+end
+
+-- who uses a device or a credential: [issuer, subject] pairs (a plain subject: stored before issuers)
+function sa.member(sub, iss)
+  return cjson.encode({iss or '', sub})
+end
+
+function sa.unmember(m)
+  if string.sub(m, 1, 1) == '[' then
+    local ok, v = pcall(cjson.decode, m)
+    if ok and type(v) == 'table' and #v == 2 then return v end
+  end
+  return {'', m}
+end
+
 -- the epoch marker: present since the store was first used (value: the time of a detected state loss, 0 for a
 -- store bootstrapped as new). A missing marker means the state was lost: record the loss time and recreate it.
 function sa.epoch(now)
@@ -141,8 +171,8 @@ end
 
 -- a principal's state: generation, not-before watermark, risk, privileges, compromise marker, and what security
 -- events set: sessions revoked before a time, disabled, assurance level
-function sa.principal(sub)
-  local h = redis.call('HGETALL', sa.key('p', sub))
+function sa.principal(sub, iss)
+  local h = redis.call('HGETALL', sa.pkey(sub, iss))
   local p = {g = 0, risk = {}, exists = #h > 0}
   for i = 1, #h, 2 do
     local f, v = h[i], h[i + 1]
@@ -170,8 +200,8 @@ function sa.encode_risk(risk)
 end
 
 -- the principal row exists from its first write on (SQLite: INSERT ... generation 0)
-function sa.touch_principal(sub)
-  redis.call('HSETNX', sa.key('p', sub), 'g', '0')
+function sa.touch_principal(sub, iss)
+  redis.call('HSETNX', sa.pkey(sub, iss), 'g', '0')
 end
 
 -- statuses a session may move from (sqlite._FROM_STATES)
@@ -183,8 +213,8 @@ sa.FROM = {
 }
 
 -- set a session's status if its current status allows it; returns the previous record (raw JSON) when changed
-function sa.update_status(sub, sid, status, now, writer)
-  local key = sa.key('p', sub, ':ss')
+function sa.update_status(sub, iss, sid, status, now, writer)
+  local key = sa.pkey(sub, iss, ':ss')
   local raw = redis.call('HGET', key, sid)
   if not raw then return nil end
   local r = sa.dec(raw)
@@ -229,8 +259,8 @@ function sa.grant(lock, mode, fence, who, expires, now)
   local fk = sa.key('l', lock, ':f')
   redis.call('SET', fk, sa.fmt(fence), 'KEEPTTL')
   sa.keep(fk, expires - now + FENCE_SLACK)
-  redis.call('HSET', hk, who.tid, sa.enc({key = lock, m = mode, s = who.sub, sid = who.sid, k = who.kind, f = fence,
-                                          e = expires}))
+  redis.call('HSET', hk, who.tid, sa.enc({key = lock, m = mode, s = who.sub, is = who.iss, sid = who.sid,
+                                          k = who.kind, f = fence, e = expires}))
   sa.keep(hk, expires - now)
 end
 
@@ -243,7 +273,7 @@ end
 -- admission script reads them itself. Devices, credentials and actors also index the principals that use them,
 -- so a compromise can find every related context. Marker times stay strings (as stored, 17 significant digits):
 -- in a cluster they travel through cjson, which keeps only 14; sa.snapshot converts them.
-function sa.fact(item, sub, keep_for, out)
+function sa.fact(item, sub, iss, keep_for, out)
   local t, id = item[1], item[2]
   if t == 'dev' then
     local key = sa.key('d', id)
@@ -251,7 +281,7 @@ function sa.fact(item, sub, keep_for, out)
     if v[1] then out.dev_ok = (v[1] == '1') end
     if v[2] then out.dev_ma = v[2] end
     if sub ~= nil then
-      redis.call('SADD', key .. ':ix', sub)
+      redis.call('SADD', key .. ':ix', sa.member(sub, iss))
       sa.keep(key .. ':ix', keep_for)
     end
   elseif t == 'cred' then
@@ -259,14 +289,14 @@ function sa.fact(item, sub, keep_for, out)
     local v = redis.call('HGET', key, 'ma')
     if v then out.cred_ma = v end
     if sub ~= nil then
-      redis.call('SADD', key .. ':ix', sub)
+      redis.call('SADD', key .. ':ix', sa.member(sub, iss))
       sa.keep(key .. ':ix', keep_for)
     end
-  elseif t == 'actor' then
-    local v = redis.call('HGET', sa.key('p', id), 'ma')
+  elseif t == 'actor' then -- the actor is a subject of the same issuer
+    local v = redis.call('HGET', sa.pkey(id, iss), 'ma')
     if v then out.actor_ma = v end
     if sub ~= nil then
-      local ax = sa.key('p', id, ':ax')
+      local ax = sa.pkey(id, iss, ':ax')
       redis.call('SADD', ax, sub)
       sa.keep(ax, keep_for)
     end

@@ -1,21 +1,27 @@
 -- sa-middleware Redis store: operations (rotate, revoke, pause, resume, compromise, device, privileges) and listings.
 -- Each call touches one slot; the store sequences the calls of an operation that spans several.
 
+-- every operation on a principal names it by subject and issuer (`iss`; "" for tokens without one); `lg`: adopt the
+-- state stored before issuers were recorded (sa.adopt)
+
 sa.ops.rotate = function(p, now, since)
-  return {g = sa.fmt(redis.call('HINCRBY', sa.key('p', p.sub), 'g', 1))}
+  sa.adopt(p.sub, p.iss, p.lg)
+  return {g = sa.fmt(redis.call('HINCRBY', sa.pkey(p.sub, p.iss), 'g', 1))}
 end
 
 sa.ops.revoke_principal = function(p, now, since)
-  local pkey = sa.key('p', p.sub)
-  sa.touch_principal(p.sub)
+  sa.adopt(p.sub, p.iss, p.lg)
+  local pkey = sa.pkey(p.sub, p.iss)
+  sa.touch_principal(p.sub, p.iss)
   local nb = tonumber(redis.call('HGET', pkey, 'nb') or '0')
   if now > nb then redis.call('HSET', pkey, 'nb', sa.fmt(now)) end
   return {at = sa.fmt(now)}
 end
 
 sa.ops.privileges = function(p, now, since)
-  local pkey = sa.key('p', p.sub)
-  sa.touch_principal(p.sub)
+  sa.adopt(p.sub, p.iss, p.lg)
+  local pkey = sa.pkey(p.sub, p.iss)
+  sa.touch_principal(p.sub, p.iss)
   if p.scopes ~= nil then
     redis.call('HSET', pkey, 'pv', cjson.encode(p.scopes), 'pa', sa.fmt(now))
   else
@@ -33,7 +39,7 @@ end
 -- the session index: who holds a session id. `revoke` remembers a revocation of an id never seen yet.
 sa.ops.index = function(p, now, since)
   local key = sa.key('s', p.sid)
-  local h = redis.call('HMGET', key, 'o', 'st')
+  local h = redis.call('HMGET', key, 'o', 'st', 'oi')
   if p.op == 'revoke' then
     if not h[1] or h[1] == '' then
       redis.call('HSET', key, 'o', '', 'st', 'revoked')
@@ -42,12 +48,12 @@ sa.ops.index = function(p, now, since)
     end
   end
   if h[1] and h[1] ~= '' then sa.keep(key, 2 * sa.RET) end -- a status change keeps the record a day longer
-  return {o = h[1] or nil, st = h[2] or nil}
+  return {o = h[1] or nil, st = h[2] or nil, oi = h[3] or nil}
 end
 
 -- a status change of one session in its principal's slot
 sa.ops.status = function(p, now, since)
-  local skey = sa.key('p', p.sub, ':ss')
+  local skey = sa.pkey(p.sub, p.iss, ':ss')
   if p.st == 'active' then -- resume
     local raw = redis.call('HGET', skey, p.sid)
     if not raw then return {ok = 0} end
@@ -57,7 +63,7 @@ sa.ops.status = function(p, now, since)
     redis.call('HSET', skey, p.sid, sa.enc(r))
     return {ok = 1}
   end
-  local prev = sa.update_status(p.sub, p.sid, p.st, now)
+  local prev = sa.update_status(p.sub, p.iss, p.sid, p.st, now)
   local was_active = prev and cjson.decode(prev).st == 'active'
   if p.audit ~= nil and (was_active or (not prev and redis.call('HEXISTS', skey, p.sid) == 0)) then
     sa.audit({{k = 'change', c = 'session_paused', s = 'middleware', u = p.sub, i = p.sid, r = p.audit.r,
@@ -66,8 +72,8 @@ sa.ops.status = function(p, now, since)
   if prev then return {ok = 1} end
   if p.st == 'revoked' and redis.call('HEXISTS', skey, p.sid) == 0 then
     local e = now + sa.RET
-    redis.call('HSET', skey, p.sid, sa.enc({s = p.sub, k = '', st = 'revoked', c = now, l = now, e = e, cl = '',
-                                            ua = ''}))
+    redis.call('HSET', skey, p.sid, sa.enc({s = p.sub, is = sa.nonempty(p.iss), k = '', st = 'revoked', c = now,
+                                            l = now, e = e, cl = '', ua = ''}))
     sa.keep(skey, e - now)
   end
   return {ok = 0}
@@ -75,7 +81,7 @@ end
 
 -- one session's record (its credential and device), for a compromise reported on a session of another principal
 sa.ops.session = function(p, now, since)
-  local raw = redis.call('HGET', sa.key('p', p.sub, ':ss'), p.sid)
+  local raw = redis.call('HGET', sa.pkey(p.sub, p.iss, ':ss'), p.sid)
   if not raw then return {none = 1} end
   local r = sa.dec(raw)
   return {cr = r.cr or false, dv = r.dv or false}
@@ -84,10 +90,11 @@ end
 -- security events (sa_middleware.events) -------------------------------------------------------------------------
 
 sa.ops.revoke_sessions = function(p, now, since)
-  local pkey, skey = sa.key('p', p.sub), sa.key('p', p.sub, ':ss')
+  sa.adopt(p.sub, p.iss, p.lg)
+  local pkey, skey = sa.pkey(p.sub, p.iss), sa.pkey(p.sub, p.iss, ':ss')
   local cut = now
   if p.before ~= nil and p.before < now then cut = p.before end
-  sa.touch_principal(p.sub)
+  sa.touch_principal(p.sub, p.iss)
   local sb = tonumber(redis.call('HGET', pkey, 'sb') or '')
   if sb == nil or cut > sb then redis.call('HSET', pkey, 'sb', sa.fmt(cut)) end
   local hits, latest = {}, now
@@ -105,8 +112,9 @@ sa.ops.revoke_sessions = function(p, now, since)
 end
 
 sa.ops.disable = function(p, now, since)
-  local pkey = sa.key('p', p.sub)
-  sa.touch_principal(p.sub)
+  sa.adopt(p.sub, p.iss, p.lg)
+  local pkey = sa.pkey(p.sub, p.iss)
+  sa.touch_principal(p.sub, p.iss)
   redis.call('HSETNX', pkey, 'da', sa.fmt(now))
   local nb = tonumber(redis.call('HGET', pkey, 'nb') or '0')
   if now > nb then redis.call('HSET', pkey, 'nb', sa.fmt(now)) end
@@ -114,12 +122,14 @@ sa.ops.disable = function(p, now, since)
 end
 
 sa.ops.enable = function(p, now, since)
-  return {ok = redis.call('HDEL', sa.key('p', p.sub), 'da')}
+  sa.adopt(p.sub, p.iss, p.lg)
+  return {ok = redis.call('HDEL', sa.pkey(p.sub, p.iss), 'da')}
 end
 
 sa.ops.assurance = function(p, now, since)
-  local pkey = sa.key('p', p.sub)
-  sa.touch_principal(p.sub)
+  sa.adopt(p.sub, p.iss, p.lg)
+  local pkey = sa.pkey(p.sub, p.iss)
+  sa.touch_principal(p.sub, p.iss)
   if p.level == nil then
     redis.call('HDEL', pkey, 'as', 'aa')
   else
@@ -131,12 +141,13 @@ sa.ops.assurance = function(p, now, since)
 end
 
 sa.ops.raise_risk = function(p, now, since)
-  local principal = sa.principal(p.sub)
+  sa.adopt(p.sub, p.iss, p.lg)
+  local principal = sa.principal(p.sub, p.iss)
   local risk = {}
   for _, e in ipairs(principal.risk) do if e[2] > now then risk[#risk + 1] = e end end
   risk[#risk + 1] = {p.amount, now + p.window, ''}
-  sa.touch_principal(p.sub)
-  redis.call('HSET', sa.key('p', p.sub), 'rk', sa.encode_risk(risk))
+  sa.touch_principal(p.sub, p.iss)
+  redis.call('HSET', sa.pkey(p.sub, p.iss), 'rk', sa.encode_risk(risk))
   return {ok = 1}
 end
 
@@ -169,7 +180,8 @@ end
 -- compromise, step 1 (the principal's slot): the marker, the principal's own contexts, and what relates to them
 -- (credentials and devices of the reported context or of all live contexts; principals that delegated to it)
 sa.ops.compromise = function(p, now, since)
-  local sub, skey = p.sub, sa.key('p', p.sub, ':ss')
+  sa.adopt(p.sub, p.iss, p.lg)
+  local sub, skey = p.sub, sa.pkey(p.sub, p.iss, ':ss')
   local origins = p.origins
   if p.sid ~= nil and origins == nil then
     local raw = redis.call('HGET', skey, p.sid)
@@ -185,8 +197,8 @@ sa.ops.compromise = function(p, now, since)
     origins = {}
     for _, x in ipairs(sessions) do origins[#origins + 1] = {x.cr or false, x.dv or false} end
   end
-  local pkey = sa.key('p', sub)
-  sa.touch_principal(sub)
+  local pkey = sa.pkey(sub, p.iss)
+  sa.touch_principal(sub, p.iss)
   local g = tonumber(redis.call('HGET', pkey, 'g'))
   redis.call('HSET', pkey, 'ma', sa.fmt(now), 'mg', sa.fmt(g))
   local hits, latest = {}, now
@@ -205,26 +217,31 @@ sa.ops.compromise = function(p, now, since)
     if o[2] and o[2] ~= '' then devs[o[2]] = true end
   end
   return {at = sa.fmt(now), creds = sorted_keys(creds), devs = sorted_keys(devs), hits = hits,
-          ax = redis.call('SMEMBERS', sa.key('p', sub, ':ax'))}
+          ax = redis.call('SMEMBERS', sa.pkey(sub, p.iss, ':ax'))}
 end
 
--- compromise, step 2 (a credential's or a device's slot): its marker; returns the principals that use it
+-- compromise, step 2 (a credential's or a device's slot): its marker; returns the principals that use it, as
+-- [issuer, subject] pairs
 sa.ops.marker = function(p, now, since)
   local key = sa.key(p.kind, p.id)
   redis.call('HSET', key, 'ma', p.at)
-  return {subs = redis.call('SMEMBERS', key .. ':ix')}
+  local out = {}
+  for _, m in ipairs(redis.call('SMEMBERS', key .. ':ix')) do out[#out + 1] = sa.unmember(m) end
+  return {subs = out}
 end
 
 -- compromise, step 3 (another principal's slot): its contexts that act for the principal or share a credential
 -- or a device with the reported contexts
 sa.ops.related = function(p, now, since)
-  local skey = sa.key('p', p.sub, ':ss')
-  local g = redis.call('HGET', sa.key('p', p.sub), 'g')
+  sa.adopt(p.sub, p.iss, p.lg)
+  local skey = sa.pkey(p.sub, p.iss, ':ss')
+  local g = redis.call('HGET', sa.pkey(p.sub, p.iss), 'g')
   g = g and tonumber(g) or nil
   local creds, devs, at = sa.set(p.creds), sa.set(p.devs), tonumber(p.at)
   local hits, latest = {}, now
   for _, x in ipairs(sa.records(skey, now, false)) do
-    if x.st ~= 'revoked' and (x.ac == p.actor or (x.cr ~= nil and creds[x.cr]) or (x.dv ~= nil and devs[x.dv])) then
+    local acts_for = x.ac == p.actor and p.iss == p.actor_iss -- the actor is a subject of the same issuer
+    if x.st ~= 'revoked' and (acts_for or (x.cr ~= nil and creds[x.cr]) or (x.dv ~= nil and devs[x.dv])) then
       mark(x, at, g, now)
       redis.call('HSET', skey, x.id, sa.enc(x))
       hits[#hits + 1] = x.id
@@ -248,12 +265,12 @@ sa.ops.now = function(p, now, since)
   return {}
 end
 
-local SESSION_FIELDS = {'s', 'k', 'st', 'cl', 'ua', 'dv', 'cr', 'ac'}
+local SESSION_FIELDS = {'s', 'is', 'k', 'st', 'cl', 'ua', 'dv', 'cr', 'ac'}
 local SESSION_TIMES = {'c', 'l', 'e', 'ma', 'mg', 'ca'}
 
 sa.ops.sessions = function(p, now, since)
   local live = {}
-  for _, x in ipairs(sa.records(sa.key('p', p.sub, ':ss'), now, false)) do
+  for _, x in ipairs(sa.records(sa.pkey(p.sub, p.iss, ':ss'), now, false)) do
     if x.l > now - p.idle then live[#live + 1] = x end
   end
   table.sort(live, function(x, y)
@@ -278,7 +295,7 @@ sa.ops.locks = function(p, now, since)
     for i = 1, #h, 2 do
       local r = sa.dec(h[i + 1])
       if r.e > now then
-        out[#out + 1] = {r.key, r.m, sa.fmt(r.f), h[i], r.s, r.sid, sa.fmt(r.e)}
+        out[#out + 1] = {r.key, r.m, sa.fmt(r.f), h[i], r.s, r.sid, sa.fmt(r.e), r.is or ''}
       end
     end
   end
@@ -306,17 +323,19 @@ end
 
 -- whether a principal's latest token carried a generation claim (field gc: '1' or '0')
 sa.ops.gen_claim_note = function(p, now, since)
-  sa.touch_principal(p.sub)
-  redis.call('HSET', sa.key('p', p.sub), 'gc', p.present and '1' or '0')
+  sa.adopt(p.sub, p.iss, p.lg)
+  sa.touch_principal(p.sub, p.iss)
+  redis.call('HSET', sa.pkey(p.sub, p.iss), 'gc', p.present and '1' or '0')
   return {ok = 1}
 end
 
 sa.ops.gen_claim = function(p, now, since)
-  return {gc = redis.call('HGET', sa.key('p', p.sub), 'gc') or ''}
+  return {gc = redis.call('HGET', sa.pkey(p.sub, p.iss), 'gc') or ''}
 end
 
 sa.ops.reset_generation = function(p, now, since)
-  local key = sa.key('p', p.sub)
+  sa.adopt(p.sub, p.iss, p.lg)
+  local key = sa.pkey(p.sub, p.iss)
   local g = tonumber(redis.call('HGET', key, 'g') or '0')
   if g ~= 0 then redis.call('HSET', key, 'g', '0') end
   return {g = sa.fmt(g)}
