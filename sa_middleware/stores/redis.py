@@ -352,12 +352,6 @@ class RedisStore(Store):
         self._sha = hashlib.sha1(self._script.encode()).hexdigest()
         self._issued: dict[str, _Issued] = {}
         self._issued_lock = threading.Lock()
-        # releases made on the event loop, sent in one round trip with the next script call (one server)
-        # (forgotten once sent; a reader on another thread sends them again first: a release is idempotent)
-        self._pending: dict[str, tuple[list[str], list[str]]] = {}
-        self._pending_lock = threading.Lock()
-        self._flush_scheduled = False
-        self._flushes: set[asyncio.Future[None]] = set()
         self._give_backs: set[asyncio.Task[None]] = set()  # compensations of cancelled admissions, still running
         self._sync_client: Any = None
         self._sync_lock = threading.Lock()
@@ -541,15 +535,6 @@ class RedisStore(Store):
 
     def _execute_now(self, step: _Step) -> Any:
         client = self._client()
-        if self._pending:  # releases made on an event loop, not sent yet
-            with self._pending_lock:
-                pending = dict(self._pending)
-            for keys, args in pending.values():
-                try:
-                    client.evalsha(self._sha, len(keys), *keys, *args)
-                except NoScriptError:
-                    client.eval(self._script, len(keys), *keys, *args)
-            self._forget_pending(pending)
         if isinstance(step, _Scan):
             return [k.decode() if isinstance(k, bytes) else k for k in client.scan_iter(match=step.pattern, count=1000)]
         if isinstance(step, _XRange):
@@ -563,10 +548,6 @@ class RedisStore(Store):
 
     async def _aexecute_now(self, step: _Step) -> Any:
         client = await self._async_client()
-        if self._pending:
-            if isinstance(step, _Call):
-                return await self._with_releases(client, step)
-            await self._with_releases(client, None)
         if isinstance(step, _Scan):
             return [k.decode() if isinstance(k, bytes) else k
                     async for k in client.scan_iter(match=step.pattern, count=1000)]
@@ -578,49 +559,6 @@ class RedisStore(Store):
         except NoScriptError:
             raw = await client.eval(self._script, len(keys), *keys, *args)
         return self._answer(raw)
-
-    async def _with_releases(self, client: Any, step: _Call | None) -> Any:
-        """Send the pending releases, and ``step``, in one round trip (a pipeline, not a transaction: each script
-        is atomic on its own, in order). Returns ``step``'s answer; releases that fail are left to their leases."""
-        with self._pending_lock:
-            pending = dict(self._pending)
-        calls = [*pending.values(), *([(self._keys(step.route), self._args(step))] if step is not None else [])]
-        pipe = client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.evalsha(self._sha, len(keys), *keys, *args)
-        raw = await pipe.execute(raise_on_error=False)  # not sent: they go with the next call
-        self._forget_pending(pending)
-        if any(isinstance(r, NoScriptError) for r in raw):  # the server lost its script cache: load it again
-            raw = [r if not isinstance(r, NoScriptError) else await client.eval(self._script, len(k), *k, *a)
-                   for r, (k, a) in zip(raw, calls, strict=True)]
-        for r in raw[:len(pending)]:
-            if isinstance(r, Exception):
-                log.warning("sa-middleware: release failed (%s); its lease will expire", r)
-        if step is None:
-            return None
-        if isinstance(raw[-1], Exception):
-            raise raw[-1]
-        return self._answer(raw[-1])
-
-    def _forget_pending(self, sent: Iterable[str]) -> None:
-        with self._pending_lock:
-            for ticket_id in sent:
-                self._pending.pop(ticket_id, None)
-
-    def _flush_releases(self) -> None:
-        """Send the releases no script call took along (scheduled right after the callbacks already queued)."""
-        with self._pending_lock:
-            self._flush_scheduled = False
-        if self._pending:
-            task = asyncio.ensure_future(self._send_releases())
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
-
-    async def _send_releases(self) -> None:
-        try:
-            await self._with_releases(await self._async_client(), None)
-        except Exception as exc:  # the leases end what is left
-            log.warning("sa-middleware: release failed (%s); the leases will expire", exc)
 
     def _drive(self, flow: _Flow[T]) -> T:
         """Run a flow with blocking calls. A failed call is thrown into the flow, which may compensate (more calls)
@@ -958,19 +896,7 @@ class RedisStore(Store):
         self._drive(self._release(ticket_id))
 
     async def arelease(self, ticket_id: str) -> None:
-        if self.cluster or not self._on_asyncio():
-            await self._aop(lambda: self._release(ticket_id))
-            return
-        # one server: the release goes with the next script call on this loop (the next admission's, when requests
-        # arrive together), or on its own right after the callbacks already queued: one round trip saved per request
-        step = next(self._release(ticket_id), None)
-        if not isinstance(step, _Call):
-            return
-        with self._pending_lock:
-            self._pending[ticket_id] = (self._keys(step.route), self._args(step))
-            schedule, self._flush_scheduled = not self._flush_scheduled, True
-        if schedule:
-            asyncio.get_running_loop().call_soon(self._flush_releases)
+        await self._aop(lambda: self._release(ticket_id))
 
     def _release(self, ticket_id: str) -> _Flow[None]:
         with self._issued_lock:
