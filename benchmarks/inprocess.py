@@ -136,7 +136,7 @@ def measure(redis_uri: str | None, rounds: int, batch: int,
                     progress(f"in-process admit+release {name} {route}: {wall:.1f} us ({cpu:.1f} us CPU)")
                     if name == "sqlite":
                         results["sqlite_statements"][route] = sqlite_statements(guard, requests[0])
-                    if name == "redis":
+                    if name == "redis" and redis_uri is not None:
                         import redis
 
                         client = redis.Redis.from_url(redis_uri)
