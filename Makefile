@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 LINT_PATHS := sa_middleware adapters tests benchmarks $(wildcard examples)
 IDP := .cache/oidc-provider
 
-.PHONY: demo test lint typecheck bench docs docs-serve clean idp
+.PHONY: demo test lint typecheck bench bench-quick docs docs-serve clean idp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +42,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
+# make bench: the HTTP comparison (ASGI and WSGI, wrk) and the in-process figures, written to
+# benchmarks/results.json, then the micro-benchmarks; make bench-quick: the comparison in under two minutes.
 bench: $(STAMP)
+	$(PY) benchmarks/compare.py --out benchmarks/results.json
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/metrics_cost.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/compare.py --quick --out benchmarks/results-quick.json
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site

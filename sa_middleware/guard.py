@@ -14,7 +14,6 @@ import math
 import os
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import suppress
@@ -101,6 +100,27 @@ class _Report:
 
 
 _Step = _Verify | _Admit | _Sleep | _Report
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What an admission takes from a verified token's claims (see :meth:`Guard._facts`)."""
+
+    sub: str
+    kind: str
+    gen: int | None
+    jti: str | None
+    session: str | InvalidToken  # the session id the claims give (session_claim), or why they give none
+    has_sid: bool  # whether the token names its session (then a transport session never replaces it)
+    actor: str | None
+    credential: str | None
+    device: str | None
+    scopes: frozenset[str]
+    auth_time: float | None
+    acr: str | None
+    iat: float | None
+    exp: float
+    iss: str  # the issuer the principal's state is kept under
 
 
 class _Keeper:
@@ -347,6 +367,36 @@ class Guard(Operations):
 
     def _build(self, request: RequestInfo, match: RouteMatch, token: VerifiedToken,
                binding: Binding | None = None) -> tuple[Admission, SAContext]:
+        f = token.memo.get(self)
+        if f is None:
+            f = token.memo[self] = self._facts(token)
+        # a transport session (an MCP session) names the context when the token has no sid
+        session_id = request.session if request.session and not f.has_sid else f.session
+        if isinstance(session_id, InvalidToken):
+            raise session_id
+        policy = match.policy
+        if policy.one_time and f.jti is None:
+            raise InvalidToken("this route accepts one-time tokens only: a jti claim is required")
+        admission = Admission(
+            ticket_id=os.urandom(16).hex(), sub=f.sub, kind=f.kind, session_id=session_id,
+            token_hash=token.fingerprint, token_exp=f.exp, token_iat=f.iat, token_gen=f.gen, jti=f.jti,
+            actor=f.actor, credential=f.credential, device=f.device,
+            client=(binding or Binding()).client(request.client), user_agent=request.user_agent,
+            route=match.route or request.path[:_MAX_ID], token_scopes=f.scopes, auth_time=f.auth_time,
+            acr=f.acr, scopes=policy.scopes, max_auth_age=policy.max_auth_age,
+            acr_values=policy.acr_values, one_time=policy.one_time,
+            require_compliant_device=policy.require_compliant_device, max_sessions=policy.max_sessions,
+            on_session_limit=policy.on_session_limit, max_in_flight=policy.max_in_flight,
+            exclusive=policy.exclusive, tags=policy.tags, conflicts=policy.conflicts,
+            raises_risk=policy.raises_risk, risk_window=policy.risk_window, max_risk=policy.max_risk,
+            locks=tuple(LockRequest(key, policy.lock_mode) for key in match.lock_keys),
+            on_lock_conflict=policy.on_lock_conflict, lease=self.lease, session_idle=self.session_idle,
+            audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait", iss=f.iss)
+        return admission, SAContext(f.sub, f.kind, session_id, token.claims, route=match.route, params=match.params)
+
+    def _facts(self, token: VerifiedToken) -> _Facts:
+        """What an admission takes from the token's claims, checked: computed once per verified token (it is kept
+        with the token in the verifier's cache), so a warm request only adds the route's policy."""
         claims = token.claims
         if not _valid_text(claims):  # a store cannot keep such a string: refuse here, not with a store error
             raise InvalidToken("a claim holds a string that is not valid Unicode (a lone surrogate)")
@@ -364,15 +414,12 @@ class Guard(Operations):
         if gen is not None and (isinstance(gen, bool) or not isinstance(gen, int) or not 0 <= gen <= _MAX_GEN):
             raise InvalidToken(f"claim {self.generation_claim} must be an integer from 0 to 2**53-1")
         jti = _claim_str(claims, "jti")
+        has_sid = _claim_str(claims, "sid") is not None
+        session: str | InvalidToken
         try:
-            # a transport session (an MCP session) names the context when the token has no sid
-            session_id = (request.session if request.session and _claim_str(claims, "sid") is None
-                          else session_key(claims, self.session_claims[kind], sub, token.fingerprint))
-        except ValueError as exc:
-            raise InvalidToken(f"claim {exc} must be a non-empty string of at most {_MAX_ID} characters") from None
-        policy = match.policy
-        if policy.one_time and jti is None:
-            raise InvalidToken("this route accepts one-time tokens only: a jti claim is required")
+            session = session_key(claims, self.session_claims[kind], sub, token.fingerprint)
+        except ValueError as exc:  # refused unless a transport session names the context instead
+            session = InvalidToken(f"claim {exc} must be a non-empty string of at most {_MAX_ID} characters")
         act = claims.get("act")
         actor = _claim_str(act, "sub") if isinstance(act, Mapping) else None
         cnf = claims.get("cnf")
@@ -382,28 +429,16 @@ class Guard(Operations):
         scopes = scopes_of(claims, self.scope_claims)
         auth_time = finite_number(claims.get("auth_time"))
         if auth_time is not None and auth_time > time.time() + self.leeway:
-            raise InvalidToken("auth_time is in the future")
+            raise InvalidToken("auth_time is in the future")  # not kept: a later request checks again
         if "auth_time" in claims and auth_time is None:
             raise InvalidToken("claim auth_time must be a number")
         acr = claims.get("acr")
-        admission = Admission(
-            ticket_id=uuid.uuid4().hex, sub=sub, kind=kind, session_id=session_id, token_hash=token.fingerprint,
-            token_exp=token.expires_at + self.leeway,  # the token is accepted until then
-            token_iat=finite_number(claims.get("iat")), token_gen=gen, jti=jti, actor=actor,
-            credential=credential, device=_claim_str(claims, self.device_claim),
-            client=(binding or Binding()).client(request.client), user_agent=request.user_agent,
-            route=match.route or request.path[:_MAX_ID], token_scopes=scopes, auth_time=auth_time,
-            acr=acr if isinstance(acr, str) else None, scopes=policy.scopes, max_auth_age=policy.max_auth_age,
-            acr_values=policy.acr_values, one_time=policy.one_time,
-            require_compliant_device=policy.require_compliant_device, max_sessions=policy.max_sessions,
-            on_session_limit=policy.on_session_limit, max_in_flight=policy.max_in_flight,
-            exclusive=policy.exclusive, tags=policy.tags, conflicts=policy.conflicts,
-            raises_risk=policy.raises_risk, risk_window=policy.risk_window, max_risk=policy.max_risk,
-            locks=tuple(LockRequest(key, policy.lock_mode) for key in match.lock_keys),
-            on_lock_conflict=policy.on_lock_conflict, lease=self.lease, session_idle=self.session_idle,
-            audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait",
-            iss=self._state_issuer(claims))
-        return admission, SAContext(sub, kind, session_id, claims, route=match.route, params=match.params)
+        return _Facts(sub=sub, kind=kind, gen=gen, jti=jti, session=session, has_sid=has_sid, actor=actor,
+                      credential=credential, device=_claim_str(claims, self.device_claim), scopes=scopes,
+                      auth_time=auth_time, acr=acr if isinstance(acr, str) else None,
+                      iat=finite_number(claims.get("iat")),
+                      exp=token.expires_at + self.leeway,  # the token is accepted until then
+                      iss=self._state_issuer(claims))
 
     def _state_issuer(self, claims: Mapping[str, Any]) -> str:
         """The issuer a token's principal state is kept under: its ``iss`` when the Guard pins issuers (then it

@@ -60,7 +60,7 @@ import time
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio.to_thread
@@ -108,6 +108,9 @@ class VerifiedToken:
     expires_at: float
     """The ``exp`` claim, as a float (seconds since the epoch); infinite for a token without ``exp`` accepted by a
     verifier built with ``require_expiry=False``."""
+    memo: dict[object, Any] = field(default_factory=dict, compare=False, repr=False)
+    """What a user of the verifier derived from these claims, kept with the token while it stays cached (keyed by
+    that user, e.g. the Guard), so it is computed once per token rather than once per request."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ same mode.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -125,6 +126,9 @@ def _schema(db: sqlite_utils.Database) -> None:
                            ("sessions", ["device"]), ("sessions", ["credential"]), ("tickets", ["sub"]),
                            ("locks", ["ticket_id"])):
         db.table(table).create_index(columns, if_not_exists=True)
+    # a ticket's locks go with it (release, prune): one statement per release
+    db.execute("CREATE TRIGGER IF NOT EXISTS tickets_release_locks AFTER DELETE ON tickets BEGIN "
+               "DELETE FROM locks WHERE ticket_id = old.ticket_id; END")
 
 
 def _create_private(path: str) -> None:
@@ -166,6 +170,14 @@ def _add_issuer_to_principals(db: sqlite_utils.Database, columns: dict[str, type
                "FROM principals")
     db.execute("DROP TABLE principals")
     db.execute("ALTER TABLE principals_upgrade RENAME TO principals")
+
+
+_SNAPSHOT_SQL = (
+    f"SELECT 0, iss, sub, {_PRINCIPAL_COLUMNS}, NULL, NULL, NULL FROM principals WHERE iss IN (?, '') "
+    f"AND sub IN (?, ?) UNION ALL SELECT 1, {_SESSION_COLUMNS} FROM sessions WHERE ((iss = ? AND sub = ?) OR "
+    f"session_id = ?) AND expires > ? UNION ALL SELECT 2, ticket_id, sub, session_id, token_hash, client, tags, "
+    f"conflicts, exclusive, expires, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM tickets WHERE iss = ? AND sub = ? "
+    f"AND expires > ?")
 
 
 def _adopt(conn: sqlite3.Connection, iss: str, *subs: str | None) -> None:
@@ -240,6 +252,10 @@ class SQLiteStore(Store):
         self._connections_lock = threading.Lock()
         self._last_prune = 0.0
         self._audit_writes = 0
+        # tickets released on the event loop: deleted by the next write transaction, and forgotten once it commits
+        self._pending: dict[str, None] = {}
+        self._pending_lock = threading.Lock()
+        self._flush_scheduled = False
         self.inline = inline
         self._inline_commits = 0
         self._commits = 0
@@ -397,18 +413,27 @@ class SQLiteStore(Store):
             raise
 
     def _write(self, func: Callable[[sqlite3.Connection, float], T], nowait: bool = False) -> T:
-        """One write transaction; ``nowait`` never waits for the write lock and raises _Busy instead."""
+        """One write transaction; ``nowait`` never waits for the write lock and raises _Busy instead. The tickets
+        released on the event loop since the last write are deleted first, in the same transaction."""
         if not self._writable.is_set():  # the maintenance thread is truncating the WAL
             if nowait:
                 raise _Busy("the WAL is being truncated")
             self._writable.wait(self.timeout)
+        with self._pending_lock:
+            pending = list(self._pending)
         try:
             with self._transaction(nowait) as conn:
+                for ticket_id in pending:
+                    self._release(conn, ticket_id)
                 result = func(conn, self._clock())
         except sqlite3.OperationalError as exc:
             raise (_Busy if nowait else StoreUnavailable)(f"sqlite store error: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite store error: {exc}") from exc
+        if pending:  # committed (a rolled-back transaction leaves them to the next write)
+            with self._pending_lock:
+                for ticket_id in pending:
+                    self._pending.pop(ticket_id, None)
         self._commits += 1
         if self._commits % _WAL_LOOK_EVERY == 0 and self.path != ":memory:":
             self._ensure_maintenance()
@@ -417,6 +442,9 @@ class SQLiteStore(Store):
         return result
 
     def close(self) -> None:
+        if self._pending:
+            with suppress(StoreError):  # StoreUnavailable too: what is left ends with the lease
+                self._write(lambda conn, now: None)
         self._stop_maintenance.set()
         self._checkpoint_due.set()
         with self._connections_lock:
@@ -467,16 +495,52 @@ class SQLiteStore(Store):
             self.release(ticket_id)
 
     async def arelease(self, ticket_id: str) -> None:
-        done, _ = self._try_inline(lambda conn, now: self._release(conn, ticket_id))
-        if not done:
-            await super().arelease(ticket_id)
+        # group commit: on the event loop a release joins the next write transaction, which the next admission on
+        # this loop opens (when requests arrive together), or a flush scheduled right after the callbacks already
+        # queued (when they do not): other processes see it at most one event-loop turn later
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): release at once
+            loop = None
+        if loop is None or not self.inline or self.inline_async:
+            done, _ = self._try_inline(lambda conn, now: self._release(conn, ticket_id))
+            if not done:
+                await super().arelease(ticket_id)
+            return
+        with self._pending_lock:
+            self._pending[ticket_id] = None
+            schedule, self._flush_scheduled = not self._flush_scheduled, True
+        if schedule:
+            loop.call_soon(self._flush_released, loop)
+
+    def _flush_released(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Delete the tickets released on the loop, unless a write transaction already did."""
+        with self._pending_lock:
+            self._flush_scheduled = False
+        if not self._pending:
+            return
+        try:
+            done, _ = self._try_inline(lambda conn, now: None)
+        except StoreError as exc:
+            log.warning("sa-middleware: release failed (%s); the leases will expire", exc)
+            return
+        if not done:  # another writer holds the lock: wait for it off the loop
+            loop.run_in_executor(None, self._flush_blocking)
+
+    def _flush_blocking(self) -> None:
+        if self._pending:
+            try:
+                self._write(lambda conn, now: None)
+            except StoreError as exc:
+                log.warning("sa-middleware: release failed (%s); the leases will expire", exc)
 
     def _admit(self, conn: sqlite3.Connection, now: float, a: Admission, prune: bool = True) -> Verdict:
         if prune and now - self._last_prune > _PRUNE_EVERY:
             self._prune(conn, now)
-        verdict = evaluate(a, self._snapshot(conn, now, a))
+        snapshot = self._snapshot(conn, now, a)
+        verdict = evaluate(a, snapshot)
         before = self._statuses(conn, verdict) if verdict.session_status else {}
-        self._apply(conn, now, a, verdict)
+        self._apply(conn, now, a, verdict, next((x for x in snapshot.sessions if x.session_id == a.session_id), None))
         self._add_audit(conn, now, _admission_audit(a, verdict, before))
         return verdict
 
@@ -539,26 +603,36 @@ class SQLiteStore(Store):
         return self._read(run)
 
     def _snapshot(self, conn: sqlite3.Connection, now: float, a: Admission) -> Snapshot:
+        # one statement reads the principal (and its actor) under the token's issuer and without one (the state to
+        # adopt on first use), its live sessions and its tickets in flight: rows tagged 0, 1 and 2
+        rows = conn.execute(_SNAPSHOT_SQL, (a.iss, a.sub, a.actor or a.sub, a.iss, a.sub, a.session_id, now, a.iss,
+                                            a.sub, now)).fetchall()
+        found: dict[tuple[str, str], tuple[Any, ...]] = {}
+        sessions: list[SessionInfo] = []
+        tickets: list[TicketRecord] = []
+        for r in rows:
+            if r[0] == 1:
+                sessions.append(SessionInfo(*r[1:]))
+            elif r[0] == 2:
+                tickets.append(TicketRecord(r[1], r[2], r[3], r[4], r[5], frozenset(json.loads(r[6])),
+                                            frozenset(json.loads(r[7])), bool(r[8]), r[9]))
+            else:
+                found[(r[1], r[2])] = r[3:14]
+        if a.iss and any(("", x) in found and (a.iss, x) not in found for x in {a.sub, a.actor} if x):
+            _adopt(conn, a.iss, a.sub, a.actor)  # the first use under this issuer of a subject stored without one
+            for x in (a.sub, a.actor):
+                if x and (a.iss, x) not in found and ("", x) in found:
+                    found[(a.iss, x)] = found[("", x)]
         principal, markers = PrincipalState(), []
-        _adopt(conn, a.iss, a.sub, a.actor)
-        for row in conn.execute(f"SELECT sub, {_PRINCIPAL_COLUMNS} FROM principals WHERE iss = ? AND sub IN (?, ?)",
-                                (a.iss, a.sub, a.actor or a.sub)):
-            if row[0] == a.sub:
-                principal = PrincipalState(row[1], row[2], [tuple(x) for x in json.loads(row[3] or "[]")],
-                                           frozenset(json.loads(row[4])) if row[4] is not None else None, row[5],
-                                           *row[8:12])
-                if row[6] is not None:
-                    markers.append(Marker(row[6], row[7]))
-            if row[0] == a.actor and row[6] is not None:
-                markers.append(Marker(row[6], None))
-        sessions = [_session(r) for r in conn.execute(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE ((iss = ? AND sub = ?) OR session_id = ?) AND expires > ?",
-            (a.iss, a.sub, a.session_id, now))]
-        tickets = [TicketRecord(r[0], r[1], r[2], r[3], r[4], frozenset(json.loads(r[5])), frozenset(json.loads(r[6])),
-                                bool(r[7]), r[8])
-                   for r in conn.execute("SELECT ticket_id, sub, session_id, token_hash, client, tags, conflicts, "
-                                         "exclusive, expires FROM tickets WHERE iss = ? AND sub = ? AND expires > ?",
-                                         (a.iss, a.sub, now))]
+        mine, actor = found.get((a.iss, a.sub)), found.get((a.iss, a.actor)) if a.actor else None
+        if mine is not None:
+            principal = PrincipalState(mine[0], mine[1], [tuple(x) for x in json.loads(mine[2] or "[]")],
+                                       frozenset(json.loads(mine[3])) if mine[3] is not None else None, mine[4],
+                                       *mine[7:11])
+            if mine[5] is not None:
+                markers.append(Marker(mine[5], mine[6]))
+        if actor is not None and actor[5] is not None:
+            markers.append(Marker(actor[5], None))
         holders: dict[str, list[LockHolder]] = {}
         fences: dict[str, int] = {}
         if a.locks:
@@ -580,15 +654,24 @@ class SQLiteStore(Store):
                 (a.credential, a.device)))
         return Snapshot(now, principal, sessions, tickets, holders, fences, device_compliant, jti_seen, markers)
 
-    def _apply(self, conn: sqlite3.Connection, now: float, a: Admission, v: Verdict) -> None:
+    def _apply(self, conn: sqlite3.Connection, now: float, a: Admission, v: Verdict,
+               stored: SessionInfo | None = None) -> None:
         if v.new_generation is not None or v.risk is not None:
             conn.execute("INSERT INTO principals (iss, sub, generation, risk) VALUES (?, ?, ?, ?) "
                          "ON CONFLICT(iss, sub) DO UPDATE SET generation = max(generation, excluded.generation), "
                          "risk = coalesce(?, risk)",
                          (a.iss, a.sub, v.new_generation or 0, json.dumps(v.risk or []),
                           None if v.risk is None else json.dumps(v.risk)))
-        if v.session is not None:
-            s = v.session
+        s = v.session
+        if s is not None and stored is not None and (s.sub, s.iss, s.actor, s.device, s.credential) == (
+                stored.sub, stored.iss, stored.actor, stored.device, stored.credential):
+            # the same session seen again: its indexed columns stay as they are
+            conn.execute("UPDATE sessions SET kind = ?, status = ?, created = ?, last_seen = ?, expires = ?, "
+                         "client = ?, user_agent = ?, marked_at = ?, marked_generation = ?, cleared_at = ? "
+                         "WHERE session_id = ?",
+                         (s.kind, s.status, s.created, s.last_seen, s.expires, s.client, s.user_agent, s.marked_at,
+                          s.marked_generation, s.cleared_at, s.session_id))
+        elif s is not None:
             conn.execute(f"INSERT OR REPLACE INTO sessions ({_SESSION_COLUMNS}) VALUES "
                          f"({','.join('?' * 16)})",
                          (s.session_id, s.sub, s.kind, s.status, s.created, s.last_seen, s.expires, s.client,
@@ -630,8 +713,8 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _release(conn: sqlite3.Connection, ticket_id: str) -> None:
-        conn.execute("DELETE FROM tickets WHERE ticket_id = ?", (ticket_id,))
-        conn.execute("DELETE FROM locks WHERE ticket_id = ?", (ticket_id,))
+        if not conn.execute("DELETE FROM tickets WHERE ticket_id = ?", (ticket_id,)).rowcount:
+            conn.execute("DELETE FROM locks WHERE ticket_id = ?", (ticket_id,))  # the trigger deletes the others
 
     def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
         if not ticket_ids:
@@ -864,6 +947,8 @@ class SQLiteStore(Store):
         return None if row is None else str(row[0])
 
     def locks(self) -> list[LockInfo]:
+        if self._pending:
+            self._write(lambda conn, now: None)  # the tickets released on the event loop
         return self._read(lambda conn, now: [LockInfo(*r) for r in conn.execute(
             "SELECT key, mode, fence, ticket_id, sub, session_id, expires, iss FROM locks WHERE expires > ? "
             "ORDER BY key, fence", (now,))])
