@@ -304,7 +304,7 @@ def test_a_client_cannot_make_new_route_label_values(issuer: DemoIssuer) -> None
                   audience=issuer.audience, metrics=metrics)
     app = Starlette(routes=[Route("/items/{id:int}", lambda request: PlainTextResponse("ok"))])
     app.add_middleware(StarletteMiddleware, guard=guard)
-    base, stop = serve_asgi(app)
+    base, stop = serve_asgi(app, http="h11")  # h11 passes any method token on (httptools knows a fixed list)
     try:
         token = {"authorization": f"Bearer {issuer.token('load')}"}
         for method in ("GET", "BREW-1", "BREW-2", "BREW-3"):

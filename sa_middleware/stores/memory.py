@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..denials import Denial
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StoreUnavailable
 from ..records import (
     Admission,
     AuditRecord,
@@ -75,6 +75,25 @@ class _Held:
     keys: tuple[str, ...]
 
 
+class _StoreLock:
+    """The store's one lock; once the store is closed, entering it raises StoreUnavailable (a closed store answers
+    nothing, as the SQLite and Redis stores do)."""
+
+    __slots__ = ("_lock", "closed")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.closed = False
+
+    def __enter__(self) -> None:
+        if self.closed:
+            raise StoreUnavailable("memory store closed")
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 class MemoryStore(Store):
     """Thread- and task-safe store that lives in this process only."""
 
@@ -82,7 +101,7 @@ class MemoryStore(Store):
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._lock = threading.RLock()
+        self._lock = _StoreLock()
         self._principals: dict[_Who, _Principal] = {}
         self._sessions: dict[str, SessionInfo] = {}
         self._owned: dict[_Who, dict[str, None]] = {}  # (iss, sub) -> its session ids
@@ -99,6 +118,10 @@ class MemoryStore(Store):
         self._last_prune = 0.0
         self._key_generation = 0
         self._dropped_keys: dict[str, None] = {}
+
+    def close(self) -> None:
+        """Forget nothing, answer nothing: every later call raises StoreUnavailable."""
+        self._lock.closed = True
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> MemoryStore:
