@@ -287,6 +287,7 @@ class SessionAwareMiddleware:
         self._async = iscoroutinefunction(get_response)
         if self._async:
             markcoroutinefunction(self)
+        _refuse_unrouted_entries()
 
     def __call__(self, request: Any) -> Any:
         if self._async:
@@ -321,6 +322,16 @@ class SessionAwareMiddleware:
         if not _release_on_close(response, release):
             await release.arelease()
         return response
+
+
+def _refuse_unrouted_entries() -> None:
+    """sa_middleware.E006 when the middleware is loaded too (servers such as gunicorn and uvicorn never run the
+    system checks): a Guard table entry that matches no URL pattern stops the start-up, unless E006 is silenced."""
+    if "sa_middleware.E006" in getattr(settings, "SILENCED_SYSTEM_CHECKS", ()):
+        return
+    for message in check_routing():
+        if message.id == "sa_middleware.E006":
+            raise ImproperlyConfigured(f"{message.msg} ({message.hint})")
 
 
 # -- system checks -------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import support
 from asgiref.sync import iscoroutinefunction
 from django.conf import settings
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.wsgi import WSGIHandler
 from django.http import HttpResponse, StreamingHttpResponse
@@ -714,7 +715,9 @@ def test_script_name_dpop_htu_is_the_full_path_and_the_table_uses_path_info(issu
         return HttpResponse(request.path)
 
     table = {"GET /open-404": Policy(public=True), "GET /docs/{id}": Policy(scopes={"x"})}
-    with override_settings(SA_MIDDLEWARE=options(issuer, tmp_path, policies=table)):
+    # the view is called directly, not through the URLconf: its entries match no URL pattern on purpose
+    with override_settings(SA_MIDDLEWARE=options(issuer, tmp_path, policies=table),
+                           SILENCED_SYSTEM_CHECKS=["sa_middleware.E006"]):
         middleware = SessionAwareMiddleware(view)
         response = middleware(mounted("/whoami", holder.proof("GET", "http://testserver/app/whoami", token)))
         assert response.status_code == 200 and response.content == b"/app/whoami"
@@ -1155,6 +1158,18 @@ def test_row5_a_policy_view_without_the_middleware_refuses(issuer: DemoIssuer, t
         assert resp.status_code == 503 and resp["content-type"] == "application/problem+json"
         assert json.loads(resp.content)["code"] == "view_not_guarded"
         assert Client().get("/health").status_code == 503  # @policy(public=True) too: nothing decided it
+
+
+def test_row6_an_unrouted_entry_stops_the_server_loading_the_middleware(issuer: DemoIssuer, tmp_path: Path) -> None:
+    """gunicorn and uvicorn never run the system checks: loading the middleware (the handler's start-up) refuses."""
+    conf = options(issuer, tmp_path, policies={"POST /payment/{id:int}/approve": Policy(scopes={"x"})})
+    with override_settings(SA_MIDDLEWARE=conf):
+        with pytest.raises(ImproperlyConfigured, match=r"'POST /payment/\{id:int\}/approve'.*did you mean"):
+            WSGIHandler()
+        with pytest.raises(ImproperlyConfigured, match="did you mean"):
+            ASGIHandler()
+        with override_settings(SILENCED_SYSTEM_CHECKS=["sa_middleware.E006"]):
+            WSGIHandler()  # silenced on purpose: something other than the URLconf answers it
 
 
 def test_row6_a_table_entry_without_a_url_pattern_is_e006(issuer: DemoIssuer, tmp_path: Path) -> None:
