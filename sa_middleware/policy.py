@@ -420,18 +420,21 @@ class RouteTable:
         rank = (literal, -path_params, method != "*")
         return _Route(key, method, re.compile(pattern), convert, effective, rank, frozenset(convert), policy)
 
-    def target(self, key: str, policy: Policy | None, params: Mapping[str, Any] | None) -> RouteMatch:
-        """The match for an MCP tool or prompt (``key`` is ``"TOOL <name>"``): ``policy`` (the function's
-        ``@policy``) wins over the table entry for ``key``, which wins over ``default_policy``; ``params`` (the
-        call's checked arguments) fill the lock keys (``None``: the policy only, no lock keys)."""
-        table = self.targets.get(key)
-        cache_key = (policy, table)
-        effective = self._resolved.get(cache_key)
+    def _effective(self, policy: Policy | None, table: Policy | None) -> EffectivePolicy:
+        """``policy`` (an endpoint's ``@policy``) over the table entry ``table`` over ``default_policy``; cached."""
+        effective = self._resolved.get((policy, table))
         if effective is None:
             base = table.merged(self.default_policy) if table is not None else self.default_policy
             effective = (policy or Policy()).merged(base).effective()
             if len(self._resolved) < 4096:
-                self._resolved[cache_key] = effective
+                self._resolved[(policy, table)] = effective
+        return effective
+
+    def target(self, key: str, policy: Policy | None, params: Mapping[str, Any] | None) -> RouteMatch:
+        """The match for an MCP tool or prompt (``key`` is ``"TOOL <name>"``): ``policy`` (the function's
+        ``@policy``) wins over the table entry for ``key``, which wins over ``default_policy``; ``params`` (the
+        call's checked arguments) fill the lock keys (``None``: the policy only, no lock keys)."""
+        effective = self._effective(policy, self.targets.get(key))
         if params is None:
             return RouteMatch(key, {}, effective, ())
         try:
@@ -511,13 +514,7 @@ class RouteTable:
             if found is not None:
                 table = found[0].raw
                 merged_params = {**found[1], **merged_params}
-        key = (policy, table)
-        effective = self._resolved.get(key)
-        if effective is None:
-            base = table.merged(self.default_policy) if table is not None else self.default_policy
-            effective = (policy or Policy()).merged(base).effective()
-            if len(self._resolved) < 4096:
-                self._resolved[key] = effective
+        effective = self._effective(policy, table)
         try:
             keys = tuple(render_lock_key(t, merged_params) for t in effective.locks)
         except InvalidRequest as exc:
