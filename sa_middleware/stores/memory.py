@@ -474,8 +474,8 @@ class MemoryStore(Store):
 
     def note_generation_claims(self, notes: Mapping[tuple[str, str], bool]) -> None:
         with self._lock:
-            for (iss, sub), present in notes.items():  # as the SQL stores: noted without adopting older state
-                self._principals.setdefault((iss, sub), _Principal()).gen_claim = bool(present)
+            for (iss, sub), present in notes.items():
+                self._principal(iss, sub).gen_claim = bool(present)
 
     def generation_claim(self, sub: str, iss: str = "") -> bool | None:
         with self._lock:
@@ -484,7 +484,7 @@ class MemoryStore(Store):
 
     def reset_generation(self, sub: str, iss: str = "") -> int:
         with self._lock:
-            p = self._principals.get((iss, sub))
+            p = self._known(iss, sub)
             if p is None:
                 return 0
             was, p.state.generation = p.state.generation, 0

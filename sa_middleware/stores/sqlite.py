@@ -903,10 +903,13 @@ class SQLiteStore(Store):
         return self._read(run)
 
     def note_generation_claims(self, notes: Mapping[tuple[str, str], bool]) -> None:
-        self._write(lambda conn, now: conn.executemany(
-            "INSERT INTO principals (iss, sub, generation, gen_claim) VALUES (?, ?, 0, ?) ON CONFLICT(iss, sub) "
-            "DO UPDATE SET gen_claim = excluded.gen_claim",
-            [(iss, sub, int(present)) for (iss, sub), present in notes.items()]))
+        def run(conn: sqlite3.Connection, now: float) -> None:
+            for (iss, sub), present in notes.items():
+                _adopt(conn, iss, sub)  # a note never stands in for the state the principal inherits
+                conn.execute("INSERT INTO principals (iss, sub, generation, gen_claim) VALUES (?, ?, 0, ?) "
+                             "ON CONFLICT(iss, sub) DO UPDATE SET gen_claim = excluded.gen_claim",
+                             (iss, sub, int(present)))
+        self._write(run)
 
     def generation_claim(self, sub: str, iss: str = "") -> bool | None:
         row = self._read(lambda conn, now: conn.execute("SELECT gen_claim FROM principals WHERE iss = ? AND sub = ?",
@@ -915,6 +918,7 @@ class SQLiteStore(Store):
 
     def reset_generation(self, sub: str, iss: str = "") -> int:
         def run(conn: sqlite3.Connection, now: float) -> int:
+            _adopt(conn, iss, sub)
             row = conn.execute("SELECT generation FROM principals WHERE iss = ? AND sub = ?", (iss, sub)).fetchone()
             conn.execute("UPDATE principals SET generation = 0 WHERE iss = ? AND sub = ?", (iss, sub))
             return 0 if row is None else int(row[0])

@@ -1339,6 +1339,20 @@ def test_state_stored_without_an_issuer_is_adopted_by_an_issuers_principal(d: Dr
     d.deny("stale_generation", iss=B, session_id="alice-4", token_gen=0)  # every issuer inherits it
 
 
+def test_a_reset_reaches_the_generation_an_issuers_principal_inherits(d: Driver,
+                                                                      request: pytest.FixtureRequest) -> None:
+    d.store.rotate("alice")  # stored before issuers
+    d.store.note_generation_claims({(A, "alice"): False})  # a note does not stand in for the inherited state
+    if request.node.callspec.params["case"] == "redis-cluster":  # nothing is inherited there (see above)
+        assert d.store.reset_generation("alice", A) == 0
+        d.passes(iss=A, session_id="alice-a", token_gen=0)
+        return
+    d.deny("stale_generation", iss=A, session_id="alice-a", token_gen=0)
+    assert d.store.reset_generation("alice", A) == 1
+    d.passes(iss=A, session_id="alice-a", token_gen=0)
+    d.deny("stale_generation", iss=B, session_id="alice-b", token_gen=0)  # another issuer's principal keeps it
+
+
 # ---------------------------------------------------------------------------------------------------- order of checks
 
 
