@@ -8,6 +8,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from .records import storable_text
+
 __all__ = ["VIEW_POLICIES_READ", "RequestInfo", "SAContext", "admitted"]
 
 #: Set while an admitted request runs the app (in its task or thread, and the threads it copies its context to):
@@ -54,7 +56,7 @@ class RequestInfo:
     def user_agent(self) -> str:
         """The ``User-Agent`` header, at most 256 characters, a lone surrogate escaped (``\\ud800``): no store can
         write one, and a store failure must never stand in for a decision."""
-        return self.headers.get("user-agent", "")[:256].encode("utf-8", "backslashreplace").decode("utf-8")
+        return storable_text(self.headers.get("user-agent", "")[:256])
 
     @property
     def route_path(self) -> str:
