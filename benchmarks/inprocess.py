@@ -98,7 +98,7 @@ def sqlite_statements(guard: Guard, request: RequestInfo) -> int | None:
     connection = getattr(guard.store, "_connection", None)
     if connection is None:
         return None
-    conn = connection()
+    conn = connection("writer")  # the connection a thread's writes use
     if not isinstance(conn, sqlite3.Connection):
         return None
     seen: list[str] = []

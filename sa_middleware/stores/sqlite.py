@@ -1,13 +1,16 @@
 """The SQLite store: one host, any number of threads and worker processes sharing one database file.
 
-Every admission is one ``BEGIN IMMEDIATE`` transaction: read a snapshot, run :func:`sa_middleware.rules.evaluate`,
-write the verdict. The database runs in WAL mode with ``synchronous=NORMAL`` and a busy timeout (``?timeout=``,
-default 2 s); a store that stays locked past it answers :class:`~sa_middleware.errors.StoreUnavailable`.
+Every admission runs inside a ``BEGIN IMMEDIATE`` transaction: read a snapshot, run
+:func:`sa_middleware.rules.evaluate`, write the verdict. The writes of one process are group-committed: they join one
+queue, and whoever leads decides the writes queued by then one after another in one transaction (each in a
+savepoint), so each decision sees every earlier one and the process never competes with itself for the write lock.
+The database runs in WAL mode with ``synchronous=NORMAL`` and a busy timeout (``?timeout=``, default 2 s); a store
+that stays locked by other processes past it answers :class:`~sa_middleware.errors.StoreUnavailable`.
 
-On the event loop, admission and release first try the transaction inline on a connection that never waits
-(busy timeout 0, no automatic checkpoint): when the write lock is free this costs no thread hop; when another
-writer holds it, the attempt is rolled back at once and the work goes to a worker thread, which may wait. WAL
-checkpoints, which fsync, run on a maintenance thread, never on the loop.
+On the event loop, admissions and releases are queued and decided inline by a flush scheduled right after the
+callbacks already queued, on a connection that never waits (busy timeout 0, no automatic checkpoint): when another
+process holds the write lock, the flush is rolled back at once and the admissions go to worker threads, which may
+wait. WAL checkpoints, which fsync, run on a maintenance thread, never on the loop.
 
 The WAL is bounded: every connection sets ``journal_size_limit`` (:data:`WAL_LIMIT`), and the WAL's size is looked
 at every 64 commits and every second while commits come: past the limit, the maintenance thread truncates it
@@ -26,6 +29,8 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
@@ -75,8 +80,59 @@ _WAL_LOOK_EVERY = 64  # commits between two looks at the WAL's size by the commi
 _FILES = ("", "-wal", "-shm", "-journal")  # the database and the files SQLite keeps next to it
 
 
+_WRITER_BUSY_WAIT = 0.01  # seconds a thread's write connection waits in SQLite's busy handler before BEGIN is retried
+_BATCH = 256  # writes one group-commit transaction decides at most
+_LEAD_EXTRA = 4  # batches a leading thread decides for others after its own write, when no other thread waits
+_QUEUED, _RUNNING, _DONE, _ABANDONED = range(4)  # the states of a queued write
+
+
 class _Busy(StoreUnavailable):
     """The write lock is taken; the inline attempt was rolled back and must be retried off the loop."""
+
+
+class _Entry:
+    """One write waiting for the next group-commit transaction, and its outcome."""
+
+    __slots__ = ("error", "func", "future", "loop", "prunes", "result", "state")
+
+    def __init__(self, func: Callable[[sqlite3.Connection, float], Any],
+                 loop: asyncio.AbstractEventLoop | None = None, future: asyncio.Future[Any] | None = None,
+                 prunes: bool = False) -> None:
+        self.func, self.loop, self.future, self.prunes = func, loop, future, prunes
+        self.state = _QUEUED
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused for a lock another connection holds (``SQLITE_BUSY``, ``SQLITE_LOCKED``)."""
+    code = getattr(exc, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _forget_writes_after_fork(store: SQLiteStore) -> None:
+    """In a forked child, the group commit starts afresh: the parent's queue and leader stay with the parent."""
+    ref = weakref.ref(store)
+
+    def reset() -> None:
+        child = ref()
+        if child is not None:
+            child._cond = threading.Condition()
+            child._queue = deque()
+            child._leading, child._waiting, child._flush_loops = False, 0, set()
+            child._maintenance = None
+
+    os.register_at_fork(after_in_child=reset)
+
+
+def _failure(exc: BaseException) -> BaseException:
+    """What the caller of a write sees when it failed: SQLite's errors as store errors, others as they are."""
+    if isinstance(exc, StoreError) or not isinstance(exc, sqlite3.Error):
+        return exc
+    failure = (StoreUnavailable if isinstance(exc, sqlite3.OperationalError) else StoreError)(
+        f"sqlite store error: {exc}")
+    failure.__cause__ = exc
+    return failure
 _FROM_STATES = {"paused": '["active", "paused"]', "revoked": '["active", "paused", "compromised", "revoked"]',
                 "compromised": '["active", "paused", "compromised"]', "active": '["active"]'}
 
@@ -252,18 +308,19 @@ class SQLiteStore(Store):
         self._connections_lock = threading.Lock()
         self._last_prune = 0.0
         self._audit_writes = 0
-        # tickets released on the event loop: deleted by the next write transaction, and forgotten once it commits
-        self._pending: dict[str, None] = {}
-        self._pending_lock = threading.Lock()
-        self._flush_scheduled = False
+        # group commit: the writes of this process waiting for the next transaction, and who decides them
+        self._cond = threading.Condition()
+        self._queue: deque[_Entry] = deque()
+        self._leading = False  # a thread, or an event loop, is deciding a batch
+        self._waiting = 0  # threads waiting for a write of theirs (or to truncate the WAL)
+        self._flush_loops: set[asyncio.AbstractEventLoop] = set()  # event loops with a flush scheduled
         self.inline = inline
         self._inline_commits = 0
         self._commits = 0
         self._checkpoint_due = threading.Event()
         self._maintenance: threading.Thread | None = None
         self._stop_maintenance = threading.Event()
-        self._writable = threading.Event()  # cleared while the WAL is truncated: this process's writers wait
-        self._writable.set()
+        _forget_writes_after_fork(self)
         _create_private(path)
         with self._transaction() as conn:
             _schema(sqlite_utils.Database(conn))
@@ -288,16 +345,19 @@ class SQLiteStore(Store):
             options.setdefault("inline", query["inline"] == "true")
         return cls(path, **options)
 
-    # -- connections and transactions -------------------------------------------------------------------------
+    # -- connections -------------------------------------------------------------------------------------------
 
-    def _connect(self, nowait: bool = False) -> sqlite3.Connection:
-        timeout = 0.0 if nowait else self.timeout
-        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    def _connect(self, kind: str) -> sqlite3.Connection:
+        """A connection of one kind: ``nowait`` (the event loop's: never waits, never checkpoints), ``writer`` (a
+        thread's group commits: short busy waits, retried up to the timeout) or ``conn`` (reads, checkpoints)."""
+        timeout = {"nowait": 0.0, "writer": _WRITER_BUSY_WAIT, "conn": self.timeout}[kind]
+        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False,
+                               cached_statements=256)
         conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         self._use_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
-        if nowait:
+        if kind == "nowait":
             conn.execute("PRAGMA wal_autocheckpoint = 0")
         with self._connections_lock:
             self._connections.append(conn)
@@ -315,28 +375,310 @@ class SQLiteStore(Store):
                     raise
                 time.sleep(0.01)  # another process holds the file; bounded by the store's timeout
 
-    def _connection(self, nowait: bool = False) -> sqlite3.Connection:
-        name = "nowait" if nowait else "conn"
-        conn: sqlite3.Connection | None = getattr(self._local, name, None)
-        if conn is None or getattr(self._local, f"{name}_pid", None) != os.getpid():  # never reuse across a fork
-            conn = self._connect(nowait)
-            setattr(self._local, name, conn)
-            setattr(self._local, f"{name}_pid", os.getpid())
+    def _connection(self, kind: str = "conn") -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, kind, None)
+        if conn is None or getattr(self._local, f"{kind}_pid", None) != os.getpid():  # never reuse across a fork
+            conn = self._connect(kind)
+            setattr(self._local, kind, conn)
+            setattr(self._local, f"{kind}_pid", os.getpid())
         return conn
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction outside the group commit (the schema, when the store opens)."""
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"sqlite store busy: {exc}") from exc
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _begin(self, nowait: bool) -> sqlite3.Connection:
+        """``BEGIN IMMEDIATE`` on this thread's connection: at once or :class:`_Busy` (``nowait``), or retried in
+        short busy waits until the store's timeout, then :class:`StoreUnavailable`."""
+        conn = self._connection("nowait" if nowait else "writer")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return conn
+            except sqlite3.OperationalError as exc:
+                if nowait:
+                    raise _Busy(f"sqlite store busy: {exc}") from exc
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise StoreUnavailable(f"sqlite store busy: {exc}") from exc
+
+    # -- group commit ------------------------------------------------------------------------------------------
+    # Every write of this process joins one queue. Whoever leads (a thread whose write is queued, or the event loop
+    # when it flushes what its requests queued) takes the queue's head and decides it in one BEGIN IMMEDIATE ...
+    # COMMIT, one entry after another (each in a savepoint, so one failing entry leaves the others' writes): each
+    # decision sees every earlier one, and nothing else of this process writes meanwhile. The other threads wait
+    # for their entry (one of them takes over the lead when the leader stops); the event loop never waits.
+
+    def _write(self, func: Callable[[sqlite3.Connection, float], T], prunes: bool = False) -> T:
+        """Run ``func`` in the next group-commit transaction and wait for its commit (from a thread: the caller
+        may lead, deciding the writes queued with its own)."""
+        entry = _Entry(func, prunes=prunes)
+        with self._cond:
+            self._queue.append(entry)
+            lead = not self._leading
+            if lead:
+                self._leading = True
+            else:
+                self._waiting += 1
+                try:
+                    while entry.state != _DONE:
+                        self._cond.wait()
+                        if entry.state == _QUEUED and not self._leading:
+                            self._leading = lead = True
+                            break
+                finally:
+                    self._waiting -= 1
+        if lead:
+            self._lead(entry)
+        if entry.error is not None:
+            raise entry.error
+        return entry.result  # type: ignore[no-any-return]
+
+    def _lead(self, own: _Entry | None) -> None:
+        """Decide queued writes (blocking for the write lock) until ``own`` is done; then at most
+        :data:`_LEAD_EXTRA` batches more, and none when another thread waits to take over."""
+        rounds = 0
+        try:
+            while True:
+                with self._cond:
+                    done = own is None or own.state == _DONE
+                    if not self._queue or (done and (self._waiting or rounds >= _LEAD_EXTRA)):
+                        return
+                    rounds += done
+                    batch = self._take()
+                if batch:
+                    self._execute(batch, nowait=False)
+        finally:
+            with self._cond:
+                self._hand_over()
+
+    def _take(self) -> list[_Entry]:
+        """The queue's head, at most :data:`_BATCH` entries (abandoned ones dropped); the condition is held."""
+        batch: list[_Entry] = []
+        queue = self._queue
+        while queue and len(batch) < _BATCH:
+            entry = queue.popleft()
+            if entry.state == _QUEUED:
+                entry.state = _RUNNING
+                batch.append(entry)
+        return batch
+
+    def _hand_over(self, flush: bool = True) -> None:
+        """Stop leading (the condition is held): a waiting thread takes over; writes queued by event loops are
+        flushed by their loops (``flush=False``: a thread started for them does)."""
+        self._leading = False
+        if self._waiting:
+            self._cond.notify_all()
+        if self._queue and flush:
+            for loop in {e.loop for e in self._queue if e.loop is not None} - self._flush_loops:
+                self._schedule_flush(loop, threadsafe=True)
+
+    def _schedule_flush(self, loop: asyncio.AbstractEventLoop, threadsafe: bool = False) -> None:
+        self._flush_loops.add(loop)
+        try:
+            if threadsafe:
+                loop.call_soon_threadsafe(self._flush_loop, loop)
+            else:
+                loop.call_soon(self._flush_loop, loop)
+        except RuntimeError:  # the loop is closed: the next leader takes what it queued
+            self._flush_loops.discard(loop)
+
+    def _execute(self, batch: list[_Entry], nowait: bool, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Decide a batch in one transaction and hand out the results. ``nowait``: raise :class:`_Busy` (nothing
+        done) when the write lock is taken."""
+        try:
+            conn = self._begin(nowait)
+        except _Busy:
+            raise
+        except StoreError as exc:
+            self._finish(batch, exc, loop)
+            return
+        try:
+            now = self._clock()
+            if not nowait and now - self._last_prune > _PRUNE_EVERY and any(e.prunes for e in batch):
+                self._prune(conn, now)
+            if len(batch) == 1:
+                entry = batch[0]
+                entry.result = entry.func(conn, now)
+            else:
+                for entry in batch:
+                    self._decide(conn, entry)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            with suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            self._finish(batch, exc, loop)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._committed(nowait)
+        self._finish(batch, None, loop)
+
+    def _decide(self, conn: sqlite3.Connection, entry: _Entry) -> None:
+        """One entry of a batch, in a savepoint: its failure undoes its own writes only (an error that ends the
+        whole transaction propagates)."""
+        conn.execute("SAVEPOINT entry")
+        try:
+            entry.result = entry.func(conn, self._clock())
+        except Exception as exc:
+            if not conn.in_transaction:
+                raise
+            conn.execute("ROLLBACK TO entry")
+            conn.execute("RELEASE entry")
+            entry.error = _failure(exc)
+            return
+        conn.execute("RELEASE entry")
+
+    def _finish(self, batch: list[_Entry], error: BaseException | None,
+                loop: asyncio.AbstractEventLoop | None) -> None:
+        """Mark a batch done (``error``: the whole transaction failed) and wake or settle its callers."""
+        for entry in batch:
+            if error is not None:
+                entry.result, entry.error = None, _failure(error)
+        with self._cond:
+            for entry in batch:
+                entry.state = _DONE
+            if self._waiting:
+                self._cond.notify_all()
+        for entry in batch:
+            if entry.loop is None:
+                continue
+            if entry.future is None:  # a release queued on the event loop: nobody waits for it
+                if entry.error is not None:
+                    log.warning("sa-middleware: release failed (%s); the lease will expire", entry.error)
+            elif entry.loop is loop:
+                self._settle(entry)
+            else:
+                with suppress(RuntimeError):  # the loop is closed: its callers are gone
+                    entry.loop.call_soon_threadsafe(self._settle, entry)
+
+    def _settle(self, entry: _Entry) -> None:
+        """On the entry's loop: hand the result to the waiting admission; one whose caller is gone (cancelled)
+        gives its ticket back."""
+        future = entry.future
+        assert future is not None and entry.loop is not None
+        if future.cancelled():
+            if entry.error is None and isinstance(entry.result, Verdict) and entry.result.ticket is not None:
+                self._queue_release(entry.result.ticket.ticket_id, entry.loop)
+        elif entry.error is not None:
+            future.set_exception(entry.error)
+        else:
+            future.set_result(entry.result)
+
+    def _committed(self, nowait: bool) -> None:
+        self._commits += 1
+        if nowait:
+            self._inline_commits += 1
+            if self._inline_commits % _CHECKPOINT_EVERY == 0:
+                self._request_checkpoint()
+        if self._commits % _WAL_LOOK_EVERY == 0 and self.path != ":memory:":
+            self._ensure_maintenance()
+            if self.wal_size() > WAL_LIMIT:
+                self._checkpoint_due.set()
+
+    # -- on the event loop -------------------------------------------------------------------------------------
+
+    def _inline_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The running asyncio loop, when writes are decided on it (else they go to worker threads)."""
+        if not self.inline or self.inline_async:
+            return None
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio)
+            return None
+
+    def _queue_write(self, entry: _Entry) -> None:
+        """Queue a write of the event loop: the loop decides it with the others queued by then, right after the
+        callbacks already queued (or the thread leading takes it)."""
+        assert entry.loop is not None
+        with self._cond:
+            self._queue.append(entry)
+            if entry.loop not in self._flush_loops:
+                self._schedule_flush(entry.loop)
+
+    def _queue_release(self, ticket_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue_write(_Entry(lambda conn, now: self._release(conn, ticket_id), loop))
+
+    def _flush_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Decide what is queued in one transaction on the loop, never waiting for the write lock: when another
+        connection holds it, the admissions go to worker threads and the rest to a thread that waits."""
+        with self._cond:
+            self._flush_loops.discard(loop)
+            if self._leading or not self._queue:
+                return  # the leader takes what is queued, or schedules this flush again when it stops
+            self._leading = True
+            batch = self._take()
+        flush = True
+        try:
+            self._execute(batch, nowait=True, loop=loop)
+        except _Busy:
+            flush = not self._busy(batch, loop)
+        finally:
+            with self._cond:
+                self._hand_over(flush)
+
+    def _busy(self, batch: list[_Entry], loop: asyncio.AbstractEventLoop) -> bool:
+        """The write lock was taken: the loop's admissions retry in worker threads, the other writes go back to
+        the queue's head, for a waiting thread or a thread started to wait for them (returns whether one was)."""
+        back = [e for e in batch if e.future is None or e.loop is not loop]
+        with self._cond:
+            for entry in batch:
+                entry.state = _QUEUED if entry in back else _DONE
+            self._queue.extendleft(reversed(back))
+            drain = bool(back) and not self._waiting
+        for entry in batch:
+            if entry.future is not None and entry.loop is loop and not entry.future.cancelled():
+                entry.future.set_exception(_Busy("the write lock is taken"))
+        if drain:
+            loop.run_in_executor(None, self._drain)
+        return drain
+
+    def _drain(self) -> None:
+        """In a worker thread: lead until the queue is empty (or a waiting thread takes over)."""
+        with self._cond:
+            if self._leading:
+                return
+            self._leading = True
+        try:
+            self._lead(None)
+        except Exception:
+            log.exception("sa-middleware: queued writes failed")
+
     def _try_inline(self, func: Callable[[sqlite3.Connection, float], T]) -> tuple[bool, T | None]:
-        """On the event loop: run the write transaction inline if the write lock is free, never waiting for it.
-        Returns ``(False, None)`` when the caller must run the sync operation in a worker thread instead."""
+        """Outside asyncio (trio): run the write inline if nothing else of this process writes and the write lock
+        is free, never waiting. Returns ``(False, None)`` when it must run in a worker thread instead."""
         if not self.inline or self.inline_async:
             return False, None
+        entry = _Entry(func)
+        with self._cond:
+            if self._leading:
+                return False, None
+            self._leading = True
+            entry.state = _RUNNING
         try:
-            result = self._write(func, nowait=True)
+            self._execute([entry], nowait=True)
         except _Busy:
             return False, None
-        self._inline_commits += 1
-        if self._inline_commits % _CHECKPOINT_EVERY == 0:
-            self._request_checkpoint()
-        return True, result
+        finally:
+            with self._cond:
+                self._hand_over()
+        if entry.error is not None:
+            raise entry.error
+        return True, entry.result
+
+    # -- maintenance -------------------------------------------------------------------------------------------
 
     def _request_checkpoint(self) -> None:
         self._ensure_maintenance()
@@ -351,8 +693,9 @@ class SQLiteStore(Store):
 
     def _checkpoints(self, stop: threading.Event) -> None:
         """The maintenance thread (from the 64th commit on, until :meth:`close`): the inline connections'
-        checkpoints (they never checkpoint themselves), and a look at the WAL's size every second while commits
-        come: past :data:`WAL_LIMIT`, it is truncated."""
+        checkpoints (they never checkpoint themselves), a look at the WAL's size every second while commits
+        come (past :data:`WAL_LIMIT`, it is truncated), and the sweep of expired rows when no admission in a
+        thread ran it."""
         seen = -1
         while True:
             due = self._checkpoint_due.wait(_WAL_CHECK_EVERY)
@@ -367,15 +710,25 @@ class SQLiteStore(Store):
                     self._read(lambda conn, now: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
                 if self.wal_size() > WAL_LIMIT:
                     self._truncate()
+                if self._clock() - self._last_prune > 2 * _PRUNE_EVERY:
+                    self._write(lambda conn, now: None, prunes=True)
 
     def _truncate(self) -> None:
         """Truncate the WAL while this process's writers wait (a checkpoint that must wait for the write lock
         would rarely get it under a flood); other processes' writers are waited for up to the timeout."""
-        self._writable.clear()
+        with self._cond:
+            self._waiting += 1  # a leader hands over at once
+            try:
+                while self._leading:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._leading = True
         try:
             self.checkpoint()
         finally:
-            self._writable.set()
+            with self._cond:
+                self._hand_over()
 
     def wal_size(self) -> int:
         """The size of the WAL file in bytes (0 when there is none)."""
@@ -398,51 +751,8 @@ class SQLiteStore(Store):
                 raise StoreUnavailable("sqlite store busy: the WAL checkpoint could not complete")
             time.sleep(0.01)
 
-    @contextmanager
-    def _transaction(self, nowait: bool = False) -> Iterator[sqlite3.Connection]:
-        try:
-            conn = self._connection(nowait)
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise (_Busy if nowait else StoreUnavailable)(f"sqlite store busy: {exc}") from exc
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-    def _write(self, func: Callable[[sqlite3.Connection, float], T], nowait: bool = False) -> T:
-        """One write transaction; ``nowait`` never waits for the write lock and raises _Busy instead. The tickets
-        released on the event loop since the last write are deleted first, in the same transaction."""
-        if not self._writable.is_set():  # the maintenance thread is truncating the WAL
-            if nowait:
-                raise _Busy("the WAL is being truncated")
-            self._writable.wait(self.timeout)
-        with self._pending_lock:
-            pending = list(self._pending)
-        try:
-            with self._transaction(nowait) as conn:
-                for ticket_id in pending:
-                    self._release(conn, ticket_id)
-                result = func(conn, self._clock())
-        except sqlite3.OperationalError as exc:
-            raise (_Busy if nowait else StoreUnavailable)(f"sqlite store error: {exc}") from exc
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite store error: {exc}") from exc
-        if pending:  # committed (a rolled-back transaction leaves them to the next write)
-            with self._pending_lock:
-                for ticket_id in pending:
-                    self._pending.pop(ticket_id, None)
-        self._commits += 1
-        if self._commits % _WAL_LOOK_EVERY == 0 and self.path != ":memory:":
-            self._ensure_maintenance()
-            if self.wal_size() > WAL_LIMIT:
-                self._checkpoint_due.set()
-        return result
-
     def close(self) -> None:
-        if self._pending:
+        if self._queue:
             with suppress(StoreError):  # StoreUnavailable too: what is left ends with the lease
                 self._write(lambda conn, now: None)
         self._stop_maintenance.set()
@@ -456,13 +766,41 @@ class SQLiteStore(Store):
     # -- admission ---------------------------------------------------------------------------------------------
 
     def admit(self, admission: Admission) -> Ticket | Denial:
-        return _outcome(self._write(lambda conn, now: self._admit(conn, now, admission)))
+        return _outcome(self._write(lambda conn, now: self._admit(conn, now, admission), prunes=True))
 
     async def aadmit(self, admission: Admission) -> Ticket | Denial:
-        # inline admissions never sweep expired rows (a large write); the threaded ones do
-        done, verdict = self._try_inline(lambda conn, now: self._admit(conn, now, admission, prune=False))
-        if done and verdict is not None:
-            return _outcome(verdict)
+        loop = self._inline_loop()
+        if loop is not None:
+            entry = _Entry(lambda conn, now: self._admit(conn, now, admission), loop, loop.create_future())
+            self._queue_write(entry)
+            try:
+                return _outcome(await entry.future)  # type: ignore[misc]
+            except _Busy:
+                pass  # another connection holds the write lock: wait for it in a worker thread
+            except BaseException:
+                self._abandon(entry)
+                raise
+        else:
+            done, verdict = self._try_inline(lambda conn, now: self._admit(conn, now, admission))
+            if done and verdict is not None:
+                return _outcome(verdict)
+        return await self._admit_in_thread(admission)
+
+    def _abandon(self, entry: _Entry) -> None:
+        """The caller of a queued admission is gone (cancelled): it is never decided, or its ticket is given back."""
+        with self._cond:
+            if entry.state == _QUEUED:
+                entry.state = _ABANDONED
+                return
+        future = entry.future
+        assert future is not None and entry.loop is not None
+        if future.done() and not future.cancelled() and future.exception() is None:
+            verdict = future.result()
+            if isinstance(verdict, Verdict) and verdict.ticket is not None:
+                self._queue_release(verdict.ticket.ticket_id, entry.loop)
+        # otherwise the future was cancelled with the caller: _settle gives the ticket back once decided
+
+    async def _admit_in_thread(self, admission: Admission) -> Ticket | Denial:
         # a cancelled caller never gets the ticket the worker may still commit: whoever comes second (the worker
         # finishing, or the cancelled caller) releases it
         state = {"finished": False, "abandoned": False}
@@ -495,48 +833,18 @@ class SQLiteStore(Store):
             self.release(ticket_id)
 
     async def arelease(self, ticket_id: str) -> None:
-        # group commit: on the event loop a release joins the next write transaction, which the next admission on
-        # this loop opens (when requests arrive together), or a flush scheduled right after the callbacks already
-        # queued (when they do not): other processes see it at most one event-loop turn later
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio): release at once
-            loop = None
-        if loop is None or not self.inline or self.inline_async:
-            done, _ = self._try_inline(lambda conn, now: self._release(conn, ticket_id))
-            if not done:
-                await super().arelease(ticket_id)
+        # group commit: on the event loop a release joins the next transaction of this process (the next flush of
+        # the loop, right after the callbacks already queued): other processes see it at most one event-loop
+        # turn later, or once the thread leading commits it
+        loop = self._inline_loop()
+        if loop is not None:
+            self._queue_release(ticket_id, loop)
             return
-        with self._pending_lock:
-            self._pending[ticket_id] = None
-            schedule, self._flush_scheduled = not self._flush_scheduled, True
-        if schedule:
-            loop.call_soon(self._flush_released, loop)
+        done, _ = self._try_inline(lambda conn, now: self._release(conn, ticket_id))
+        if not done:
+            await super().arelease(ticket_id)
 
-    def _flush_released(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Delete the tickets released on the loop, unless a write transaction already did."""
-        with self._pending_lock:
-            self._flush_scheduled = False
-        if not self._pending:
-            return
-        try:
-            done, _ = self._try_inline(lambda conn, now: None)
-        except StoreError as exc:
-            log.warning("sa-middleware: release failed (%s); the leases will expire", exc)
-            return
-        if not done:  # another writer holds the lock: wait for it off the loop
-            loop.run_in_executor(None, self._flush_blocking)
-
-    def _flush_blocking(self) -> None:
-        if self._pending:
-            try:
-                self._write(lambda conn, now: None)
-            except StoreError as exc:
-                log.warning("sa-middleware: release failed (%s); the leases will expire", exc)
-
-    def _admit(self, conn: sqlite3.Connection, now: float, a: Admission, prune: bool = True) -> Verdict:
-        if prune and now - self._last_prune > _PRUNE_EVERY:
-            self._prune(conn, now)
+    def _admit(self, conn: sqlite3.Connection, now: float, a: Admission) -> Verdict:
         snapshot = self._snapshot(conn, now, a)
         verdict = evaluate(a, snapshot)
         before = self._statuses(conn, verdict) if verdict.session_status else {}
@@ -951,8 +1259,8 @@ class SQLiteStore(Store):
         return None if row is None else str(row[0])
 
     def locks(self) -> list[LockInfo]:
-        if self._pending:
-            self._write(lambda conn, now: None)  # the tickets released on the event loop
+        if self._queue or self._leading:
+            self._write(lambda conn, now: None)  # the releases queued on the event loop, and the batch in flight
         return self._read(lambda conn, now: [LockInfo(*r) for r in conn.execute(
             "SELECT key, mode, fence, ticket_id, sub, session_id, expires, iss FROM locks WHERE expires > ? "
             "ORDER BY key, fence", (now,))])
