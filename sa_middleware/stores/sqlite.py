@@ -56,7 +56,7 @@ from ..records import (
 from ..rules import FENCE_SLACK, STATUS_RETENTION, evaluate, live_risk
 from .base import Store
 
-__all__ = ["WAL_LIMIT", "SQLiteStore"]
+__all__ = ["RELEASE_DELAY", "WAL_LIMIT", "SQLiteStore"]
 
 log = logging.getLogger("sa_middleware")
 
@@ -83,6 +83,8 @@ _FILES = ("", "-wal", "-shm", "-journal")  # the database and the files SQLite k
 _WRITER_BUSY_WAIT = 0.01  # seconds a thread's write connection waits in SQLite's busy handler before BEGIN is retried
 _BATCH = 256  # writes one group-commit transaction decides at most
 _LEAD_EXTRA = 4  # batches a leading thread decides for others after its own write, when no other thread waits
+#: seconds a release queued by a thread waits for the next write of its process before the flush thread commits it
+RELEASE_DELAY = 0.002
 _QUEUED, _RUNNING, _DONE, _ABANDONED = range(4)  # the states of a queued write
 
 
@@ -93,12 +95,13 @@ class _Busy(StoreUnavailable):
 class _Entry:
     """One write waiting for the next group-commit transaction, and its outcome."""
 
-    __slots__ = ("error", "func", "future", "loop", "prunes", "result", "state")
+    __slots__ = ("error", "func", "future", "loop", "prunes", "result", "state", "unawaited")
 
     def __init__(self, func: Callable[[sqlite3.Connection, float], Any],
                  loop: asyncio.AbstractEventLoop | None = None, future: asyncio.Future[Any] | None = None,
-                 prunes: bool = False) -> None:
+                 prunes: bool = False, unawaited: bool = False) -> None:
         self.func, self.loop, self.future, self.prunes = func, loop, future, prunes
+        self.unawaited = unawaited  # a release nobody waits for: one statement at a time, no savepoint needed
         self.state = _QUEUED
         self.result: Any = None
         self.error: BaseException | None = None
@@ -120,7 +123,7 @@ def _forget_writes_after_fork(store: SQLiteStore) -> None:
             child._cond = threading.Condition()
             child._queue = deque()
             child._leading, child._waiting, child._flush_loops = False, 0, set()
-            child._maintenance = None
+            child._maintenance = child._flusher = None
 
     os.register_at_fork(after_in_child=reset)
 
@@ -320,6 +323,9 @@ class SQLiteStore(Store):
         self._checkpoint_due = threading.Event()
         self._maintenance: threading.Thread | None = None
         self._stop_maintenance = threading.Event()
+        self._flush_due = threading.Event()  # set when releases queued by threads wait for the flush thread
+        self._flusher: threading.Thread | None = None
+        self._stop_flush = threading.Event()
         _forget_writes_after_fork(self)
         _create_private(path)
         with self._transaction() as conn:
@@ -480,6 +486,8 @@ class SQLiteStore(Store):
         self._leading = False
         if self._waiting:
             self._cond.notify_all()
+        elif self._queue and any(e.loop is None for e in self._queue):
+            self._flush_due.set()  # releases queued by threads: the flush thread commits them
         if self._queue and flush:
             for loop in {e.loop for e in self._queue if e.loop is not None} - self._flush_loops:
                 self._schedule_flush(loop, threadsafe=True)
@@ -529,6 +537,14 @@ class SQLiteStore(Store):
     def _decide(self, conn: sqlite3.Connection, entry: _Entry) -> None:
         """One entry of a batch, in a savepoint: its failure undoes its own writes only (an error that ends the
         whole transaction propagates)."""
+        if entry.unawaited:  # its statements are each atomic, and each runs only if the one before changed nothing
+            try:
+                entry.result = entry.func(conn, self._clock())
+            except Exception as exc:
+                if not conn.in_transaction:
+                    raise
+                entry.error = _failure(exc)
+            return
         conn.execute("SAVEPOINT entry")
         try:
             entry.result = entry.func(conn, self._clock())
@@ -554,6 +570,8 @@ class SQLiteStore(Store):
                 self._cond.notify_all()
         for entry in batch:
             if entry.loop is None:
+                if entry.unawaited and entry.error is not None:
+                    log.warning("sa-middleware: release failed (%s); the lease will expire", entry.error)
                 continue
             if entry.future is None:  # a release queued on the event loop: nobody waits for it
                 if entry.error is not None:
@@ -609,7 +627,7 @@ class SQLiteStore(Store):
                 self._schedule_flush(entry.loop)
 
     def _queue_release(self, ticket_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self._queue_write(_Entry(lambda conn, now: self._release(conn, ticket_id), loop))
+        self._queue_write(_Entry(lambda conn, now: self._release(conn, ticket_id), loop, unawaited=True))
 
     def _flush_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Decide what is queued in one transaction on the loop, never waiting for the write lock: when another
@@ -752,11 +770,13 @@ class SQLiteStore(Store):
             time.sleep(0.01)
 
     def close(self) -> None:
-        if self._queue:
+        if self._queue or self._leading:
             with suppress(StoreError):  # StoreUnavailable too: what is left ends with the lease
                 self._write(lambda conn, now: None)
         self._stop_maintenance.set()
         self._checkpoint_due.set()
+        self._stop_flush.set()
+        self._flush_due.set()
         with self._connections_lock:
             for conn in self._connections:
                 conn.close()
@@ -1017,7 +1037,37 @@ class SQLiteStore(Store):
         self._prune_audit(conn, now)
 
     def release(self, ticket_id: str) -> None:
-        self._write(lambda conn, now: self._release(conn, ticket_id))
+        # group commit: the release joins the next write of this process (which decides it first), or the flush
+        # thread commits it RELEASE_DELAY later: other processes see it within about that delay
+        entry = _Entry(lambda conn, now: self._release(conn, ticket_id), unawaited=True)
+        with self._cond:
+            self._queue.append(entry)
+            if self._leading or self._waiting:
+                return  # the leader, or the thread taking over, decides it
+            self._flush_due.set()
+            if self._flusher is None or not self._flusher.is_alive():
+                self._stop_flush = threading.Event()  # close() sets it: the thread ends
+                self._flusher = threading.Thread(target=self._flush_releases, args=(self._stop_flush,),
+                                                 name="sa-middleware-sqlite-flush", daemon=True)
+                self._flusher.start()
+
+    def _flush_releases(self, stop: threading.Event) -> None:
+        """The flush thread: commits the releases queued by threads that no write took within RELEASE_DELAY."""
+        due = self._flush_due
+        while True:
+            due.wait()
+            if stop.is_set():
+                return
+            time.sleep(RELEASE_DELAY)
+            due.clear()
+            with self._cond:
+                if self._leading or not self._queue:
+                    continue
+                self._leading = True
+            try:
+                self._lead(None)
+            except Exception:
+                log.exception("sa-middleware: queued writes failed")
 
     @staticmethod
     def _release(conn: sqlite3.Connection, ticket_id: str) -> None:
