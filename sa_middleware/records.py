@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .policy import EffectivePolicy
+
 __all__ = [
     "Admission", "AuditKind", "AuditRecord", "LockHolder", "LockInfo", "LockRequest", "Marker", "PrincipalState",
     "SessionInfo", "SessionStatus", "Snapshot", "Ticket", "TicketRecord", "Verdict", "storable_text",
@@ -33,9 +35,10 @@ class LockRequest:
     mode: Literal["exclusive", "shared"] = "exclusive"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every request, and a frozen dataclass is four times slower to build
 class Admission:
-    """Everything a store needs to decide one request atomically. Built by the Guard, pure data."""
+    """Everything a store needs to decide one request atomically. Built by the Guard, pure data: nothing changes it
+    once built."""
 
     ticket_id: str
     sub: str
@@ -55,23 +58,10 @@ class Admission:
     token_scopes: frozenset[str] = frozenset()
     auth_time: float | None = None
     acr: str | None = None
-    # policy
-    scopes: frozenset[str] = frozenset()
-    max_auth_age: int | None = None
-    acr_values: tuple[str, ...] = ()
-    one_time: bool = False
-    require_compliant_device: bool = False
-    max_sessions: int | None = None
-    on_session_limit: str = "reject"
-    max_in_flight: int | None = None
-    exclusive: bool = False
-    tags: frozenset[str] = frozenset()
-    conflicts: frozenset[str] = frozenset()
-    raises_risk: int = 0
-    risk_window: float = 60.0
-    max_risk: int | None = None
+    #: the route's policy, every field resolved; the rule (``rules.py`` and the Lua script) reads its fields by name
+    policy: EffectivePolicy = field(default_factory=EffectivePolicy)
+    #: the policy's lock templates rendered for this request (one object, one key)
     locks: tuple[LockRequest, ...] = ()
-    on_lock_conflict: str = "reject"
     # timing
     lease: float = 30.0
     session_idle: float = 900.0
@@ -129,7 +119,7 @@ class SessionInfo:
     iss: str = ""  # the principal's issuer ("": a token without ``iss``, or a session stored before issuers)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every admission (stores replace it rather than change it)
 class TicketRecord:
     ticket_id: str
     sub: str

@@ -684,17 +684,18 @@ class RedisStore(Store):
     # -- admission ---------------------------------------------------------------------------------------------
 
     def _spec(self, a: Admission) -> dict[str, Any]:
+        p = a.policy
         spec: dict[str, Any] = {
             "tid": a.ticket_id, "sub": a.sub, "kind": a.kind, "sid": a.session_id, "th": a.token_hash,
             "exp": a.token_exp, "iat": a.token_iat, "gen": a.token_gen, "jti": a.jti, "actor": a.actor,
             "cred": a.credential, "dev": a.device, "client": a.client, "ua": a.user_agent,
-            "tscopes": sorted(a.token_scopes), "auth_time": a.auth_time, "acr": a.acr, "scopes": sorted(a.scopes),
-            "max_auth_age": a.max_auth_age, "acr_values": list(a.acr_values), "one_time": a.one_time,
-            "rcd": a.require_compliant_device, "max_sessions": a.max_sessions, "on_limit": a.on_session_limit,
-            "max_in_flight": a.max_in_flight, "exclusive": a.exclusive, "tags": sorted(a.tags),
-            "conflicts": sorted(a.conflicts), "raises_risk": a.raises_risk, "risk_window": a.risk_window,
-            "max_risk": a.max_risk, "locks": [[r.key, r.mode] for r in _merge_locks(a.locks)],
-            "on_conflict": a.on_lock_conflict, "lease": a.lease, "idle": a.session_idle, "route": a.route,
+            "tscopes": sorted(a.token_scopes), "auth_time": a.auth_time, "acr": a.acr, "scopes": sorted(p.scopes),
+            "max_auth_age": p.max_auth_age, "acr_values": list(p.acr_values), "one_time": p.one_time,
+            "rcd": p.require_compliant_device, "max_sessions": p.max_sessions, "on_limit": p.on_session_limit,
+            "max_in_flight": p.max_in_flight, "exclusive": p.exclusive, "tags": sorted(p.tags),
+            "conflicts": sorted(p.conflicts), "raises_risk": p.raises_risk, "risk_window": p.risk_window,
+            "max_risk": p.max_risk, "locks": [[r.key, r.mode] for r in _merge_locks(a.locks)],
+            "on_conflict": p.on_lock_conflict, "lease": a.lease, "idle": a.session_idle, "route": a.route,
             "audit_admitted": a.audit_admitted, "audit_locked": a.audit_locked, "iss": a.iss,
         }
         spec["lg"] = bool(a.iss) and not self.cluster
@@ -747,7 +748,7 @@ class RedisStore(Store):
         """Best effort, after a failed call: remove the ticket ``a`` may hold (its locks, its jti claim; in a cluster
         the principal step's writes too, when ``undo`` is given). What this cannot reach ends with the lease."""
         keys = [k for k, _ in self._spec_locks(a)] if locks is None else list(locks)
-        jti_claim = a.jti if jti and a.one_time and a.jti is not None else None
+        jti_claim = a.jti if jti and a.policy.one_time and a.jti is not None else None
         calls: list[_Call] = []
         if not self.cluster:
             payload: dict[str, Any] = {"tid": a.ticket_id, "subs": [[a.sub, a.iss]], "locks": keys}
@@ -804,7 +805,7 @@ class RedisStore(Store):
             items.append(("cred", a.credential, self._key("c", a.credential)))
         if a.actor is not None:
             items.append(("actor", a.actor, self._principal(a.actor, a.iss)))
-        if a.one_time and a.jti is not None:
+        if a.policy.one_time and a.jti is not None:
             items.append(("jti", a.jti, self._key("j", a.jti)))
         by_slot: dict[int, tuple[str, list[list[str]]]] = {}
         for kind, ident, route in items:
@@ -832,7 +833,7 @@ class RedisStore(Store):
             return Denial(r["d"], r.get("m", ""), r.get("r"))
         # 2. the one-time token's jti, on its slot; 3. the locks, slot by slot in key order (two requests for the
         # same keys meet at the first one). A refusal or a failure undoes the steps before (compensation).
-        jkey = self._key("j", a.jti) if a.one_time and a.jti is not None else None
+        jkey = self._key("j", a.jti) if a.policy.one_time and a.jti is not None else None
         modes = dict(self._spec_locks(a))
         fences: dict[str, Any] = {}
         taken: list[str] = []
@@ -856,7 +857,7 @@ class RedisStore(Store):
                     fences.update(_map(lock.get("f")))
                     taken.extend(keys)
                     continue
-                pause_self = a.on_lock_conflict == "pause" and a.kind != "human"
+                pause_self = a.policy.on_lock_conflict == "pause" and a.kind != "human"
                 key = lock["key"]
                 if pause_self:
                     detail = (f"{key} is being modified by another principal; this session is paused until an "
@@ -869,7 +870,7 @@ class RedisStore(Store):
                 yield from self._give_back(a, locks=taken, undo={
                     "a": spec, "pause": False,
                     "audit": [_denial_record(a, "object_locked", detail)] if a.audit_locked else []})
-                if a.on_lock_conflict == "pause":
+                if a.policy.on_lock_conflict == "pause":
                     why = f"paused by a lock conflict with session {a.session_id} of {a.sub} on {a.route}"
                     for holder_sub, holder_sid, holder_kind, holder_iss in _seq(lock.get("h")):
                         if holder_kind != "human":
@@ -892,11 +893,11 @@ class RedisStore(Store):
                 yield _Call("record", pkey, {"records": records})
         return ticket
 
-    def release(self, ticket_id: str) -> None:
-        self._drive(self._release(ticket_id))
+    def release(self, ticket: Ticket) -> None:
+        self._drive(self._release(ticket.ticket_id))
 
-    async def arelease(self, ticket_id: str) -> None:
-        await self._aop(lambda: self._release(ticket_id))
+    async def arelease(self, ticket: Ticket) -> None:
+        await self._aop(lambda: self._release(ticket.ticket_id))
 
     def _release(self, ticket_id: str) -> _Flow[None]:
         with self._issued_lock:
@@ -911,10 +912,12 @@ class RedisStore(Store):
         for route, keys in self._groups(info.locks, lambda k: self._key("l", k)):
             yield _Call("release", route, {"tid": ticket_id, "locks": keys})
 
-    def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
+    def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
+        ticket_ids = [t.ticket_id for t in tickets]
         self._drive(self._renew(ticket_ids, lease))
 
-    async def arenew(self, ticket_ids: Sequence[str], lease: float) -> None:
+    async def arenew(self, tickets: Sequence[Ticket], lease: float) -> None:
+        ticket_ids = [t.ticket_id for t in tickets]
         await self._aop(lambda: self._renew(ticket_ids, lease))
 
     def _renew(self, ticket_ids: Sequence[str], lease: float) -> _Flow[None]:

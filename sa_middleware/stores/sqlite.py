@@ -272,7 +272,7 @@ def _admission_audit(a: Admission, v: Verdict, before: dict[str, tuple[str, str]
                                        why))
         elif status == "revoked" and was not in (None, "revoked"):
             records.append(AuditRecord("change", "session_evicted", "middleware", sub or a.sub, session_id, a.route,
-                                       f"evicted by session {a.session_id} (max_sessions={a.max_sessions})"))
+                                       f"evicted by session {a.session_id} (max_sessions={a.policy.max_sessions})"))
     return records
 
 
@@ -850,9 +850,10 @@ class SQLiteStore(Store):
 
     def _give_back(self, ticket_id: str) -> None:
         with suppress(StoreError):  # StoreUnavailable too: what is left ends with the lease
-            self.release(ticket_id)
+            self._write(lambda conn, now: self._release(conn, ticket_id))
 
-    async def arelease(self, ticket_id: str) -> None:
+    async def arelease(self, ticket: Ticket) -> None:
+        ticket_id = ticket.ticket_id
         # group commit: on the event loop a release joins the next transaction of this process (the next flush of
         # the loop, right after the callbacks already queued): other processes see it at most one event-loop
         # turn later, or once the thread leading commits it
@@ -862,7 +863,7 @@ class SQLiteStore(Store):
             return
         done, _ = self._try_inline(lambda conn, now: self._release(conn, ticket_id))
         if not done:
-            await super().arelease(ticket_id)
+            await super().arelease(ticket)
 
     def _admit(self, conn: sqlite3.Connection, now: float, a: Admission) -> Verdict:
         snapshot = self._snapshot(conn, now, a)
@@ -974,7 +975,7 @@ class SQLiteStore(Store):
         if a.device is not None:
             row = conn.execute("SELECT compliant FROM devices WHERE device_id = ?", (a.device,)).fetchone()
             device_compliant = None if row is None else bool(row[0])
-        jti_seen = a.one_time and conn.execute(
+        jti_seen = a.policy.one_time and conn.execute(
             "SELECT 1 FROM jtis WHERE jti = ? AND expires > ?", (a.jti, now)).fetchone() is not None
         if a.credential is not None or a.device is not None:
             markers.extend(Marker(r[0]) for r in conn.execute(
@@ -1036,7 +1037,8 @@ class SQLiteStore(Store):
                      (math.floor((now - FENCE_SLACK) * 1_000_000),))
         self._prune_audit(conn, now)
 
-    def release(self, ticket_id: str) -> None:
+    def release(self, ticket: Ticket) -> None:
+        ticket_id = ticket.ticket_id
         # group commit: the release joins the next write of this process (which decides it first), or the flush
         # thread commits it RELEASE_DELAY later: other processes see it within about that delay
         entry = _Entry(lambda conn, now: self._release(conn, ticket_id), unawaited=True)
@@ -1074,9 +1076,10 @@ class SQLiteStore(Store):
         if not conn.execute("DELETE FROM tickets WHERE ticket_id = ?", (ticket_id,)).rowcount:
             conn.execute("DELETE FROM locks WHERE ticket_id = ?", (ticket_id,))  # the trigger deletes the others
 
-    def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
-        if not ticket_ids:
+    def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
+        if not tickets:
             return
+        ticket_ids = [t.ticket_id for t in tickets]
         marks = ",".join("?" * len(ticket_ids))
 
         def run(conn: sqlite3.Connection, now: float) -> None:
