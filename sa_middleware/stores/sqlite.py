@@ -237,6 +237,34 @@ _SNAPSHOT_SQL = (
     f"session_id = ?) AND expires > ? UNION ALL SELECT 2, ticket_id, sub, session_id, token_hash, client, tags, "
     f"conflicts, exclusive, expires, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM tickets WHERE iss = ? AND sub = ? "
     f"AND expires > ?")
+_NULLS = ", NULL" * 8
+
+
+def _snapshot_sql(keys: int) -> str:
+    """The snapshot statement of an admission asking for ``keys`` locks: also the holders of those keys (rows
+    tagged 3) and their fencing counters (tagged 4)."""
+    if not keys:
+        return _SNAPSHOT_SQL
+    sql = _SNAPSHOT_SQLS.get(keys)
+    if sql is None:
+        marks = ",".join("?" * keys)
+        sql = _SNAPSHOT_SQLS[keys] = (
+            f"{_SNAPSHOT_SQL} UNION ALL SELECT 3, key, ticket_id, mode, sub, session_id, kind, expires, iss{_NULLS} "
+            f"FROM locks WHERE key IN ({marks}) AND expires > ? UNION ALL SELECT 4, key, value, NULL, NULL, NULL, "
+            f"NULL, NULL, NULL{_NULLS} FROM fences WHERE key IN ({marks})")
+    return sql
+
+
+_SNAPSHOT_SQLS: dict[int, str] = {}
+_NO_TAGS: frozenset[str] = frozenset()
+
+
+def _tags(text: str) -> frozenset[str]:
+    return _NO_TAGS if text == "[]" else frozenset(json.loads(text))
+
+
+def _tags_text(tags: frozenset[str]) -> str:
+    return json.dumps(sorted(tags)) if tags else "[]"
 
 
 def _adopt(conn: sqlite3.Connection, iss: str, *subs: str | None) -> None:
@@ -934,19 +962,30 @@ class SQLiteStore(Store):
     def _snapshot(self, conn: sqlite3.Connection, now: float, a: Admission) -> Snapshot:
         # one statement reads the principal (and its actor) under the token's issuer and without one (the state to
         # adopt on first use), its live sessions and its tickets in flight: rows tagged 0, 1 and 2
-        rows = conn.execute(_SNAPSHOT_SQL, (a.iss, a.sub, a.actor or a.sub, a.iss, a.sub, a.session_id, now, a.iss,
-                                            a.sub, now)).fetchall()
+        # (and, for an admission asking for locks, the holders of its keys and their fencing counters: 3 and 4)
+        params: tuple[Any, ...] = (a.iss, a.sub, a.actor or a.sub, a.iss, a.sub, a.session_id, now, a.iss, a.sub, now)
+        keys = [lock.key for lock in a.locks]
+        if keys:
+            params = (*params, *keys, now, *keys)
+        rows = conn.execute(_snapshot_sql(len(keys)), params).fetchall()
         found: dict[tuple[str, str], tuple[Any, ...]] = {}
         sessions: list[SessionInfo] = []
         tickets: list[TicketRecord] = []
+        holders: dict[str, list[LockHolder]] = {}
+        fences: dict[str, int] = {}
         for r in rows:
-            if r[0] == 1:
+            tag = r[0]
+            if tag == 1:
                 sessions.append(SessionInfo(*r[1:]))
-            elif r[0] == 2:
-                tickets.append(TicketRecord(r[1], r[2], r[3], r[4], r[5], frozenset(json.loads(r[6])),
-                                            frozenset(json.loads(r[7])), bool(r[8]), r[9]))
-            else:
+            elif tag == 2:
+                tickets.append(TicketRecord(r[1], r[2], r[3], r[4], r[5], _tags(r[6]), _tags(r[7]), bool(r[8]),
+                                            r[9]))
+            elif tag == 0:
                 found[(r[1], r[2])] = r[3:14]
+            elif tag == 3:
+                holders.setdefault(r[1], []).append(LockHolder(*r[2:9]))
+            else:
+                fences[r[1]] = r[2]
         if a.iss and any(("", x) in found and (a.iss, x) not in found for x in {a.sub, a.actor} if x):
             _adopt(conn, a.iss, a.sub, a.actor)  # the first use under this issuer of a subject stored without one
             for x in (a.sub, a.actor):
@@ -962,15 +1001,6 @@ class SQLiteStore(Store):
                 markers.append(Marker(mine[5], mine[6]))
         if actor is not None and actor[5] is not None:
             markers.append(Marker(actor[5], None))
-        holders: dict[str, list[LockHolder]] = {}
-        fences: dict[str, int] = {}
-        if a.locks:
-            keys = [lock.key for lock in a.locks]
-            marks = ",".join("?" * len(keys))
-            for r in conn.execute(f"SELECT key, ticket_id, mode, sub, session_id, kind, expires, iss FROM locks "
-                                  f"WHERE key IN ({marks}) AND expires > ?", (*keys, now)):
-                holders.setdefault(r[0], []).append(LockHolder(*r[1:]))
-            fences = dict(conn.execute(f"SELECT key, value FROM fences WHERE key IN ({marks})", keys).fetchall())
         device_compliant = None
         if a.device is not None:
             row = conn.execute("SELECT compliant FROM devices WHERE device_id = ?", (a.device,)).fetchone()
@@ -1017,8 +1047,8 @@ class SQLiteStore(Store):
             t = v.ticket_record
             conn.execute("INSERT INTO tickets (ticket_id, sub, session_id, token_hash, client, tags, conflicts, "
                          "exclusive, expires, iss) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (t.ticket_id, t.sub, t.session_id, t.token_hash, t.client, json.dumps(sorted(t.tags)),
-                          json.dumps(sorted(t.conflicts)), int(t.exclusive), t.expires, a.iss))
+                         (t.ticket_id, t.sub, t.session_id, t.token_hash, t.client, _tags_text(t.tags),
+                          _tags_text(t.conflicts), int(t.exclusive), t.expires, a.iss))
             for key, mode, fence in v.lock_grants:
                 conn.execute("INSERT INTO locks (key, ticket_id, mode, sub, session_id, kind, fence, expires, iss) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
