@@ -93,22 +93,24 @@ def redis_server_time(guard: Guard, requests: list[RequestInfo], client: Any) ->
 
 
 def sqlite_statements(guard: Guard, request: RequestInfo) -> int | None:
-    """SQL statements one admission plus its release runs (``None`` when the store keeps no per-thread
-    connection to trace)."""
-    connection = getattr(guard.store, "_connection", None)
-    if connection is None:
+    """SQL statements one admission plus its release runs, on every connection the store opened (``None`` when it
+    keeps no SQLite connections). A release that joins the next write is counted with the next admission."""
+    connections = getattr(guard.store, "_connections", None)
+    if not connections or not all(isinstance(c, sqlite3.Connection) for c in connections):
         return None
-    conn = connection("writer")  # the connection a thread's writes use
-    if not isinstance(conn, sqlite3.Connection):
-        return None
+    first = guard.admit(request)  # a release pending from before runs with this admission, not the traced one
+    assert isinstance(first, Admitted), first
+    guard.release(first.ticket)
     seen: list[str] = []
-    conn.set_trace_callback(seen.append)
+    for conn in connections:
+        conn.set_trace_callback(seen.append)
     try:
         outcome = guard.admit(request)
         assert isinstance(outcome, Admitted), outcome
         guard.release(outcome.ticket)
     finally:
-        conn.set_trace_callback(None)
+        for conn in connections:
+            conn.set_trace_callback(None)
     return len(seen)
 
 
