@@ -136,6 +136,8 @@ def _failure(exc: BaseException) -> BaseException:
         f"sqlite store error: {exc}")
     failure.__cause__ = exc
     return failure
+
+
 _FROM_STATES = {"paused": '["active", "paused"]', "revoked": '["active", "paused", "compromised", "revoked"]',
                 "compromised": '["active", "paused", "compromised"]', "active": '["active"]'}
 
@@ -514,8 +516,8 @@ class SQLiteStore(Store):
         self._leading = False
         if self._waiting:
             self._cond.notify_all()
-        elif self._queue and any(e.loop is None for e in self._queue):
-            self._flush_due.set()  # releases queued by threads: the flush thread commits them
+        if self._queue and any(e.unawaited and e.loop is None for e in self._queue):
+            self._wake_flusher()  # releases queued by threads, should no waiting thread take them
         if self._queue and flush:
             for loop in {e.loop for e in self._queue if e.loop is not None} - self._flush_loops:
                 self._schedule_flush(loop, threadsafe=True)
@@ -1074,14 +1076,17 @@ class SQLiteStore(Store):
         entry = _Entry(lambda conn, now: self._release(conn, ticket_id), unawaited=True)
         with self._cond:
             self._queue.append(entry)
-            if self._leading or self._waiting:
-                return  # the leader, or the thread taking over, decides it
-            self._flush_due.set()
-            if self._flusher is None or not self._flusher.is_alive():
-                self._stop_flush = threading.Event()  # close() sets it: the thread ends
-                self._flusher = threading.Thread(target=self._flush_releases, args=(self._stop_flush,),
-                                                 name="sa-middleware-sqlite-flush", daemon=True)
-                self._flusher.start()
+            if not self._leading:  # else the leader decides it, or wakes the flush thread when it stops
+                self._wake_flusher()
+
+    def _wake_flusher(self) -> None:
+        """Have the flush thread commit the releases queued by threads in RELEASE_DELAY (the condition is held)."""
+        self._flush_due.set()
+        if self._flusher is None or not self._flusher.is_alive():
+            self._stop_flush = threading.Event()  # close() sets it: the thread ends
+            self._flusher = threading.Thread(target=self._flush_releases, args=(self._stop_flush,),
+                                             name="sa-middleware-sqlite-flush", daemon=True)
+            self._flusher.start()
 
     def _flush_releases(self, stop: threading.Event) -> None:
         """The flush thread: commits the releases queued by threads that no write took within RELEASE_DELAY."""
