@@ -122,7 +122,7 @@ def _forget_writes_after_fork(store: SQLiteStore) -> None:
         if child is not None:
             child._cond = threading.Condition()
             child._queue = deque()
-            child._leading, child._waiting, child._flush_loops = False, 0, set()
+            child._leading, child._truncating, child._waiting, child._flush_loops = False, False, 0, set()
             child._maintenance = child._flusher = None
 
     os.register_at_fork(after_in_child=reset)
@@ -346,6 +346,7 @@ class SQLiteStore(Store):
         self._queue: deque[_Entry] = deque()
         self._leading = False  # a thread, or an event loop, is deciding a batch
         self._waiting = 0  # threads waiting for a write of theirs (or to truncate the WAL)
+        self._truncating = False  # the maintenance thread waits for the lead, or has it, to truncate the WAL
         self._flush_loops: set[asyncio.AbstractEventLoop] = set()  # event loops with a flush scheduled
         self.inline = inline
         self._inline_commits = 0
@@ -462,7 +463,7 @@ class SQLiteStore(Store):
         entry = _Entry(func, prunes=prunes)
         with self._cond:
             self._queue.append(entry)
-            lead = not self._leading
+            lead = not (self._leading or self._truncating)
             if lead:
                 self._leading = True
             else:
@@ -470,7 +471,7 @@ class SQLiteStore(Store):
                 try:
                     while entry.state != _DONE:
                         self._cond.wait()
-                        if entry.state == _QUEUED and not self._leading:
+                        if entry.state == _QUEUED and not (self._leading or self._truncating):
                             self._leading = lead = True
                             break
                 finally:
@@ -664,7 +665,7 @@ class SQLiteStore(Store):
         connection holds it, the admissions go to worker threads and the rest to a thread that waits."""
         with self._cond:
             self._flush_loops.discard(loop)
-            if self._leading or not self._queue:
+            if self._leading or self._truncating or not self._queue:
                 return  # the leader takes what is queued, or schedules this flush again when it stops
             self._leading = True
             batch = self._take()
@@ -696,7 +697,7 @@ class SQLiteStore(Store):
     def _drain(self) -> None:
         """In a worker thread: lead until the queue is empty (or a waiting thread takes over)."""
         with self._cond:
-            if self._leading:
+            if self._leading or self._truncating:
                 return
             self._leading = True
         try:
@@ -711,7 +712,7 @@ class SQLiteStore(Store):
             return False, None
         entry = _Entry(func)
         with self._cond:
-            if self._leading:
+            if self._leading or self._truncating:
                 return False, None
             self._leading = True
             entry.state = _RUNNING
@@ -765,7 +766,8 @@ class SQLiteStore(Store):
         """Truncate the WAL while this process's writers wait (a checkpoint that must wait for the write lock
         would rarely get it under a flood); other processes' writers are waited for up to the timeout."""
         with self._cond:
-            self._waiting += 1  # a leader hands over at once
+            self._truncating = True  # nobody else takes the lead meanwhile
+            self._waiting += 1  # the leader hands over at once
             try:
                 while self._leading:
                     self._cond.wait()
@@ -776,6 +778,7 @@ class SQLiteStore(Store):
             self.checkpoint()
         finally:
             with self._cond:
+                self._truncating = False
                 self._hand_over()
 
     def wal_size(self) -> int:
@@ -1098,7 +1101,7 @@ class SQLiteStore(Store):
             time.sleep(RELEASE_DELAY)
             due.clear()
             with self._cond:
-                if self._leading or not self._queue:
+                if self._leading or self._truncating or not self._queue:
                     continue
                 self._leading = True
             try:
