@@ -2,8 +2,8 @@
 
 Every admission runs inside a ``BEGIN IMMEDIATE`` transaction: read a snapshot, run
 :func:`sa_middleware.rules.evaluate`, write the verdict. The writes of one process are group-committed: they join one
-queue, and whoever leads decides the writes queued by then one after another in one transaction (each in a
-savepoint), so each decision sees every earlier one and the process never competes with itself for the write lock.
+queue, and whoever leads decides the writes queued by then one after another in one transaction, so each decision
+sees every earlier one and the process never competes with itself for the write lock.
 The database runs in WAL mode with ``synchronous=NORMAL`` and a busy timeout (``?timeout=``, default 2 s); a store
 that stays locked by other processes past it answers :class:`~sa_middleware.errors.StoreUnavailable`.
 
@@ -101,7 +101,7 @@ class _Entry:
                  loop: asyncio.AbstractEventLoop | None = None, future: asyncio.Future[Any] | None = None,
                  prunes: bool = False, unawaited: bool = False) -> None:
         self.func, self.loop, self.future, self.prunes = func, loop, future, prunes
-        self.unawaited = unawaited  # a release nobody waits for: one statement at a time, no savepoint needed
+        self.unawaited = unawaited  # a release nobody waits for
         self.state = _QUEUED
         self.result: Any = None
         self.error: BaseException | None = None
@@ -453,7 +453,7 @@ class SQLiteStore(Store):
     # -- group commit ------------------------------------------------------------------------------------------
     # Every write of this process joins one queue. Whoever leads (a thread whose write is queued, or the event loop
     # when it flushes what its requests queued) takes the queue's head and decides it in one BEGIN IMMEDIATE ...
-    # COMMIT, one entry after another (each in a savepoint, so one failing entry leaves the others' writes): each
+    # COMMIT, one entry after another (a failing entry is taken out and the others decided again without it): each
     # decision sees every earlier one, and nothing else of this process writes meanwhile. The other threads wait
     # for their entry (one of them takes over the lead when the leader stops); the event loop never waits.
 
@@ -535,58 +535,55 @@ class SQLiteStore(Store):
 
     def _execute(self, batch: list[_Entry], nowait: bool, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Decide a batch in one transaction and hand out the results. ``nowait``: raise :class:`_Busy` (nothing
-        done) when the write lock is taken."""
-        try:
-            conn = self._begin(nowait)
-        except _Busy:
-            raise
-        except StoreError as exc:
-            self._finish(batch, exc, loop)
-            return
-        try:
-            now = self._clock()
-            if not nowait and now - self._last_prune > _PRUNE_EVERY and any(e.prunes for e in batch):
-                self._prune(conn, now)
-            if len(batch) == 1:
-                entry = batch[0]
-                entry.result = entry.func(conn, now)
-            else:
-                for entry in batch:
-                    self._decide(conn, entry)
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            with suppress(sqlite3.Error):
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            self._finish(batch, exc, loop)
-            if not isinstance(exc, Exception):
+        done) when the write lock is taken. A write that fails is taken out of the batch: the transaction is rolled
+        back and the others are decided again without it (no savepoint per write on the way)."""
+        while batch:
+            try:
+                conn = self._begin(nowait)
+            except _Busy:
                 raise
-            return
-        self._committed(nowait)
-        self._finish(batch, None, loop)
+            except StoreError as exc:
+                self._finish(batch, exc, loop)
+                return
+            try:
+                failed = self._decide(conn, batch, nowait)
+                if failed is None:
+                    conn.execute("COMMIT")
+            except BaseException as exc:
+                with suppress(sqlite3.Error):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                self._finish(batch, exc, loop)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            if failed is None:
+                self._committed(nowait)
+                self._finish(batch, None, loop)
+                return
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            batch.remove(failed)  # in place: a caller giving the batch back sees what is left
+            self._finish([failed], None, loop)
 
-    def _decide(self, conn: sqlite3.Connection, entry: _Entry) -> None:
-        """One entry of a batch, in a savepoint: its failure undoes its own writes only (an error that ends the
-        whole transaction propagates)."""
-        if entry.unawaited:  # its statements are each atomic, and each runs only if the one before changed nothing
+    def _decide(self, conn: sqlite3.Connection, batch: list[_Entry], nowait: bool) -> _Entry | None:
+        """Run a batch's writes one after another; returns the first that failed (with its error), if any (an error
+        that ends the transaction itself, or fails a batch of one, propagates)."""
+        now = self._clock()
+        if not nowait and now - self._last_prune > _PRUNE_EVERY and any(e.prunes for e in batch):
+            self._prune(conn, now)
+        if len(batch) == 1:
+            batch[0].result = batch[0].func(conn, now)
+            return None
+        for entry in batch:
             try:
                 entry.result = entry.func(conn, self._clock())
             except Exception as exc:
                 if not conn.in_transaction:
                     raise
-                entry.error = _failure(exc)
-            return
-        conn.execute("SAVEPOINT entry")
-        try:
-            entry.result = entry.func(conn, self._clock())
-        except Exception as exc:
-            if not conn.in_transaction:
-                raise
-            conn.execute("ROLLBACK TO entry")
-            conn.execute("RELEASE entry")
-            entry.error = _failure(exc)
-            return
-        conn.execute("RELEASE entry")
+                entry.result, entry.error = None, _failure(exc)
+                return entry
+        return None
 
     def _finish(self, batch: list[_Entry], error: BaseException | None,
                 loop: asyncio.AbstractEventLoop | None) -> None:

@@ -357,3 +357,32 @@ def test_writes_of_many_threads_share_transactions_and_each_sees_the_ones_before
         assert len(store.locks()) == 1
     finally:
         store.close()
+
+
+def test_a_write_that_fails_in_a_batch_leaves_the_others_committed(tmp_path: Path) -> None:
+    from sa_middleware.stores.sqlite import _RUNNING, _Entry
+
+    store = SQLiteStore(str(tmp_path / "sa.db"))
+
+    def device(name: str, fail: bool = False) -> Any:
+        def write(conn: sqlite3.Connection, now: float) -> str:
+            conn.execute("INSERT INTO devices VALUES (?, 1, ?)", (name, now))
+            if fail:
+                raise RuntimeError("a bug in one write")
+            return name
+        return write
+
+    batch = [_Entry(device("d1")), _Entry(device("d2", fail=True)), _Entry(device("d3"))]
+    for entry in batch:
+        entry.state = _RUNNING
+    try:
+        store._execute(list(batch), nowait=False)
+        assert [e.result for e in batch] == ["d1", None, "d3"]
+        assert isinstance(batch[1].error, RuntimeError) and batch[0].error is None and batch[2].error is None
+        check = sqlite3.connect(tmp_path / "sa.db")
+        try:
+            assert [r[0] for r in check.execute("SELECT device_id FROM devices ORDER BY 1")] == ["d1", "d3"]
+        finally:
+            check.close()
+    finally:
+        store.close()
