@@ -12,8 +12,9 @@ connect timeout unless ``connect_timeout`` is given), ``max_connections`` (pool 
 default 128), ``bootstrap`` (see below). Every other keyword argument goes to the redis-py client (``ssl_ca_certs``,
 ``health_check_interval``, ``client_name``, ``sentinel_kwargs``...).
 
-How it works: the rules run in ONE Lua script (package data ``stores/lua/*.lua``), called with EVALSHA and loaded
-again after a NOSCRIPT. On one server (or behind Sentinel) an admission is one script call and a release another;
+How it works: the rules run in Lua scripts (package data ``stores/lua/*.lua``), called with EVALSHA and loaded again
+after a NOSCRIPT; the admission, the release and the lease renewal each have a lean script of their own. On one server
+(or behind Sentinel) an admission is one script call and a release another;
 every expiry uses the server's clock (``TIME``). In a cluster a principal's keys share a hash tag and each object
 lock has its own slot: an admission is a principal step followed by lock steps, compensated when a lock is refused.
 
@@ -59,7 +60,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 from ..denials import Denial
 from ..errors import ConfigurationError, StoreError, StoreUnavailable
 from ..records import Admission, AuditKind, AuditRecord, LockInfo, SessionInfo, Ticket
-from ..rules import _merge_locks
+from ..rules import FENCE_SLACK, STATUS_RETENTION, _merge_locks
 from .base import Store
 
 __all__ = ["RedisStore"]
@@ -70,7 +71,20 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 0.25
 DEFAULT_MAX_CONNECTIONS = 128
-_SCRIPT_FILES = ("lib.lua", "admission.lua", "operations.lua", "main.lua")
+#: the store's scripts, each the concatenation of the files named (see lib.lua). Every call re-runs a script's
+#: top-level definitions, so the hot operations (admit, release, renew) have lean scripts of their own.
+_SCRIPTS: dict[str, tuple[str, ...]] = {
+    "admit": ("lib.lua", "admission.lua", "main.lua"),
+    "release": ("release.lua",),
+    "renew": ("lib.lua", "renew.lua", "main.lua"),
+    "ops": ("lib.lua", "admission.lua", "cluster.lua", "operations.lua", "main.lua"),
+}
+_SCRIPT_FILES = tuple(sorted({name for files in _SCRIPTS.values() for name in files}))
+#: the script of an operation (every operation not named here: "ops")
+_OP_SCRIPTS = {"admit": "admit", "renew": "renew"}
+#: milliseconds a key outlives the records it holds (under a test clock, which real time does not move: a minute)
+_KEY_SLACK_MS = 1000
+_TEST_CLOCK_KEY_SLACK_MS = 60000
 #: one call per cluster master, on the epoch markers of all its slots (KEYS[1] routes; the markers are ARGV)
 _CLUSTER_SCRIPTS = ("cluster_bootstrap.lua", "cluster_declare_loss.lua")
 _SLOTS = 16384
@@ -88,9 +102,9 @@ def _lua(name: str) -> str:
     return (resources.files("sa_middleware.stores") / "lua").joinpath(name).read_text("utf-8")
 
 
-def _script() -> str:
-    """The store's script: the files of :data:`_SCRIPT_FILES`, in order."""
-    return "\n".join(_lua(name) for name in _SCRIPT_FILES)
+def _script(name: str = "ops") -> str:
+    """The script ``name`` of :data:`_SCRIPTS`: its files, in order."""
+    return "\n".join(_lua(file) for file in _SCRIPTS[name])
 
 
 def _esc(value: str) -> str:
@@ -179,7 +193,17 @@ class _XRange:
     count: int
 
 
-_Step = _Call | _Scan | _XRange
+@dataclass(frozen=True, slots=True)
+class _Release:
+    """Remove ticket ``tid`` from the hashes ``keys`` (all in one slot); with ``jti``, the last key is a one-time
+    token's claim, deleted if it still names the ticket (release.lua)."""
+
+    keys: tuple[str, ...]
+    tid: str
+    jti: bool = False
+
+
+_Step = _Call | _Scan | _XRange | _Release
 _Flow = Generator[_Step, Any, T]
 
 
@@ -348,8 +372,10 @@ class RedisStore(Store):
         self.cluster = target.mode == "cluster"
         self._clock = clock
         self._client_options = client_options
-        self._script = _script()
-        self._sha = hashlib.sha1(self._script.encode()).hexdigest()
+        self._scripts = {name: _script(name) for name in _SCRIPTS}
+        self._shas = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._scripts.items()}
+        self._constants = (repr(STATUS_RETENTION), repr(FENCE_SLACK),
+                           str(_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS))
         self._issued: dict[str, _Issued] = {}
         self._issued_lock = threading.Lock()
         self._give_backs: set[asyncio.Task[None]] = set()  # compensations of cancelled admissions, still running
@@ -497,7 +523,7 @@ class RedisStore(Store):
     def _args(self, call: _Call) -> list[str]:
         clock = "" if self._clock is None else repr(float(self._clock()))
         return [call.op, clock, self.prefix, json.dumps(call.payload, separators=(",", ":"), allow_nan=False),
-                json.dumps([self.audit_max_records, self.audit_retention])]
+                str(self.audit_max_records), repr(float(self.audit_retention)), *self._constants]
 
     def _answer(self, raw: Any) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(raw)
@@ -539,12 +565,18 @@ class RedisStore(Store):
             return [k.decode() if isinstance(k, bytes) else k for k in client.scan_iter(match=step.pattern, count=1000)]
         if isinstance(step, _XRange):
             return client.xrevrange(step.key, max=step.start, min="-", count=step.count)
-        keys, args = self._keys(step.route), self._args(step)
+        name, keys, args = self._invocation(step)
         try:
-            raw = client.evalsha(self._sha, len(keys), *keys, *args)
+            raw = client.evalsha(self._shas[name], len(keys), *keys, *args)
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH): load it again
-            raw = client.eval(self._script, len(keys), *keys, *args)
-        return self._answer(raw)
+            raw = client.eval(self._scripts[name], len(keys), *keys, *args)
+        return raw if name == "release" else self._answer(raw)
+
+    def _invocation(self, step: _Call | _Release) -> tuple[str, list[str], list[str]]:
+        """The script a step runs, its keys and its arguments."""
+        if isinstance(step, _Release):
+            return "release", list(step.keys), [step.tid, "1" if step.jti else "0"]
+        return _OP_SCRIPTS.get(step.op, "ops"), self._keys(step.route), self._args(step)
 
     async def _aexecute_now(self, step: _Step) -> Any:
         client = await self._async_client()
@@ -553,12 +585,12 @@ class RedisStore(Store):
                     async for k in client.scan_iter(match=step.pattern, count=1000)]
         if isinstance(step, _XRange):
             return await client.xrevrange(step.key, max=step.start, min="-", count=step.count)
-        keys, args = self._keys(step.route), self._args(step)
+        name, keys, args = self._invocation(step)
         try:
-            raw = await client.evalsha(self._sha, len(keys), *keys, *args)
+            raw = await client.evalsha(self._shas[name], len(keys), *keys, *args)
         except NoScriptError:
-            raw = await client.eval(self._script, len(keys), *keys, *args)
-        return self._answer(raw)
+            raw = await client.eval(self._scripts[name], len(keys), *keys, *args)
+        return raw if name == "release" else self._answer(raw)
 
     def _drive(self, flow: _Flow[T]) -> T:
         """Run a flow with blocking calls. A failed call is thrown into the flow, which may compensate (more calls)
@@ -748,20 +780,20 @@ class RedisStore(Store):
         the principal step's writes too, when ``undo`` is given). What this cannot reach ends with the lease."""
         keys = [k for k, _ in self._spec_locks(a)] if locks is None else list(locks)
         jti_claim = a.jti if jti and a.one_time and a.jti is not None else None
-        calls: list[_Call] = []
+        holders = [self._key("l", k) for k in keys]
+        tickets = self._principal(a.sub, a.iss, ":tk")
+        calls: list[_Call | _Release] = []
         if not self.cluster:
-            payload: dict[str, Any] = {"tid": a.ticket_id, "subs": [[a.sub, a.iss]], "locks": keys}
-            if jti_claim is not None:
-                payload["jti"] = jti_claim
-            calls.append(_Call("release", self._principal(a.sub, a.iss), payload))
+            if jti_claim is None:
+                calls.append(_Release((tickets, *holders), a.ticket_id))
+            else:
+                calls.append(_Release((tickets, *holders, self._key("j", jti_claim)), a.ticket_id, jti=True))
         else:
-            calls.extend(_Call("release", route, {"tid": a.ticket_id, "locks": group})
-                         for route, group in self._groups(keys, lambda k: self._key("l", k)))
+            calls.extend(_Release(tuple(group), a.ticket_id) for _, group in self._groups(holders, lambda k: k))
             if jti_claim is not None:
-                calls.append(_Call("release", self._key("j", jti_claim), {"tid": a.ticket_id, "jti": jti_claim}))
-            pkey = self._principal(a.sub, a.iss)
-            calls.append(_Call("undo", pkey, undo) if undo is not None else
-                         _Call("release", pkey, {"tid": a.ticket_id, "subs": [[a.sub, a.iss]]}))
+                calls.append(_Release((self._key("j", jti_claim),), a.ticket_id, jti=True))
+            calls.append(_Call("undo", self._principal(a.sub, a.iss), undo) if undo is not None else
+                         _Release((tickets,), a.ticket_id))
         for call in calls:  # each on its own: one unreachable slot does not stop the others
             with contextlib.suppress(*_ERRORS):
                 yield call
@@ -903,13 +935,14 @@ class RedisStore(Store):
             info = self._issued.pop(ticket_id, None)
         if info is None:  # not admitted here, or already released: its lease ends it
             return
-        pkey = self._principal(info.sub, info.iss)
+        tickets = self._principal(info.sub, info.iss, ":tk")
+        holders = [self._key("l", lock) for lock in info.locks]
         if not self.cluster:
-            yield _Call("release", pkey, {"tid": ticket_id, "subs": [[info.sub, info.iss]], "locks": list(info.locks)})
+            yield _Release((tickets, *holders), ticket_id)
             return
-        yield _Call("release", pkey, {"tid": ticket_id, "subs": [[info.sub, info.iss]]})
-        for route, keys in self._groups(info.locks, lambda k: self._key("l", k)):
-            yield _Call("release", route, {"tid": ticket_id, "locks": keys})
+        yield _Release((tickets,), ticket_id)
+        for _, keys in self._groups(holders, lambda k: k):
+            yield _Release(tuple(keys), ticket_id)
 
     def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
         self._drive(self._renew(ticket_ids, lease))

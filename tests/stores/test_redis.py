@@ -231,7 +231,9 @@ def test_lua_scripts_are_package_data() -> None:
     folder = resources.files("sa_middleware.stores") / "lua"
     names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".lua"))
     assert names == sorted(module._SCRIPT_FILES + module._CLUSTER_SCRIPTS)
-    assert "sa.ops.admit" in module._script()
+    assert "sa.ops.admit" in module._script("admit") and "sa.ops.renew" in module._script("renew")
+    assert "sa.ops.compromise" in module._script("ops") and "sa.ops.compromise" not in module._script("admit")
+    assert "function" not in module._script("release")  # the release path defines nothing
 
 
 # ---------------------------------------------------------------------------------------------------- scripts
@@ -262,7 +264,7 @@ def test_admission_and_release_are_one_round_trip_each(server: RedisServer, monk
     import redis.connection
 
     with opened(private_uri(server)) as store:
-        ok(store, session_id="warm-up")  # connects and loads the script
+        store.release(ok(store, session_id="warm-up").ticket_id)  # connects and loads the scripts
         answers = [0]
         read = redis.connection.AbstractConnection.read_response
 

@@ -1,15 +1,22 @@
 -- sa-middleware Redis store: shared helpers.
 --
--- The store runs ONE script (lib.lua, admission.lua, operations.lua and main.lua concatenated, in that order) and
--- picks the operation with ARGV[1]. ARGV[2] is a clock override for tests ('' = the server's TIME), ARGV[3] the key
--- prefix, ARGV[4] the operation's payload (JSON). KEYS[1] is the epoch marker of the slot the call runs in; the other
--- KEYS only route the call (in a cluster every key a call touches lives in KEYS[1]'s slot).
+-- The store runs a few scripts, each a concatenation of these files (RedisStore: _SCRIPTS): the admission script
+-- (lib.lua, admission.lua, main.lua), the renewal script (lib.lua, renew.lua, main.lua), the operations script (lib.lua,
+-- admission.lua, cluster.lua, operations.lua, main.lua) and the release script (release.lua alone). Every call re-runs
+-- a script's top-level definitions, so the scripts of the hot path define only what they use.
+--
+-- ARGV[1] names the operation, ARGV[2] is a clock override for tests ('' = the server's TIME), ARGV[3] the key
+-- prefix, ARGV[4] the operation's payload (JSON), then constants shared with Python (never copied here): ARGV[5] the
+-- audit trail's maximum records, ARGV[6] its retention (seconds), ARGV[7] rules.STATUS_RETENTION, ARGV[8]
+-- rules.FENCE_SLACK, ARGV[9] how many milliseconds a key outlives its records. KEYS[1] is the epoch marker of the
+-- slot the call runs in; the other KEYS only route the call (in a cluster every key a call touches lives in
+-- KEYS[1]'s slot).
 --
 -- Times are seconds (floats) of the server's clock. Records are JSON; numbers inside them are written as strings
 -- with 17 significant digits, because cjson keeps only 14 and a watermark must compare exactly.
 
 local sa = {ops = {}}
-local RET = 86400.0 -- rules.STATUS_RETENTION: a status outlives the token it was set on by a day
+local RET = tonumber(ARGV[7]) -- rules.STATUS_RETENTION: a status outlives the token it was set on
 sa.RET = RET
 local PREFIX = ARGV[3]
 local CLOCK = ARGV[2]
@@ -18,10 +25,6 @@ function sa.fmt(x)
   if x == nil then return nil end
   return string.format('%.17g', x)
 end
-
--- the audit trail: a stream in the slot of KEYS[1] (next to its epoch marker); ARGV[5] = [max records, retention]
-local AUDIT_KEY = (string.gsub(KEYS[1], 'epoch$', 'audit'))
-local AUDIT_LIMITS = cjson.decode(ARGV[5] or '[100000, 604800]')
 
 -- at most `n` bytes of a UTF-8 string, never ending inside a character (a cut character is left out)
 function sa.cut(text, n)
@@ -36,8 +39,11 @@ function sa.cut(text, n)
   return cut
 end
 
+-- the audit trail: a stream in the slot of KEYS[1] (next to its epoch marker), at most ARGV[5] records, kept ARGV[6]
+-- seconds
 function sa.audit(records, now)
   if #records == 0 then return end
+  local key = (string.gsub(KEYS[1], 'epoch$', 'audit'))
   -- `w`: when the record arrived (the server's microseconds), which orders the streams of a cluster's slots
   local t = redis.call('TIME')
   local arrival = t[1] .. string.format('%06d', tonumber(t[2]))
@@ -48,11 +54,11 @@ function sa.audit(records, now)
     if r.r ~= nil then fields[#fields + 1] = 'r'; fields[#fields + 1] = r.r end
     fields[#fields + 1] = 'd'
     fields[#fields + 1] = sa.cut(r.d or '', 512)
-    redis.call('XADD', AUDIT_KEY, 'MAXLEN', '~', AUDIT_LIMITS[1], '*', unpack(fields))
+    redis.call('XADD', key, 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
   end
   -- the stream's ids are the server's milliseconds: drop what is past the retention
-  local cutoff = tonumber(t[1]) * 1000 - math.floor(AUDIT_LIMITS[2] * 1000)
-  if cutoff > 0 then redis.call('XTRIM', AUDIT_KEY, 'MINID', '~', cutoff) end
+  local cutoff = tonumber(t[1]) * 1000 - math.floor(tonumber(ARGV[6]) * 1000)
+  if cutoff > 0 then redis.call('XTRIM', key, 'MINID', '~', cutoff) end
 end
 
 function sa.clock()
@@ -107,9 +113,8 @@ function sa.epoch(now)
 end
 
 -- make a key live at least `seconds` more (never shortens a TTL; keys without one get one). Records carry their own
--- expiry; a key outlives its records by a second (by a minute under a test clock, which real time does not move)
-local SLACK = 1000
-if CLOCK ~= nil and CLOCK ~= '' then SLACK = 60000 end
+-- expiry; a key outlives its records by ARGV[9] milliseconds (RedisStore: a second, a minute under a test clock)
+local SLACK = tonumber(ARGV[9])
 sa.SLACK = SLACK
 function sa.keep(key, seconds)
   local ms = math.ceil(seconds * 1000) + SLACK
@@ -231,7 +236,7 @@ end
 -- fencing token issued before it (the loss time in microseconds; 0 for a bootstrapped store). The counter lives
 -- FENCE_SLACK seconds past its key's last lease (rules.FENCE_SLACK): a token is never below the clock in
 -- microseconds (sa.next_fence, rules.next_fence), so a forgotten counter restarts above every token issued before.
-local FENCE_SLACK = 60.0
+local FENCE_SLACK = tonumber(ARGV[8])
 sa.FENCE_SLACK = FENCE_SLACK
 function sa.holders(lock, now)
   return sa.records(sa.key('l', lock), now, true)

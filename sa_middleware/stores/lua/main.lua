@@ -1,4 +1,4 @@
--- sa-middleware Redis store: the entry point. Every call checks the slot's epoch marker first (a missing marker is
+-- sa-middleware Redis store: the entry point of the scripts that end with it. Every call checks the slot's epoch marker first (a missing marker is
 -- a detected state loss: see the "Stores" page of the documentation), then runs the operation named by ARGV[1].
 -- The listings (READ_ONLY) only read the marker.
 

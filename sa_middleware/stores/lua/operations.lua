@@ -340,3 +340,9 @@ sa.ops.reset_generation = function(p, now, since)
   if g ~= 0 then redis.call('HSET', key, 'g', '0') end
   return {g = sa.fmt(g)}
 end
+
+-- append audit records (in this call's slot)
+sa.ops.record = function(p, now, since)
+  sa.audit(p.records, now)
+  return {ok = 1}
+end
