@@ -12,9 +12,12 @@ connect timeout unless ``connect_timeout`` is given), ``max_connections`` (pool 
 default 128), ``bootstrap`` (see below). Every other keyword argument goes to the redis-py client (``ssl_ca_certs``,
 ``health_check_interval``, ``client_name``, ``sentinel_kwargs``...).
 
-How it works: the rules run in Lua scripts (package data ``stores/lua/*.lua``), called with EVALSHA and loaded again
-after a NOSCRIPT; the admission, the release and the lease renewal each have a lean script of their own. On one server
-(or behind Sentinel) an admission is one script call and a release another;
+How it works: the rules run in Lua (package data ``stores/lua/*.lua``). On Redis 7 and later the code is a function
+library loaded once per server (named after its code, so versions side by side never meet) and called with FCALL;
+it is loaded again when a server does not have it (a restart without persistence, FUNCTION FLUSH). Before Redis 7
+(or when the user may not load functions) the same code runs as scripts called with EVALSHA and loaded again after a
+NOSCRIPT; the admission, the release and the lease renewal each have a lean script of their own. On one server (or
+behind Sentinel) an admission is one call and a release another;
 every expiry uses the server's clock (``TIME``). In a cluster a principal's keys share a hash tag and each object
 lock has its own slot: an admission is a principal step followed by lock steps, compensated when a lock is refused.
 
@@ -80,6 +83,8 @@ _SCRIPTS: dict[str, tuple[str, ...]] = {
     "ops": ("lib.lua", "admission.lua", "cluster.lua", "operations.lua", "main.lua"),
 }
 _SCRIPT_FILES = tuple(sorted({name for files in _SCRIPTS.values() for name in files}))
+#: the function library (Redis 7 and later): every file, once
+_LIBRARY_FILES = ("lib.lua", "admission.lua", "cluster.lua", "operations.lua", "renew.lua", "release.lua", "main.lua")
 #: the script of an operation (every operation not named here: "ops")
 _OP_SCRIPTS = {"admit": "admit", "renew": "renew"}
 #: milliseconds a key outlives the records it holds (under a test clock, which real time does not move: a minute)
@@ -103,8 +108,32 @@ def _lua(name: str) -> str:
 
 
 def _script(name: str = "ops") -> str:
-    """The script ``name`` of :data:`_SCRIPTS`: its files, in order."""
-    return "\n".join(_lua(file) for file in _SCRIPTS[name])
+    """The script ``name`` of :data:`_SCRIPTS`: its files, in order, and the call of its entry point."""
+    text = "\n".join(_lua(file) for file in _SCRIPTS[name])
+    if name == "release":
+        return f"local sa = {{}}\n{text}\nreturn sa.release(KEYS, ARGV)\n"
+    return f"{text}\nreturn sa.main(KEYS, ARGV)\n"
+
+
+def _library() -> tuple[str, str]:
+    """The function library: its name (after its code) and its code. Its functions: ``<name>_main`` (every
+    operation but the release) and ``<name>_release``."""
+    body = "\n".join(_lua(file) for file in _LIBRARY_FILES)
+    name = "sa_" + hashlib.sha1(body.encode()).hexdigest()[:20]
+    register = "".join(f"redis.register_function('{name}_{entry}', "
+                       f"function(keys, argv) return sa.{entry}(keys, argv) end)\n" for entry in ("main", "release"))
+    return name, f"#!lua name={name}\n{body}\n{register}"
+
+
+def _function_error(exc: redis.ResponseError) -> Literal["missing", "unsupported"] | None:
+    """What an FCALL error means: the library is not loaded on that server, the server has no functions (before
+    Redis 7), or neither (an error of the call itself)."""
+    text = str(exc)
+    if text.startswith("Function not found"):
+        return "missing"
+    if text.lower().startswith("unknown command") and "fcall" in text.lower():
+        return "unsupported"
+    return None
 
 
 def _esc(value: str) -> str:
@@ -374,6 +403,8 @@ class RedisStore(Store):
         self._client_options = client_options
         self._scripts = {name: _script(name) for name in _SCRIPTS}
         self._shas = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._scripts.items()}
+        self._library_name, self._library = _library()
+        self._functions = True  # False once the server turned out to have no functions (or refused to load them)
         self._constants = (repr(STATUS_RETENTION), repr(FENCE_SLACK),
                            str(_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS))
         self._issued: dict[str, _Issued] = {}
@@ -566,11 +597,34 @@ class RedisStore(Store):
         if isinstance(step, _XRange):
             return client.xrevrange(step.key, max=step.start, min="-", count=step.count)
         name, keys, args = self._invocation(step)
+        if self._functions:
+            function = f"{self._library_name}_{'release' if name == 'release' else 'main'}"
+            try:
+                raw = client.fcall(function, len(keys), *keys, *args)
+                return raw if name == "release" else self._answer(raw)
+            except redis.ResponseError as exc:
+                error = _function_error(exc)
+                if error is None:
+                    raise
+            if error == "missing" and self._load_library(lambda: client.function_load(self._library, replace=True)):
+                raw = client.fcall(function, len(keys), *keys, *args)
+                return raw if name == "release" else self._answer(raw)
+            self._functions = False
         try:
             raw = client.evalsha(self._shas[name], len(keys), *keys, *args)
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH): load it again
             raw = client.eval(self._scripts[name], len(keys), *keys, *args)
         return raw if name == "release" else self._answer(raw)
+
+    def _load_library(self, load: Callable[[], Any]) -> bool:
+        """Load the function library (on every master of a cluster); False when the server refuses (a user without
+        the right to load functions): the store then runs scripts."""
+        try:
+            load()
+        except redis.ResponseError as exc:
+            log.warning("sa-middleware: the Redis store runs scripts: loading its function library failed: %s", exc)
+            return False
+        return True
 
     def _invocation(self, step: _Call | _Release) -> tuple[str, list[str], list[str]]:
         """The script a step runs, its keys and its arguments."""
@@ -586,6 +640,27 @@ class RedisStore(Store):
         if isinstance(step, _XRange):
             return await client.xrevrange(step.key, max=step.start, min="-", count=step.count)
         name, keys, args = self._invocation(step)
+        if self._functions:
+            function = f"{self._library_name}_{'release' if name == 'release' else 'main'}"
+            try:
+                raw = await client.fcall(function, len(keys), *keys, *args)
+                return raw if name == "release" else self._answer(raw)
+            except redis.ResponseError as exc:
+                error = _function_error(exc)
+                if error is None:
+                    raise
+            loaded = False
+            if error == "missing":
+                try:
+                    await client.function_load(self._library, replace=True)
+                    loaded = True
+                except redis.ResponseError as exc:
+                    log.warning("sa-middleware: the Redis store runs scripts: loading its function library failed: "
+                                "%s", exc)
+            if loaded:
+                raw = await client.fcall(function, len(keys), *keys, *args)
+                return raw if name == "release" else self._answer(raw)
+            self._functions = False
         try:
             raw = await client.evalsha(self._shas[name], len(keys), *keys, *args)
         except NoScriptError:

@@ -233,7 +233,10 @@ def test_lua_scripts_are_package_data() -> None:
     assert names == sorted(module._SCRIPT_FILES + module._CLUSTER_SCRIPTS)
     assert "sa.ops.admit" in module._script("admit") and "sa.ops.renew" in module._script("renew")
     assert "sa.ops.compromise" in module._script("ops") and "sa.ops.compromise" not in module._script("admit")
-    assert "function" not in module._script("release")  # the release path defines nothing
+    release = module._script("release")
+    assert "function sa.release" in release and "sa.ops" not in release  # the release path defines nothing else
+    name, code = module._library()  # Redis 7 and later: every file once, as a function library
+    assert code.startswith(f"#!lua name={name}\n") and code.count("redis.register_function(") == 2
 
 
 # ---------------------------------------------------------------------------------------------------- scripts
@@ -245,26 +248,57 @@ def commandstats(srv: RedisServer) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in info.items()}
 
 
-def test_evalsha_and_a_reload_after_noscript(server: RedisServer) -> None:
+def test_the_function_library_is_loaded_once_and_again_after_a_flush(server: RedisServer) -> None:
     with opened(private_uri(server)) as store:
-        ok(store, session_id="s-1")  # a fresh server: NOSCRIPT, then the script is sent once
+        ok(store, session_id="s-1")  # a fresh server: the library is loaded once
         before = commandstats(server)
-        assert (before["evalsha"], before["eval"]) == (1, 1)
-        ok(store, session_id="s-2")
-        assert (commandstats(server)["evalsha"], commandstats(server)["eval"]) == (2, 1)
-        server.command("SCRIPT", "FLUSH")  # a restarted server or an operator empties the script cache
+        assert before["function|load"] == 1
+        store.release(ok(store, session_id="s-2").ticket_id)
+        assert commandstats(server)["function|load"] == 1
+        server.command("FUNCTION", "FLUSH")  # a restarted server or an operator empties the libraries
         ok(store, session_id="s-3")
         for i in range(3):
-            ok(store, session_id=f"s-{i + 4}")
+            store.release(ok(store, session_id=f"s-{i + 4}").ticket_id)
         after = commandstats(server)
-        assert (after["evalsha"], after["eval"]) == (6, 2)  # one NOSCRIPT and one reload, then EVALSHA again
+        assert after["function|load"] == 2  # one reload, then FCALL again
+        assert "evalsha" not in after and "eval" not in after
+
+
+def test_a_server_without_functions_runs_the_scripts(tmp_path: Path) -> None:
+    """Before Redis 7 (no FCALL) the store runs the same code as scripts: EVALSHA, loaded again after a NOSCRIPT."""
+    srv = RedisServer(tmp_path, name="nofunctions", extra_args=["--rename-command", "FCALL", ""])
+    srv.start()
+    try:
+        with opened(private_uri(srv)) as store:
+            ok(store, session_id="s-1")  # NOSCRIPT, then the admission script is sent once
+            before = commandstats(srv)
+            assert (before["evalsha"], before["eval"]) == (1, 1)
+            ok(store, session_id="s-2")
+            assert (commandstats(srv)["evalsha"], commandstats(srv)["eval"]) == (2, 1)
+            srv.command("SCRIPT", "FLUSH")
+            ok(store, session_id="s-3")
+            for i in range(3):
+                ok(store, session_id=f"s-{i + 4}")
+            after = commandstats(srv)
+            assert (after["evalsha"], after["eval"]) == (6, 2)  # one NOSCRIPT and one reload, then EVALSHA again
+            # the release, the renewal and the operations run their own scripts
+            ticket = ok(store, sub="bob", locks=(LockRequest("obj:1"),), max_in_flight=1)
+            store.renew([ticket.ticket_id], 60.0)
+            refused(store, "too_many_in_flight", sub="bob", session_id="bob-1", max_in_flight=1)
+            store.release(ticket.ticket_id)
+            assert store.locks() == []
+            assert store.revoke_session("s-6") is True
+            refused(store, "session_revoked", session_id="s-6")
+            assert "function|load" not in commandstats(srv)
+    finally:
+        srv.stop()
 
 
 def test_admission_and_release_are_one_round_trip_each(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     import redis.connection
 
     with opened(private_uri(server)) as store:
-        store.release(ok(store, session_id="warm-up").ticket_id)  # connects and loads the scripts
+        store.release(ok(store, session_id="warm-up").ticket_id)  # connects and loads the library
         answers = [0]
         read = redis.connection.AbstractConnection.read_response
 
@@ -281,8 +315,8 @@ def test_admission_and_release_are_one_round_trip_each(server: RedisServer, monk
         monkeypatch.undo()
         after = commandstats(server)
         assert answers[0] == 2 * rounds  # one answer read per admission and per release
-        assert after["evalsha"] - before["evalsha"] == 2 * rounds  # each of them a single EVALSHA
-        assert after.get("eval", 0) == before.get("eval", 0)
+        assert after["fcall"] - before["fcall"] == 2 * rounds  # each of them a single FCALL
+        assert after["function|load"] == before["function|load"]
 
 
 # ---------------------------------------------------------------------------------------------------- server time

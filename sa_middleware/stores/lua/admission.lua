@@ -52,9 +52,12 @@ end
 -- Returns nil when the session is unknown to the principal and the session index was not consulted yet.
 function sa.snapshot(a, now, since, facts)
   local s = {now = now, since = since, markers = {}}
-  sa.adopt(a.sub, a.iss, a.lg)
-  if a.actor ~= nil then sa.adopt(a.actor, a.iss, a.lg) end
   s.p = sa.principal(a.sub, a.iss)
+  if not s.p.exists and a.lg then -- seen for the first time under this issuer
+    sa.adopt(a.sub, a.iss, a.lg)
+    s.p = sa.principal(a.sub, a.iss)
+  end
+  if a.actor ~= nil then sa.adopt(a.actor, a.iss, a.lg) end
   s.sessions = sa.records(sa.pkey(a.sub, a.iss, ':ss'), now, true)
   for _, x in ipairs(s.sessions) do
     if x.id == a.sid then s.session = x end
@@ -313,7 +316,9 @@ function sa.apply_principal(a, s, v, now, writer)
     end
     rec.w = writer
     redis.call('HSET', skey, rec.id, sa.enc(rec))
-    sa.keep(skey, rec.e - now)
+    -- the key already outlives a stored record that expires no earlier (on the server's clock)
+    local stored = s.session ~= nil and s.session.raw ~= nil and s.session.raw ~= false
+    if not (stored and rec.e <= s.session.e and sa.real_clock()) then sa.keep(skey, rec.e - now, #s.sessions == 0) end
   end
   for _, sid in ipairs(v.status_order) do
     local st = v.status[sid]
@@ -384,9 +389,10 @@ end
 sa.ops.admit = function(a, now, since)
   local s = sa.snapshot(a, now, since, nil)
   s.holders, s.fences = {}, {}
+  local counters = {}
   for _, req in ipairs(a.locks) do
     s.holders[req[1]] = sa.holders(req[1], now)
-    s.fences[req[1]] = sa.fence(req[1], s.since)
+    s.fences[req[1]], counters[req[1]] = sa.fence(req[1], s.since)
   end
   local v = sa.evaluate(a, s, true)
   local before = {}
@@ -410,8 +416,10 @@ sa.ops.admit = function(a, now, since)
   if v.ticket ~= nil then
     local tkey = sa.pkey(a.sub, a.iss, ':tk')
     redis.call('HSET', tkey, a.tid, sa.enc(v.ticket))
-    sa.keep(tkey, v.ticket.e - now)
-    for _, g in ipairs(v.grants) do sa.grant(g[1], g[2], g[3], a, v.ticket.e, now) end
+    sa.keep(tkey, v.ticket.e - now, #s.tickets == 0)
+    for _, g in ipairs(v.grants) do
+      sa.grant(g[1], g[2], g[3], a, v.ticket.e, now, #s.holders[g[1]] == 0, not counters[g[1]])
+    end
     if v.jti and a.jti ~= nil then
       local ms = math.ceil((a.exp - now) * 1000)
       if ms > 0 then redis.call('SET', sa.key('j', a.jti), a.tid, 'PX', ms) end

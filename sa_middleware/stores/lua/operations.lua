@@ -254,7 +254,7 @@ end
 
 -- an operator declares a state loss (a restored backup, a failover that lost writes): as if the marker had gone
 sa.ops.declare_loss = function(p, now, since)
-  redis.call('SET', KEYS[1], sa.fmt(now))
+  redis.call('SET', sa.EPOCH, sa.fmt(now))
   sa.audit({{k = 'change', c = 'state_loss', s = 'operator',
              d = 'state loss declared by an operator; tokens issued before ' .. sa.fmt(now) .. ' are refused'}}, now)
   return {at = sa.fmt(now), since = now}
