@@ -46,9 +46,11 @@ def request_info(scope: Scope) -> RequestInfo:
     """A RequestInfo from an ASGI scope (header values decoded as latin-1, repeated headers joined)."""
     headers: dict[str, str] = {}
     for raw_name, raw_value in scope.get("headers", ()):
-        name = raw_name.decode("latin-1").lower()
+        name = raw_name.lower().decode("latin-1")
         value = raw_value.decode("latin-1")
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        if name in headers:
+            value = f"{headers[name]}, {value}"
+        headers[name] = value
     client = scope.get("client")
     websocket = scope["type"] == "websocket"
     return RequestInfo(method=scope.get("method", "GET"), path=scope.get("path", "/"), headers=headers,
@@ -98,8 +100,11 @@ async def run_admitted(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
         with admitted(view_policies):
             await app(scope, receive, send)
     finally:
-        with anyio.CancelScope(shield=True):
+        if guard.store.inline_async:  # the release never waits, so no cancellation can interrupt it
             await guard.arelease(outcome.ticket)
+        else:
+            with anyio.CancelScope(shield=True):
+                await guard.arelease(outcome.ticket)
 
 
 class SessionAwareMiddleware:

@@ -132,7 +132,7 @@ class _Keeper:
         self._store, self._lease = store, lease
         self._flush, self._flush_every = flush, flush_every
         self._check = check
-        self._live: dict[str, None] = {}
+        self._live: dict[str, Ticket] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -144,9 +144,9 @@ class _Keeper:
             self._thread = threading.Thread(target=self._run, name="sa-middleware-keeper", daemon=True)
             self._thread.start()
 
-    def add(self, ticket_id: str) -> None:
+    def add(self, ticket: Ticket) -> None:
         with self._lock:
-            self._live[ticket_id] = None
+            self._live[ticket.ticket_id] = ticket
             self._ensure()
 
     def poke(self) -> None:
@@ -160,9 +160,9 @@ class _Keeper:
         with self._lock:
             self._live.pop(ticket_id, None)
 
-    def live(self) -> list[str]:
+    def live(self) -> list[Ticket]:
         with self._lock:
-            return list(self._live)
+            return list(self._live.values())
 
     def stop(self) -> None:
         self._wake.set()
@@ -185,10 +185,10 @@ class _Keeper:
                 return
             if time.monotonic() >= renew_at:
                 renew_at = time.monotonic() + every
-                ids = self.live()
-                if ids:
+                tickets = self.live()
+                if tickets:
                     try:
-                        self._store.renew(ids, self._lease)
+                        self._store.renew(tickets, self._lease)
                     except Exception as exc:  # the next round tries again; leases bound the damage
                         log.warning("sa-middleware: lease renewal failed: %s", exc)
             if self._flush is not None:
@@ -338,7 +338,7 @@ class Guard(Operations):
         while True:
             result = yield _Admit(admission)
             if isinstance(result, Ticket):
-                self._keeper.add(result.ticket_id)
+                self._keeper.add(result)
                 self._note_generation_claim((admission.iss, admission.sub), admission.token_gen is not None)
                 ctx = SAContext(context.principal, context.kind, context.session_id, context.claims,
                                 result.ticket_id, result.fencing_tokens, match.route, match.params)
@@ -360,9 +360,9 @@ class Guard(Operations):
 
     def _challenge(self, denial: Denial, a: Admission) -> Denial:
         if denial.code == "insufficient_scope":
-            return Denial(denial.code, denial.detail, scope=tuple(sorted(a.scopes)))
+            return Denial(denial.code, denial.detail, scope=tuple(sorted(a.policy.scopes)))
         if denial.code == "step_up_required":
-            return Denial(denial.code, denial.detail, max_age=a.max_auth_age, acr_values=a.acr_values)
+            return Denial(denial.code, denial.detail, max_age=a.policy.max_auth_age, acr_values=a.policy.acr_values)
         return denial
 
     def _build(self, request: RequestInfo, match: RouteMatch, token: VerifiedToken,
@@ -383,14 +383,8 @@ class Guard(Operations):
             actor=f.actor, credential=f.credential, device=f.device,
             client=(binding or Binding()).client(request.client), user_agent=request.user_agent,
             route=match.route or request.path[:_MAX_ID], token_scopes=f.scopes, auth_time=f.auth_time,
-            acr=f.acr, scopes=policy.scopes, max_auth_age=policy.max_auth_age,
-            acr_values=policy.acr_values, one_time=policy.one_time,
-            require_compliant_device=policy.require_compliant_device, max_sessions=policy.max_sessions,
-            on_session_limit=policy.on_session_limit, max_in_flight=policy.max_in_flight,
-            exclusive=policy.exclusive, tags=policy.tags, conflicts=policy.conflicts,
-            raises_risk=policy.raises_risk, risk_window=policy.risk_window, max_risk=policy.max_risk,
-            locks=tuple(LockRequest(key, policy.lock_mode) for key in match.lock_keys),
-            on_lock_conflict=policy.on_lock_conflict, lease=self.lease, session_idle=self.session_idle,
+            acr=f.acr, policy=policy, locks=tuple(LockRequest(key, policy.lock_mode) for key in match.lock_keys),
+            lease=self.lease, session_idle=self.session_idle,
             audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait", iss=f.iss)
         return admission, SAContext(f.sub, f.kind, session_id, token.claims, route=match.route, params=match.params)
 
@@ -615,7 +609,7 @@ class Guard(Operations):
         self._keeper.discard(ticket.ticket_id)
         failed = False
         try:
-            self.store.release(ticket.ticket_id)
+            self.store.release(ticket)
         except Exception:
             failed = True
             log.warning("sa-middleware: release of ticket %s failed; its lease will expire", ticket.ticket_id,
@@ -631,7 +625,7 @@ class Guard(Operations):
         self._keeper.discard(ticket.ticket_id)
         failed = False
         try:
-            await self.store.arelease(ticket.ticket_id)
+            await self.store.arelease(ticket)
         except Exception:
             failed = True
             log.warning("sa-middleware: release of ticket %s failed; its lease will expire", ticket.ticket_id,

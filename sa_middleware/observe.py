@@ -94,15 +94,30 @@ class Observer:
             self._kind = trace.SpanKind.INTERNAL
             self._set_parent = trace.set_span_in_context
             self._error = trace.StatusCode.ERROR
+            self._noop = trace.NoOpTracer
 
-    def admission(self, request: RequestInfo, match: RouteMatch) -> Probe:
-        """A probe for one admission (created before the flow starts)."""
-        return Probe(self, request.method, route_label(match))
+    def live_tracer(self) -> Any:
+        """The tracer, or ``None`` while no OpenTelemetry SDK is set up: the API's proxy tracer then hands out
+        spans that record nothing, and the hot path skips them. It follows an SDK set up later."""
+        tracer = self.tracer
+        if tracer is None or isinstance(getattr(tracer, "_tracer", tracer), self._noop):
+            return None
+        return tracer
 
-    def release_started(self) -> tuple[float, Any]:
-        span = None
-        if self.tracer is not None:
-            span = self.tracer.start_span("sa_middleware.release", kind=self._kind)
+    def admission(self, request: RequestInfo, match: RouteMatch) -> Probe | None:
+        """A probe for one admission (created before the flow starts), or ``None`` when nothing would be
+        reported."""
+        tracer = self.live_tracer()
+        if tracer is None and self.metrics is None:
+            return None
+        return Probe(self, tracer, request.method, route_label(match))
+
+    def release_started(self) -> tuple[float, Any] | None:
+        """The start of a release (``None`` when nothing would be reported)."""
+        tracer = self.live_tracer()
+        if tracer is None and self.metrics is None:
+            return None
+        span = None if tracer is None else tracer.start_span("sa_middleware.release", kind=self._kind)
         return perf_counter(), span
 
     def released(self, started: tuple[float, Any], failed: bool) -> None:
@@ -126,9 +141,9 @@ class Probe:
     """Times one admission. The Guard's drivers call :meth:`before` and :meth:`after` around each step of the flow
     and :meth:`finish` with the outcome."""
 
-    __slots__ = ("_observer", "_route", "_span", "_start", "_step", "_step_span", "_store", "_wait")
+    __slots__ = ("_observer", "_route", "_span", "_start", "_step", "_step_span", "_store", "_tracer", "_wait")
 
-    def __init__(self, observer: Observer, method: str, route: str) -> None:
+    def __init__(self, observer: Observer, tracer: Any, method: str, route: str) -> None:
         self._observer = observer
         self._route = route
         self._store = 0.0
@@ -136,7 +151,7 @@ class Probe:
         self._step = 0.0
         self._step_span: Any = None
         self._span: Any = None
-        tracer = observer.tracer
+        self._tracer = tracer
         if tracer is not None:
             self._span = tracer.start_span("sa_middleware.admit", kind=observer._kind, attributes={
                 "http.request.method": method if method in _METHODS else "_OTHER", "http.route": route})
@@ -144,7 +159,7 @@ class Probe:
 
     def before(self, step: Any) -> None:
         if step.observed == "verify" and self._span is not None and self._span.is_recording():
-            self._step_span = self._observer.tracer.start_span(
+            self._step_span = self._tracer.start_span(
                 "sa_middleware.verify", context=self._observer._set_parent(self._span), kind=self._observer._kind)
         self._step = perf_counter()
 

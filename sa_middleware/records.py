@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .policy import EffectivePolicy
+
 __all__ = [
     "Admission", "AuditKind", "AuditRecord", "LockHolder", "LockInfo", "LockRequest", "Marker", "PrincipalState",
     "SessionInfo", "SessionStatus", "Snapshot", "Ticket", "TicketRecord", "Verdict", "storable_text",
@@ -55,23 +57,10 @@ class Admission:
     token_scopes: frozenset[str] = frozenset()
     auth_time: float | None = None
     acr: str | None = None
-    # policy
-    scopes: frozenset[str] = frozenset()
-    max_auth_age: int | None = None
-    acr_values: tuple[str, ...] = ()
-    one_time: bool = False
-    require_compliant_device: bool = False
-    max_sessions: int | None = None
-    on_session_limit: str = "reject"
-    max_in_flight: int | None = None
-    exclusive: bool = False
-    tags: frozenset[str] = frozenset()
-    conflicts: frozenset[str] = frozenset()
-    raises_risk: int = 0
-    risk_window: float = 60.0
-    max_risk: int | None = None
+    #: the route's policy, every field resolved; the rule (``rules.py`` and the Lua script) reads its fields by name
+    policy: EffectivePolicy = field(default_factory=EffectivePolicy)
+    #: the policy's lock templates rendered for this request (one object, one key)
     locks: tuple[LockRequest, ...] = ()
-    on_lock_conflict: str = "reject"
     # timing
     lease: float = 30.0
     session_idle: float = 900.0

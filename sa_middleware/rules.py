@@ -65,7 +65,7 @@ def _seconds(value: float) -> int:
 
 def evaluate(a: Admission, s: Snapshot) -> Verdict:
     """Decide one admission against a snapshot. Returns the verdict and the writes to apply."""
-    now, p, v = s.now, s.principal, Verdict()
+    now, p, pol, v = s.now, s.principal, a.policy, Verdict()
 
     # generation ratchet and not-before watermark
     token_gen = a.token_gen if a.token_gen is not None else 0
@@ -112,27 +112,27 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
     for t in s.tickets:
         if t.token_hash == a.token_hash and t.client != client:
             return _deny(v, "token_reuse", "this token is in use by another client")
-    if a.one_time and s.jti_seen:
+    if pol.one_time and s.jti_seen:
         return _deny(v, "token_replayed", "this one-time token was already used")
 
     # scopes and step-up
-    if a.scopes:
+    if pol.scopes:
         granted = a.token_scopes
         if p.privileges is not None and (a.token_iat is None or p.privileges_at is None
                                          or a.token_iat < p.privileges_at):
             granted = granted & p.privileges
-        if not a.scopes <= granted:
+        if not pol.scopes <= granted:
             return _deny(v, "insufficient_scope", "required scope missing or withdrawn")
-    if a.max_auth_age is not None and (a.auth_time is None or now - a.auth_time > a.max_auth_age):
+    if pol.max_auth_age is not None and (a.auth_time is None or now - a.auth_time > pol.max_auth_age):
         return _deny(v, "step_up_required", "a more recent authentication is required")
     acr = a.acr
     if p.assurance_at is not None and (a.token_iat is None or a.token_iat < p.assurance_at):
         acr = p.assurance  # the assurance level reported since the token was issued replaces its acr
-    if a.acr_values and acr not in a.acr_values:
+    if pol.acr_values and acr not in pol.acr_values:
         return _deny(v, "step_up_required", "a stronger authentication is required")
 
     # device posture
-    if a.require_compliant_device:
+    if pol.require_compliant_device:
         if a.device is None:
             return _deny(v, "device_noncompliant", "the token names no device")
         if s.device_compliant is False:
@@ -142,32 +142,32 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
     # the principal's max_sessions oldest active sessions ("reject"); "evict_oldest" evicts the oldest others until
     # it is one of at most max_sessions. A session that is not active yet counts as the newest.
     evict: list[str] = []
-    if a.max_sessions is not None:
+    if pol.max_sessions is not None:
         others = sorted((x for x in s.sessions if x.session_id != a.session_id and is_active(x, a.session_idle, now)),
                         key=_age)
-        if a.on_session_limit == "evict_oldest":
-            evict = [x.session_id for x in others[:max(0, len(others) - a.max_sessions + 1)]]
+        if pol.on_session_limit == "evict_oldest":
+            evict = [x.session_id for x in others[:max(0, len(others) - pol.max_sessions + 1)]]
         else:
             mine = session if session is not None and is_active(session, a.session_idle, now) else None
             older = others if mine is None else [x for x in others if _age(x) < _age(mine)]
-            if len(older) >= a.max_sessions:
-                detail = _at_most(a.max_sessions, "active session", "is", "are") + " allowed"
+            if len(older) >= pol.max_sessions:
+                detail = _at_most(pol.max_sessions, "active session", "is", "are") + " allowed"
                 return _deny(v, "too_many_sessions", detail)
 
     # actions in flight
-    if a.max_in_flight is not None and len(s.tickets) >= a.max_in_flight:
-        return _deny(v, "too_many_in_flight", _at_most(a.max_in_flight, "request", "may", "may") + " be in flight", 1)
+    if pol.max_in_flight is not None and len(s.tickets) >= pol.max_in_flight:
+        return _deny(v, "too_many_in_flight", _at_most(pol.max_in_flight, "request", "may", "may") + " be in flight", 1)
     for t in s.tickets:
-        if a.exclusive or t.exclusive:
+        if pol.exclusive or t.exclusive:
             return _deny(v, "conflicting_action", "another action of this principal is in flight", 1)
-        if a.conflicts & t.tags or t.conflicts & a.tags:
+        if pol.conflicts & t.tags or t.conflicts & pol.tags:
             return _deny(v, "conflicting_action", "a conflicting action of this principal is in flight", 1)
 
     # risk
     risk = live_risk(p.risk, now)
-    if a.max_risk is not None:
+    if pol.max_risk is not None:
         level = sum(amount for amount, _ in risk)
-        if level > a.max_risk:
+        if level > pol.max_risk:
             until = max(u for _, u in risk)
             return _deny(v, "risk_too_high", "a recent action raised this principal's risk", _seconds(until - now))
 
@@ -178,7 +178,7 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
         blocking = [h for h in holders if req.mode == "exclusive" or h.mode == "exclusive"]
         if blocking:
             retry = _seconds(min(h.expires for h in blocking) - now)
-            if a.on_lock_conflict == "pause":
+            if pol.on_lock_conflict == "pause":
                 if a.kind != "human":
                     v.session_status[a.session_id] = "paused"
                     if session is None:
@@ -201,13 +201,13 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
         v.session = SessionInfo(
             session.session_id, a.sub, a.kind, "active", session.created, now, max(session.expires, a.token_exp),
             a.client, a.user_agent, a.device, a.credential, a.actor, None, None, session.cleared_at, a.iss)
-    if a.raises_risk:
-        v.risk = [*risk, (a.raises_risk, now + a.risk_window)]
+    if pol.raises_risk:
+        v.risk = [*risk, (pol.raises_risk, now + pol.risk_window)]
     v.lock_grants = grants
-    v.record_jti = a.one_time
+    v.record_jti = pol.one_time
     expires = now + a.lease
-    v.ticket_record = TicketRecord(a.ticket_id, a.sub, a.session_id, a.token_hash, client, a.tags, a.conflicts,
-                                   a.exclusive, expires)
+    v.ticket_record = TicketRecord(a.ticket_id, a.sub, a.session_id, a.token_hash, client, pol.tags, pol.conflicts,
+                                   pol.exclusive, expires)
     v.ticket = Ticket(a.ticket_id, a.sub, a.session_id, {key: fence for key, _, fence in grants}, expires, a.iss)
     return v
 

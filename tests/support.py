@@ -6,6 +6,7 @@ under ``tests/`` and those of the ``e2e`` package alike import this as ``support
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import uuid
@@ -20,7 +21,19 @@ import pytest
 
 from sa_middleware import Guard, Policy
 from sa_middleware.demo import DemoIssuer
+from sa_middleware.policy import EffectivePolicy
+from sa_middleware.records import Admission
 from sa_middleware.wsgi import AfterClose
+
+_POLICY_FIELDS = frozenset(f.name for f in dataclasses.fields(EffectivePolicy)) - {"locks"}
+
+
+def admission_of(**values: Any) -> Admission:
+    """An ``Admission`` from flat keyword arguments: the ``EffectivePolicy`` fields among them (``max_sessions``,
+    ``tags``...) make its policy; ``locks`` are the rendered ``LockRequest`` keys."""
+    policy = {name: values.pop(name) for name in list(values) if name in _POLICY_FIELDS}
+    return Admission(**values, policy=EffectivePolicy(**policy))
+
 
 WAIT = 10.0  # upper bound of every wait in the served helpers; reached only when something is broken
 

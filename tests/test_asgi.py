@@ -245,7 +245,7 @@ def test_release_when_app_raises_direct(guard: Guard, issuer: DemoIssuer) -> Non
 
 def test_failing_release_is_not_the_requests_problem(issuer: DemoIssuer, caplog: pytest.LogCaptureFixture) -> None:
     class NoRelease(MemoryStore):
-        def release(self, ticket_id: str) -> None:
+        def release(self, ticket: Ticket) -> None:
             raise StoreUnavailable("gone")
 
     g = make_guard(issuer, NoRelease())

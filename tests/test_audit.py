@@ -56,13 +56,13 @@ class SpyStore(MemoryStore):
             raise self.fail_admit
         return super().admit(admission)
 
-    def release(self, ticket_id: str) -> None:
+    def release(self, ticket: Ticket) -> None:
         self.calls.append("release")
-        super().release(ticket_id)
+        super().release(ticket)
 
-    def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
+    def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
         self.calls.append("renew")
-        super().renew(ticket_ids, lease)
+        super().renew(tickets, lease)
 
     def record_audit(self, records: Sequence[AuditRecord]) -> None:
         self.calls.append("record_audit")

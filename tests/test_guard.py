@@ -76,10 +76,10 @@ class SpyStore(MemoryStore):
             self.locked_seen.set()
         return result
 
-    def release(self, ticket_id: str) -> None:
+    def release(self, ticket: Ticket) -> None:
         if self.fail_release is not None:
             raise self.fail_release
-        super().release(ticket_id)
+        super().release(ticket)
 
 
 def make_guard(store: Any = None, **options: Any) -> Guard:
@@ -315,7 +315,7 @@ def test_claims_feed_the_admission(guard: Guard, store: SpyStore) -> None:
     assert a.token_hash == hashlib.sha256(raw.encode()).hexdigest()
     assert a.token_iat == now - 60 and a.token_exp == now + 600 + guard.leeway  # accepted until exp + leeway
     assert a.client == "10.1.1.1" and a.user_agent == "ua/1"
-    assert (a.max_auth_age, a.acr_values) == (300, ("urn:example:mfa",))
+    assert (a.policy.max_auth_age, a.policy.acr_values) == (300, ("urn:example:mfa",))
     assert a.route == "POST /mfa"
     assert a.lease == guard.lease and a.session_idle == guard.session_idle
 

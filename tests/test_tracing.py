@@ -122,3 +122,32 @@ def test_a_method_the_client_makes_up_is_other(issuer: DemoIssuer, exporter: InM
     methods = [(s.attributes or {}).get("http.request.method") for s in named(exporter.get_finished_spans(),
                                                                              "sa_middleware.admit")]
     assert methods == ["_OTHER", "_OTHER", "DELETE"]
+
+
+def test_without_an_sdk_no_span_is_made_and_an_sdk_set_up_later_is_followed() -> None:
+    """With only the OpenTelemetry API (no SDK set up), spans would record nothing: the Guard makes none. A tracer
+    provider set up after the Guard was built is followed from the next request on."""
+    code = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter\n"
+        "from sa_middleware import Guard, RequestInfo\n"
+        "from sa_middleware.demo import DemoIssuer\n"
+        "issuer = DemoIssuer()\n"
+        "guard = Guard(store='memory://', keys=issuer.public_pem, algorithms=['RS256'], issuer=issuer.issuer,\n"
+        "              audience=issuer.audience)\n"
+        "request = RequestInfo('GET', '/x', {'authorization': 'Bearer ' + issuer.token('u', sid='s')})\n"
+        "print('probe before:', guard.observer.admission(request, guard.routes.match('GET', '/x')))\n"
+        "guard.release(guard.admit(request).ticket)\n"
+        "exporter = InMemorySpanExporter()\n"
+        "provider = TracerProvider()\n"
+        "provider.add_span_processor(SimpleSpanProcessor(exporter))\n"
+        "trace.set_tracer_provider(provider)\n"
+        "guard.release(guard.admit(request).ticket)\n"
+        "print('spans after:', sorted(s.name for s in exporter.get_finished_spans()))\n"
+        "guard.close()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "probe before: None" in out.stdout, out.stdout + out.stderr
+    assert ("spans after: ['sa_middleware.admit', 'sa_middleware.release', 'sa_middleware.verify']"
+            in out.stdout), out.stdout + out.stderr

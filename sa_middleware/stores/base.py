@@ -49,11 +49,11 @@ class Store(abc.ABC):
         """Check the admission against the current state and record it, atomically."""
 
     @abc.abstractmethod
-    def release(self, ticket_id: str) -> None:
-        """End a ticket and free its locks."""
+    def release(self, ticket: Ticket) -> None:
+        """End a ticket and free its locks (the ticket names every key it holds)."""
 
     @abc.abstractmethod
-    def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
+    def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
         """Extend the leases of live tickets (and their locks) in one operation; expired ones stay expired."""
 
     @abc.abstractmethod
@@ -213,11 +213,11 @@ class Store(abc.ABC):
     async def aadmit(self, admission: Admission) -> Ticket | Denial:
         return await self._run(self.admit, admission)
 
-    async def arelease(self, ticket_id: str) -> None:
-        await self._run(self.release, ticket_id)
+    async def arelease(self, ticket: Ticket) -> None:
+        await self._run(self.release, ticket)
 
-    async def arenew(self, ticket_ids: Sequence[str], lease: float) -> None:
-        await self._run(self.renew, ticket_ids, lease)
+    async def arenew(self, tickets: Sequence[Ticket], lease: float) -> None:
+        await self._run(self.renew, tickets, lease)
 
     async def arotate(self, sub: str, iss: str = "") -> int:
         return await self._run(self.rotate, sub, *scoped(iss))

@@ -224,7 +224,7 @@ class MemoryStore(Store):
             if lock.key in self._fences:
                 fences[lock.key] = self._fences[lock.key]
         device = self._devices.get(a.device) if a.device is not None else None
-        jti_seen = a.one_time and self._jtis.get(a.jti or "", 0.0) > now
+        jti_seen = a.policy.one_time and self._jtis.get(a.jti or "", 0.0) > now
         for kind, value in (("credential", a.credential), ("device", a.device)):
             if value is not None and (at := self._markers.get((kind, value))) is not None:
                 markers.append(Marker(at))
@@ -264,14 +264,14 @@ class MemoryStore(Store):
         s.status, s.expires = status, max(s.expires, now + STATUS_RETENTION)
         return True
 
-    def release(self, ticket_id: str) -> None:
+    def release(self, ticket: Ticket) -> None:
         with self._lock:
-            self._drop_ticket(ticket_id)
+            self._drop_ticket(ticket.ticket_id)
 
-    def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
+    def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
         with self._lock:
             now = self._clock()
-            for ticket_id in ticket_ids:
+            for ticket_id in (t.ticket_id for t in tickets):
                 held = self._tickets.get(ticket_id)
                 if held is None:
                     continue

@@ -32,12 +32,12 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import threading
-import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +62,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from ..denials import Denial
 from ..errors import ConfigurationError, StoreError, StoreUnavailable
+from ..policy import EffectivePolicy
 from ..records import Admission, AuditKind, AuditRecord, LockInfo, SessionInfo, Ticket
 from ..rules import FENCE_SLACK, STATUS_RETENTION, _merge_locks
 from .base import Store
@@ -203,7 +204,7 @@ class _Call:
 
     op: str
     route: str
-    payload: dict[str, Any]
+    payload: dict[str, Any] | str  # a str: JSON already
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,16 +246,6 @@ class _AsyncClient:
         self.ready = False
 
 
-@dataclass(slots=True)
-class _Issued:
-    """A ticket this store admitted and has not released: where its records live."""
-
-    sub: str
-    iss: str
-    locks: tuple[str, ...]
-    deadline: float  # monotonic; after it the ticket has expired anyway
-
-
 def _unavailable(exc: Exception) -> StoreError:
     if isinstance(exc, _UNAVAILABLE):
         return StoreUnavailable(f"redis store unavailable: {type(exc).__name__}: {exc}")
@@ -271,6 +262,30 @@ def _audit_fields(record: AuditRecord) -> dict[str, Any]:
         if value is not None:
             fields[name] = value
     return fields
+
+
+#: policy object -> (its JSON fragment, that fragment as a dict); a policy is usually one object per route
+_policy_fragments: dict[int, tuple[EffectivePolicy, str, dict[str, Any]]] = {}
+_POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(EffectivePolicy))
+
+
+def _policy_json(policy: EffectivePolicy) -> tuple[str, dict[str, Any]]:
+    """The policy's fields under their Python names (sets as sorted lists; a field that is None left out), as JSON
+    and as a dict: made once per policy object."""
+    entry = _policy_fragments.get(id(policy))
+    if entry is not None and entry[0] is policy:
+        return entry[1], entry[2]
+    fields: dict[str, Any] = {}
+    for name in _POLICY_FIELDS:
+        value = getattr(policy, name)
+        if value is not None:
+            fields[name] = sorted(value) if isinstance(value, frozenset) else list(value) if isinstance(
+                value, tuple) else value
+    text = json.dumps(fields, separators=(",", ":"), allow_nan=False)
+    if len(_policy_fragments) >= 4096:  # policies made per request: keep the cache bounded
+        _policy_fragments.clear()
+    _policy_fragments[id(policy)] = (policy, text, fields)  # the entry keeps the policy alive: its id stays its own
+    return text, fields
 
 
 @dataclass(frozen=True)
@@ -407,8 +422,6 @@ class RedisStore(Store):
         self._functions = True  # False once the server turned out to have no functions (or refused to load them)
         self._constants = (repr(STATUS_RETENTION), repr(FENCE_SLACK),
                            str(_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS))
-        self._issued: dict[str, _Issued] = {}
-        self._issued_lock = threading.Lock()
         self._give_backs: set[asyncio.Task[None]] = set()  # compensations of cancelled admissions, still running
         self._sync_client: Any = None
         self._sync_lock = threading.Lock()
@@ -553,7 +566,9 @@ class RedisStore(Store):
 
     def _args(self, call: _Call) -> list[str]:
         clock = "" if self._clock is None else repr(float(self._clock()))
-        return [call.op, clock, self.prefix, json.dumps(call.payload, separators=(",", ":"), allow_nan=False),
+        payload = call.payload if isinstance(call.payload, str) else json.dumps(call.payload, separators=(",", ":"),
+                                                                                allow_nan=False)
+        return [call.op, clock, self.prefix, payload,
                 str(self.audit_max_records), repr(float(self.audit_retention)), *self._constants]
 
     def _answer(self, raw: Any) -> dict[str, Any]:
@@ -791,21 +806,27 @@ class RedisStore(Store):
     # -- admission ---------------------------------------------------------------------------------------------
 
     def _spec(self, a: Admission) -> dict[str, Any]:
+        """The admission as the Lua rule reads it (``policy``: the route's policy, under its Python field names)."""
         spec: dict[str, Any] = {
             "tid": a.ticket_id, "sub": a.sub, "kind": a.kind, "sid": a.session_id, "th": a.token_hash,
             "exp": a.token_exp, "iat": a.token_iat, "gen": a.token_gen, "jti": a.jti, "actor": a.actor,
             "cred": a.credential, "dev": a.device, "client": a.client, "ua": a.user_agent,
-            "tscopes": sorted(a.token_scopes), "auth_time": a.auth_time, "acr": a.acr, "scopes": sorted(a.scopes),
-            "max_auth_age": a.max_auth_age, "acr_values": list(a.acr_values), "one_time": a.one_time,
-            "rcd": a.require_compliant_device, "max_sessions": a.max_sessions, "on_limit": a.on_session_limit,
-            "max_in_flight": a.max_in_flight, "exclusive": a.exclusive, "tags": sorted(a.tags),
-            "conflicts": sorted(a.conflicts), "raises_risk": a.raises_risk, "risk_window": a.risk_window,
-            "max_risk": a.max_risk, "locks": [[r.key, r.mode] for r in _merge_locks(a.locks)],
-            "on_conflict": a.on_lock_conflict, "lease": a.lease, "idle": a.session_idle, "route": a.route,
-            "audit_admitted": a.audit_admitted, "audit_locked": a.audit_locked, "iss": a.iss,
+            "tscopes": sorted(a.token_scopes), "auth_time": a.auth_time, "acr": a.acr,
+            "locks": [[r.key, r.mode] for r in _merge_locks(a.locks)], "lease": a.lease, "idle": a.session_idle,
+            "route": a.route, "audit_admitted": a.audit_admitted, "audit_locked": a.audit_locked, "iss": a.iss,
+            "lg": bool(a.iss) and not self.cluster,
         }
-        spec["lg"] = bool(a.iss) and not self.cluster
         return {k: v for k, v in spec.items() if v is not None}
+
+    def _cluster_spec(self, a: Admission) -> dict[str, Any]:
+        """:meth:`_spec` with the policy, for the steps of a cluster admission."""
+        return {"policy": _policy_json(a.policy)[1], **self._spec(a)}
+
+    def _payload(self, a: Admission) -> str:
+        """The JSON payload of a one-server admission: :meth:`_spec` and the policy's JSON fragment (made once per
+        policy object)."""
+        spec = json.dumps(self._spec(a), separators=(",", ":"), allow_nan=False)
+        return f'{{"policy":{_policy_json(a.policy)[0]},{spec[1:]}'
 
     def admit(self, admission: Admission) -> Ticket | Denial:
         return self._drive(self._admit(admission))
@@ -823,9 +844,7 @@ class RedisStore(Store):
     def _give_back_later(self, a: Admission) -> None:
         """After a cancelled :meth:`aadmit`: the caller never gets the ticket, so take back what the admission may
         have written (as after a timeout), in a background task bounded by the timeout."""
-        with self._issued_lock:
-            self._issued.pop(a.ticket_id, None)
-        undo = {"a": self._spec(a), "pause": False} if self.cluster else None
+        undo = {"a": self._cluster_spec(a), "pause": False} if self.cluster else None
 
         async def give_back() -> None:
             with contextlib.suppress(Exception):
@@ -836,25 +855,24 @@ class RedisStore(Store):
         task.add_done_callback(self._give_backs.discard)
 
     def _admit(self, a: Admission) -> _Flow[Ticket | Denial]:
-        spec = self._spec(a)
         pkey = self._principal(a.sub, a.iss)
         if not self.cluster:
             try:
-                r = yield _Call("admit", pkey, spec)
+                r = yield _Call("admit", pkey, self._payload(a))
             except redis.TimeoutError:  # the script may have run: take back what it may have granted
                 yield from self._give_back(a)
                 raise
             if "d" in r:
                 return Denial(r["d"], r.get("m", ""), r.get("r"))
             return self._issue(a, r, _map(r.get("f")))
-        return (yield from self._admit_cluster(a, spec, pkey))
+        return (yield from self._admit_cluster(a, self._cluster_spec(a), pkey))
 
     def _give_back(self, a: Admission, locks: Iterable[str] | None = None, jti: bool = True,
                    undo: dict[str, Any] | None = None) -> _Flow[None]:
         """Best effort, after a failed call: remove the ticket ``a`` may hold (its locks, its jti claim; in a cluster
         the principal step's writes too, when ``undo`` is given). What this cannot reach ends with the lease."""
         keys = [k for k, _ in self._spec_locks(a)] if locks is None else list(locks)
-        jti_claim = a.jti if jti and a.one_time and a.jti is not None else None
+        jti_claim = a.jti if jti and a.policy.one_time and a.jti is not None else None
         holders = [self._key("l", k) for k in keys]
         tickets = self._principal(a.sub, a.iss, ":tk")
         calls: list[_Call | _Release] = []
@@ -874,22 +892,13 @@ class RedisStore(Store):
                 yield call
 
     def _issue(self, a: Admission, r: dict[str, Any], fences: dict[str, Any]) -> Ticket:
+        """The ticket of an admission: it names every key its release needs (its principal, its locks)."""
         expires = float(r["e"])
-        locks = tuple(req[0] for req in self._spec_locks(a))
-        with self._issued_lock:
-            if len(self._issued) > 1024 and len(self._issued) % 256 == 0:
-                self._prune_issued()
-            self._issued[a.ticket_id] = _Issued(a.sub, a.iss, locks, time.monotonic() + a.lease + 60.0)
         return Ticket(a.ticket_id, a.sub, a.session_id, {k: _int(v) for k, v in fences.items()}, expires, a.iss)
 
     @staticmethod
     def _spec_locks(a: Admission) -> list[tuple[str, str]]:
         return [(r.key, r.mode) for r in _merge_locks(a.locks)]
-
-    def _prune_issued(self) -> None:
-        now = time.monotonic()
-        for tid in [t for t, info in self._issued.items() if info.deadline < now]:
-            del self._issued[tid]
 
     def _groups(self, keys: Iterable[str], key: Callable[[str], str]) -> list[tuple[str, list[str]]]:
         """``keys`` grouped by the slot of ``key(k)``, in order of first appearance: (a routing key, members)."""
@@ -911,7 +920,7 @@ class RedisStore(Store):
             items.append(("cred", a.credential, self._key("c", a.credential)))
         if a.actor is not None:
             items.append(("actor", a.actor, self._principal(a.actor, a.iss)))
-        if a.one_time and a.jti is not None:
+        if a.policy.one_time and a.jti is not None:
             items.append(("jti", a.jti, self._key("j", a.jti)))
         by_slot: dict[int, tuple[str, list[list[str]]]] = {}
         for kind, ident, route in items:
@@ -939,7 +948,7 @@ class RedisStore(Store):
             return Denial(r["d"], r.get("m", ""), r.get("r"))
         # 2. the one-time token's jti, on its slot; 3. the locks, slot by slot in key order (two requests for the
         # same keys meet at the first one). A refusal or a failure undoes the steps before (compensation).
-        jkey = self._key("j", a.jti) if a.one_time and a.jti is not None else None
+        jkey = self._key("j", a.jti) if a.policy.one_time and a.jti is not None else None
         modes = dict(self._spec_locks(a))
         fences: dict[str, Any] = {}
         taken: list[str] = []
@@ -963,7 +972,7 @@ class RedisStore(Store):
                     fences.update(_map(lock.get("f")))
                     taken.extend(keys)
                     continue
-                pause_self = a.on_lock_conflict == "pause" and a.kind != "human"
+                pause_self = a.policy.on_lock_conflict == "pause" and a.kind != "human"
                 key = lock["key"]
                 if pause_self:
                     detail = (f"{key} is being modified by another principal; this session is paused until an "
@@ -976,7 +985,7 @@ class RedisStore(Store):
                 yield from self._give_back(a, locks=taken, undo={
                     "a": spec, "pause": False,
                     "audit": [_denial_record(a, "object_locked", detail)] if a.audit_locked else []})
-                if a.on_lock_conflict == "pause":
+                if a.policy.on_lock_conflict == "pause":
                     why = f"paused by a lock conflict with session {a.session_id} of {a.sub} on {a.route}"
                     for holder_sub, holder_sid, holder_kind, holder_iss in _seq(lock.get("h")):
                         if holder_kind != "human":
@@ -999,40 +1008,37 @@ class RedisStore(Store):
                 yield _Call("record", pkey, {"records": records})
         return ticket
 
-    def release(self, ticket_id: str) -> None:
-        self._drive(self._release(ticket_id))
+    def release(self, ticket: Ticket) -> None:
+        self._drive(self._release(ticket))
 
-    async def arelease(self, ticket_id: str) -> None:
-        await self._aop(lambda: self._release(ticket_id))
+    async def arelease(self, ticket: Ticket) -> None:
+        await self._aop(lambda: self._release(ticket))
 
-    def _release(self, ticket_id: str) -> _Flow[None]:
-        with self._issued_lock:
-            info = self._issued.pop(ticket_id, None)
-        if info is None:  # not admitted here, or already released: its lease ends it
-            return
-        tickets = self._principal(info.sub, info.iss, ":tk")
-        holders = [self._key("l", lock) for lock in info.locks]
+    def _release(self, ticket: Ticket) -> _Flow[None]:
+        """Remove the ticket from its principal's tickets and from the holders of its locks (the keys it names;
+        a ticket released twice, or already expired, changes nothing)."""
+        tickets = self._principal(ticket.sub, ticket.iss, ":tk")
+        holders = [self._key("l", lock) for lock in ticket.fencing_tokens]
         if not self.cluster:
-            yield _Release((tickets, *holders), ticket_id)
+            yield _Release((tickets, *holders), ticket.ticket_id)
             return
-        yield _Release((tickets,), ticket_id)
+        yield _Release((tickets,), ticket.ticket_id)
         for _, keys in self._groups(holders, lambda k: k):
-            yield _Release(tuple(keys), ticket_id)
+            yield _Release(tuple(keys), ticket.ticket_id)
 
-    def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
-        self._drive(self._renew(ticket_ids, lease))
+    def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
+        self._drive(self._renew(tickets, lease))
 
-    async def arenew(self, ticket_ids: Sequence[str], lease: float) -> None:
-        await self._aop(lambda: self._renew(ticket_ids, lease))
+    async def arenew(self, tickets: Sequence[Ticket], lease: float) -> None:
+        await self._aop(lambda: self._renew(tickets, lease))
 
-    def _renew(self, ticket_ids: Sequence[str], lease: float) -> _Flow[None]:
+    def _renew(self, tickets: Sequence[Ticket], lease: float) -> _Flow[None]:
+        """Extend the tickets' records (their principal's, their locks' holders) by ``lease`` from now."""
         by_hash: dict[tuple[str, str, str], list[str]] = {}
-        with self._issued_lock:
-            known = [(tid, self._issued[tid]) for tid in ticket_ids if tid in self._issued]
-        for tid, info in known:
-            by_hash.setdefault(("p", info.sub, info.iss), []).append(tid)
-            for lock in info.locks:
-                by_hash.setdefault(("l", lock, ""), []).append(tid)
+        for ticket in tickets:
+            by_hash.setdefault(("p", ticket.sub, ticket.iss), []).append(ticket.ticket_id)
+            for lock in ticket.fencing_tokens:
+                by_hash.setdefault(("l", lock, ""), []).append(ticket.ticket_id)
         if not by_hash:
             return
         items: list[tuple[str, list[Any]]] = [
@@ -1040,16 +1046,12 @@ class RedisStore(Store):
             for (kind, ident, iss), tids in by_hash.items()]
         if not self.cluster:
             yield _Call("renew", items[0][0], {"lease": lease, "items": [item for _, item in items]})
-        else:
-            groups: dict[int, tuple[str, list[list[Any]]]] = {}
-            for route, item in items:
-                groups.setdefault(self._slot(route), (route, []))[1].append(item)
-            for route, group in groups.values():
-                yield _Call("renew", route, {"lease": lease, "items": group})
-        deadline = time.monotonic() + lease + 60.0
-        with self._issued_lock:
-            for _, info in known:
-                info.deadline = max(info.deadline, deadline)
+            return
+        groups: dict[int, tuple[str, list[list[Any]]]] = {}
+        for route, item in items:
+            groups.setdefault(self._slot(route), (route, []))[1].append(item)
+        for route, group in groups.values():
+            yield _Call("renew", route, {"lease": lease, "items": group})
 
     # -- operations --------------------------------------------------------------------------------------------
 

@@ -213,7 +213,7 @@ def _admission_audit(a: Admission, v: Verdict, before: dict[str, tuple[str, str]
                                        why))
         elif status == "revoked" and was not in (None, "revoked"):
             records.append(AuditRecord("change", "session_evicted", "middleware", sub or a.sub, session_id, a.route,
-                                       f"evicted by session {a.session_id} (max_sessions={a.max_sessions})"))
+                                       f"evicted by session {a.session_id} (max_sessions={a.policy.max_sessions})"))
     return records
 
 
@@ -492,9 +492,10 @@ class SQLiteStore(Store):
 
     def _give_back(self, ticket_id: str) -> None:
         with suppress(StoreError):  # StoreUnavailable too: what is left ends with the lease
-            self.release(ticket_id)
+            self._write(lambda conn, now: self._release(conn, ticket_id))
 
-    async def arelease(self, ticket_id: str) -> None:
+    async def arelease(self, ticket: Ticket) -> None:
+        ticket_id = ticket.ticket_id
         # group commit: on the event loop a release joins the next write transaction, which the next admission on
         # this loop opens (when requests arrive together), or a flush scheduled right after the callbacks already
         # queued (when they do not): other processes see it at most one event-loop turn later
@@ -505,7 +506,7 @@ class SQLiteStore(Store):
         if loop is None or not self.inline or self.inline_async:
             done, _ = self._try_inline(lambda conn, now: self._release(conn, ticket_id))
             if not done:
-                await super().arelease(ticket_id)
+                await super().arelease(ticket)
             return
         with self._pending_lock:
             self._pending[ticket_id] = None
@@ -646,7 +647,7 @@ class SQLiteStore(Store):
         if a.device is not None:
             row = conn.execute("SELECT compliant FROM devices WHERE device_id = ?", (a.device,)).fetchone()
             device_compliant = None if row is None else bool(row[0])
-        jti_seen = a.one_time and conn.execute(
+        jti_seen = a.policy.one_time and conn.execute(
             "SELECT 1 FROM jtis WHERE jti = ? AND expires > ?", (a.jti, now)).fetchone() is not None
         if a.credential is not None or a.device is not None:
             markers.extend(Marker(r[0]) for r in conn.execute(
@@ -708,17 +709,18 @@ class SQLiteStore(Store):
                      (math.floor((now - FENCE_SLACK) * 1_000_000),))
         self._prune_audit(conn, now)
 
-    def release(self, ticket_id: str) -> None:
-        self._write(lambda conn, now: self._release(conn, ticket_id))
+    def release(self, ticket: Ticket) -> None:
+        self._write(lambda conn, now: self._release(conn, ticket.ticket_id))
 
     @staticmethod
     def _release(conn: sqlite3.Connection, ticket_id: str) -> None:
         if not conn.execute("DELETE FROM tickets WHERE ticket_id = ?", (ticket_id,)).rowcount:
             conn.execute("DELETE FROM locks WHERE ticket_id = ?", (ticket_id,))  # the trigger deletes the others
 
-    def renew(self, ticket_ids: Sequence[str], lease: float) -> None:
-        if not ticket_ids:
+    def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
+        if not tickets:
             return
+        ticket_ids = [t.ticket_id for t in tickets]
         marks = ",".join("?" * len(ticket_ids))
 
         def run(conn: sqlite3.Connection, now: float) -> None:

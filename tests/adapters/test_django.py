@@ -640,10 +640,10 @@ class CountingStore(MemoryStore):
         self.released: Counter[str] = Counter()
         self._count_lock = threading.Lock()
 
-    def release(self, ticket_id: str) -> None:
+    def release(self, ticket: Ticket) -> None:
         with self._count_lock:
-            self.released[ticket_id] += 1
-        super().release(ticket_id)
+            self.released[ticket.ticket_id] += 1
+        super().release(ticket)
 
 
 @pytest.fixture

@@ -486,11 +486,11 @@ class LateReleaseStore(SQLiteStore):
                 self._admits += 1
                 self._cond.notify_all()
 
-    def release(self, ticket_id: str) -> None:
+    def release(self, ticket: Ticket) -> None:
         with self._cond:
             seen = self._admits
             self._cond.wait_for(lambda: self._admits > seen, timeout=1.0)  # bounded: the last release waits 1 s
-        super().release(ticket_id)
+        super().release(ticket)
 
 
 @pytest.fixture(params=["asgi", "wsgi"])

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from support import admission_of
 
 from sa_middleware.denials import Denial
 from sa_middleware.records import Admission, LockRequest, Ticket
@@ -183,7 +184,7 @@ def make_admission(clock: Callable[[], float], **overrides: Any) -> Admission:
         "route": "POST /things",
     }
     values.update(overrides)
-    return Admission(**values)
+    return admission_of(**values)
 
 
 class Driver:
@@ -207,7 +208,7 @@ class Driver:
     def passes(self, **overrides: Any) -> Ticket:
         """Admit and release at once (the request ran and finished)."""
         ticket = self.ok(**overrides)
-        self.store.release(ticket.ticket_id)
+        self.store.release(ticket)
         return ticket
 
     def deny(self, code: str, **overrides: Any) -> Denial:
@@ -246,15 +247,20 @@ def test_admit_returns_ticket_and_release_frees_it(d: Driver) -> None:
     assert ticket.expires > d.clock()
     d.deny("too_many_in_flight", max_in_flight=1)
     d.deny("object_locked", sub="bob", locks=X)
-    d.store.release(ticket.ticket_id)
+    d.store.release(ticket)
     d.passes(max_in_flight=1)
     d.passes(sub="bob", locks=X)
     assert d.store.locks() == []
 
 
 def test_release_of_unknown_ticket_is_harmless(d: Driver) -> None:
-    d.store.release("no-such-ticket")
-    d.passes()
+    held = d.ok(locks=X, max_in_flight=1)
+    # an unknown ticket naming the same principal, session and lock frees nothing of the ticket that holds them
+    d.store.release(Ticket("no-such-ticket", held.sub, held.session_id, dict(held.fencing_tokens), held.expires))
+    d.deny("object_locked", sub="bob", locks=X)
+    d.deny("too_many_in_flight", max_in_flight=1)
+    d.store.release(held)
+    d.passes(sub="bob", locks=X)
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -650,9 +656,9 @@ def test_token_reuse_from_another_client(d: Driver) -> None:
     d.deny("token_reuse", token_hash="T", client="10.9.9.9|other")
     second = d.ok(token_hash="T", client="10.0.0.1|ua")  # same client, concurrent: fine
     d.passes(session_id="alice-2", token_hash="U", client="10.9.9.9|other")  # another token: fine
-    d.store.release(held.ticket_id)
+    d.store.release(held)
     d.deny("token_reuse", token_hash="T", client="10.9.9.9|other")  # still one in flight
-    d.store.release(second.ticket_id)
+    d.store.release(second)
     d.passes(token_hash="T", client="10.9.9.9|other")  # nothing in flight: a client may move
 
 
@@ -668,7 +674,7 @@ def test_refused_one_time_admission_does_not_burn_the_jti(d: Driver) -> None:
     d.deny("insufficient_scope", one_time=True, jti="j-1", scopes=frozenset({"pay"}))
     held = d.ok(session_id="alice-2")
     d.deny("too_many_in_flight", one_time=True, jti="j-1", max_in_flight=1)
-    d.store.release(held.ticket_id)
+    d.store.release(held)
     d.passes(one_time=True, jti="j-1", scopes=frozenset({"pay"}), token_scopes=frozenset({"pay"}))
     d.deny("token_replayed", one_time=True, jti="j-1")
 
@@ -750,7 +756,7 @@ def test_too_many_sessions_reject(d: Driver) -> None:
 def test_too_many_sessions_counts_held_and_finished_requests_alike(d: Driver) -> None:
     held = d.ok(session_id="alice-1", max_sessions=1)
     d.deny("too_many_sessions", session_id="alice-2", max_sessions=1)
-    d.store.release(held.ticket_id)
+    d.store.release(held)
     d.deny("too_many_sessions", session_id="alice-2", max_sessions=1)
 
 
@@ -866,7 +872,7 @@ def test_too_many_in_flight_across_sessions(d: Driver) -> None:
     assert denial.retry_after is not None and denial.retry_after >= 1
     d.deny("too_many_in_flight", session_id="alice-1", max_in_flight=2)
     d.passes(sub="bob", max_in_flight=1)  # per principal
-    d.store.release(t1.ticket_id)
+    d.store.release(t1)
     d.ok(session_id="alice-3", max_in_flight=2)
     d.deny("too_many_in_flight", session_id="alice-3", max_in_flight=2)
 
@@ -881,7 +887,7 @@ def test_exclusive_request_refused_while_anything_in_flight(d: Driver) -> None:
     denial = d.deny("conflicting_action", session_id="alice-2", exclusive=True)
     assert denial.retry_after is not None
     d.passes(sub="bob", exclusive=True)  # other principals are unaffected
-    d.store.release(held.ticket_id)
+    d.store.release(held)
     d.passes(session_id="alice-2", exclusive=True)
 
 
@@ -890,7 +896,7 @@ def test_anything_refused_while_an_exclusive_action_is_in_flight(d: Driver) -> N
     d.deny("conflicting_action", session_id="alice-2")
     d.deny("conflicting_action", session_id="alice-1", tags=frozenset({"read"}))
     d.passes(sub="bob")
-    d.store.release(held.ticket_id)
+    d.store.release(held)
     d.passes(session_id="alice-2")
 
 
@@ -900,13 +906,13 @@ def test_conflicting_tags_both_directions(d: Driver) -> None:
     d.passes(session_id="alice-2", conflicts=frozenset({"import"}))
     d.passes(session_id="alice-2", tags=frozenset({"export"}))  # same tag without a conflict: fine
     d.passes(sub="bob", conflicts=frozenset({"export"}))
-    d.store.release(exporting.ticket_id)
+    d.store.release(exporting)
     d.passes(session_id="alice-2", conflicts=frozenset({"export"}))
 
     guarded = d.ok(conflicts=frozenset({"delete"}))
     d.deny("conflicting_action", session_id="alice-2", tags=frozenset({"delete", "x"}))
     d.passes(session_id="alice-2", tags=frozenset({"x"}))
-    d.store.release(guarded.ticket_id)
+    d.store.release(guarded)
     d.passes(session_id="alice-2", tags=frozenset({"delete"}))
 
 
@@ -952,7 +958,7 @@ def test_exclusive_locks_exclude_each_other_across_principals(d: Driver) -> None
     assert denial.retry_after is not None and denial.retry_after >= 1
     d.deny("object_locked", session_id="alice-2", locks=X)  # the same principal too
     d.passes(sub="bob", locks=(LockRequest("obj:2"),))
-    d.store.release(held.ticket_id)
+    d.store.release(held)
     d.passes(sub="bob", locks=X)
 
 
@@ -960,12 +966,12 @@ def test_shared_locks_coexist(d: Driver) -> None:
     r1 = d.ok(locks=S)
     r2 = d.ok(sub="bob", locks=S)
     d.deny("object_locked", sub="carol", locks=X)
-    d.store.release(r1.ticket_id)
+    d.store.release(r1)
     d.deny("object_locked", sub="carol", locks=X)
-    d.store.release(r2.ticket_id)
+    d.store.release(r2)
     w = d.ok(sub="carol", locks=X)
     d.deny("object_locked", sub="bob", locks=S)
-    d.store.release(w.ticket_id)
+    d.store.release(w)
     d.passes(sub="bob", locks=S)
 
 
@@ -974,7 +980,7 @@ def test_a_request_with_several_locks_gets_all_or_none(d: Driver) -> None:
     d.deny("object_locked", locks=(LockRequest("obj:1"), LockRequest("obj:2")))
     assert [lock.key for lock in d.store.locks()] == ["obj:2"]
     d.passes(sub="carol", locks=X)  # obj:1 was not taken by the refused request
-    d.store.release(held.ticket_id)
+    d.store.release(held)
     ticket = d.ok(locks=(LockRequest("obj:1"), LockRequest("obj:2")))
     assert set(ticket.fencing_tokens) == {"obj:1", "obj:2"}
 
@@ -1001,7 +1007,7 @@ def test_locks_lists_held_locks_with_fencing_tokens(d: Driver) -> None:
     assert one.expires > d.clock()
     assert seen[("doc:9", t2.ticket_id)].mode == "shared"
     assert seen[("doc:9", t2.ticket_id)].fencing_token == t2.fencing_tokens["doc:9"]
-    d.store.release(t1.ticket_id)
+    d.store.release(t1)
     assert [(lock.key, lock.ticket_id) for lock in d.store.locks()] == [("doc:9", t2.ticket_id)]
 
 
@@ -1106,7 +1112,7 @@ def test_renew_extends_live_tickets(d: Driver) -> None:
     # needs_clock
     held = d.ok(locks=X, max_in_flight=1, lease=1.0)
     d.clock.advance(0.6)
-    d.store.renew([held.ticket_id], 2.0)
+    d.store.renew([held], 2.0)
     d.clock.advance(0.9)  # past the first lease, within the renewed one
     d.deny("object_locked", sub="bob", locks=X)
     d.deny("too_many_in_flight", session_id="alice-2", max_in_flight=1)
@@ -1119,7 +1125,7 @@ def test_renew_does_not_resurrect_expired_tickets(d: Driver) -> None:
     # needs_clock
     held = d.ok(locks=X, max_in_flight=1, lease=1.0)
     d.clock.advance(1.5)
-    d.store.renew([held.ticket_id], 30.0)
+    d.store.renew([held], 30.0)
     assert d.store.locks() == []
     d.passes(sub="bob", locks=X)
     d.passes(session_id="alice-2", max_in_flight=1)
@@ -1127,14 +1133,14 @@ def test_renew_does_not_resurrect_expired_tickets(d: Driver) -> None:
 
 def test_renew_of_nothing_and_unknown_tickets(d: Driver) -> None:
     d.store.renew([], 30.0)
-    d.store.renew(["no-such-ticket"], 30.0)
+    d.store.renew([Ticket("no-such-ticket", "alice", "alice-1", {"obj:1": 1}, d.clock() + 30.0)], 30.0)
     d.passes()
 
 
 def test_released_ticket_is_not_renewed(d: Driver) -> None:
     held = d.ok(locks=X)
-    d.store.release(held.ticket_id)
-    d.store.renew([held.ticket_id], 30.0)
+    d.store.release(held)
+    d.store.renew([held], 30.0)
     assert d.store.locks() == []
     d.passes(sub="bob", locks=X)
 
@@ -1224,7 +1230,7 @@ def test_sessions_tickets_and_risk_are_counted_per_issuer(d: Driver) -> None:
     held = d.ok(iss=A, session_id="a-1", exclusive=True, raises_risk=5, risk_window=60)
     d.passes(iss=B, session_id="b-1", max_in_flight=1, max_risk=0)
     d.deny("conflicting_action", iss=A, session_id="a-1")
-    d.store.release(held.ticket_id)
+    d.store.release(held)
     d.deny("risk_too_high", iss=A, session_id="a-1", max_risk=0)
 
 
@@ -1418,7 +1424,7 @@ def test_order_in_flight_before_conflicts_before_risk_before_locks(d: Driver) ->
     everything: dict[str, Any] = {"session_id": "alice-2", "max_risk": 0, "locks": X}
     d.deny("too_many_in_flight", max_in_flight=1, **everything)
     d.deny("conflicting_action", **everything)
-    d.store.release(exclusive.ticket_id)
+    d.store.release(exclusive)
     d.deny("risk_too_high", **everything)
     d.deny("object_locked", **{**everything, "max_risk": 5})
 
@@ -1437,8 +1443,8 @@ async def test_async_admit_and_release(d: Driver) -> None:
     assert isinstance(denial, Denial) and denial.code == "too_many_in_flight"
     locks = await store.alocks()
     assert [(lock.key, lock.ticket_id) for lock in locks] == [("obj:1", held.ticket_id)]
-    await store.arenew([held.ticket_id], 30.0)
-    await store.arelease(held.ticket_id)
+    await store.arenew([held], 30.0)
+    await store.arelease(held)
     assert await store.alocks() == []
     second = await store.aadmit(d.admission(sub="bob", locks=X))
     assert isinstance(second, Ticket)
@@ -1528,7 +1534,7 @@ def _hammer(stores: list[Store], build: Callable[[int, int], Admission], key: st
                 for _ in range(20):
                     time.sleep(0)  # let other threads run while this ticket is held
                 book.leave()
-                store.release(result.ticket_id)
+                store.release(result)
         except BaseException as exc:  # reported by the main thread
             with book.lock:
                 book.errors.append(exc)

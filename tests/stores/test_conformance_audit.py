@@ -59,7 +59,7 @@ def test_every_kind_of_store_denial_is_recorded(d: Driver) -> None:
     t = d.ok(sub="bob", locks=X)
     d.deny("object_locked", locks=X)
     d.deny("too_many_in_flight", sub="bob", session_id="bob-2", max_in_flight=1)
-    d.store.release(t.ticket_id)
+    d.store.release(t)
     codes = [r.code for r in audit(d, kind="denial")]
     assert codes == ["too_many_in_flight", "object_locked", "insufficient_scope", "session_revoked"]
 
@@ -83,7 +83,7 @@ def test_object_locked_is_not_recorded_while_the_guard_waits(d: Driver) -> None:
     assert [r.code for r in audit(d)] == ["object_locked"]
     d.deny("insufficient_scope", audit_locked=False, scopes=frozenset({"admin"}))  # only object_locked is deferred
     assert [r.code for r in audit(d)] == ["insufficient_scope", "object_locked"]
-    d.store.release(t.ticket_id)
+    d.store.release(t)
 
 
 def test_a_lock_conflict_pause_of_the_requester_is_recorded(d: Driver) -> None:
@@ -98,7 +98,7 @@ def test_a_lock_conflict_pause_of_the_requester_is_recorded(d: Driver) -> None:
     assert "lock conflict" in change.detail
     d.deny("session_paused", sub="agent", kind="agent")  # refused while paused: no second change
     assert len(audit(d, sub="agent", kind="change")) == 1
-    d.store.release(held.ticket_id)
+    d.store.release(held)
 
 
 def test_a_lock_conflict_pause_of_the_holder_is_recorded_once(d: Driver) -> None:
@@ -110,7 +110,7 @@ def test_a_lock_conflict_pause_of_the_holder_is_recorded_once(d: Driver) -> None
     assert "bob-1" in change.detail and "bob" in change.detail
     assert [r.code for r in audit(d, sub="bob")] == ["object_locked", "object_locked"]
     assert d.status("agent", "agent-1") == "paused"
-    d.store.release(held.ticket_id)
+    d.store.release(held)
 
 
 def test_an_eviction_is_recorded(d: Driver) -> None:

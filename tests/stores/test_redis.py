@@ -41,7 +41,7 @@ from redis_support import (
     store_uri,
     wait_for,
 )
-from support import make_guard
+from support import admission_of, make_guard
 
 from sa_middleware import RequestInfo
 from sa_middleware.demo import DemoIssuer
@@ -80,7 +80,7 @@ def adm(**overrides: Any) -> Admission:
         "credential": None, "device": None, "client": "10.0.0.1", "user_agent": "pytest", "route": "PUT /objects/{id}",
     }
     values.update(overrides)
-    return Admission(**values)
+    return admission_of(**values)
 
 
 def ok(store: Store, **overrides: Any) -> Ticket:
@@ -210,7 +210,7 @@ def test_unix_socket_sentinel_and_cluster_uris_serve_admissions(tmp_path: Path) 
         with opened(uri) as store:
             ticket = ok(store, locks=(LockRequest("obj:1"),))
             refused(store, "object_locked", sub="bob", locks=(LockRequest("obj:1"),))
-            store.release(ticket.ticket_id)
+            store.release(ticket)
             ok(store, sub="bob", locks=(LockRequest("obj:1"),))
     finally:
         srv.stop()
@@ -220,7 +220,7 @@ def test_unix_socket_sentinel_and_cluster_uris_serve_admissions(tmp_path: Path) 
             with opened(uri) as store:
                 ticket = ok(store, locks=(LockRequest("obj:1"),))
                 assert [lock.ticket_id for lock in store.locks()] == [ticket.ticket_id]
-                store.release(ticket.ticket_id)
+                store.release(ticket)
                 assert store.locks() == []
         finally:
             forget_prefix(uri)
@@ -253,12 +253,12 @@ def test_the_function_library_is_loaded_once_and_again_after_a_flush(server: Red
         ok(store, session_id="s-1")  # a fresh server: the library is loaded once
         before = commandstats(server)
         assert before["function|load"] == 1
-        store.release(ok(store, session_id="s-2").ticket_id)
+        store.release(ok(store, session_id="s-2"))
         assert commandstats(server)["function|load"] == 1
         server.command("FUNCTION", "FLUSH")  # a restarted server or an operator empties the libraries
         ok(store, session_id="s-3")
         for i in range(3):
-            store.release(ok(store, session_id=f"s-{i + 4}").ticket_id)
+            store.release(ok(store, session_id=f"s-{i + 4}"))
         after = commandstats(server)
         assert after["function|load"] == 2  # one reload, then FCALL again
         assert "evalsha" not in after and "eval" not in after
@@ -283,9 +283,9 @@ def test_a_server_without_functions_runs_the_scripts(tmp_path: Path) -> None:
             assert (after["evalsha"], after["eval"]) == (6, 2)  # one NOSCRIPT and one reload, then EVALSHA again
             # the release, the renewal and the operations run their own scripts
             ticket = ok(store, sub="bob", locks=(LockRequest("obj:1"),), max_in_flight=1)
-            store.renew([ticket.ticket_id], 60.0)
+            store.renew([ticket], 60.0)
             refused(store, "too_many_in_flight", sub="bob", session_id="bob-1", max_in_flight=1)
-            store.release(ticket.ticket_id)
+            store.release(ticket)
             assert store.locks() == []
             assert store.revoke_session("s-6") is True
             refused(store, "session_revoked", session_id="s-6")
@@ -298,7 +298,7 @@ def test_admission_and_release_are_one_round_trip_each(server: RedisServer, monk
     import redis.connection
 
     with opened(private_uri(server)) as store:
-        store.release(ok(store, session_id="warm-up").ticket_id)  # connects and loads the library
+        store.release(ok(store, session_id="warm-up"))  # connects and loads the library
         answers = [0]
         read = redis.connection.AbstractConnection.read_response
 
@@ -311,7 +311,7 @@ def test_admission_and_release_are_one_round_trip_each(server: RedisServer, monk
         for i in range(rounds):
             ticket = ok(store, sub=f"user-{i}", device="laptop", credential="jkt", actor="agent", one_time=True,
                         jti=f"j-{i}", locks=(LockRequest("a"), LockRequest("b", "shared")))
-            store.release(ticket.ticket_id)
+            store.release(ticket)
         monkeypatch.undo()
         after = commandstats(server)
         assert answers[0] == 2 * rounds  # one answer read per admission and per release
@@ -400,7 +400,7 @@ def test_a_restarted_redis_is_recovered_from_without_restarting_the_app(server: 
             return True
         wait_for(answers, "the store to answer again")
         refused(store, "token_revoked", token_iat=issued)
-        store.release(held.ticket_id)  # harmless: the ticket went with the state
+        store.release(held)  # harmless: the ticket went with the state
         fresh = server_time(server.client()) + 0.01
         ok(store, token_iat=fresh, locks=(LockRequest("obj:1"),))
     client.close()
@@ -414,7 +414,7 @@ def test_a_declared_state_loss_after_restoring_a_backup(kind: str, tmp_path: Pat
         with opened(uri) as store:
             issued = time.time() - 60
             before = ok(store, token_iat=issued, locks=(LockRequest("obj:1"),))
-            store.release(before.ticket_id)
+            store.release(before)
             watermark = store.declare_state_loss()
             refused(store, "token_revoked", token_iat=issued)
             refused(store, "token_revoked", sub="bob", token_iat=watermark - 0.001)
@@ -466,7 +466,7 @@ def audit_scenario(store: Store, tid: str) -> None:
     refused(store, "object_locked", locks=obj, route="PUT /obj/{id}")
     refused(store, "object_locked", locks=obj, audit_locked=False)  # the Guard records the final refusal itself
     refused(store, "session_paused", sub="bot", kind="agent", locks=obj, on_lock_conflict="pause")
-    store.release(held.ticket_id)
+    store.release(held)
     ok(store, sub="svc", kind="service", locks=(LockRequest("obj:2"),))
     refused(store, "object_locked", sub="carol", locks=(LockRequest("obj:2"),), on_lock_conflict="pause")
     ok(store, sub="dave", session_id="dave-1", max_sessions=1)
@@ -570,7 +570,7 @@ def test_a_paused_redis_gives_store_unavailable_and_the_app_recovers(server: Red
         again = finishes(lambda: guard.admit(request))  # the same app, no restart
         assert isinstance(again, Admitted)
         guard.release(again.ticket)
-        store.release(held.ticket_id)
+        store.release(held)
         guard.close()  # writes its buffered audit records while the server is up
 
 
@@ -641,9 +641,9 @@ async def test_async_operations_never_use_a_worker_thread(shared_uri: str, monke
     try:
         ticket = await store.aadmit(adm(locks=(LockRequest("obj:1"),)))
         assert isinstance(ticket, Ticket)
-        await store.arenew([ticket.ticket_id], 30.0)
+        await store.arenew([ticket], 30.0)
         assert [lock.key for lock in await store.alocks()] == ["obj:1"]
-        await store.arelease(ticket.ticket_id)
+        await store.arelease(ticket)
         assert await store.arotate("alice") == 1
         assert await store.apause_session("alice-1") is True
         assert [s.status for s in await store.asessions("alice", 900)] == ["paused"]
@@ -673,7 +673,7 @@ async def test_a_cancelled_aadmit_gives_back_its_ticket_and_locks(server: RedisS
     try:
         warm = await store.aadmit(adm(session_id="warm"))  # connected, script loaded
         assert isinstance(warm, Ticket)
-        await store.arelease(warm.ticket_id)
+        await store.arelease(warm)
         monkeypatch.setattr(Connection, "send_packed_command", send_and_tell)
         server.pause()
         try:
@@ -780,7 +780,7 @@ def test_refused_locks_leave_no_trace(kind: str, tmp_path: Path) -> None:
             refused(store, "session_paused", sub="bot", kind="agent", session_id="bot-1", locks=both,
                     on_lock_conflict="pause")
             refused(store, "session_paused", sub="bot", kind="agent", session_id="bot-1")
-            store.release(held.ticket_id)
+            store.release(held)
             ok(store, sub="carol", locks=both)
     finally:
         forget_prefix(uri)
@@ -801,15 +801,15 @@ def test_fencing_counters_expire_and_tokens_keep_increasing(kind: str, tmp_path:
             for key in keys:
                 ticket = ok(store, locks=(LockRequest(key),), lease=30.0)
                 fences[key] = ticket.fencing_tokens[key]
-                store.release(ticket.ticket_id)
+                store.release(ticket)
             bound = (30.0 + FENCE_SLACK + 1.0) * 1000
             for key in keys:
                 assert 0 < client.pttl(store._key("l", key) + ":f") <= bound
             held = ok(store, locks=(LockRequest(keys[0]),), lease=1.0)
             assert held.fencing_tokens[keys[0]] > fences[keys[0]]
-            store.renew([held.ticket_id], 300.0)
+            store.renew([held], 300.0)
             assert client.pttl(store._key("l", keys[0]) + ":f") > 300_000  # a renewal keeps the counter too
-            store.release(held.ticket_id)
+            store.release(held)
             client.delete(store._key("l", keys[1]) + ":f")  # as if its TTL ran out
             again = ok(store, sub="bob", locks=(LockRequest(keys[1]),)).fencing_tokens[keys[1]]
             assert again > fences[keys[1]]
@@ -863,7 +863,7 @@ def test_cluster_cross_slot_admissions_under_threads(cluster_uri: str) -> None:
                         in_flight[sub] -= 1
                         for key in result.fencing_tokens:
                             holding[key] -= 1
-                    client.release(result.ticket_id)
+                    client.release(result)
             except BaseException as exc:
                 with guard:
                     errors.append(exc)
@@ -880,7 +880,7 @@ def test_cluster_cross_slot_admissions_under_threads(cluster_uri: str) -> None:
         assert set(codes) <= {"object_locked", "too_many_in_flight"}
         assert store.locks() == []
         for p in range(principals):  # no pending ticket was left behind by a compensation
-            store.release(ok(store, sub=f"user-{p}", session_id=f"user-{p}-0", max_in_flight=1).ticket_id)
+            store.release(ok(store, sub=f"user-{p}", session_id=f"user-{p}-0", max_in_flight=1))
 
 
 def test_cluster_loss_of_one_master_is_detected_for_its_slots_only(cluster_uri: str) -> None:

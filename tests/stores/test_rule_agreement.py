@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import admission_of
 
 from sa_middleware.denials import Denial
 from sa_middleware.records import Admission, LockRequest, Ticket
@@ -77,7 +78,7 @@ class Pair:
         self.clock = Clock()
         self.memory = MemoryStore(clock=self.clock)
         self.redis = RedisStore.from_uri(redis_uri, timeout=10.0, clock=self.clock)
-        self.held: list[str] = []
+        self.held: list[tuple[Ticket, Ticket]] = []  # (memory's, Redis's) ticket of one admission
         self.serial = 0
 
     def close(self) -> None:
@@ -89,7 +90,7 @@ class Pair:
         now = self.clock()
         policy = dict(op.policy)
         locks = tuple(LockRequest(key, mode) for key, mode in policy.pop("locks", ()))
-        return Admission(
+        return admission_of(
             ticket_id=f"t{self.serial}", sub=op.sub, kind=op.kind, session_id=f"{op.sub}-{op.session}",
             token_hash=f"hash:{op.sub}-{op.session}", token_exp=now + 3600, token_iat=now - op.iat_ago,
             token_gen=op.gen, jti=op.jti, actor=None, credential=None, device=None, client=f"{op.client}|ua",
@@ -102,19 +103,19 @@ class Pair:
         if isinstance(op, Release):
             if not self.held:
                 return None, None
-            ticket_id = self.held.pop(op.index % len(self.held))
-            self.memory.release(ticket_id)
-            self.redis.release(ticket_id)
+            mine, theirs = self.held.pop(op.index % len(self.held))
+            self.memory.release(mine)
+            self.redis.release(theirs)
             return None, None
         if isinstance(op, Operator):
             return self._operate(self.memory, op), self._operate(self.redis, op)
         a = self.admission(op)
-        outcomes = _outcome(self.memory.admit(a)), _outcome(self.redis.admit(a))
-        if outcomes[0][0] == "admitted":
-            self.held.append(a.ticket_id)
-        if outcomes[1][0] == "admitted" and outcomes[0][0] != "admitted":
-            self.redis.release(a.ticket_id)  # keep the two in step for the rest of the sequence
-        return outcomes
+        results = self.memory.admit(a), self.redis.admit(a)
+        if isinstance(results[0], Ticket) and isinstance(results[1], Ticket):
+            self.held.append((results[0], results[1]))
+        elif isinstance(results[1], Ticket):
+            self.redis.release(results[1])  # keep the two in step for the rest of the sequence
+        return _outcome(results[0]), _outcome(results[1])
 
     @staticmethod
     def _operate(store: Store, op: Operator) -> Any:

@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+from support import admission_of
 
 from sa_middleware.denials import Denial
 from sa_middleware.records import Admission, LockRequest, Ticket
@@ -30,7 +31,7 @@ def admission(**overrides: Any) -> Admission:
         device=None, client="127.0.0.1", user_agent="ua", route="PUT /objects/{id}",
         locks=(LockRequest("object:1"),))
     values.update(overrides)
-    return Admission(**values)
+    return admission_of(**values)
 
 
 @pytest.mark.anyio
@@ -46,7 +47,7 @@ async def test_free_database_is_decided_inline_without_a_thread(tmp_path: Path,
         ticket = await store.aadmit(admission())
         assert isinstance(ticket, Ticket)
         assert isinstance(await store.aadmit(admission()), Denial)  # the lock is held
-        await store.arelease(ticket.ticket_id)
+        await store.arelease(ticket)
         assert isinstance(await store.aadmit(admission()), Ticket)
     finally:
         store.close()
@@ -88,7 +89,7 @@ async def test_inline_off_uses_worker_threads(tmp_path: Path, monkeypatch: pytes
     try:
         ticket = await store.aadmit(admission())
         assert isinstance(ticket, Ticket)
-        await store.arelease(ticket.ticket_id)
+        await store.arelease(ticket)
         assert len(calls) == 2
     finally:
         store.close()
@@ -104,7 +105,7 @@ def test_many_inline_commits_with_checkpoints_leave_a_sound_database(tmp_path: P
             ticket = await store.aadmit(admission(session_id=f"s-{i % 3}"))
             assert isinstance(ticket, Ticket), ticket
             fences.append(ticket.fencing_tokens["object:1"])
-            await store.arelease(ticket.ticket_id)
+            await store.arelease(ticket)
 
     try:
         anyio.run(churn)
@@ -134,7 +135,7 @@ def test_fencing_counters_of_unused_keys_are_pruned_and_tokens_keep_increasing(t
             ticket = store.admit(admission(locks=(LockRequest(f"order:{i}"),)))
             assert isinstance(ticket, Ticket), ticket
             fences[f"order:{i}"] = ticket.fencing_tokens[f"order:{i}"]
-            store.release(ticket.ticket_id)
+            store.release(ticket)
         now[0] += FENCE_SLACK + 30.0  # past the slack and the sweep interval
         again = store.admit(admission(sub="bob", session_id="bob-1", locks=(LockRequest("order:0"),)))
         assert isinstance(again, Ticket), again

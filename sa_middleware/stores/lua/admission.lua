@@ -1,7 +1,9 @@
--- sa-middleware Redis store: admission and release.
+-- sa-middleware Redis store: admission.
 --
 -- sa.evaluate is sa_middleware/rules.py's `evaluate`, line for line: the same checks in the same order with the same
--- codes, details and Retry-After values. The conformance suite keeps the two equal.
+-- codes, details and Retry-After values (tests/stores/test_rule_agreement.py runs both on the same cases). The
+-- admission `a` carries the route's policy as `a.policy`: the fields of records.EffectivePolicy under their Python
+-- names (a field that is None is absent).
 
 local COMPROMISED = 'this context is related to a reported compromise; re-authenticate'
 
@@ -69,7 +71,7 @@ function sa.snapshot(a, now, since, facts)
     if a.dev ~= nil then sa.fact({'dev', a.dev}, nil, a.iss, keep_for, facts) end
     if a.cred ~= nil then sa.fact({'cred', a.cred}, nil, a.iss, keep_for, facts) end
     if a.actor ~= nil then sa.fact({'actor', a.actor}, nil, a.iss, keep_for, facts) end
-    if a.one_time and a.jti ~= nil then sa.fact({'jti', a.jti}, nil, a.iss, keep_for, facts) end
+    if a.policy.one_time and a.jti ~= nil then sa.fact({'jti', a.jti}, nil, a.iss, keep_for, facts) end
     if s.session == nil then
       local h = redis.call('HMGET', sa.key('s', a.sid), 'o', 'st', 'oi')
       if h[1] then facts.idx = {o = h[1], st = h[2] or nil, oi = h[3] or nil} else facts.idx = false end
@@ -159,35 +161,35 @@ function sa.evaluate(a, s, with_locks)
   for _, t in ipairs(s.tickets) do
     if t.th == a.th and t.cl ~= client then return deny(v, 'token_reuse', 'this token is in use by another client') end
   end
-  if a.one_time and s.jti_seen then return deny(v, 'token_replayed', 'this one-time token was already used') end
+  if a.policy.one_time and s.jti_seen then return deny(v, 'token_replayed', 'this one-time token was already used') end
 
   -- scopes and step-up
-  if #a.scopes > 0 then
+  if #a.policy.scopes > 0 then
     local granted = sa.set(a.tscopes)
     if p.pv ~= nil and (a.iat == nil or p.pa == nil or a.iat < p.pa) then
       local kept = {}
       for x in pairs(granted) do if p.pv[x] then kept[x] = true end end
       granted = kept
     end
-    for _, x in ipairs(a.scopes) do
+    for _, x in ipairs(a.policy.scopes) do
       if not granted[x] then return deny(v, 'insufficient_scope', 'required scope missing or withdrawn') end
     end
   end
-  if a.max_auth_age ~= nil and (a.auth_time == nil or now - a.auth_time > a.max_auth_age) then
+  if a.policy.max_auth_age ~= nil and (a.auth_time == nil or now - a.auth_time > a.policy.max_auth_age) then
     return deny(v, 'step_up_required', 'a more recent authentication is required')
   end
   local acr = a.acr
   if p.aa ~= nil and (a.iat == nil or a.iat < p.aa) then
     acr = p.as -- the assurance level reported since the token was issued replaces its acr
   end
-  if #a.acr_values > 0 then
+  if #a.policy.acr_values > 0 then
     local met = false
-    for _, x in ipairs(a.acr_values) do if x == acr then met = true end end
+    for _, x in ipairs(a.policy.acr_values) do if x == acr then met = true end end
     if not met then return deny(v, 'step_up_required', 'a stronger authentication is required') end
   end
 
   -- device posture
-  if a.rcd then
+  if a.policy.require_compliant_device then
     if a.dev == nil then return deny(v, 'device_noncompliant', 'the token names no device') end
     if s.dev_ok == false then return deny(v, 'device_noncompliant', 'the device is marked non-compliant') end
   end
@@ -196,35 +198,35 @@ function sa.evaluate(a, s, with_locks)
   -- max_sessions oldest active sessions ("reject"); "evict_oldest" evicts the oldest others until it is one of at
   -- most max_sessions. A session that is not active yet counts as the newest.
   local evict = {}
-  if a.max_sessions ~= nil then
+  if a.policy.max_sessions ~= nil then
     local others = {}
     for _, x in ipairs(s.sessions) do
       if x.id ~= a.sid and sa.is_active(x, a.idle, now) then others[#others + 1] = x end
     end
     table.sort(others, older)
-    if a.on_limit == 'evict_oldest' then
-      for i = 1, #others - a.max_sessions + 1 do evict[#evict + 1] = others[i].id end
+    if a.policy.on_session_limit == 'evict_oldest' then
+      for i = 1, #others - a.policy.max_sessions + 1 do evict[#evict + 1] = others[i].id end
     else
       local count = #others
       if session ~= nil and sa.is_active(session, a.idle, now) then
         count = 0
         for _, x in ipairs(others) do if older(x, session) then count = count + 1 end end
       end
-      if count >= a.max_sessions then
-        return deny(v, 'too_many_sessions', 'at most ' .. a.max_sessions ..
-          (a.max_sessions == 1 and ' active session is allowed' or ' active sessions are allowed'))
+      if count >= a.policy.max_sessions then
+        return deny(v, 'too_many_sessions', 'at most ' .. a.policy.max_sessions ..
+          (a.policy.max_sessions == 1 and ' active session is allowed' or ' active sessions are allowed'))
       end
     end
   end
 
   -- actions in flight
-  if a.max_in_flight ~= nil and #s.tickets >= a.max_in_flight then
-    return deny(v, 'too_many_in_flight', 'at most ' .. a.max_in_flight ..
-      (a.max_in_flight == 1 and ' request may be in flight' or ' requests may be in flight'), 1)
+  if a.policy.max_in_flight ~= nil and #s.tickets >= a.policy.max_in_flight then
+    return deny(v, 'too_many_in_flight', 'at most ' .. a.policy.max_in_flight ..
+      (a.policy.max_in_flight == 1 and ' request may be in flight' or ' requests may be in flight'), 1)
   end
-  local tags, conflicts = sa.set(a.tags), sa.set(a.conflicts)
+  local tags, conflicts = sa.set(a.policy.tags), sa.set(a.policy.conflicts)
   for _, t in ipairs(s.tickets) do
-    if a.exclusive or t.x then
+    if a.policy.exclusive or t.x then
       return deny(v, 'conflicting_action', 'another action of this principal is in flight', 1)
     end
     if sa.intersects(t.tg, conflicts) or sa.intersects(t.cf, tags) then
@@ -235,13 +237,13 @@ function sa.evaluate(a, s, with_locks)
   -- risk
   local risk = {}
   for _, e in ipairs(p.risk) do if e[2] > now then risk[#risk + 1] = e end end
-  if a.max_risk ~= nil then
+  if a.policy.max_risk ~= nil then
     local level, last = 0, nil
     for _, e in ipairs(risk) do
       level = level + e[1]
       if last == nil or e[2] > last then last = e[2] end
     end
-    if level > a.max_risk then
+    if level > a.policy.max_risk then
       return deny(v, 'risk_too_high', "a recent action raised this principal's risk", sa.seconds(last - now))
     end
   end
@@ -254,7 +256,7 @@ function sa.evaluate(a, s, with_locks)
       if #blocking > 0 then
         local soonest = nil
         for _, h in ipairs(blocking) do if soonest == nil or h.e < soonest then soonest = h.e end end
-        if a.on_conflict == 'pause' then
+        if a.policy.on_lock_conflict == 'pause' then
           if a.kind ~= 'human' then
             set_status(v, a.sid, a.sub, a.iss, 'paused')
             if session == nil then v.session = sa.new_session(a, now, 'paused') end
@@ -281,14 +283,14 @@ function sa.evaluate(a, s, with_locks)
                  e = math.max(session.e, a.exp), cl = a.client, ua = a.ua, dv = a.dev, cr = a.cred, ac = a.actor,
                  ca = session.ca, ix = session.ix}
   end
-  if a.raises_risk ~= 0 then
-    risk[#risk + 1] = {a.raises_risk, now + a.risk_window, a.tid}
+  if a.policy.raises_risk ~= 0 then
+    risk[#risk + 1] = {a.policy.raises_risk, now + a.policy.risk_window, a.tid}
     v.risk = risk
   end
-  v.jti = a.one_time
+  v.jti = a.policy.one_time
   local locks = {}
   for _, req in ipairs(a.locks) do locks[#locks + 1] = req[1] end
-  v.ticket = {sid = a.sid, th = a.th, cl = client, tg = a.tags, cf = a.conflicts, x = a.exclusive,
+  v.ticket = {sid = a.sid, th = a.th, cl = client, tg = a.policy.tags, cf = a.policy.conflicts, x = a.policy.exclusive,
               e = now + a.lease, lk = locks}
   return v
 end
@@ -372,7 +374,7 @@ function sa.admission_audit(a, v, before, with_admitted)
       out[#out + 1] = {k = 'change', c = 'session_paused', s = 'middleware', u = st.sub, i = sid, r = a.route, d = why}
     elseif st.st == 'revoked' and was ~= nil and was ~= 'revoked' then
       out[#out + 1] = {k = 'change', c = 'session_evicted', s = 'middleware', u = st.sub, i = sid, r = a.route,
-                       d = 'evicted by session ' .. a.sid .. ' (max_sessions=' .. a.max_sessions .. ')'}
+                       d = 'evicted by session ' .. a.sid .. ' (max_sessions=' .. a.policy.max_sessions .. ')'}
     end
   end
   return out
