@@ -205,6 +205,7 @@ class _Call:
     op: str
     route: str
     payload: dict[str, Any] | str  # a str: JSON already
+    extra: tuple[str, ...] = ()  # arguments after the constants (the admission: its policy's JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,7 +570,7 @@ class RedisStore(Store):
         payload = call.payload if isinstance(call.payload, str) else json.dumps(call.payload, separators=(",", ":"),
                                                                                 allow_nan=False)
         return [call.op, clock, self.prefix, payload,
-                str(self.audit_max_records), repr(float(self.audit_retention)), *self._constants]
+                str(self.audit_max_records), repr(float(self.audit_retention)), *self._constants, *call.extra]
 
     def _answer(self, raw: Any) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(raw)
@@ -822,12 +823,6 @@ class RedisStore(Store):
         """:meth:`_spec` with the policy, for the steps of a cluster admission."""
         return {"policy": _policy_json(a.policy)[1], **self._spec(a)}
 
-    def _payload(self, a: Admission) -> str:
-        """The JSON payload of a one-server admission: :meth:`_spec` and the policy's JSON fragment (made once per
-        policy object)."""
-        spec = json.dumps(self._spec(a), separators=(",", ":"), allow_nan=False)
-        return f'{{"policy":{_policy_json(a.policy)[0]},{spec[1:]}'
-
     def admit(self, admission: Admission) -> Ticket | Denial:
         return self._drive(self._admit(admission))
 
@@ -858,7 +853,7 @@ class RedisStore(Store):
         pkey = self._principal(a.sub, a.iss)
         if not self.cluster:
             try:
-                r = yield _Call("admit", pkey, self._payload(a))
+                r = yield _Call("admit", pkey, self._spec(a), (_policy_json(a.policy)[0],))
             except redis.TimeoutError:  # the script may have run: take back what it may have granted
                 yield from self._give_back(a)
                 raise

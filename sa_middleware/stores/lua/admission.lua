@@ -387,8 +387,9 @@ function sa.result(v)
   return {ok = 1, e = sa.fmt(v.ticket.e), f = fences}
 end
 
--- one server: the whole admission, one script, one round trip
-sa.ops.admit = function(a, now, since)
+-- one server: the whole admission, one call, one round trip. argv[10]: the route's policy (JSON, see sa.policy)
+sa.ops.admit = function(a, now, since, argv)
+  a.policy = sa.policy(argv[10])
   local s = sa.snapshot(a, now, since, nil)
   s.holders, s.fences = {}, {}
   local counters = {}

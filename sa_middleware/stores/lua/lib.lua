@@ -10,7 +10,8 @@
 -- A call (sa.main): ARGV[1] names the operation, ARGV[2] is a clock override for tests ('' = the server's TIME),
 -- ARGV[3] the key prefix, ARGV[4] the operation's payload (JSON), then constants shared with Python (never copied
 -- here): ARGV[5] the audit trail's maximum records, ARGV[6] its retention (seconds), ARGV[7] rules.STATUS_RETENTION,
--- ARGV[8] rules.FENCE_SLACK, ARGV[9] how many milliseconds a key outlives its records. KEYS[1] is the epoch marker of
+-- ARGV[8] rules.FENCE_SLACK, ARGV[9] how many milliseconds a key outlives its records, then what the operation
+-- takes besides its payload (the admission: its policy). KEYS[1] is the epoch marker of
 -- the slot the call runs in; the other KEYS only route the call (in a cluster every key a call touches lives in
 -- KEYS[1]'s slot).
 --
@@ -27,6 +28,19 @@ function sa.begin(keys, argv)
   FENCE_SLACK = tonumber(argv[8])
   SLACK = tonumber(argv[9])
   sa.RET, sa.FENCE_SLACK, sa.SLACK, sa.EPOCH = RET, FENCE_SLACK, SLACK, EPOCH
+end
+
+-- a route's policy from its JSON: decoded once per distinct text while the function library stays loaded (a script
+-- decodes it on every call). The table is shared by the calls that use the same policy: never modify it.
+local POLICIES, POLICY_COUNT = {}, 0
+function sa.policy(text)
+  local policy = POLICIES[text]
+  if policy == nil then
+    policy = cjson.decode(text)
+    if POLICY_COUNT >= 512 then POLICIES, POLICY_COUNT = {}, 0 end
+    POLICIES[text], POLICY_COUNT = policy, POLICY_COUNT + 1
+  end
+  return policy
 end
 
 function sa.fmt(x)

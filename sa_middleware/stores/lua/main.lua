@@ -17,7 +17,7 @@ function sa.main(keys, argv)
   else
     since, lost = sa.epoch(now)
   end
-  local result = handler(cjson.decode(argv[4]), now, since)
+  local result = handler(cjson.decode(argv[4]), now, since, argv)
   result.now = sa.fmt(now)
   result.since = sa.fmt(result.since or since)
   if lost then
