@@ -745,6 +745,28 @@ def test_cluster_key_layout(cluster_uri: str) -> None:
         assert _slot(store._key("p", "ali{ce}")) not in {_slot(k) for k in locks}  # locks live in their own slots
 
 
+@pytest.mark.anyio
+async def test_cluster_masters_without_the_library_get_it(cluster_uri: str) -> None:
+    """A master that lost its functions (restarted without persistence, FUNCTION FLUSH) gets the library again, from
+    the async client as from the blocking one."""
+    store = open_store(cluster_uri)
+    try:
+        client = shared_cluster().client()
+        try:
+            client.function_flush()  # every master
+            keys = lock_keys_in_other_slots(store, 3)
+            ticket = await store.aadmit(adm(sub="erin", locks=tuple(LockRequest(k) for k in keys)))
+            assert isinstance(ticket, Ticket)
+            await store.arelease(ticket)
+            client.function_flush()
+            store.release(ok(store, sub="erin", locks=tuple(LockRequest(k) for k in keys)))
+            assert store.locks() == []
+        finally:
+            client.close()
+    finally:
+        await store.aclose()
+
+
 def lock_keys_in_other_slots(store: Any, count: int) -> list[str]:
     """Lock keys whose slots differ from each other (so one admission spans several slots and masters)."""
     keys: list[str] = []
