@@ -1013,6 +1013,46 @@ def test_sentinel_failover_is_followed(tmp_path: Path) -> None:
         master.stop()
 
 
+def test_state_written_as_stored_before_is_honoured(shared_uri: str) -> None:
+    """Records as the store has always written them (JSON, times as strings of 17 significant digits): a
+    generation, paused and revoked sessions, a ticket in flight and a lock held with its fencing counter are
+    honoured by this version's code."""
+    def num(x: float) -> str:
+        return format(x, ".17g")
+
+    with opened(shared_uri) as store:
+        client = store._client()
+        now = server_time(client)
+        exp = now + 3600
+
+        def session(status: str) -> str:
+            return json.dumps({"s": "alice", "k": "human", "st": status, "c": num(now - 100), "l": num(now - 50),
+                               "e": num(exp + 86400), "cl": "10.0.0.1", "ua": "pytest", "ix": num(exp + 86400)})
+        client.hset(store._principal("alice", ""), mapping={"g": "3"})
+        client.hset(store._principal("alice", "", ":ss"), mapping={"alice-1": session("paused"),
+                                                                   "alice-2": session("revoked")})
+        client.pexpire(store._principal("alice", "", ":ss"), 3_600_000)
+        client.hset(store._principal("alice", "", ":tk"), "old-ticket", json.dumps(
+            {"sid": "alice-9", "th": "other", "cl": "10.0.0.1|pytest", "tg": {}, "cf": {}, "x": False,
+             "e": num(now + 300), "lk": ["obj:1"]}))
+        client.pexpire(store._principal("alice", "", ":tk"), 300_000)
+        fence = int(now * 1_000_000) + 5_000_000  # a counter ahead of the clock
+        client.hset(store._key("l", "obj:1"), "old-ticket", json.dumps(
+            {"key": "obj:1", "m": "exclusive", "s": "alice", "sid": "alice-9", "k": "human", "f": str(fence),
+             "e": num(now + 300)}))
+        client.pexpire(store._key("l", "obj:1"), 300_000)
+        client.set(store._key("l", "obj:1", ":f"), str(fence), px=360_000)
+
+        refused(store, "stale_generation", token_gen=2)
+        refused(store, "session_paused", token_gen=3, session_id="alice-1")
+        refused(store, "session_revoked", token_gen=3, session_id="alice-2")
+        refused(store, "too_many_in_flight", token_gen=3, session_id="alice-3", max_in_flight=1)
+        refused(store, "object_locked", sub="bob", locks=(LockRequest("obj:1"),))
+        assert [(lock.ticket_id, lock.fencing_token) for lock in store.locks()] == [("old-ticket", fence)]
+        client.hdel(store._key("l", "obj:1"), "old-ticket")  # the earlier process released it
+        assert ok(store, sub="bob", locks=(LockRequest("obj:1"),)).fencing_tokens["obj:1"] > fence
+
+
 def test_a_device_index_written_before_issuers_still_relates_its_principals(shared_uri: str) -> None:
     """Device and credential indexes name principals as [issuer, subject]; a plain subject (written before
     issuers) stands for the empty issuer, so a compromise still reaches its contexts."""
