@@ -226,12 +226,17 @@ class _XRange:
 
 @dataclass(frozen=True, slots=True)
 class _Release:
-    """Remove ticket ``tid`` from the hashes ``keys`` (all in one slot); with ``jti``, the last key is a one-time
-    token's claim, deleted if it still names the ticket (release.lua)."""
+    """Remove tickets from the hashes that hold them (release.lua; all in one slot): ``keys``, in order, are
+    ``tickets``' keys, given as (ticket id, whether its last key is a one-time token's claim, deleted if it still
+    names the ticket, how many keys)."""
 
     keys: tuple[str, ...]
-    tid: str
-    jti: bool = False
+    tickets: tuple[tuple[str, bool, int], ...]
+
+
+def _release_of(keys: Sequence[str], ticket_id: str, jti: bool = False) -> _Release:
+    """The release of one ticket from ``keys`` (with ``jti``: the last is its one-time token's claim)."""
+    return _Release(tuple(keys), ((ticket_id, jti, len(keys)),))
 
 
 _Step = _Call | _Scan | _XRange | _Release
@@ -424,6 +429,11 @@ class RedisStore(Store):
         self._constants = (repr(STATUS_RETENTION), repr(FENCE_SLACK),
                            str(_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS))
         self._give_backs: set[asyncio.Task[None]] = set()  # compensations of cancelled admissions, still running
+        # releases made on an event loop, not sent yet (one server or Sentinel): the next call of this process
+        # carries them (an admission inside its own call), or a flush scheduled on the loop sends them together
+        self._released: list[Ticket] = []
+        self._released_lock = threading.Lock()
+        self._flush_scheduled = False
         self._sync_client: Any = None
         self._sync_lock = threading.Lock()
         # cluster and Sentinel pools refuse at once when full: calls wait for a free connection here instead (up to
@@ -526,6 +536,10 @@ class RedisStore(Store):
 
     async def aclose(self) -> None:
         if self._on_asyncio():
+            released = self._take_released()
+            if released:
+                with contextlib.suppress(*_ERRORS):  # what is not released ends with its lease
+                    await self._aexecute(self._release_step(released))
             with self._async_lock:
                 entry = self._async_clients.pop(asyncio.get_running_loop(), None)
             if entry is not None:
@@ -645,7 +659,8 @@ class RedisStore(Store):
     def _invocation(self, step: _Call | _Release) -> tuple[str, list[str], list[str]]:
         """The script a step runs, its keys and its arguments."""
         if isinstance(step, _Release):
-            return "release", list(step.keys), [step.tid, "1" if step.jti else "0"]
+            return "release", list(step.keys), [arg for tid, jti, count in step.tickets
+                                                for arg in (tid, "1" if jti else "0", str(count))]
         return _OP_SCRIPTS.get(step.op, "ops"), self._keys(step.route), self._args(step)
 
     async def _aexecute_now(self, step: _Step) -> Any:
@@ -685,7 +700,11 @@ class RedisStore(Store):
 
     def _drive(self, flow: _Flow[T]) -> T:
         """Run a flow with blocking calls. A failed call is thrown into the flow, which may compensate (more calls)
-        before it gives up; what escapes is StoreUnavailable (or StoreError)."""
+        before it gives up; what escapes is StoreUnavailable (or StoreError). Releases still pending go first."""
+        released = self._take_released()
+        if released:
+            with contextlib.suppress(*_ERRORS):
+                self._execute(self._release_step(released))
         answer: Any = None
         error: Exception | None = None
         try:
@@ -704,8 +723,14 @@ class RedisStore(Store):
         except (ValueError, TypeError) as exc:  # an answer that is not what the script writes
             raise StoreError(f"redis store error: {exc}") from exc
 
-    async def _adrive(self, flow: _Flow[T]) -> T:
-        """Async twin of :meth:`_drive` (``redis.asyncio``: the event loop never waits on a thread)."""
+    async def _adrive(self, flow: _Flow[T], carried: bool = False) -> T:
+        """Async twin of :meth:`_drive` (``redis.asyncio``: the event loop never waits on a thread); ``carried``: the
+        flow sends the pending releases itself (an admission)."""
+        if not carried:
+            released = self._take_released()
+            if released:
+                with contextlib.suppress(*_ERRORS):
+                    await self._aexecute(self._release_step(released))
         answer: Any = None
         error: Exception | None = None
         try:
@@ -830,7 +855,7 @@ class RedisStore(Store):
         if not self._on_asyncio():
             return await self._run(lambda: self._drive(self._admit(admission)))
         try:
-            return await self._adrive(self._admit(admission))
+            return await self._adrive(self._admit(admission, carry=True), carried=True)
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled (or interrupted) mid-flight: its calls may have run
                 self._give_back_later(admission)
@@ -849,11 +874,13 @@ class RedisStore(Store):
         self._give_backs.add(task)
         task.add_done_callback(self._give_backs.discard)
 
-    def _admit(self, a: Admission) -> _Flow[Ticket | Denial]:
+    def _admit(self, a: Admission, carry: bool = False) -> _Flow[Ticket | Denial]:
+        """The admission; with ``carry``, its call also applies the releases still pending (first)."""
         pkey = self._principal(a.sub, a.iss)
         if not self.cluster:
+            released = self._release_args(self._take_released()) if carry else []
             try:
-                r = yield _Call("admit", pkey, self._spec(a), (_policy_json(a.policy)[0],))
+                r = yield _Call("admit", pkey, self._spec(a), (_policy_json(a.policy)[0], *released))
             except redis.TimeoutError:  # the script may have run: take back what it may have granted
                 yield from self._give_back(a)
                 raise
@@ -873,15 +900,15 @@ class RedisStore(Store):
         calls: list[_Call | _Release] = []
         if not self.cluster:
             if jti_claim is None:
-                calls.append(_Release((tickets, *holders), a.ticket_id))
+                calls.append(_release_of((tickets, *holders), a.ticket_id))
             else:
-                calls.append(_Release((tickets, *holders, self._key("j", jti_claim)), a.ticket_id, jti=True))
+                calls.append(_release_of((tickets, *holders, self._key("j", jti_claim)), a.ticket_id, jti=True))
         else:
-            calls.extend(_Release(tuple(group), a.ticket_id) for _, group in self._groups(holders, lambda k: k))
+            calls.extend(_release_of(group, a.ticket_id) for _, group in self._groups(holders, lambda k: k))
             if jti_claim is not None:
-                calls.append(_Release((self._key("j", jti_claim),), a.ticket_id, jti=True))
+                calls.append(_release_of((self._key("j", jti_claim),), a.ticket_id, jti=True))
             calls.append(_Call("undo", self._principal(a.sub, a.iss), undo) if undo is not None else
-                         _Release((tickets,), a.ticket_id))
+                         _release_of((tickets,), a.ticket_id))
         for call in calls:  # each on its own: one unreachable slot does not stop the others
             with contextlib.suppress(*_ERRORS):
                 yield call
@@ -1007,7 +1034,60 @@ class RedisStore(Store):
         self._drive(self._release(ticket))
 
     async def arelease(self, ticket: Ticket) -> None:
-        await self._aop(lambda: self._release(ticket))
+        """On an event loop (one server or Sentinel) the release is sent with the next call of this process (the
+        next admission applies it before it decides), or by a flush scheduled right after the callbacks already
+        queued on the loop: other processes see it at most one event-loop turn (and one round trip) later."""
+        if self.cluster or not self._on_asyncio():
+            await self._aop(lambda: self._release(ticket))
+            return
+        with self._released_lock:
+            self._released.append(ticket)
+            schedule, self._flush_scheduled = not self._flush_scheduled, True
+        if schedule:
+            asyncio.get_running_loop().call_soon(self._flush_released)
+
+    def _flush_released(self) -> None:
+        """Send the releases no call has carried yet (in a task of the loop)."""
+        with self._released_lock:
+            self._flush_scheduled = False
+            if not self._released:
+                return
+
+        async def flush() -> None:
+            released = self._take_released()
+            if released:
+                with contextlib.suppress(Exception):  # best effort: what is not released ends with its lease
+                    await self._aexecute(self._release_step(released))
+
+        task = asyncio.get_running_loop().create_task(flush())
+        self._give_backs.add(task)
+        task.add_done_callback(self._give_backs.discard)
+
+    def _take_released(self) -> list[Ticket]:
+        if not self._released:
+            return []
+        with self._released_lock:
+            released, self._released = self._released, []
+        return released
+
+    def _ticket_keys(self, ticket: Ticket) -> list[str]:
+        """The hashes that hold a ticket: its principal's tickets, the holders of its locks."""
+        holders = [self._key("l", lock) for lock in ticket.fencing_tokens]
+        return [self._principal(ticket.sub, ticket.iss, ":tk"), *holders]
+
+    def _release_args(self, tickets: Sequence[Ticket]) -> list[str]:
+        """Releases as arguments of a call (one server): per ticket, its id, the number of its keys, its keys."""
+        args: list[str] = []
+        for ticket in tickets:
+            keys = self._ticket_keys(ticket)
+            args.extend((ticket.ticket_id, str(len(keys)), *keys))
+        return args
+
+    def _release_step(self, tickets: Sequence[Ticket]) -> _Release:
+        """One call releasing ``tickets`` (one server)."""
+        groups = [(ticket.ticket_id, self._ticket_keys(ticket)) for ticket in tickets]
+        return _Release(tuple(k for _, keys in groups for k in keys),
+                        tuple((ticket_id, False, len(keys)) for ticket_id, keys in groups))
 
     def _release(self, ticket: Ticket) -> _Flow[None]:
         """Remove the ticket from its principal's tickets and from the holders of its locks (the keys it names;
@@ -1015,11 +1095,11 @@ class RedisStore(Store):
         tickets = self._principal(ticket.sub, ticket.iss, ":tk")
         holders = [self._key("l", lock) for lock in ticket.fencing_tokens]
         if not self.cluster:
-            yield _Release((tickets, *holders), ticket.ticket_id)
+            yield _release_of((tickets, *holders), ticket.ticket_id)
             return
-        yield _Release((tickets,), ticket.ticket_id)
+        yield _release_of((tickets,), ticket.ticket_id)
         for _, keys in self._groups(holders, lambda k: k):
-            yield _Release(tuple(keys), ticket.ticket_id)
+            yield _release_of(keys, ticket.ticket_id)
 
     def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
         self._drive(self._renew(tickets, lease))

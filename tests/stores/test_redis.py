@@ -692,6 +692,34 @@ async def test_a_cancelled_aadmit_gives_back_its_ticket_and_locks(server: RedisS
         await store.aclose()
 
 
+@pytest.mark.anyio
+async def test_a_release_on_the_event_loop_is_seen_at_once_here_and_one_loop_turn_later_elsewhere(
+        shared_uri: str) -> None:
+    """An async release is carried by this process's next call (an admission applies it before it decides), or
+    sent by a flush scheduled on the loop; another process sees it once that flush ran."""
+    import asyncio
+
+    store, other = open_store(shared_uri), open_store(shared_uri)
+    try:
+        held = await store.aadmit(adm(locks=(LockRequest("obj:1"),), max_in_flight=1))
+        assert isinstance(held, Ticket)
+        await store.arelease(held)  # this process's next admission carries it
+        taken = await store.aadmit(adm(sub="bob", locks=(LockRequest("obj:1"),)))
+        assert isinstance(taken, Ticket)
+        await store.arelease(taken)
+        assert store.locks() == []  # a blocking call of this process sends it first
+        again = await store.aadmit(adm(session_id="alice-2", locks=(LockRequest("obj:1"),), max_in_flight=1))
+        assert isinstance(again, Ticket)
+        await store.arelease(again)
+        await asyncio.sleep(0)  # the flush scheduled by the release starts
+        await asyncio.gather(*store._give_backs)  # type: ignore[attr-defined]
+        assert other.locks() == []  # another process sees it once the flush ran
+        assert isinstance(other.admit(adm(session_id="alice-3", max_in_flight=1)), Ticket)
+    finally:
+        await store.aclose()
+        other.close()
+
+
 # ---------------------------------------------------------------------------------------------------- many hosts
 
 def test_an_operation_on_one_host_refuses_the_next_request_on_another(shared_uri: str) -> None:

@@ -387,9 +387,17 @@ function sa.result(v)
   return {ok = 1, e = sa.fmt(v.ticket.e), f = fences}
 end
 
--- one server: the whole admission, one call, one round trip. argv[10]: the route's policy (JSON, see sa.policy)
+-- one server: the whole admission, one call, one round trip. argv[10]: the route's policy (JSON, see sa.policy);
+-- then the releases this process made since its last call, applied first (per ticket: its id, the number of its
+-- keys, those keys: RedisStore._release_args)
 sa.ops.admit = function(a, now, since, argv)
   a.policy = sa.policy(argv[10])
+  local i = 11
+  while argv[i] ~= nil do
+    local tid, n = argv[i], tonumber(argv[i + 1])
+    for j = i + 2, i + 1 + n do redis.call('HDEL', argv[j], tid) end
+    i = i + 2 + n
+  end
   local s = sa.snapshot(a, now, since, nil)
   s.holders, s.fences = {}, {}
   local counters = {}
