@@ -71,25 +71,25 @@ class Admitted:
 Outcome = Admitted | Denial
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Verify:
     observed: ClassVar[str] = "verify"
     token: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Admit:
     observed: ClassVar[str] = "admit"
     admission: Admission
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Sleep:
     observed: ClassVar[str] = "sleep"
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Report:
     """``reuse_is_compromise``: report the session of a ``token_reuse`` denial compromised."""
 
@@ -325,8 +325,7 @@ class Guard(Operations):
             return Denial("invalid_token", str(token))
         binding = self.constraints.check(request, _scheme(request), raw, token.claims)
         try:
-            admission, context = self._build(request, match, token,
-                                             binding if isinstance(binding, Binding) else None)
+            admission = self._build(request, match, token, binding if isinstance(binding, Binding) else None)
         except InvalidToken as exc:
             return Denial("invalid_token", str(exc))
         if isinstance(binding, Denial):
@@ -340,13 +339,13 @@ class Guard(Operations):
             if isinstance(result, Ticket):
                 self._keeper.add(result)
                 self._note_generation_claim((admission.iss, admission.sub), admission.token_gen is not None)
-                ctx = SAContext(context.principal, context.kind, context.session_id, context.claims,
-                                result.ticket_id, result.fencing_tokens, match.route, match.params)
-                return Admitted(ctx, result)
+                return Admitted(SAContext(admission.sub, admission.kind, admission.session_id, token.claims,
+                                          result.ticket_id, result.fencing_tokens, match.route, match.params), result)
             if result.code == "store_unavailable" and policy.fail_open and "unexpected" not in result.extra:
                 log.warning("sa-middleware: store unavailable; admitting %s for %s (fail_open)",
-                            match.route or f"{request.method} {request.path}", context.principal)
-                return Admitted(context, None)
+                            match.route or f"{request.method} {request.path}", admission.sub)
+                return Admitted(SAContext(admission.sub, admission.kind, admission.session_id, token.claims,
+                                          route=match.route, params=match.params), None)
             if result.code == "object_locked" and policy.on_lock_conflict == "wait":
                 now = time.monotonic()
                 deadline = deadline if deadline is not None else now + policy.lock_wait
@@ -366,7 +365,7 @@ class Guard(Operations):
         return denial
 
     def _build(self, request: RequestInfo, match: RouteMatch, token: VerifiedToken,
-               binding: Binding | None = None) -> tuple[Admission, SAContext]:
+               binding: Binding | None = None) -> Admission:
         f = token.memo.get(self)
         if f is None:
             f = token.memo[self] = self._facts(token)
@@ -377,7 +376,7 @@ class Guard(Operations):
         policy = match.policy
         if policy.one_time and f.jti is None:
             raise InvalidToken("this route accepts one-time tokens only: a jti claim is required")
-        admission = Admission(
+        return Admission(
             ticket_id=os.urandom(16).hex(), sub=f.sub, kind=f.kind, session_id=session_id,
             token_hash=token.fingerprint, token_exp=f.exp, token_iat=f.iat, token_gen=f.gen, jti=f.jti,
             actor=f.actor, credential=f.credential, device=f.device,
@@ -386,7 +385,6 @@ class Guard(Operations):
             acr=f.acr, policy=policy, locks=tuple(LockRequest(key, policy.lock_mode) for key in match.lock_keys),
             lease=self.lease, session_idle=self.session_idle,
             audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait", iss=f.iss)
-        return admission, SAContext(f.sub, f.kind, session_id, token.claims, route=match.route, params=match.params)
 
     def _facts(self, token: VerifiedToken) -> _Facts:
         """What an admission takes from the token's claims, checked: computed once per verified token (it is kept
