@@ -703,8 +703,11 @@ class RedisStore(Store):
         before it gives up; what escapes is StoreUnavailable (or StoreError). Releases still pending go first."""
         released = self._take_released()
         if released:
-            with contextlib.suppress(*_ERRORS):
+            try:
                 self._execute(self._release_step(released))
+            except _ERRORS as exc:
+                log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
+                            len(released), exc)
         answer: Any = None
         error: Exception | None = None
         try:
@@ -729,8 +732,11 @@ class RedisStore(Store):
         if not carried:
             released = self._take_released()
             if released:
-                with contextlib.suppress(*_ERRORS):
+                try:
                     await self._aexecute(self._release_step(released))
+                except _ERRORS as exc:
+                    log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
+                                len(released), exc)
         answer: Any = None
         error: Exception | None = None
         try:
@@ -878,11 +884,16 @@ class RedisStore(Store):
         """The admission; with ``carry``, its call also applies the releases still pending (first)."""
         pkey = self._principal(a.sub, a.iss)
         if not self.cluster:
-            released = self._release_args(self._take_released()) if carry else []
+            carried = self._take_released() if carry else []
             try:
-                r = yield _Call("admit", pkey, self._spec(a), (_policy_json(a.policy)[0], *released))
-            except redis.TimeoutError:  # the script may have run: take back what it may have granted
-                yield from self._give_back(a)
+                r = yield _Call("admit", pkey, self._spec(a), (_policy_json(a.policy)[0],
+                                                               *self._release_args(carried)))
+            except _ERRORS as exc:
+                if carried:
+                    log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
+                                len(carried), exc)
+                if isinstance(exc, redis.TimeoutError):  # the script may have run: take back what it granted
+                    yield from self._give_back(a)
                 raise
             if "d" in r:
                 return Denial(r["d"], r.get("m", ""), r.get("r"))
@@ -1056,8 +1067,11 @@ class RedisStore(Store):
         async def flush() -> None:
             released = self._take_released()
             if released:
-                with contextlib.suppress(Exception):  # best effort: what is not released ends with its lease
+                try:
                     await self._aexecute(self._release_step(released))
+                except Exception as exc:  # what is not released ends with its lease
+                    log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
+                                len(released), exc)
 
         task = asyncio.get_running_loop().create_task(flush())
         self._give_backs.add(task)
