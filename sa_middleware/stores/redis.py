@@ -12,8 +12,12 @@ connect timeout unless ``connect_timeout`` is given), ``max_connections`` (pool 
 default 128), ``bootstrap`` (see below). Every other keyword argument goes to the redis-py client (``ssl_ca_certs``,
 ``health_check_interval``, ``client_name``, ``sentinel_kwargs``...).
 
-How it works: the rules run in ONE Lua script (package data ``stores/lua/*.lua``), called with EVALSHA and loaded
-again after a NOSCRIPT. On one server (or behind Sentinel) an admission is one script call and a release another;
+How it works: the rules run in Lua (package data ``stores/lua/*.lua``). On Redis 7 and later the code is a function
+library loaded once per server (named after its code, so versions side by side never meet) and called with FCALL;
+it is loaded again when a server does not have it (a restart without persistence, FUNCTION FLUSH). Before Redis 7
+(or when the user may not load functions) the same code runs as scripts called with EVALSHA and loaded again after a
+NOSCRIPT; the admission, the release and the lease renewal each have a lean script of their own. On one server (or
+behind Sentinel) an admission is one call and a release another;
 every expiry uses the server's clock (``TIME``). In a cluster a principal's keys share a hash tag and each object
 lock has its own slot: an admission is a principal step followed by lock steps, compensated when a lock is refused.
 
@@ -28,12 +32,12 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import threading
-import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,8 +62,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from ..denials import Denial
 from ..errors import ConfigurationError, StoreError, StoreUnavailable
+from ..policy import EffectivePolicy
 from ..records import Admission, AuditKind, AuditRecord, LockInfo, SessionInfo, Ticket
-from ..rules import _merge_locks
+from ..rules import FENCE_SLACK, STATUS_RETENTION, _merge_locks
 from .base import Store
 
 __all__ = ["RedisStore"]
@@ -70,7 +75,22 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 0.25
 DEFAULT_MAX_CONNECTIONS = 128
-_SCRIPT_FILES = ("lib.lua", "admission.lua", "operations.lua", "main.lua")
+#: the store's scripts, each the concatenation of the files named (see lib.lua). Every call re-runs a script's
+#: top-level definitions, so the hot operations (admit, release, renew) have lean scripts of their own.
+_SCRIPTS: dict[str, tuple[str, ...]] = {
+    "admit": ("lib.lua", "admission.lua", "main.lua"),
+    "release": ("release.lua",),
+    "renew": ("lib.lua", "renew.lua", "main.lua"),
+    "ops": ("lib.lua", "admission.lua", "cluster.lua", "operations.lua", "main.lua"),
+}
+_SCRIPT_FILES = tuple(sorted({name for files in _SCRIPTS.values() for name in files}))
+#: the function library (Redis 7 and later): every file, once
+_LIBRARY_FILES = ("lib.lua", "admission.lua", "cluster.lua", "operations.lua", "renew.lua", "release.lua", "main.lua")
+#: the script of an operation (every operation not named here: "ops")
+_OP_SCRIPTS = {"admit": "admit", "renew": "renew"}
+#: milliseconds a key outlives the records it holds (under a test clock, which real time does not move: a minute)
+_KEY_SLACK_MS = 1000
+_TEST_CLOCK_KEY_SLACK_MS = 60000
 #: one call per cluster master, on the epoch markers of all its slots (KEYS[1] routes; the markers are ARGV)
 _CLUSTER_SCRIPTS = ("cluster_bootstrap.lua", "cluster_declare_loss.lua")
 _SLOTS = 16384
@@ -88,9 +108,33 @@ def _lua(name: str) -> str:
     return (resources.files("sa_middleware.stores") / "lua").joinpath(name).read_text("utf-8")
 
 
-def _script() -> str:
-    """The store's script: the files of :data:`_SCRIPT_FILES`, in order."""
-    return "\n".join(_lua(name) for name in _SCRIPT_FILES)
+def _script(name: str = "ops") -> str:
+    """The script ``name`` of :data:`_SCRIPTS`: its files, in order, and the call of its entry point."""
+    text = "\n".join(_lua(file) for file in _SCRIPTS[name])
+    if name == "release":
+        return f"local sa = {{}}\n{text}\nreturn sa.release(KEYS, ARGV)\n"
+    return f"{text}\nreturn sa.main(KEYS, ARGV)\n"
+
+
+def _library() -> tuple[str, str]:
+    """The function library: its name (after its code) and its code. Its functions: ``<name>_main`` (every
+    operation but the release) and ``<name>_release``."""
+    body = "\n".join(_lua(file) for file in _LIBRARY_FILES)
+    name = "sa_" + hashlib.sha1(body.encode()).hexdigest()[:20]
+    register = "".join(f"redis.register_function('{name}_{entry}', "
+                       f"function(keys, argv) return sa.{entry}(keys, argv) end)\n" for entry in ("main", "release"))
+    return name, f"#!lua name={name}\n{body}\n{register}"
+
+
+def _function_error(exc: redis.ResponseError) -> Literal["missing", "unsupported"] | None:
+    """What an FCALL error means: the library is not loaded on that server, the server has no functions (before
+    Redis 7), or neither (an error of the call itself)."""
+    text = str(exc)
+    if text.startswith("Function not found"):
+        return "missing"
+    if text.lower().startswith("unknown command") and "fcall" in text.lower():
+        return "unsupported"
+    return None
 
 
 def _esc(value: str) -> str:
@@ -160,7 +204,8 @@ class _Call:
 
     op: str
     route: str
-    payload: dict[str, Any]
+    payload: dict[str, Any] | str  # a str: JSON already
+    extra: tuple[str, ...] = ()  # arguments after the constants (the admission: its policy's JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +224,22 @@ class _XRange:
     count: int
 
 
-_Step = _Call | _Scan | _XRange
+@dataclass(frozen=True, slots=True)
+class _Release:
+    """Remove tickets from the hashes that hold them (release.lua; all in one slot): ``keys``, in order, are
+    ``tickets``' keys, given as (ticket id, whether its last key is a one-time token's claim, deleted if it still
+    names the ticket, how many keys)."""
+
+    keys: tuple[str, ...]
+    tickets: tuple[tuple[str, bool, int], ...]
+
+
+def _release_of(keys: Sequence[str], ticket_id: str, jti: bool = False) -> _Release:
+    """The release of one ticket from ``keys`` (with ``jti``: the last is its one-time token's claim)."""
+    return _Release(tuple(keys), ((ticket_id, jti, len(keys)),))
+
+
+_Step = _Call | _Scan | _XRange | _Release
 _Flow = Generator[_Step, Any, T]
 
 
@@ -190,16 +250,6 @@ class _AsyncClient:
         self.client = client
         self.lock = asyncio.Lock()
         self.ready = False
-
-
-@dataclass(slots=True)
-class _Issued:
-    """A ticket this store admitted and has not released: where its records live."""
-
-    sub: str
-    iss: str
-    locks: tuple[str, ...]
-    deadline: float  # monotonic; after it the ticket has expired anyway
 
 
 def _unavailable(exc: Exception) -> StoreError:
@@ -218,6 +268,30 @@ def _audit_fields(record: AuditRecord) -> dict[str, Any]:
         if value is not None:
             fields[name] = value
     return fields
+
+
+#: policy object -> (its JSON fragment, that fragment as a dict); a policy is usually one object per route
+_policy_fragments: dict[int, tuple[EffectivePolicy, str, dict[str, Any]]] = {}
+_POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(EffectivePolicy))
+
+
+def _policy_json(policy: EffectivePolicy) -> tuple[str, dict[str, Any]]:
+    """The policy's fields under their Python names (sets as sorted lists; a field that is None left out), as JSON
+    and as a dict: made once per policy object."""
+    entry = _policy_fragments.get(id(policy))
+    if entry is not None and entry[0] is policy:
+        return entry[1], entry[2]
+    fields: dict[str, Any] = {}
+    for name in _POLICY_FIELDS:
+        value = getattr(policy, name)
+        if value is not None:
+            fields[name] = sorted(value) if isinstance(value, frozenset) else list(value) if isinstance(
+                value, tuple) else value
+    text = json.dumps(fields, separators=(",", ":"), allow_nan=False)
+    if len(_policy_fragments) >= 4096:  # policies made per request: keep the cache bounded
+        _policy_fragments.clear()
+    _policy_fragments[id(policy)] = (policy, text, fields)  # the entry keeps the policy alive: its id stays its own
+    return text, fields
 
 
 @dataclass(frozen=True)
@@ -348,11 +422,18 @@ class RedisStore(Store):
         self.cluster = target.mode == "cluster"
         self._clock = clock
         self._client_options = client_options
-        self._script = _script()
-        self._sha = hashlib.sha1(self._script.encode()).hexdigest()
-        self._issued: dict[str, _Issued] = {}
-        self._issued_lock = threading.Lock()
+        self._scripts = {name: _script(name) for name in _SCRIPTS}
+        self._shas = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._scripts.items()}
+        self._library_name, self._library = _library()
+        self._functions = True  # False once the server turned out to have no functions (or refused to load them)
+        self._constants = (repr(STATUS_RETENTION), repr(FENCE_SLACK),
+                           str(_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS))
         self._give_backs: set[asyncio.Task[None]] = set()  # compensations of cancelled admissions, still running
+        # releases made on an event loop, not sent yet (one server or Sentinel): the next call of this process
+        # carries them (an admission inside its own call), or a flush scheduled on the loop sends them together
+        self._released: list[Ticket] = []
+        self._released_lock = threading.Lock()
+        self._flush_scheduled = False
         self._sync_client: Any = None
         self._sync_lock = threading.Lock()
         # cluster and Sentinel pools refuse at once when full: calls wait for a free connection here instead (up to
@@ -455,6 +536,10 @@ class RedisStore(Store):
 
     async def aclose(self) -> None:
         if self._on_asyncio():
+            released = self._take_released()
+            if released:
+                with contextlib.suppress(*_ERRORS):  # what is not released ends with its lease
+                    await self._aexecute(self._release_step(released))
             with self._async_lock:
                 entry = self._async_clients.pop(asyncio.get_running_loop(), None)
             if entry is not None:
@@ -496,8 +581,10 @@ class RedisStore(Store):
 
     def _args(self, call: _Call) -> list[str]:
         clock = "" if self._clock is None else repr(float(self._clock()))
-        return [call.op, clock, self.prefix, json.dumps(call.payload, separators=(",", ":"), allow_nan=False),
-                json.dumps([self.audit_max_records, self.audit_retention])]
+        payload = call.payload if isinstance(call.payload, str) else json.dumps(call.payload, separators=(",", ":"),
+                                                                                allow_nan=False)
+        return [call.op, clock, self.prefix, payload,
+                str(self.audit_max_records), repr(float(self.audit_retention)), *self._constants, *call.extra]
 
     def _answer(self, raw: Any) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(raw)
@@ -539,12 +626,42 @@ class RedisStore(Store):
             return [k.decode() if isinstance(k, bytes) else k for k in client.scan_iter(match=step.pattern, count=1000)]
         if isinstance(step, _XRange):
             return client.xrevrange(step.key, max=step.start, min="-", count=step.count)
-        keys, args = self._keys(step.route), self._args(step)
+        name, keys, args = self._invocation(step)
+        if self._functions:
+            function = f"{self._library_name}_{'release' if name == 'release' else 'main'}"
+            try:
+                raw = client.fcall(function, len(keys), *keys, *args)
+                return raw if name == "release" else self._answer(raw)
+            except redis.ResponseError as exc:
+                error = _function_error(exc)
+                if error is None:
+                    raise
+            if error == "missing" and self._load_library(lambda: client.function_load(self._library, replace=True)):
+                raw = client.fcall(function, len(keys), *keys, *args)
+                return raw if name == "release" else self._answer(raw)
+            self._functions = False
         try:
-            raw = client.evalsha(self._sha, len(keys), *keys, *args)
+            raw = client.evalsha(self._shas[name], len(keys), *keys, *args)
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH): load it again
-            raw = client.eval(self._script, len(keys), *keys, *args)
-        return self._answer(raw)
+            raw = client.eval(self._scripts[name], len(keys), *keys, *args)
+        return raw if name == "release" else self._answer(raw)
+
+    def _load_library(self, load: Callable[[], Any]) -> bool:
+        """Load the function library (on every master of a cluster); False when the server refuses (a user without
+        the right to load functions): the store then runs scripts."""
+        try:
+            load()
+        except redis.ResponseError as exc:
+            log.warning("sa-middleware: the Redis store runs scripts: loading its function library failed: %s", exc)
+            return False
+        return True
+
+    def _invocation(self, step: _Call | _Release) -> tuple[str, list[str], list[str]]:
+        """The script a step runs, its keys and its arguments."""
+        if isinstance(step, _Release):
+            return "release", list(step.keys), [arg for tid, jti, count in step.tickets
+                                                for arg in (tid, "1" if jti else "0", str(count))]
+        return _OP_SCRIPTS.get(step.op, "ops"), self._keys(step.route), self._args(step)
 
     async def _aexecute_now(self, step: _Step) -> Any:
         client = await self._async_client()
@@ -553,16 +670,44 @@ class RedisStore(Store):
                     async for k in client.scan_iter(match=step.pattern, count=1000)]
         if isinstance(step, _XRange):
             return await client.xrevrange(step.key, max=step.start, min="-", count=step.count)
-        keys, args = self._keys(step.route), self._args(step)
+        name, keys, args = self._invocation(step)
+        if self._functions:
+            function = f"{self._library_name}_{'release' if name == 'release' else 'main'}"
+            try:
+                raw = await client.fcall(function, len(keys), *keys, *args)
+                return raw if name == "release" else self._answer(raw)
+            except redis.ResponseError as exc:
+                error = _function_error(exc)
+                if error is None:
+                    raise
+            loaded = False
+            if error == "missing":
+                try:
+                    await client.function_load(self._library, replace=True)
+                    loaded = True
+                except redis.ResponseError as exc:
+                    log.warning("sa-middleware: the Redis store runs scripts: loading its function library failed: "
+                                "%s", exc)
+            if loaded:
+                raw = await client.fcall(function, len(keys), *keys, *args)
+                return raw if name == "release" else self._answer(raw)
+            self._functions = False
         try:
-            raw = await client.evalsha(self._sha, len(keys), *keys, *args)
+            raw = await client.evalsha(self._shas[name], len(keys), *keys, *args)
         except NoScriptError:
-            raw = await client.eval(self._script, len(keys), *keys, *args)
-        return self._answer(raw)
+            raw = await client.eval(self._scripts[name], len(keys), *keys, *args)
+        return raw if name == "release" else self._answer(raw)
 
     def _drive(self, flow: _Flow[T]) -> T:
         """Run a flow with blocking calls. A failed call is thrown into the flow, which may compensate (more calls)
-        before it gives up; what escapes is StoreUnavailable (or StoreError)."""
+        before it gives up; what escapes is StoreUnavailable (or StoreError). Releases still pending go first."""
+        released = self._take_released()
+        if released:
+            try:
+                self._execute(self._release_step(released))
+            except _ERRORS as exc:
+                log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
+                            len(released), exc)
         answer: Any = None
         error: Exception | None = None
         try:
@@ -581,8 +726,17 @@ class RedisStore(Store):
         except (ValueError, TypeError) as exc:  # an answer that is not what the script writes
             raise StoreError(f"redis store error: {exc}") from exc
 
-    async def _adrive(self, flow: _Flow[T]) -> T:
-        """Async twin of :meth:`_drive` (``redis.asyncio``: the event loop never waits on a thread)."""
+    async def _adrive(self, flow: _Flow[T], carried: bool = False) -> T:
+        """Async twin of :meth:`_drive` (``redis.asyncio``: the event loop never waits on a thread); ``carried``: the
+        flow sends the pending releases itself (an admission)."""
+        if not carried:
+            released = self._take_released()
+            if released:
+                try:
+                    await self._aexecute(self._release_step(released))
+                except _ERRORS as exc:
+                    log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
+                                len(released), exc)
         answer: Any = None
         error: Exception | None = None
         try:
@@ -684,22 +838,21 @@ class RedisStore(Store):
     # -- admission ---------------------------------------------------------------------------------------------
 
     def _spec(self, a: Admission) -> dict[str, Any]:
-        p = a.policy
+        """The admission as the Lua rule reads it (``policy``: the route's policy, under its Python field names)."""
         spec: dict[str, Any] = {
             "tid": a.ticket_id, "sub": a.sub, "kind": a.kind, "sid": a.session_id, "th": a.token_hash,
             "exp": a.token_exp, "iat": a.token_iat, "gen": a.token_gen, "jti": a.jti, "actor": a.actor,
             "cred": a.credential, "dev": a.device, "client": a.client, "ua": a.user_agent,
-            "tscopes": sorted(a.token_scopes), "auth_time": a.auth_time, "acr": a.acr, "scopes": sorted(p.scopes),
-            "max_auth_age": p.max_auth_age, "acr_values": list(p.acr_values), "one_time": p.one_time,
-            "rcd": p.require_compliant_device, "max_sessions": p.max_sessions, "on_limit": p.on_session_limit,
-            "max_in_flight": p.max_in_flight, "exclusive": p.exclusive, "tags": sorted(p.tags),
-            "conflicts": sorted(p.conflicts), "raises_risk": p.raises_risk, "risk_window": p.risk_window,
-            "max_risk": p.max_risk, "locks": [[r.key, r.mode] for r in _merge_locks(a.locks)],
-            "on_conflict": p.on_lock_conflict, "lease": a.lease, "idle": a.session_idle, "route": a.route,
-            "audit_admitted": a.audit_admitted, "audit_locked": a.audit_locked, "iss": a.iss,
+            "tscopes": sorted(a.token_scopes), "auth_time": a.auth_time, "acr": a.acr,
+            "locks": [[r.key, r.mode] for r in _merge_locks(a.locks)], "lease": a.lease, "idle": a.session_idle,
+            "route": a.route, "audit_admitted": a.audit_admitted, "audit_locked": a.audit_locked, "iss": a.iss,
+            "lg": bool(a.iss) and not self.cluster,
         }
-        spec["lg"] = bool(a.iss) and not self.cluster
         return {k: v for k, v in spec.items() if v is not None}
+
+    def _cluster_spec(self, a: Admission) -> dict[str, Any]:
+        """:meth:`_spec` with the policy, for the steps of a cluster admission."""
+        return {"policy": _policy_json(a.policy)[1], **self._spec(a)}
 
     def admit(self, admission: Admission) -> Ticket | Denial:
         return self._drive(self._admit(admission))
@@ -708,7 +861,7 @@ class RedisStore(Store):
         if not self._on_asyncio():
             return await self._run(lambda: self._drive(self._admit(admission)))
         try:
-            return await self._adrive(self._admit(admission))
+            return await self._adrive(self._admit(admission, carry=True), carried=True)
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled (or interrupted) mid-flight: its calls may have run
                 self._give_back_later(admission)
@@ -717,9 +870,7 @@ class RedisStore(Store):
     def _give_back_later(self, a: Admission) -> None:
         """After a cancelled :meth:`aadmit`: the caller never gets the ticket, so take back what the admission may
         have written (as after a timeout), in a background task bounded by the timeout."""
-        with self._issued_lock:
-            self._issued.pop(a.ticket_id, None)
-        undo = {"a": self._spec(a), "pause": False} if self.cluster else None
+        undo = {"a": self._cluster_spec(a), "pause": False} if self.cluster else None
 
         async def give_back() -> None:
             with contextlib.suppress(Exception):
@@ -729,19 +880,25 @@ class RedisStore(Store):
         self._give_backs.add(task)
         task.add_done_callback(self._give_backs.discard)
 
-    def _admit(self, a: Admission) -> _Flow[Ticket | Denial]:
-        spec = self._spec(a)
+    def _admit(self, a: Admission, carry: bool = False) -> _Flow[Ticket | Denial]:
+        """The admission; with ``carry``, its call also applies the releases still pending (first)."""
         pkey = self._principal(a.sub, a.iss)
         if not self.cluster:
+            carried = self._take_released() if carry else []
             try:
-                r = yield _Call("admit", pkey, spec)
-            except redis.TimeoutError:  # the script may have run: take back what it may have granted
-                yield from self._give_back(a)
+                r = yield _Call("admit", pkey, self._spec(a), (_policy_json(a.policy)[0],
+                                                               *self._release_args(carried)))
+            except _ERRORS as exc:
+                if carried:
+                    log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
+                                len(carried), exc)
+                if isinstance(exc, redis.TimeoutError):  # the script may have run: take back what it granted
+                    yield from self._give_back(a)
                 raise
             if "d" in r:
                 return Denial(r["d"], r.get("m", ""), r.get("r"))
             return self._issue(a, r, _map(r.get("f")))
-        return (yield from self._admit_cluster(a, spec, pkey))
+        return (yield from self._admit_cluster(a, self._cluster_spec(a), pkey))
 
     def _give_back(self, a: Admission, locks: Iterable[str] | None = None, jti: bool = True,
                    undo: dict[str, Any] | None = None) -> _Flow[None]:
@@ -749,41 +906,32 @@ class RedisStore(Store):
         the principal step's writes too, when ``undo`` is given). What this cannot reach ends with the lease."""
         keys = [k for k, _ in self._spec_locks(a)] if locks is None else list(locks)
         jti_claim = a.jti if jti and a.policy.one_time and a.jti is not None else None
-        calls: list[_Call] = []
+        holders = [self._key("l", k) for k in keys]
+        tickets = self._principal(a.sub, a.iss, ":tk")
+        calls: list[_Call | _Release] = []
         if not self.cluster:
-            payload: dict[str, Any] = {"tid": a.ticket_id, "subs": [[a.sub, a.iss]], "locks": keys}
-            if jti_claim is not None:
-                payload["jti"] = jti_claim
-            calls.append(_Call("release", self._principal(a.sub, a.iss), payload))
+            if jti_claim is None:
+                calls.append(_release_of((tickets, *holders), a.ticket_id))
+            else:
+                calls.append(_release_of((tickets, *holders, self._key("j", jti_claim)), a.ticket_id, jti=True))
         else:
-            calls.extend(_Call("release", route, {"tid": a.ticket_id, "locks": group})
-                         for route, group in self._groups(keys, lambda k: self._key("l", k)))
+            calls.extend(_release_of(group, a.ticket_id) for _, group in self._groups(holders, lambda k: k))
             if jti_claim is not None:
-                calls.append(_Call("release", self._key("j", jti_claim), {"tid": a.ticket_id, "jti": jti_claim}))
-            pkey = self._principal(a.sub, a.iss)
-            calls.append(_Call("undo", pkey, undo) if undo is not None else
-                         _Call("release", pkey, {"tid": a.ticket_id, "subs": [[a.sub, a.iss]]}))
+                calls.append(_release_of((self._key("j", jti_claim),), a.ticket_id, jti=True))
+            calls.append(_Call("undo", self._principal(a.sub, a.iss), undo) if undo is not None else
+                         _release_of((tickets,), a.ticket_id))
         for call in calls:  # each on its own: one unreachable slot does not stop the others
             with contextlib.suppress(*_ERRORS):
                 yield call
 
     def _issue(self, a: Admission, r: dict[str, Any], fences: dict[str, Any]) -> Ticket:
+        """The ticket of an admission: it names every key its release needs (its principal, its locks)."""
         expires = float(r["e"])
-        locks = tuple(req[0] for req in self._spec_locks(a))
-        with self._issued_lock:
-            if len(self._issued) > 1024 and len(self._issued) % 256 == 0:
-                self._prune_issued()
-            self._issued[a.ticket_id] = _Issued(a.sub, a.iss, locks, time.monotonic() + a.lease + 60.0)
         return Ticket(a.ticket_id, a.sub, a.session_id, {k: _int(v) for k, v in fences.items()}, expires, a.iss)
 
     @staticmethod
     def _spec_locks(a: Admission) -> list[tuple[str, str]]:
         return [(r.key, r.mode) for r in _merge_locks(a.locks)]
-
-    def _prune_issued(self) -> None:
-        now = time.monotonic()
-        for tid in [t for t, info in self._issued.items() if info.deadline < now]:
-            del self._issued[tid]
 
     def _groups(self, keys: Iterable[str], key: Callable[[str], str]) -> list[tuple[str, list[str]]]:
         """``keys`` grouped by the slot of ``key(k)``, in order of first appearance: (a routing key, members)."""
@@ -894,40 +1042,92 @@ class RedisStore(Store):
         return ticket
 
     def release(self, ticket: Ticket) -> None:
-        self._drive(self._release(ticket.ticket_id))
+        self._drive(self._release(ticket))
 
     async def arelease(self, ticket: Ticket) -> None:
-        await self._aop(lambda: self._release(ticket.ticket_id))
+        """On an event loop (one server or Sentinel) the release is sent with the next call of this process (the
+        next admission applies it before it decides), or by a flush scheduled right after the callbacks already
+        queued on the loop: other processes see it at most one event-loop turn (and one round trip) later."""
+        if self.cluster or not self._on_asyncio():
+            await self._aop(lambda: self._release(ticket))
+            return
+        with self._released_lock:
+            self._released.append(ticket)
+            schedule, self._flush_scheduled = not self._flush_scheduled, True
+        if schedule:
+            asyncio.get_running_loop().call_soon(self._flush_released)
 
-    def _release(self, ticket_id: str) -> _Flow[None]:
-        with self._issued_lock:
-            info = self._issued.pop(ticket_id, None)
-        if info is None:  # not admitted here, or already released: its lease ends it
-            return
-        pkey = self._principal(info.sub, info.iss)
+    def _flush_released(self) -> None:
+        """Send the releases no call has carried yet (in a task of the loop)."""
+        with self._released_lock:
+            self._flush_scheduled = False
+            if not self._released:
+                return
+
+        async def flush() -> None:
+            released = self._take_released()
+            if released:
+                try:
+                    await self._aexecute(self._release_step(released))
+                except Exception as exc:  # what is not released ends with its lease
+                    log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
+                                len(released), exc)
+
+        task = asyncio.get_running_loop().create_task(flush())
+        self._give_backs.add(task)
+        task.add_done_callback(self._give_backs.discard)
+
+    def _take_released(self) -> list[Ticket]:
+        if not self._released:
+            return []
+        with self._released_lock:
+            released, self._released = self._released, []
+        return released
+
+    def _ticket_keys(self, ticket: Ticket) -> list[str]:
+        """The hashes that hold a ticket: its principal's tickets, the holders of its locks."""
+        holders = [self._key("l", lock) for lock in ticket.fencing_tokens]
+        return [self._principal(ticket.sub, ticket.iss, ":tk"), *holders]
+
+    def _release_args(self, tickets: Sequence[Ticket]) -> list[str]:
+        """Releases as arguments of a call (one server): per ticket, its id, the number of its keys, its keys."""
+        args: list[str] = []
+        for ticket in tickets:
+            keys = self._ticket_keys(ticket)
+            args.extend((ticket.ticket_id, str(len(keys)), *keys))
+        return args
+
+    def _release_step(self, tickets: Sequence[Ticket]) -> _Release:
+        """One call releasing ``tickets`` (one server)."""
+        groups = [(ticket.ticket_id, self._ticket_keys(ticket)) for ticket in tickets]
+        return _Release(tuple(k for _, keys in groups for k in keys),
+                        tuple((ticket_id, False, len(keys)) for ticket_id, keys in groups))
+
+    def _release(self, ticket: Ticket) -> _Flow[None]:
+        """Remove the ticket from its principal's tickets and from the holders of its locks (the keys it names;
+        a ticket released twice, or already expired, changes nothing)."""
+        tickets = self._principal(ticket.sub, ticket.iss, ":tk")
+        holders = [self._key("l", lock) for lock in ticket.fencing_tokens]
         if not self.cluster:
-            yield _Call("release", pkey, {"tid": ticket_id, "subs": [[info.sub, info.iss]], "locks": list(info.locks)})
+            yield _release_of((tickets, *holders), ticket.ticket_id)
             return
-        yield _Call("release", pkey, {"tid": ticket_id, "subs": [[info.sub, info.iss]]})
-        for route, keys in self._groups(info.locks, lambda k: self._key("l", k)):
-            yield _Call("release", route, {"tid": ticket_id, "locks": keys})
+        yield _release_of((tickets,), ticket.ticket_id)
+        for _, keys in self._groups(holders, lambda k: k):
+            yield _release_of(keys, ticket.ticket_id)
 
     def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
-        ticket_ids = [t.ticket_id for t in tickets]
-        self._drive(self._renew(ticket_ids, lease))
+        self._drive(self._renew(tickets, lease))
 
     async def arenew(self, tickets: Sequence[Ticket], lease: float) -> None:
-        ticket_ids = [t.ticket_id for t in tickets]
-        await self._aop(lambda: self._renew(ticket_ids, lease))
+        await self._aop(lambda: self._renew(tickets, lease))
 
-    def _renew(self, ticket_ids: Sequence[str], lease: float) -> _Flow[None]:
+    def _renew(self, tickets: Sequence[Ticket], lease: float) -> _Flow[None]:
+        """Extend the tickets' records (their principal's, their locks' holders) by ``lease`` from now."""
         by_hash: dict[tuple[str, str, str], list[str]] = {}
-        with self._issued_lock:
-            known = [(tid, self._issued[tid]) for tid in ticket_ids if tid in self._issued]
-        for tid, info in known:
-            by_hash.setdefault(("p", info.sub, info.iss), []).append(tid)
-            for lock in info.locks:
-                by_hash.setdefault(("l", lock, ""), []).append(tid)
+        for ticket in tickets:
+            by_hash.setdefault(("p", ticket.sub, ticket.iss), []).append(ticket.ticket_id)
+            for lock in ticket.fencing_tokens:
+                by_hash.setdefault(("l", lock, ""), []).append(ticket.ticket_id)
         if not by_hash:
             return
         items: list[tuple[str, list[Any]]] = [
@@ -935,16 +1135,12 @@ class RedisStore(Store):
             for (kind, ident, iss), tids in by_hash.items()]
         if not self.cluster:
             yield _Call("renew", items[0][0], {"lease": lease, "items": [item for _, item in items]})
-        else:
-            groups: dict[int, tuple[str, list[list[Any]]]] = {}
-            for route, item in items:
-                groups.setdefault(self._slot(route), (route, []))[1].append(item)
-            for route, group in groups.values():
-                yield _Call("renew", route, {"lease": lease, "items": group})
-        deadline = time.monotonic() + lease + 60.0
-        with self._issued_lock:
-            for _, info in known:
-                info.deadline = max(info.deadline, deadline)
+            return
+        groups: dict[int, tuple[str, list[list[Any]]]] = {}
+        for route, item in items:
+            groups.setdefault(self._slot(route), (route, []))[1].append(item)
+        for route, group in groups.values():
+            yield _Call("renew", route, {"lease": lease, "items": group})
 
     # -- operations --------------------------------------------------------------------------------------------
 

@@ -231,7 +231,12 @@ def test_lua_scripts_are_package_data() -> None:
     folder = resources.files("sa_middleware.stores") / "lua"
     names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".lua"))
     assert names == sorted(module._SCRIPT_FILES + module._CLUSTER_SCRIPTS)
-    assert "sa.ops.admit" in module._script()
+    assert "sa.ops.admit" in module._script("admit") and "sa.ops.renew" in module._script("renew")
+    assert "sa.ops.compromise" in module._script("ops") and "sa.ops.compromise" not in module._script("admit")
+    release = module._script("release")
+    assert "function sa.release" in release and "sa.ops" not in release  # the release path defines nothing else
+    name, code = module._library()  # Redis 7 and later: every file once, as a function library
+    assert code.startswith(f"#!lua name={name}\n") and code.count("redis.register_function(") == 2
 
 
 # ---------------------------------------------------------------------------------------------------- scripts
@@ -243,26 +248,57 @@ def commandstats(srv: RedisServer) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in info.items()}
 
 
-def test_evalsha_and_a_reload_after_noscript(server: RedisServer) -> None:
+def test_the_function_library_is_loaded_once_and_again_after_a_flush(server: RedisServer) -> None:
     with opened(private_uri(server)) as store:
-        ok(store, session_id="s-1")  # a fresh server: NOSCRIPT, then the script is sent once
+        ok(store, session_id="s-1")  # a fresh server: the library is loaded once
         before = commandstats(server)
-        assert (before["evalsha"], before["eval"]) == (1, 1)
-        ok(store, session_id="s-2")
-        assert (commandstats(server)["evalsha"], commandstats(server)["eval"]) == (2, 1)
-        server.command("SCRIPT", "FLUSH")  # a restarted server or an operator empties the script cache
+        assert before["function|load"] == 1
+        store.release(ok(store, session_id="s-2"))
+        assert commandstats(server)["function|load"] == 1
+        server.command("FUNCTION", "FLUSH")  # a restarted server or an operator empties the libraries
         ok(store, session_id="s-3")
         for i in range(3):
-            ok(store, session_id=f"s-{i + 4}")
+            store.release(ok(store, session_id=f"s-{i + 4}"))
         after = commandstats(server)
-        assert (after["evalsha"], after["eval"]) == (6, 2)  # one NOSCRIPT and one reload, then EVALSHA again
+        assert after["function|load"] == 2  # one reload, then FCALL again
+        assert "evalsha" not in after and "eval" not in after
+
+
+def test_a_server_without_functions_runs_the_scripts(tmp_path: Path) -> None:
+    """Before Redis 7 (no FCALL) the store runs the same code as scripts: EVALSHA, loaded again after a NOSCRIPT."""
+    srv = RedisServer(tmp_path, name="nofunctions", extra_args=["--rename-command", "FCALL", ""])
+    srv.start()
+    try:
+        with opened(private_uri(srv)) as store:
+            ok(store, session_id="s-1")  # NOSCRIPT, then the admission script is sent once
+            before = commandstats(srv)
+            assert (before["evalsha"], before["eval"]) == (1, 1)
+            ok(store, session_id="s-2")
+            assert (commandstats(srv)["evalsha"], commandstats(srv)["eval"]) == (2, 1)
+            srv.command("SCRIPT", "FLUSH")
+            ok(store, session_id="s-3")
+            for i in range(3):
+                ok(store, session_id=f"s-{i + 4}")
+            after = commandstats(srv)
+            assert (after["evalsha"], after["eval"]) == (6, 2)  # one NOSCRIPT and one reload, then EVALSHA again
+            # the release, the renewal and the operations run their own scripts
+            ticket = ok(store, sub="bob", locks=(LockRequest("obj:1"),), max_in_flight=1)
+            store.renew([ticket], 60.0)
+            refused(store, "too_many_in_flight", sub="bob", session_id="bob-1", max_in_flight=1)
+            store.release(ticket)
+            assert store.locks() == []
+            assert store.revoke_session("s-6") is True
+            refused(store, "session_revoked", session_id="s-6")
+            assert "function|load" not in commandstats(srv)
+    finally:
+        srv.stop()
 
 
 def test_admission_and_release_are_one_round_trip_each(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     import redis.connection
 
     with opened(private_uri(server)) as store:
-        ok(store, session_id="warm-up")  # connects and loads the script
+        store.release(ok(store, session_id="warm-up"))  # connects and loads the library
         answers = [0]
         read = redis.connection.AbstractConnection.read_response
 
@@ -279,8 +315,8 @@ def test_admission_and_release_are_one_round_trip_each(server: RedisServer, monk
         monkeypatch.undo()
         after = commandstats(server)
         assert answers[0] == 2 * rounds  # one answer read per admission and per release
-        assert after["evalsha"] - before["evalsha"] == 2 * rounds  # each of them a single EVALSHA
-        assert after.get("eval", 0) == before.get("eval", 0)
+        assert after["fcall"] - before["fcall"] == 2 * rounds  # each of them a single FCALL
+        assert after["function|load"] == before["function|load"]
 
 
 # ---------------------------------------------------------------------------------------------------- server time
@@ -656,6 +692,34 @@ async def test_a_cancelled_aadmit_gives_back_its_ticket_and_locks(server: RedisS
         await store.aclose()
 
 
+@pytest.mark.anyio
+async def test_a_release_on_the_event_loop_is_seen_at_once_here_and_one_loop_turn_later_elsewhere(
+        shared_uri: str) -> None:
+    """An async release is carried by this process's next call (an admission applies it before it decides), or
+    sent by a flush scheduled on the loop; another process sees it once that flush ran."""
+    import asyncio
+
+    store, other = open_store(shared_uri), open_store(shared_uri)
+    try:
+        held = await store.aadmit(adm(locks=(LockRequest("obj:1"),), max_in_flight=1))
+        assert isinstance(held, Ticket)
+        await store.arelease(held)  # this process's next admission carries it
+        taken = await store.aadmit(adm(sub="bob", locks=(LockRequest("obj:1"),)))
+        assert isinstance(taken, Ticket)
+        await store.arelease(taken)
+        assert store.locks() == []  # a blocking call of this process sends it first
+        again = await store.aadmit(adm(session_id="alice-2", locks=(LockRequest("obj:1"),), max_in_flight=1))
+        assert isinstance(again, Ticket)
+        await store.arelease(again)
+        await asyncio.sleep(0)  # the flush scheduled by the release starts
+        await asyncio.gather(*store._give_backs)  # type: ignore[attr-defined]
+        assert other.locks() == []  # another process sees it once the flush ran
+        assert isinstance(other.admit(adm(session_id="alice-3", max_in_flight=1)), Ticket)
+    finally:
+        await store.aclose()
+        other.close()
+
+
 # ---------------------------------------------------------------------------------------------------- many hosts
 
 def test_an_operation_on_one_host_refuses_the_next_request_on_another(shared_uri: str) -> None:
@@ -707,6 +771,28 @@ def test_cluster_key_layout(cluster_uri: str) -> None:
         locks = {k for k in keys if ":{l:" in k}
         assert {_slot(k) for k in locks} == {_slot(store._key("l", "obj:1")), _slot(store._key("l", "doc:9"))}
         assert _slot(store._key("p", "ali{ce}")) not in {_slot(k) for k in locks}  # locks live in their own slots
+
+
+@pytest.mark.anyio
+async def test_cluster_masters_without_the_library_get_it(cluster_uri: str) -> None:
+    """A master that lost its functions (restarted without persistence, FUNCTION FLUSH) gets the library again, from
+    the async client as from the blocking one."""
+    store = open_store(cluster_uri)
+    try:
+        client = shared_cluster().client()
+        try:
+            client.function_flush()  # every master
+            keys = lock_keys_in_other_slots(store, 3)
+            ticket = await store.aadmit(adm(sub="erin", locks=tuple(LockRequest(k) for k in keys)))
+            assert isinstance(ticket, Ticket)
+            await store.arelease(ticket)
+            client.function_flush()
+            store.release(ok(store, sub="erin", locks=tuple(LockRequest(k) for k in keys)))
+            assert store.locks() == []
+        finally:
+            client.close()
+    finally:
+        await store.aclose()
 
 
 def lock_keys_in_other_slots(store: Any, count: int) -> list[str]:
@@ -953,6 +1039,46 @@ def test_sentinel_failover_is_followed(tmp_path: Path) -> None:
         proc.wait(10)
         replica.stop()
         master.stop()
+
+
+def test_state_written_as_stored_before_is_honoured(shared_uri: str) -> None:
+    """Records as the store has always written them (JSON, times as strings of 17 significant digits): a
+    generation, paused and revoked sessions, a ticket in flight and a lock held with its fencing counter are
+    honoured by this version's code."""
+    def num(x: float) -> str:
+        return format(x, ".17g")
+
+    with opened(shared_uri) as store:
+        client = store._client()
+        now = server_time(client)
+        exp = now + 3600
+
+        def session(status: str) -> str:
+            return json.dumps({"s": "alice", "k": "human", "st": status, "c": num(now - 100), "l": num(now - 50),
+                               "e": num(exp + 86400), "cl": "10.0.0.1", "ua": "pytest", "ix": num(exp + 86400)})
+        client.hset(store._principal("alice", ""), mapping={"g": "3"})
+        client.hset(store._principal("alice", "", ":ss"), mapping={"alice-1": session("paused"),
+                                                                   "alice-2": session("revoked")})
+        client.pexpire(store._principal("alice", "", ":ss"), 3_600_000)
+        client.hset(store._principal("alice", "", ":tk"), "old-ticket", json.dumps(
+            {"sid": "alice-9", "th": "other", "cl": "10.0.0.1|pytest", "tg": {}, "cf": {}, "x": False,
+             "e": num(now + 300), "lk": ["obj:1"]}))
+        client.pexpire(store._principal("alice", "", ":tk"), 300_000)
+        fence = int(now * 1_000_000) + 5_000_000  # a counter ahead of the clock
+        client.hset(store._key("l", "obj:1"), "old-ticket", json.dumps(
+            {"key": "obj:1", "m": "exclusive", "s": "alice", "sid": "alice-9", "k": "human", "f": str(fence),
+             "e": num(now + 300)}))
+        client.pexpire(store._key("l", "obj:1"), 300_000)
+        client.set(store._key("l", "obj:1", ":f"), str(fence), px=360_000)
+
+        refused(store, "stale_generation", token_gen=2)
+        refused(store, "session_paused", token_gen=3, session_id="alice-1")
+        refused(store, "session_revoked", token_gen=3, session_id="alice-2")
+        refused(store, "too_many_in_flight", token_gen=3, session_id="alice-3", max_in_flight=1)
+        refused(store, "object_locked", sub="bob", locks=(LockRequest("obj:1"),))
+        assert [(lock.ticket_id, lock.fencing_token) for lock in store.locks()] == [("old-ticket", fence)]
+        client.hdel(store._key("l", "obj:1"), "old-ticket")  # the earlier process released it
+        assert ok(store, sub="bob", locks=(LockRequest("obj:1"),)).fencing_tokens["obj:1"] > fence
 
 
 def test_a_device_index_written_before_issuers_still_relates_its_principals(shared_uri: str) -> None:

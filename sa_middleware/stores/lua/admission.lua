@@ -1,7 +1,9 @@
--- sa-middleware Redis store: admission and release.
+-- sa-middleware Redis store: admission.
 --
 -- sa.evaluate is sa_middleware/rules.py's `evaluate`, line for line: the same checks in the same order with the same
--- codes, details and Retry-After values. The conformance suite keeps the two equal.
+-- codes, details and Retry-After values (tests/stores/test_rule_agreement.py runs both on the same cases). The
+-- admission `a` carries the route's policy as `a.policy`: the fields of records.EffectivePolicy under their Python
+-- names (a field that is None is absent).
 
 local COMPROMISED = 'this context is related to a reported compromise; re-authenticate'
 
@@ -52,9 +54,12 @@ end
 -- Returns nil when the session is unknown to the principal and the session index was not consulted yet.
 function sa.snapshot(a, now, since, facts)
   local s = {now = now, since = since, markers = {}}
-  sa.adopt(a.sub, a.iss, a.lg)
-  if a.actor ~= nil then sa.adopt(a.actor, a.iss, a.lg) end
   s.p = sa.principal(a.sub, a.iss)
+  if not s.p.exists and a.lg then -- seen for the first time under this issuer
+    sa.adopt(a.sub, a.iss, a.lg)
+    s.p = sa.principal(a.sub, a.iss)
+  end
+  if a.actor ~= nil then sa.adopt(a.actor, a.iss, a.lg) end
   s.sessions = sa.records(sa.pkey(a.sub, a.iss, ':ss'), now, true)
   for _, x in ipairs(s.sessions) do
     if x.id == a.sid then s.session = x end
@@ -66,7 +71,7 @@ function sa.snapshot(a, now, since, facts)
     if a.dev ~= nil then sa.fact({'dev', a.dev}, nil, a.iss, keep_for, facts) end
     if a.cred ~= nil then sa.fact({'cred', a.cred}, nil, a.iss, keep_for, facts) end
     if a.actor ~= nil then sa.fact({'actor', a.actor}, nil, a.iss, keep_for, facts) end
-    if a.one_time and a.jti ~= nil then sa.fact({'jti', a.jti}, nil, a.iss, keep_for, facts) end
+    if a.policy.one_time and a.jti ~= nil then sa.fact({'jti', a.jti}, nil, a.iss, keep_for, facts) end
     if s.session == nil then
       local h = redis.call('HMGET', sa.key('s', a.sid), 'o', 'st', 'oi')
       if h[1] then facts.idx = {o = h[1], st = h[2] or nil, oi = h[3] or nil} else facts.idx = false end
@@ -156,35 +161,35 @@ function sa.evaluate(a, s, with_locks)
   for _, t in ipairs(s.tickets) do
     if t.th == a.th and t.cl ~= client then return deny(v, 'token_reuse', 'this token is in use by another client') end
   end
-  if a.one_time and s.jti_seen then return deny(v, 'token_replayed', 'this one-time token was already used') end
+  if a.policy.one_time and s.jti_seen then return deny(v, 'token_replayed', 'this one-time token was already used') end
 
   -- scopes and step-up
-  if #a.scopes > 0 then
+  if #a.policy.scopes > 0 then
     local granted = sa.set(a.tscopes)
     if p.pv ~= nil and (a.iat == nil or p.pa == nil or a.iat < p.pa) then
       local kept = {}
       for x in pairs(granted) do if p.pv[x] then kept[x] = true end end
       granted = kept
     end
-    for _, x in ipairs(a.scopes) do
+    for _, x in ipairs(a.policy.scopes) do
       if not granted[x] then return deny(v, 'insufficient_scope', 'required scope missing or withdrawn') end
     end
   end
-  if a.max_auth_age ~= nil and (a.auth_time == nil or now - a.auth_time > a.max_auth_age) then
+  if a.policy.max_auth_age ~= nil and (a.auth_time == nil or now - a.auth_time > a.policy.max_auth_age) then
     return deny(v, 'step_up_required', 'a more recent authentication is required')
   end
   local acr = a.acr
   if p.aa ~= nil and (a.iat == nil or a.iat < p.aa) then
     acr = p.as -- the assurance level reported since the token was issued replaces its acr
   end
-  if #a.acr_values > 0 then
+  if #a.policy.acr_values > 0 then
     local met = false
-    for _, x in ipairs(a.acr_values) do if x == acr then met = true end end
+    for _, x in ipairs(a.policy.acr_values) do if x == acr then met = true end end
     if not met then return deny(v, 'step_up_required', 'a stronger authentication is required') end
   end
 
   -- device posture
-  if a.rcd then
+  if a.policy.require_compliant_device then
     if a.dev == nil then return deny(v, 'device_noncompliant', 'the token names no device') end
     if s.dev_ok == false then return deny(v, 'device_noncompliant', 'the device is marked non-compliant') end
   end
@@ -193,35 +198,35 @@ function sa.evaluate(a, s, with_locks)
   -- max_sessions oldest active sessions ("reject"); "evict_oldest" evicts the oldest others until it is one of at
   -- most max_sessions. A session that is not active yet counts as the newest.
   local evict = {}
-  if a.max_sessions ~= nil then
+  if a.policy.max_sessions ~= nil then
     local others = {}
     for _, x in ipairs(s.sessions) do
       if x.id ~= a.sid and sa.is_active(x, a.idle, now) then others[#others + 1] = x end
     end
     table.sort(others, older)
-    if a.on_limit == 'evict_oldest' then
-      for i = 1, #others - a.max_sessions + 1 do evict[#evict + 1] = others[i].id end
+    if a.policy.on_session_limit == 'evict_oldest' then
+      for i = 1, #others - a.policy.max_sessions + 1 do evict[#evict + 1] = others[i].id end
     else
       local count = #others
       if session ~= nil and sa.is_active(session, a.idle, now) then
         count = 0
         for _, x in ipairs(others) do if older(x, session) then count = count + 1 end end
       end
-      if count >= a.max_sessions then
-        return deny(v, 'too_many_sessions', 'at most ' .. a.max_sessions ..
-          (a.max_sessions == 1 and ' active session is allowed' or ' active sessions are allowed'))
+      if count >= a.policy.max_sessions then
+        return deny(v, 'too_many_sessions', 'at most ' .. a.policy.max_sessions ..
+          (a.policy.max_sessions == 1 and ' active session is allowed' or ' active sessions are allowed'))
       end
     end
   end
 
   -- actions in flight
-  if a.max_in_flight ~= nil and #s.tickets >= a.max_in_flight then
-    return deny(v, 'too_many_in_flight', 'at most ' .. a.max_in_flight ..
-      (a.max_in_flight == 1 and ' request may be in flight' or ' requests may be in flight'), 1)
+  if a.policy.max_in_flight ~= nil and #s.tickets >= a.policy.max_in_flight then
+    return deny(v, 'too_many_in_flight', 'at most ' .. a.policy.max_in_flight ..
+      (a.policy.max_in_flight == 1 and ' request may be in flight' or ' requests may be in flight'), 1)
   end
-  local tags, conflicts = sa.set(a.tags), sa.set(a.conflicts)
+  local tags, conflicts = sa.set(a.policy.tags), sa.set(a.policy.conflicts)
   for _, t in ipairs(s.tickets) do
-    if a.exclusive or t.x then
+    if a.policy.exclusive or t.x then
       return deny(v, 'conflicting_action', 'another action of this principal is in flight', 1)
     end
     if sa.intersects(t.tg, conflicts) or sa.intersects(t.cf, tags) then
@@ -232,13 +237,13 @@ function sa.evaluate(a, s, with_locks)
   -- risk
   local risk = {}
   for _, e in ipairs(p.risk) do if e[2] > now then risk[#risk + 1] = e end end
-  if a.max_risk ~= nil then
+  if a.policy.max_risk ~= nil then
     local level, last = 0, nil
     for _, e in ipairs(risk) do
       level = level + e[1]
       if last == nil or e[2] > last then last = e[2] end
     end
-    if level > a.max_risk then
+    if level > a.policy.max_risk then
       return deny(v, 'risk_too_high', "a recent action raised this principal's risk", sa.seconds(last - now))
     end
   end
@@ -251,7 +256,7 @@ function sa.evaluate(a, s, with_locks)
       if #blocking > 0 then
         local soonest = nil
         for _, h in ipairs(blocking) do if soonest == nil or h.e < soonest then soonest = h.e end end
-        if a.on_conflict == 'pause' then
+        if a.policy.on_lock_conflict == 'pause' then
           if a.kind ~= 'human' then
             set_status(v, a.sid, a.sub, a.iss, 'paused')
             if session == nil then v.session = sa.new_session(a, now, 'paused') end
@@ -278,14 +283,14 @@ function sa.evaluate(a, s, with_locks)
                  e = math.max(session.e, a.exp), cl = a.client, ua = a.ua, dv = a.dev, cr = a.cred, ac = a.actor,
                  ca = session.ca, ix = session.ix}
   end
-  if a.raises_risk ~= 0 then
-    risk[#risk + 1] = {a.raises_risk, now + a.risk_window, a.tid}
+  if a.policy.raises_risk ~= 0 then
+    risk[#risk + 1] = {a.policy.raises_risk, now + a.policy.risk_window, a.tid}
     v.risk = risk
   end
-  v.jti = a.one_time
+  v.jti = a.policy.one_time
   local locks = {}
   for _, req in ipairs(a.locks) do locks[#locks + 1] = req[1] end
-  v.ticket = {sid = a.sid, th = a.th, cl = client, tg = a.tags, cf = a.conflicts, x = a.exclusive,
+  v.ticket = {sid = a.sid, th = a.th, cl = client, tg = a.policy.tags, cf = a.policy.conflicts, x = a.policy.exclusive,
               e = now + a.lease, lk = locks}
   return v
 end
@@ -313,7 +318,9 @@ function sa.apply_principal(a, s, v, now, writer)
     end
     rec.w = writer
     redis.call('HSET', skey, rec.id, sa.enc(rec))
-    sa.keep(skey, rec.e - now)
+    -- the key already outlives a stored record that expires no earlier (on the server's clock)
+    local stored = s.session ~= nil and s.session.raw ~= nil and s.session.raw ~= false
+    if not (stored and rec.e <= s.session.e and sa.real_clock()) then sa.keep(skey, rec.e - now, #s.sessions == 0) end
   end
   for _, sid in ipairs(v.status_order) do
     local st = v.status[sid]
@@ -367,7 +374,7 @@ function sa.admission_audit(a, v, before, with_admitted)
       out[#out + 1] = {k = 'change', c = 'session_paused', s = 'middleware', u = st.sub, i = sid, r = a.route, d = why}
     elseif st.st == 'revoked' and was ~= nil and was ~= 'revoked' then
       out[#out + 1] = {k = 'change', c = 'session_evicted', s = 'middleware', u = st.sub, i = sid, r = a.route,
-                       d = 'evicted by session ' .. a.sid .. ' (max_sessions=' .. a.max_sessions .. ')'}
+                       d = 'evicted by session ' .. a.sid .. ' (max_sessions=' .. a.policy.max_sessions .. ')'}
     end
   end
   return out
@@ -380,13 +387,23 @@ function sa.result(v)
   return {ok = 1, e = sa.fmt(v.ticket.e), f = fences}
 end
 
--- one server: the whole admission, one script, one round trip
-sa.ops.admit = function(a, now, since)
+-- one server: the whole admission, one call, one round trip. argv[10]: the route's policy (JSON, see sa.policy);
+-- then the releases this process made since its last call, applied first (per ticket: its id, the number of its
+-- keys, those keys: RedisStore._release_args)
+sa.ops.admit = function(a, now, since, argv)
+  a.policy = sa.policy(argv[10])
+  local i = 11
+  while argv[i] ~= nil do
+    local tid, n = argv[i], tonumber(argv[i + 1])
+    for j = i + 2, i + 1 + n do redis.call('HDEL', argv[j], tid) end
+    i = i + 2 + n
+  end
   local s = sa.snapshot(a, now, since, nil)
   s.holders, s.fences = {}, {}
+  local counters = {}
   for _, req in ipairs(a.locks) do
     s.holders[req[1]] = sa.holders(req[1], now)
-    s.fences[req[1]] = sa.fence(req[1], s.since)
+    s.fences[req[1]], counters[req[1]] = sa.fence(req[1], s.since)
   end
   local v = sa.evaluate(a, s, true)
   local before = {}
@@ -410,8 +427,10 @@ sa.ops.admit = function(a, now, since)
   if v.ticket ~= nil then
     local tkey = sa.pkey(a.sub, a.iss, ':tk')
     redis.call('HSET', tkey, a.tid, sa.enc(v.ticket))
-    sa.keep(tkey, v.ticket.e - now)
-    for _, g in ipairs(v.grants) do sa.grant(g[1], g[2], g[3], a, v.ticket.e, now) end
+    sa.keep(tkey, v.ticket.e - now, #s.tickets == 0)
+    for _, g in ipairs(v.grants) do
+      sa.grant(g[1], g[2], g[3], a, v.ticket.e, now, #s.holders[g[1]] == 0, not counters[g[1]])
+    end
     if v.jti and a.jti ~= nil then
       local ms = math.ceil((a.exp - now) * 1000)
       if ms > 0 then redis.call('SET', sa.key('j', a.jti), a.tid, 'PX', ms) end
@@ -419,177 +438,4 @@ sa.ops.admit = function(a, now, since)
   end
   sa.audit(sa.admission_audit(a, v, before, true), now)
   return sa.result(v)
-end
-
--- cluster, step 1 (the principal's slot): every check but the locks; on success the ticket is written, pending
--- its locks. Returns {need = 'index'} when the session is new to the principal and the index was not claimed yet.
-sa.ops.principal = function(p, now, since)
-  local a = p.a
-  local s = sa.snapshot(a, now, since, p.f)
-  if s == nil then return {need = 'index'} end
-  local v = sa.evaluate(a, s, false)
-  local before = {}
-  if #v.status_order > 0 then before = sa.before(v) end
-  local undo, touch = sa.apply_principal(a, s, v, now, a.tid)
-  if v.ticket ~= nil then
-    v.ticket.u = undo
-    local tkey = sa.pkey(a.sub, a.iss, ':tk')
-    redis.call('HSET', tkey, a.tid, sa.enc(v.ticket))
-    sa.keep(tkey, v.ticket.e - now)
-  end
-  local r = sa.result(v)
-  if touch ~= nil and not (v.new_session and p.f.idx) then r.touch = sa.fmt(touch) end
-  if v.code ~= nil then
-    sa.audit(sa.admission_audit(a, v, before, false), now)
-  else -- written by the store once the later steps succeed (a compensation would make them untrue)
-    r.au = sa.admission_audit(a, v, before, false)
-  end
-  return r
-end
-
--- cluster: the facts of other slots (device, credential, actor, jti), read on their own slot
-sa.ops.facts = function(p, now, since)
-  local out = {since = since}
-  for _, item in ipairs(p.items) do sa.fact(item, p.sub, p.iss, p.exp - now + sa.RET, out) end
-  return out
-end
-
--- cluster: claim a session id for a principal in the session index (or extend the claim)
-sa.ops.claim = function(p, now, since)
-  local key = sa.key('s', p.sid)
-  local h = redis.call('HMGET', key, 'o', 'st', 'oi')
-  if not h[1] then
-    redis.call('HSET', key, 'o', p.sub)
-    h[1] = p.sub
-  end
-  if h[1] == p.sub and p.iss ~= '' and (h[3] or '') == '' then -- claimed (or stored before issuers): this issuer's
-    redis.call('HSET', key, 'oi', p.iss)
-    h[3] = p.iss
-  end
-  if h[1] == p.sub and (h[3] or '') == p.iss then sa.keep(key, p.ttl and tonumber(p.ttl) or (p.exp - now + sa.RET)) end
-  return {since = since, idx = {o = h[1], st = h[2] or nil, oi = h[3] or nil}}
-end
-
--- cluster: claim a one-time token's jti
-sa.ops.jti = function(p, now, since)
-  local ms = math.ceil((p.exp - now) * 1000)
-  if ms <= 0 then return {ok = 1} end
-  if redis.call('SET', sa.key('j', p.jti), p.tid, 'PX', ms, 'NX') then return {ok = 1} end
-  return {ok = 0}
-end
-
--- cluster, step 2 (one lock slot): all the locks of this slot, or none
-sa.ops.lock = function(p, now, since)
-  local fences, expires = {}, now + p.lease
-  local checked = {}
-  for _, req in ipairs(p.locks) do
-    local lock, mode = req[1], req[2]
-    local blocking = sa.blocking(sa.holders(lock, now), mode, p.tid)
-    if #blocking > 0 then
-      local soonest, who = nil, {}
-      for _, h in ipairs(blocking) do
-        if soonest == nil or h.e < soonest then soonest = h.e end
-        who[#who + 1] = {h.s, h.sid, h.k, h.is or ''}
-      end
-      return {ok = 0, key = lock, r = sa.seconds(soonest - now), h = who}
-    end
-    checked[#checked + 1] = {lock, mode, sa.next_fence(sa.fence(lock, since), now)}
-  end
-  for _, g in ipairs(checked) do
-    sa.grant(g[1], g[2], g[3], p, expires, now)
-    fences[g[1]] = sa.fmt(g[3])
-  end
-  return {ok = 1, f = fences}
-end
-
--- cluster: compensate step 1 when a later step refused: remove the ticket and restore what it changed (unless a
--- later admission changed it since); optionally pause the requesting session (on_lock_conflict="pause")
-sa.ops.undo = function(p, now, since)
-  local a = p.a
-  local tkey, skey = sa.pkey(a.sub, a.iss, ':tk'), sa.pkey(a.sub, a.iss, ':ss')
-  local raw = redis.call('HGET', tkey, a.tid)
-  if raw then
-    redis.call('HDEL', tkey, a.tid)
-    local u = cjson.decode(raw).u or {}
-    local cur = redis.call('HGET', skey, a.sid)
-    if cur and cjson.decode(cur).w == a.tid then
-      if u.s then redis.call('HSET', skey, a.sid, u.s) else redis.call('HDEL', skey, a.sid) end
-    end
-    for sid, prev in pairs(u.ev or {}) do
-      local c = redis.call('HGET', skey, sid)
-      if c and cjson.decode(c).w == a.tid then redis.call('HSET', skey, sid, prev) end
-    end
-    if u.r then
-      local pkey = sa.pkey(a.sub, a.iss)
-      local rk = redis.call('HGET', pkey, 'rk')
-      if rk then
-        local kept = {}
-        for _, e in ipairs(cjson.decode(rk)) do if e[3] ~= a.tid then kept[#kept + 1] = e end end
-        redis.call('HSET', pkey, 'rk', cjson.encode(kept))
-      end
-    end
-  end
-  local records = p.audit or {}
-  if p.pause then
-    local raw = redis.call('HGET', skey, a.sid)
-    local was = nil
-    if raw then was = cjson.decode(raw).st end
-    if not sa.update_status(a.sub, a.iss, a.sid, 'paused', now) and not raw then
-      local rec = sa.new_session(a, now, 'paused')
-      redis.call('HSET', skey, a.sid, sa.enc(rec))
-      sa.keep(skey, rec.e - now)
-    end
-    if was == nil or was == 'active' then
-      records[#records + 1] = {k = 'change', c = 'session_paused', s = 'middleware', u = a.sub, i = a.sid,
-                               r = a.route, d = 'paused by a lock conflict: ' .. p.detail}
-    end
-  end
-  sa.audit(records, now)
-  return {ok = 1}
-end
-
--- append audit records (in this call's slot)
-sa.ops.record = function(p, now, since)
-  sa.audit(p.records, now)
-  return {ok = 1}
-end
-
--- release: drop a ticket from its principal's tickets and from the holders of its locks (the hashes named in the
--- payload, all in this call's slot), and a claimed jti if it is still this ticket's
-sa.ops.release = function(p, now, since)
-  for _, who in ipairs(p.subs or {}) do redis.call('HDEL', sa.pkey(who[1], who[2], ':tk'), p.tid) end
-  for _, lock in ipairs(p.locks or {}) do redis.call('HDEL', sa.key('l', lock), p.tid) end
-  if p.jti ~= nil then
-    local jkey = sa.key('j', p.jti)
-    if redis.call('GET', jkey) == p.tid then redis.call('DEL', jkey) end
-  end
-  return {ok = 1}
-end
-
--- renew: extend live records (tickets and lock holders) by `lease` from now; expired ones stay expired
-sa.ops.renew = function(p, now, since)
-  local expires = now + p.lease
-  for _, item in ipairs(p.items) do
-    local key
-    if item[1] == 'p' then key = sa.pkey(item[2], item[4], ':tk') else key = sa.key('l', item[2]) end
-    local tids = item[3]
-    local values = redis.call('HMGET', key, unpack(tids))
-    local renewed = false
-    for i, raw in ipairs(tids) do
-      local value = values[i]
-      if value then
-        local r = sa.dec(value)
-        if r.e > now then
-          r.e = expires
-          redis.call('HSET', key, raw, sa.enc(r))
-          renewed = true
-        end
-      end
-    end
-    if renewed then
-      sa.keep(key, p.lease)
-      if item[1] == 'l' then sa.keep(sa.key('l', item[2], ':f'), p.lease + sa.FENCE_SLACK) end
-    end
-  end
-  return {ok = 1}
 end

@@ -1,27 +1,52 @@
 -- sa-middleware Redis store: shared helpers.
 --
--- The store runs ONE script (lib.lua, admission.lua, operations.lua and main.lua concatenated, in that order) and
--- picks the operation with ARGV[1]. ARGV[2] is a clock override for tests ('' = the server's TIME), ARGV[3] the key
--- prefix, ARGV[4] the operation's payload (JSON). KEYS[1] is the epoch marker of the slot the call runs in; the other
--- KEYS only route the call (in a cluster every key a call touches lives in KEYS[1]'s slot).
+-- The store's code is loaded once as a Redis function library (Redis 7 and later: RedisStore._library) whose
+-- functions `<library>_main` and `<library>_release` are called with FCALL; before Redis 7 it runs as scripts, each a
+-- concatenation of these files (RedisStore: _SCRIPTS), called with EVALSHA: the admission script (lib.lua,
+-- admission.lua, main.lua), the renewal script (lib.lua, renew.lua, main.lua), the operations script (lib.lua,
+-- admission.lua, cluster.lua, operations.lua, main.lua) and the release script (release.lua). A script re-runs its
+-- top-level definitions on every call, so the scripts of the hot path define only what they use.
+--
+-- A call (sa.main): ARGV[1] names the operation, ARGV[2] is a clock override for tests ('' = the server's TIME),
+-- ARGV[3] the key prefix, ARGV[4] the operation's payload (JSON), then constants shared with Python (never copied
+-- here): ARGV[5] the audit trail's maximum records, ARGV[6] its retention (seconds), ARGV[7] rules.STATUS_RETENTION,
+-- ARGV[8] rules.FENCE_SLACK, ARGV[9] how many milliseconds a key outlives its records, then what the operation
+-- takes besides its payload (the admission: its policy). KEYS[1] is the epoch marker of
+-- the slot the call runs in; the other KEYS only route the call (in a cluster every key a call touches lives in
+-- KEYS[1]'s slot).
 --
 -- Times are seconds (floats) of the server's clock. Records are JSON; numbers inside them are written as strings
 -- with 17 significant digits, because cjson keeps only 14 and a watermark must compare exactly.
 
 local sa = {ops = {}}
-local RET = 86400.0 -- rules.STATUS_RETENTION: a status outlives the token it was set on by a day
-sa.RET = RET
-local PREFIX = ARGV[3]
-local CLOCK = ARGV[2]
+-- the context of the current call (sa.begin)
+local PREFIX, CLOCK, EPOCH, AUDIT_MAX, AUDIT_RETENTION, RET, FENCE_SLACK, SLACK
+
+function sa.begin(keys, argv)
+  EPOCH, CLOCK, PREFIX, AUDIT_MAX, AUDIT_RETENTION = keys[1], argv[2], argv[3], argv[5], tonumber(argv[6])
+  RET = tonumber(argv[7]) -- rules.STATUS_RETENTION: a status outlives the token it was set on
+  FENCE_SLACK = tonumber(argv[8])
+  SLACK = tonumber(argv[9])
+  sa.RET, sa.FENCE_SLACK, sa.SLACK, sa.EPOCH = RET, FENCE_SLACK, SLACK, EPOCH
+end
+
+-- a route's policy from its JSON: decoded once per distinct text while the function library stays loaded (a script
+-- decodes it on every call). The table is shared by the calls that use the same policy: never modify it.
+local POLICIES, POLICY_COUNT = {}, 0
+function sa.policy(text)
+  local policy = POLICIES[text]
+  if policy == nil then
+    policy = cjson.decode(text)
+    if POLICY_COUNT >= 512 then POLICIES, POLICY_COUNT = {}, 0 end
+    POLICIES[text], POLICY_COUNT = policy, POLICY_COUNT + 1
+  end
+  return policy
+end
 
 function sa.fmt(x)
   if x == nil then return nil end
   return string.format('%.17g', x)
 end
-
--- the audit trail: a stream in the slot of KEYS[1] (next to its epoch marker); ARGV[5] = [max records, retention]
-local AUDIT_KEY = (string.gsub(KEYS[1], 'epoch$', 'audit'))
-local AUDIT_LIMITS = cjson.decode(ARGV[5] or '[100000, 604800]')
 
 -- at most `n` bytes of a UTF-8 string, never ending inside a character (a cut character is left out)
 function sa.cut(text, n)
@@ -36,8 +61,11 @@ function sa.cut(text, n)
   return cut
 end
 
+-- the audit trail: a stream in the slot of the epoch marker (next to it), at most ARGV[5] records, kept ARGV[6]
+-- seconds
 function sa.audit(records, now)
   if #records == 0 then return end
+  local key = (string.gsub(EPOCH, 'epoch$', 'audit'))
   -- `w`: when the record arrived (the server's microseconds), which orders the streams of a cluster's slots
   local t = redis.call('TIME')
   local arrival = t[1] .. string.format('%06d', tonumber(t[2]))
@@ -48,11 +76,17 @@ function sa.audit(records, now)
     if r.r ~= nil then fields[#fields + 1] = 'r'; fields[#fields + 1] = r.r end
     fields[#fields + 1] = 'd'
     fields[#fields + 1] = sa.cut(r.d or '', 512)
-    redis.call('XADD', AUDIT_KEY, 'MAXLEN', '~', AUDIT_LIMITS[1], '*', unpack(fields))
+    redis.call('XADD', key, 'MAXLEN', '~', AUDIT_MAX, '*', unpack(fields))
   end
   -- the stream's ids are the server's milliseconds: drop what is past the retention
-  local cutoff = tonumber(t[1]) * 1000 - math.floor(AUDIT_LIMITS[2] * 1000)
-  if cutoff > 0 then redis.call('XTRIM', AUDIT_KEY, 'MINID', '~', cutoff) end
+  local cutoff = tonumber(t[1]) * 1000 - math.floor(AUDIT_RETENTION * 1000)
+  if cutoff > 0 then redis.call('XTRIM', key, 'MINID', '~', cutoff) end
+end
+
+-- whether times are the server's clock (not a test clock): a key's expiry is then an instant on the same clock as
+-- its records' expiries
+function sa.real_clock()
+  return CLOCK == nil or CLOCK == ''
 end
 
 function sa.clock()
@@ -100,19 +134,21 @@ end
 -- the epoch marker: present since the store was first used (value: the time of a detected state loss, 0 for a
 -- store bootstrapped as new). A missing marker means the state was lost: record the loss time and recreate it.
 function sa.epoch(now)
-  local v = redis.call('GET', KEYS[1])
+  local v = redis.call('GET', EPOCH)
   if v then return tonumber(v), false end
-  redis.call('SET', KEYS[1], sa.fmt(now))
+  redis.call('SET', EPOCH, sa.fmt(now))
   return now, true
 end
 
 -- make a key live at least `seconds` more (never shortens a TTL; keys without one get one). Records carry their own
--- expiry; a key outlives its records by a second (by a minute under a test clock, which real time does not move)
-local SLACK = 1000
-if CLOCK ~= nil and CLOCK ~= '' then SLACK = 60000 end
-sa.SLACK = SLACK
-function sa.keep(key, seconds)
+-- expiry; a key outlives its records by ARGV[9] milliseconds (RedisStore: a second, a minute under a test clock).
+-- `fresh`: the key was created by this call (it did not exist when read), so it has no TTL yet.
+function sa.keep(key, seconds, fresh)
   local ms = math.ceil(seconds * 1000) + SLACK
+  if fresh then
+    redis.call('PEXPIRE', key, ms)
+    return
+  end
   local ttl = redis.call('PTTL', key)
   if ttl == -2 then return end
   if ttl == -1 or ttl < ms then redis.call('PEXPIRE', key, ms) end
@@ -231,15 +267,15 @@ end
 -- fencing token issued before it (the loss time in microseconds; 0 for a bootstrapped store). The counter lives
 -- FENCE_SLACK seconds past its key's last lease (rules.FENCE_SLACK): a token is never below the clock in
 -- microseconds (sa.next_fence, rules.next_fence), so a forgotten counter restarts above every token issued before.
-local FENCE_SLACK = 60.0
-sa.FENCE_SLACK = FENCE_SLACK
 function sa.holders(lock, now)
   return sa.records(sa.key('l', lock), now, true)
 end
 
+-- the last fencing token of a lock key, and whether its counter exists
 function sa.fence(lock, since)
-  local f = tonumber(redis.call('GET', sa.key('l', lock, ':f')) or '0')
-  return math.max(f, math.floor(since * 1000000)) -- a restored (older) counter also resumes above the loss
+  local raw = redis.call('GET', sa.key('l', lock, ':f'))
+  local f = tonumber(raw or '0')
+  return math.max(f, math.floor(since * 1000000)), raw ~= false -- a restored (older) counter also resumes above the loss
 end
 
 function sa.next_fence(last, now)
@@ -254,14 +290,20 @@ function sa.blocking(holders, mode, tid)
   return out
 end
 
-function sa.grant(lock, mode, fence, who, expires, now)
+-- grant a lock; `no_holders`: its holders hash does not exist (no live holder was found), `no_counter`: neither
+-- does its fencing counter
+function sa.grant(lock, mode, fence, who, expires, now, no_holders, no_counter)
   local hk = sa.key('l', lock)
   local fk = sa.key('l', lock, ':f')
-  redis.call('SET', fk, sa.fmt(fence), 'KEEPTTL')
-  sa.keep(fk, expires - now + FENCE_SLACK)
+  if no_counter then
+    redis.call('SET', fk, sa.fmt(fence), 'PX', math.ceil((expires - now + FENCE_SLACK) * 1000) + SLACK)
+  else
+    redis.call('SET', fk, sa.fmt(fence), 'KEEPTTL')
+    sa.keep(fk, expires - now + FENCE_SLACK)
+  end
   redis.call('HSET', hk, who.tid, sa.enc({key = lock, m = mode, s = who.sub, is = who.iss, sid = who.sid,
                                           k = who.kind, f = fence, e = expires}))
-  sa.keep(hk, expires - now)
+  sa.keep(hk, expires - now, no_holders)
 end
 
 function sa.seconds(x)

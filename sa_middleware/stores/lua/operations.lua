@@ -254,7 +254,7 @@ end
 
 -- an operator declares a state loss (a restored backup, a failover that lost writes): as if the marker had gone
 sa.ops.declare_loss = function(p, now, since)
-  redis.call('SET', KEYS[1], sa.fmt(now))
+  redis.call('SET', sa.EPOCH, sa.fmt(now))
   sa.audit({{k = 'change', c = 'state_loss', s = 'operator',
              d = 'state loss declared by an operator; tokens issued before ' .. sa.fmt(now) .. ' are refused'}}, now)
   return {at = sa.fmt(now), since = now}
@@ -339,4 +339,10 @@ sa.ops.reset_generation = function(p, now, since)
   local g = tonumber(redis.call('HGET', key, 'g') or '0')
   if g ~= 0 then redis.call('HSET', key, 'g', '0') end
   return {g = sa.fmt(g)}
+end
+
+-- append audit records (in this call's slot)
+sa.ops.record = function(p, now, since)
+  sa.audit(p.records, now)
+  return {ok = 1}
 end
