@@ -122,7 +122,7 @@ def _forget_writes_after_fork(store: SQLiteStore) -> None:
         if child is not None:
             child._cond = threading.Condition()
             child._queue = deque()
-            child._leading, child._truncating, child._waiting, child._flush_loops = False, False, 0, set()
+            child._leading, child._alone, child._waiting, child._flush_loops = False, 0, 0, set()
             child._maintenance = child._flusher = None
 
     os.register_at_fork(after_in_child=reset)
@@ -346,7 +346,7 @@ class SQLiteStore(Store):
         self._queue: deque[_Entry] = deque()
         self._leading = False  # a thread, or an event loop, is deciding a batch
         self._waiting = 0  # threads waiting for a write of theirs (or to truncate the WAL)
-        self._truncating = False  # the maintenance thread waits for the lead, or has it, to truncate the WAL
+        self._alone = 0  # callers wanting, or holding, the lead alone (to truncate the WAL, to close)
         self._flush_loops: set[asyncio.AbstractEventLoop] = set()  # event loops with a flush scheduled
         self.inline = inline
         self._inline_commits = 0
@@ -463,7 +463,7 @@ class SQLiteStore(Store):
         entry = _Entry(func, prunes=prunes)
         with self._cond:
             self._queue.append(entry)
-            lead = not (self._leading or self._truncating)
+            lead = not (self._leading or self._alone)
             if lead:
                 self._leading = True
             else:
@@ -471,7 +471,7 @@ class SQLiteStore(Store):
                 try:
                     while entry.state != _DONE:
                         self._cond.wait()
-                        if entry.state == _QUEUED and not (self._leading or self._truncating):
+                        if entry.state == _QUEUED and not (self._leading or self._alone):
                             self._leading = lead = True
                             break
                 finally:
@@ -662,7 +662,7 @@ class SQLiteStore(Store):
         connection holds it, the admissions go to worker threads and the rest to a thread that waits."""
         with self._cond:
             self._flush_loops.discard(loop)
-            if self._leading or self._truncating or not self._queue:
+            if self._leading or self._alone or not self._queue:
                 return  # the leader takes what is queued, or schedules this flush again when it stops
             self._leading = True
             batch = self._take()
@@ -694,7 +694,7 @@ class SQLiteStore(Store):
     def _drain(self) -> None:
         """In a worker thread: lead until the queue is empty (or a waiting thread takes over)."""
         with self._cond:
-            if self._leading or self._truncating:
+            if self._leading or self._alone:
                 return
             self._leading = True
         try:
@@ -709,7 +709,7 @@ class SQLiteStore(Store):
             return False, None
         entry = _Entry(func)
         with self._cond:
-            if self._leading or self._truncating:
+            if self._leading or self._alone:
                 return False, None
             self._leading = True
             entry.state = _RUNNING
@@ -762,8 +762,14 @@ class SQLiteStore(Store):
     def _truncate(self) -> None:
         """Truncate the WAL while this process's writers wait (a checkpoint that must wait for the write lock
         would rarely get it under a flood); other processes' writers are waited for up to the timeout."""
+        with self._lead_alone():
+            self.checkpoint()
+
+    @contextmanager
+    def _lead_alone(self) -> Iterator[None]:
+        """Take the lead next (before any waiting writer) and keep it: this process's writes wait meanwhile."""
         with self._cond:
-            self._truncating = True  # nobody else takes the lead meanwhile
+            self._alone += 1  # nobody else takes the lead meanwhile
             self._waiting += 1  # the leader hands over at once
             try:
                 while self._leading:
@@ -772,10 +778,10 @@ class SQLiteStore(Store):
                 self._waiting -= 1
             self._leading = True
         try:
-            self.checkpoint()
+            yield
         finally:
             with self._cond:
-                self._truncating = False
+                self._alone -= 1
                 self._hand_over()
 
     def wal_size(self) -> int:
@@ -807,11 +813,12 @@ class SQLiteStore(Store):
         self._checkpoint_due.set()
         self._stop_flush.set()
         self._flush_due.set()
-        with self._connections_lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
+        with self._lead_alone():  # no batch of this process runs on a connection while it closes
+            with self._connections_lock:
+                for conn in self._connections:
+                    conn.close()
+                self._connections.clear()
+            self._local = threading.local()
 
     # -- admission ---------------------------------------------------------------------------------------------
 
@@ -1098,7 +1105,7 @@ class SQLiteStore(Store):
             time.sleep(RELEASE_DELAY)
             due.clear()
             with self._cond:
-                if self._leading or self._truncating or not self._queue:
+                if self._leading or self._alone or not self._queue:
                     continue
                 self._leading = True
             try:
