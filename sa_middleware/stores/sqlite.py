@@ -123,6 +123,7 @@ def _forget_writes_after_fork(store: SQLiteStore) -> None:
             child._cond = threading.Condition()
             child._queue = deque()
             child._leading, child._alone, child._waiting, child._flush_loops = False, 0, 0, set()
+            child._reading = 0
             child._maintenance = child._flusher = None
 
     os.register_at_fork(after_in_child=reset)
@@ -347,6 +348,7 @@ class SQLiteStore(Store):
         self._leading = False  # a thread, or an event loop, is deciding a batch
         self._waiting = 0  # threads waiting for a write of theirs (or to truncate the WAL)
         self._alone = 0  # callers wanting, or holding, the lead alone (to truncate the WAL, to close)
+        self._reading = 0  # reads in flight
         self._flush_loops: set[asyncio.AbstractEventLoop] = set()  # event loops with a flush scheduled
         self.inline = inline
         self._inline_commits = 0
@@ -813,7 +815,10 @@ class SQLiteStore(Store):
         self._checkpoint_due.set()
         self._stop_flush.set()
         self._flush_due.set()
-        with self._lead_alone():  # no batch of this process runs on a connection while it closes
+        # no batch of this process runs on a connection while it closes, and no read (a lease keeper's, say)
+        with self._lead_alone(), self._cond:
+            while self._reading:
+                self._cond.wait()
             with self._connections_lock:
                 for conn in self._connections:
                     conn.close()
@@ -1328,10 +1333,17 @@ class SQLiteStore(Store):
         return self._write(run)
 
     def _read(self, func: Callable[[sqlite3.Connection, float], T]) -> T:
+        with self._cond:
+            self._reading += 1  # close() waits for the reads in flight
         try:
             return func(self._connection(), self._clock())
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"sqlite store error: {exc}") from exc
+        finally:
+            with self._cond:
+                self._reading -= 1
+                if not self._reading:
+                    self._cond.notify_all()
 
     def sessions(self, sub: str, session_idle: float, iss: str = "") -> list[SessionInfo]:
         return self._read(lambda conn, now: [_session(r) for r in conn.execute(
