@@ -71,18 +71,21 @@ def test_unencodable_claims_get_a_401_and_the_trail_keeps_flowing(idp: DemoIssue
                 resp = httpx.request("GET" if path == "/items" else "PUT", base + path, timeout=WAIT,
                                      headers={"authorization": f"Bearer {idp.token(**claims)}"})
                 problem(resp, 401, "invalid_token")
-        assert guard.flush_audit() == len(hostile) * 2
+        guard.flush_audit()  # the keeper may have written some already: count what the store holds
+        assert len(guard.audit(code="invalid_token", limit=100)) == len(hostile) * 2
         escaped = [r for r in guard.audit(code="invalid_token", limit=100) if r.sub == "\\ud800" + mark]
         assert len(escaped) == 2 and {r.route for r in escaped} == {"GET /items", "PUT /docs/{id}"}
         # later batches arrive, and an admission still works
         problem(httpx.get(base + "/items", timeout=WAIT), 401, "missing_token")
         problem(httpx.get(base + f"/nowhere/{mark}%ED%A0%80", timeout=WAIT), 401, "missing_token")
-        assert guard.flush_audit() == 2
+        guard.flush_audit()
+        assert len(guard.audit(code="missing_token", limit=100)) == 2
         routes = [r.route for r in guard.audit(code="missing_token", limit=100)]
         assert "GET /items" in routes and any(r and r.startswith(f"/nowhere/{mark}") for r in routes)
         ok = httpx.put(base + "/docs/7", timeout=WAIT, headers={"authorization": f"Bearer {idp.token(f'ok-{mark}')}"})
         assert ok.status_code == 200 and ok.text == "hello"
-        assert guard.flush_audit() == 0
+        guard.flush_audit()
+        assert len(guard.audit(limit=100)) == len(hostile) * 2 + 2  # an admission writes no record
     finally:
         stop()
         guard.close()
