@@ -137,6 +137,14 @@ def _function_error(exc: redis.ResponseError) -> Literal["missing", "unsupported
     return None
 
 
+def _release_failed(count: int, exc: BaseException) -> None:
+    log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s", count, exc)
+
+
+def _library_refused(exc: BaseException) -> None:
+    log.warning("sa-middleware: the Redis store runs scripts: loading its function library failed: %s", exc)
+
+
 def _esc(value: str) -> str:
     """Escape an id for a hash tag (the Lua side does the same): the tag is then always the whole id."""
     return value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
@@ -536,10 +544,7 @@ class RedisStore(Store):
 
     async def aclose(self) -> None:
         if self._on_asyncio():
-            released = self._take_released()
-            if released:
-                with contextlib.suppress(*_ERRORS):  # what is not released ends with its lease
-                    await self._aexecute(self._release_step(released))
+            await self._asend_released(_ERRORS)
             with self._async_lock:
                 entry = self._async_clients.pop(asyncio.get_running_loop(), None)
             if entry is not None:
@@ -628,22 +633,28 @@ class RedisStore(Store):
             return client.xrevrange(step.key, max=step.start, min="-", count=step.count)
         name, keys, args = self._invocation(step)
         if self._functions:
-            function = f"{self._library_name}_{'release' if name == 'release' else 'main'}"
+            function = self._function(name)
             try:
-                raw = client.fcall(function, len(keys), *keys, *args)
-                return raw if name == "release" else self._answer(raw)
+                return self._result(name, client.fcall(function, len(keys), *keys, *args))
             except redis.ResponseError as exc:
                 error = _function_error(exc)
                 if error is None:
                     raise
             if error == "missing" and self._load_library(lambda: client.function_load(self._library, replace=True)):
-                raw = client.fcall(function, len(keys), *keys, *args)
-                return raw if name == "release" else self._answer(raw)
+                return self._result(name, client.fcall(function, len(keys), *keys, *args))
             self._functions = False
         try:
             raw = client.evalsha(self._shas[name], len(keys), *keys, *args)
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH): load it again
             raw = client.eval(self._scripts[name], len(keys), *keys, *args)
+        return self._result(name, raw)
+
+    def _function(self, name: str) -> str:
+        """The library function that runs the script ``name``."""
+        return f"{self._library_name}_{'release' if name == 'release' else 'main'}"
+
+    def _result(self, name: str, raw: Any) -> Any:
+        """What a call of the script ``name`` answered (a release answers nothing to decode)."""
         return raw if name == "release" else self._answer(raw)
 
     def _load_library(self, load: Callable[[], Any]) -> bool:
@@ -652,7 +663,7 @@ class RedisStore(Store):
         try:
             load()
         except redis.ResponseError as exc:
-            log.warning("sa-middleware: the Redis store runs scripts: loading its function library failed: %s", exc)
+            _library_refused(exc)
             return False
         return True
 
@@ -672,10 +683,9 @@ class RedisStore(Store):
             return await client.xrevrange(step.key, max=step.start, min="-", count=step.count)
         name, keys, args = self._invocation(step)
         if self._functions:
-            function = f"{self._library_name}_{'release' if name == 'release' else 'main'}"
+            function = self._function(name)
             try:
-                raw = await client.fcall(function, len(keys), *keys, *args)
-                return raw if name == "release" else self._answer(raw)
+                return self._result(name, await client.fcall(function, len(keys), *keys, *args))
             except redis.ResponseError as exc:
                 error = _function_error(exc)
                 if error is None:
@@ -686,17 +696,15 @@ class RedisStore(Store):
                     await client.function_load(self._library, replace=True)
                     loaded = True
                 except redis.ResponseError as exc:
-                    log.warning("sa-middleware: the Redis store runs scripts: loading its function library failed: "
-                                "%s", exc)
+                    _library_refused(exc)
             if loaded:
-                raw = await client.fcall(function, len(keys), *keys, *args)
-                return raw if name == "release" else self._answer(raw)
+                return self._result(name, await client.fcall(function, len(keys), *keys, *args))
             self._functions = False
         try:
             raw = await client.evalsha(self._shas[name], len(keys), *keys, *args)
         except NoScriptError:
             raw = await client.eval(self._scripts[name], len(keys), *keys, *args)
-        return raw if name == "release" else self._answer(raw)
+        return self._result(name, raw)
 
     def _drive(self, flow: _Flow[T]) -> T:
         """Run a flow with blocking calls. A failed call is thrown into the flow, which may compensate (more calls)
@@ -706,8 +714,7 @@ class RedisStore(Store):
             try:
                 self._execute(self._release_step(released))
             except _ERRORS as exc:
-                log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
-                            len(released), exc)
+                _release_failed(len(released), exc)
         answer: Any = None
         error: Exception | None = None
         try:
@@ -730,13 +737,7 @@ class RedisStore(Store):
         """Async twin of :meth:`_drive` (``redis.asyncio``: the event loop never waits on a thread); ``carried``: the
         flow sends the pending releases itself (an admission)."""
         if not carried:
-            released = self._take_released()
-            if released:
-                try:
-                    await self._aexecute(self._release_step(released))
-                except _ERRORS as exc:
-                    log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
-                                len(released), exc)
+            await self._asend_released(_ERRORS)
         answer: Any = None
         error: Exception | None = None
         try:
@@ -890,8 +891,7 @@ class RedisStore(Store):
                                                                *self._release_args(carried)))
             except _ERRORS as exc:
                 if carried:
-                    log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
-                                len(carried), exc)
+                    _release_failed(len(carried), exc)
                 if isinstance(exc, redis.TimeoutError):  # the script may have run: take back what it granted
                     yield from self._give_back(a)
                 raise
@@ -1064,18 +1064,19 @@ class RedisStore(Store):
             if not self._released:
                 return
 
-        async def flush() -> None:
-            released = self._take_released()
-            if released:
-                try:
-                    await self._aexecute(self._release_step(released))
-                except Exception as exc:  # what is not released ends with its lease
-                    log.warning("sa-middleware: release of %d ticket(s) failed; their leases will expire: %s",
-                                len(released), exc)
-
-        task = asyncio.get_running_loop().create_task(flush())
+        task = asyncio.get_running_loop().create_task(self._asend_released((Exception,)))
         self._give_backs.add(task)
         task.add_done_callback(self._give_backs.discard)
+
+    async def _asend_released(self, errors: tuple[type[BaseException], ...]) -> None:
+        """Send the releases no call has carried yet, in one call; a failure among ``errors`` is logged (what is
+        not released ends with its lease)."""
+        released = self._take_released()
+        if released:
+            try:
+                await self._aexecute(self._release_step(released))
+            except errors as exc:
+                _release_failed(len(released), exc)
 
     def _take_released(self) -> list[Ticket]:
         if not self._released:
@@ -1106,8 +1107,7 @@ class RedisStore(Store):
     def _release(self, ticket: Ticket) -> _Flow[None]:
         """Remove the ticket from its principal's tickets and from the holders of its locks (the keys it names;
         a ticket released twice, or already expired, changes nothing)."""
-        tickets = self._principal(ticket.sub, ticket.iss, ":tk")
-        holders = [self._key("l", lock) for lock in ticket.fencing_tokens]
+        tickets, *holders = self._ticket_keys(ticket)
         if not self.cluster:
             yield _release_of((tickets, *holders), ticket.ticket_id)
             return
