@@ -47,7 +47,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from dataclasses import replace
 from typing import Any
 
-import anyio
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.apps import AppConfig  # type: ignore[import-untyped, unused-ignore]
 from django.conf import settings  # type: ignore[import-untyped, unused-ignore]
@@ -217,9 +216,7 @@ class _Release:
 
     async def arelease(self) -> None:
         ticket = self._claim()
-        if ticket is not None:
-            with anyio.CancelScope(shield=True):
-                await self._guard.arelease(ticket)
+        await self._guard.arelease(ticket)
 
 
 def _enter(request: Any, outcome: Outcome, guard: Guard) -> Any:

@@ -305,8 +305,7 @@ class SessionAwareMCP:
                 return await call_next(ctx)
         finally:
             _CURRENT.reset(token)
-            with anyio.CancelScope(shield=True):
-                await self.guard.arelease(outcome.ticket)
+            await self.guard.arelease(outcome.ticket)
 
     def _has_sessions(self, ctx: ServerRequestContext[Any, Any]) -> bool:
         """Whether this request's ``Mcp-Session-Id`` was checked by the SDK (a stateful session manager, on a

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import anyio
-
 from .context import RequestInfo, admitted
 from .denials import Denial
 from .guard import Admitted, Guard
@@ -44,13 +42,14 @@ def app_path(scope: Scope) -> str:
 
 def request_info(scope: Scope) -> RequestInfo:
     """A RequestInfo from an ASGI scope (header values decoded as latin-1, repeated headers joined)."""
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in scope.get("headers", ()):
-        name = raw_name.lower().decode("latin-1")
-        value = raw_value.decode("latin-1")
-        if name in headers:
-            value = f"{headers[name]}, {value}"
-        headers[name] = value
+    raw = scope.get("headers", ())
+    headers = {name.lower().decode("latin-1"): value.decode("latin-1") for name, value in raw}
+    if len(headers) != len(raw):  # a repeated header: its values joined, in order
+        headers = {}
+        for raw_name, raw_value in raw:
+            name = raw_name.lower().decode("latin-1")
+            value = raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
     client = scope.get("client")
     websocket = scope["type"] == "websocket"
     return RequestInfo(method=scope.get("method", "GET"), path=scope.get("path", "/"), headers=headers,
@@ -100,11 +99,7 @@ async def run_admitted(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
         with admitted(view_policies):
             await app(scope, receive, send)
     finally:
-        if guard.store.inline_async:  # the release never waits, so no cancellation can interrupt it
-            await guard.arelease(outcome.ticket)
-        else:
-            with anyio.CancelScope(shield=True):
-                await guard.arelease(outcome.ticket)
+        await guard.arelease(outcome.ticket)
 
 
 class SessionAwareMiddleware:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,14 +18,19 @@ __all__ = ["VIEW_POLICIES_READ", "RequestInfo", "SAContext", "admitted"]
 VIEW_POLICIES_READ: ContextVar[bool | None] = ContextVar("sa_middleware_view_policies_read", default=None)
 
 
-@contextmanager
-def admitted(view_policies: bool) -> Iterator[None]:
+class admitted:  # lower case: used as a function, ``with admitted(True): ...``
     """Mark the code run inside as belonging to a request the Guard admitted (see :data:`VIEW_POLICIES_READ`)."""
-    token = VIEW_POLICIES_READ.set(view_policies)
-    try:
-        yield
-    finally:
-        VIEW_POLICIES_READ.reset(token)
+
+    __slots__ = ("_token", "_value")
+
+    def __init__(self, view_policies: bool) -> None:
+        self._value = view_policies
+
+    def __enter__(self) -> None:
+        self._token = VIEW_POLICIES_READ.set(self._value)
+
+    def __exit__(self, *exc: object) -> None:
+        VIEW_POLICIES_READ.reset(self._token)
 
 
 @dataclass(frozen=True, slots=True)

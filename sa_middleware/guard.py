@@ -616,14 +616,17 @@ class Guard(Operations):
             self.observer.released(started, failed)
 
     async def arelease(self, ticket: Ticket | None) -> None:
-        """Async twin of :meth:`release`."""
+        """Async twin of :meth:`release`, shielded from cancellation: a cancelled request still releases (call it
+        from a ``finally`` block)."""
         if ticket is None:
             return
         started = self.observer.release_started() if self.observer is not None else None
         self._keeper.discard(ticket.ticket_id)
         failed = False
         try:
-            await self.store.arelease(ticket)
+            if not self.store.release_nowait(ticket):
+                with anyio.CancelScope(shield=True):
+                    await self.store.arelease(ticket)
         except Exception:
             failed = True
             log.warning("sa-middleware: release of ticket %s failed; its lease will expire", ticket.ticket_id,

@@ -203,7 +203,19 @@ def test_ticket_released_only_after_the_final_body_chunk(guard: Guard, issuer: D
     assert guard.locks() == []  # released once the app returned
 
 
-def test_release_shielded_from_cancellation(guard: Guard, issuer: DemoIssuer) -> None:
+class _ThreadedMemoryStore(MemoryStore):
+    """A store whose async release waits (in a worker thread), as a network store's does."""
+
+    inline_async = False
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("kind", ["sqlite", "threaded"])
+def test_release_shielded_from_cancellation(kind: str, backend: str, issuer: DemoIssuer, tmp_path: Path) -> None:
+    """Cancelled while the app runs, the request still releases: at once when the store releases without waiting
+    (SQLite on asyncio queues it), and shielded when the release must wait (a worker thread, or SQLite on trio)."""
+    store = SQLiteStore(str(tmp_path / "s.db")) if kind == "sqlite" else _ThreadedMemoryStore()
+    guard = make_guard(issuer, store)
     token = issuer.token(sub())
     inside = anyio.Event()
 
@@ -219,8 +231,11 @@ def test_release_shielded_from_cancellation(guard: Guard, issuer: DemoIssuer) ->
             assert [lk.key for lk in await guard.alocks()] == ["stream:2"]
             tg.cancel_scope.cancel()  # e.g. the server cancels the request task
 
-    anyio.run(main)
-    assert guard.locks() == []
+    try:
+        anyio.run(main, backend=backend)
+        assert guard.locks() == []
+    finally:
+        guard.close()
 
 
 async def _discard(message: Message) -> None:

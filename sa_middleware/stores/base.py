@@ -52,6 +52,15 @@ class Store(abc.ABC):
     def release(self, ticket: Ticket) -> None:
         """End a ticket and free its locks (the ticket names every key it holds)."""
 
+    def release_nowait(self, ticket: Ticket) -> bool:
+        """Release without waiting, when this store can from the calling thread: the release is done, or queued to
+        be sent with the store's next write. ``False``: nothing was done, the caller awaits :meth:`arelease`. The
+        Guard calls it first on the event loop, so a release that needs no wait costs no cancellation shield."""
+        if self.inline_async:
+            self.release(ticket)
+            return True
+        return False
+
     @abc.abstractmethod
     def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
         """Extend the leases of live tickets (and their locks) in one operation; expired ones stay expired."""

@@ -1044,18 +1044,22 @@ class RedisStore(Store):
     def release(self, ticket: Ticket) -> None:
         self._drive(self._release(ticket))
 
-    async def arelease(self, ticket: Ticket) -> None:
+    def release_nowait(self, ticket: Ticket) -> bool:
         """On an event loop (one server or Sentinel) the release is sent with the next call of this process (the
         next admission applies it before it decides), or by a flush scheduled right after the callbacks already
         queued on the loop: other processes see it at most one event-loop turn (and one round trip) later."""
         if self.cluster or not self._on_asyncio():
-            await self._aop(lambda: self._release(ticket))
-            return
+            return False
         with self._released_lock:
             self._released.append(ticket)
             schedule, self._flush_scheduled = not self._flush_scheduled, True
         if schedule:
             asyncio.get_running_loop().call_soon(self._flush_released)
+        return True
+
+    async def arelease(self, ticket: Ticket) -> None:
+        if not self.release_nowait(ticket):
+            await self._aop(lambda: self._release(ticket))
 
     def _flush_released(self) -> None:
         """Send the releases no call has carried yet (in a task of the loop)."""

@@ -894,7 +894,7 @@ class SQLiteStore(Store):
         with suppress(StoreError):  # StoreUnavailable too: what is left ends with the lease
             self._write(lambda conn, now: self._release(conn, ticket_id))
 
-    async def arelease(self, ticket: Ticket) -> None:
+    def release_nowait(self, ticket: Ticket) -> bool:
         ticket_id = ticket.ticket_id
         # group commit: on the event loop a release joins the next transaction of this process (the next flush of
         # the loop, right after the callbacks already queued): other processes see it at most one event-loop
@@ -902,9 +902,12 @@ class SQLiteStore(Store):
         loop = self._inline_loop()
         if loop is not None:
             self._queue_release(ticket_id, loop)
-            return
+            return True
         done, _ = self._try_inline(lambda conn, now: self._release(conn, ticket_id))
-        if not done:
+        return done
+
+    async def arelease(self, ticket: Ticket) -> None:
+        if not self.release_nowait(ticket):
             await super().arelease(ticket)
 
     def _admit(self, conn: sqlite3.Connection, now: float, a: Admission) -> Verdict:
