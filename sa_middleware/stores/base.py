@@ -223,7 +223,8 @@ class Store(abc.ABC):
         return await self._run(self.admit, admission)
 
     async def arelease(self, ticket: Ticket) -> None:
-        await self._run(self.release, ticket)
+        if not self.release_nowait(ticket):
+            await self._run(self.release, ticket)
 
     async def arenew(self, tickets: Sequence[Ticket], lease: float) -> None:
         await self._run(self.renew, tickets, lease)

@@ -906,10 +906,6 @@ class SQLiteStore(Store):
         done, _ = self._try_inline(lambda conn, now: self._release(conn, ticket_id))
         return done
 
-    async def arelease(self, ticket: Ticket) -> None:
-        if not self.release_nowait(ticket):
-            await super().arelease(ticket)
-
     def _admit(self, conn: sqlite3.Connection, now: float, a: Admission) -> Verdict:
         snapshot = self._snapshot(conn, now, a)
         verdict = evaluate(a, snapshot)
