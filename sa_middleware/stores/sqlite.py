@@ -755,11 +755,25 @@ class SQLiteStore(Store):
             seen = self._commits
             with suppress(sqlite3.Error, StoreError):  # the next round, or an automatic checkpoint, catches up
                 if due:
-                    self._read(lambda conn, now: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+                    self._checkpoint_passive()
                 if self.wal_size() > WAL_LIMIT:
                     self._truncate()
                 if self._clock() - self._last_prune > 2 * _PRUNE_EVERY:
                     self._write(lambda conn, now: None, prunes=True)
+
+    def _checkpoint_passive(self) -> None:
+        """Copy the WAL into the database while writers go on, then copy the last frames with this process's
+        writers held (a millisecond or two): the next write then starts the WAL again from its beginning, so under
+        a steady flood it keeps its size instead of growing until it must be truncated."""
+        def passive(conn: sqlite3.Connection, now: float) -> tuple[int, int]:
+            _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return frames, copied
+
+        commits = self._commits
+        frames, copied = self._read(passive)
+        if frames > copied or self._commits != commits:
+            with self._lead_alone():
+                self._read(passive)
 
     def _truncate(self) -> None:
         """Truncate the WAL while this process's writers wait (a checkpoint that must wait for the write lock
