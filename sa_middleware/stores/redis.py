@@ -65,6 +65,7 @@ from ..errors import ConfigurationError, StoreError, StoreUnavailable
 from ..policy import EffectivePolicy
 from ..records import Admission, AuditKind, AuditRecord, LockInfo, SessionInfo, Ticket
 from ..rules import FENCE_SLACK, STATUS_RETENTION, _merge_locks
+from . import redis_pipeline
 from .base import Store
 
 __all__ = ["RedisStore"]
@@ -254,10 +255,12 @@ _Flow = Generator[_Step, Any, T]
 class _AsyncClient:
     """A ``redis.asyncio`` client of one event loop, and whether it is initialised."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, pipelined: bool) -> None:
         self.client = client
         self.lock = asyncio.Lock()
         self.ready = False
+        # one server: the scripts' calls of the loop go out together (see redis_pipeline)
+        self.pipeline = redis_pipeline.Pipeline(client.connection_pool) if pipelined else None
 
 
 def _unavailable(exc: Exception) -> StoreError:
@@ -447,6 +450,7 @@ class RedisStore(Store):
         # cluster and Sentinel pools refuse at once when full: calls wait for a free connection here instead (up to
         # `timeout`, like the blocking pool of a single server)
         self._bounded = target.mode != "standalone"
+        self._pipelined = target.mode == "standalone" and redis_pipeline.available()
         self._sync_slots = threading.BoundedSemaphore(pool_size)
         self._async_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = \
             weakref.WeakKeyDictionary()
@@ -511,11 +515,15 @@ class RedisStore(Store):
 
     async def _async_client(self) -> Any:
         """This event loop's ``redis.asyncio`` client (its connections belong to the loop that opened them)."""
+        return (await self._async_entry()).client
+
+    async def _async_entry(self) -> _AsyncClient:
         loop = asyncio.get_running_loop()
         with self._async_lock:
             entry = self._async_clients.get(loop)
             if entry is None:
-                entry = self._async_clients[loop] = _AsyncClient(self._make_async_client())
+                entry = self._async_clients[loop] = _AsyncClient(self._make_async_client(),
+                                                                 self._pipelined)
         if not entry.ready:
             # a cluster client initialised lazily by a burst of first calls routes many of them to the wrong
             # master (MOVED, then a reset of connections in use): initialise it once, first
@@ -524,7 +532,7 @@ class RedisStore(Store):
                     if self.cluster:
                         await entry.client.initialize()
                     entry.ready = True
-        return entry.client
+        return entry
 
     @staticmethod
     def _on_asyncio() -> bool:
@@ -675,17 +683,19 @@ class RedisStore(Store):
         return _OP_SCRIPTS.get(step.op, "ops"), self._keys(step.route), self._args(step)
 
     async def _aexecute_now(self, step: _Step) -> Any:
-        client = await self._async_client()
+        entry = await self._async_entry()
+        client = entry.client
         if isinstance(step, _Scan):
             return [k.decode() if isinstance(k, bytes) else k
                     async for k in client.scan_iter(match=step.pattern, count=1000)]
         if isinstance(step, _XRange):
             return await client.xrevrange(step.key, max=step.start, min="-", count=step.count)
         name, keys, args = self._invocation(step)
+        send = client.execute_command if entry.pipeline is None else entry.pipeline.call
         if self._functions:
             function = self._function(name)
             try:
-                return self._result(name, await client.fcall(function, len(keys), *keys, *args))
+                return self._result(name, await send("FCALL", function, len(keys), *keys, *args))
             except redis.ResponseError as exc:
                 error = _function_error(exc)
                 if error is None:
@@ -698,12 +708,12 @@ class RedisStore(Store):
                 except redis.ResponseError as exc:
                     _library_refused(exc)
             if loaded:
-                return self._result(name, await client.fcall(function, len(keys), *keys, *args))
+                return self._result(name, await send("FCALL", function, len(keys), *keys, *args))
             self._functions = False
         try:
-            raw = await client.evalsha(self._shas[name], len(keys), *keys, *args)
+            raw = await send("EVALSHA", self._shas[name], len(keys), *keys, *args)
         except NoScriptError:
-            raw = await client.eval(self._scripts[name], len(keys), *keys, *args)
+            raw = await send("EVAL", self._scripts[name], len(keys), *keys, *args)
         return self._result(name, raw)
 
     def _drive(self, flow: _Flow[T]) -> T:

@@ -1,0 +1,165 @@
+"""The calls of one event loop to one Redis server, sent on one connection without waiting for earlier answers.
+
+The calls made during one turn of the loop go out in one write, right after the callbacks already queued; one
+reader takes the answers back in order. Under load one connection then carries every call of the loop, with one
+system call each way per batch instead of per call, none of the per-call bookkeeping of a connection pool, and
+Redis works on some calls while the loop prepares the next ones. The connection is taken from the client's pool
+when calls start after a quiet moment and given back as soon as none is left in flight, so an idle store holds
+no connection and the pool's own checks of a connection still apply.
+
+An error answer fails its own call only. A connection that fails (closed, or silent past the socket timeout)
+fails every call it carried that still waits for its answer, as each would have failed on a connection of its
+own, and is dropped; calls made afterwards take another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis
+
+__all__ = ["Pipeline", "available"]
+
+_Call = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+def _packer() -> Callable[[tuple[Any, ...]], bytes] | None:
+    """hiredis' command packer (one C call per command), when hiredis is installed."""
+    try:
+        from hiredis import pack_command
+    except ImportError:
+        return None
+    return pack_command
+
+
+_PACK = _packer()
+
+
+def available() -> bool:
+    """Whether calls can be pipelined here (hiredis packs them; redis-py's own packing costs more than it saves)."""
+    return _PACK is not None
+
+
+class Pipeline:
+    """One event loop's calls to the server behind ``pool`` (a ``redis.asyncio`` connection pool)."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._queue: list[_Call] = []  # not written yet
+        self._sent: deque[asyncio.Future[Any]] = deque()  # written, waiting for their answers, in order
+        self._writer: asyncio.StreamWriter | None = None  # the held connection's, while the reader runs
+        self._reader: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
+
+    async def call(self, *args: Any) -> Any:
+        """Send one command (``"FCALL", name, numkeys, *keys, *args``) and return its answer; an error answer is
+        raised as redis-py raises it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((args, future))
+        if self._reader is None:
+            self._reader = loop.create_task(self._read())
+        elif self._writer is not None and not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        """Write the calls queued, in one write (the reader writes them itself while it has no connection)."""
+        self._flush_scheduled = False
+        writer = self._writer
+        if writer is None or not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        if writer.transport.is_closing():
+            _fail((f for _, f in batch), redis.ConnectionError("the connection to the redis store is closed"))
+            return
+        assert _PACK is not None
+        try:
+            data = [_PACK(args) for args, _ in batch]
+        except Exception as exc:  # an argument hiredis cannot send
+            _fail((f for _, f in batch), exc)
+            return
+        writer.writelines(data)
+        self._sent.extend(future for _, future in batch)
+
+    async def _read(self) -> None:
+        """Take a connection, write what is queued, read the answers in order while calls are in flight; then give
+        the connection back."""
+        conn: Any = None
+        try:
+            while self._queue or self._sent:
+                if conn is None:
+                    try:
+                        conn = await self._take()
+                    except Exception as exc:  # no connection to be had: the calls queued fail, later ones retry
+                        _fail((f for _, f in self._queue), exc)
+                        self._queue = []
+                        continue
+                    self._writer = conn._writer
+                self._flush()
+                if not self._sent:
+                    continue
+                try:
+                    answer = await conn.read_response()
+                except redis.ResponseError as exc:  # an error answer: the connection stays in step
+                    answer = exc
+                except Exception as exc:
+                    _fail(self._sent, exc)
+                    self._sent.clear()
+                    self._writer = None
+                    await self._give_back(conn, healthy=False)
+                    conn = None
+                    continue
+                future = self._sent.popleft()
+                if future.done():  # its caller was cancelled meanwhile
+                    continue
+                if isinstance(answer, Exception):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+        except BaseException:  # cancelled (the loop is closing): the calls in flight cannot know their outcome
+            self._stop()
+            if conn is not None:
+                await self._give_back(conn, healthy=False)
+            raise
+        self._stop()
+        if conn is not None:
+            await self._give_back(conn, healthy=True)
+
+    def _stop(self) -> None:
+        self._reader = self._writer = None
+        interrupted = redis.ConnectionError("the call was interrupted")
+        _fail(self._sent, interrupted)
+        _fail((f for _, f in self._queue), interrupted)
+        self._sent.clear()
+        self._queue = []
+
+    async def _take(self) -> Any:
+        try:
+            conn = await self._pool.get_connection()
+        except TypeError:  # redis-py 5 asks for a command name
+            conn = await self._pool.get_connection("FCALL")
+        try:
+            if not conn.is_connected:
+                await conn.connect()
+        except BaseException:
+            await self._give_back(conn, healthy=False)
+            raise
+        return conn
+
+    async def _give_back(self, conn: Any, healthy: bool) -> None:
+        try:
+            if not healthy:  # its answers may be out of step with its calls: never use it again
+                await conn.disconnect()
+        finally:
+            await self._pool.release(conn)
+
+
+def _fail(futures: Iterable[asyncio.Future[Any]], error: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)

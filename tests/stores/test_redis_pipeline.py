@@ -1,0 +1,175 @@
+"""The Redis store's pipelined calls on an event loop (``sa_middleware.stores.redis_pipeline``), against a real
+private redis-server: answers reach their own callers, an error answer fails only its call, a failed connection
+fails only the calls it carried, and the store's concurrent admissions share one connection and few writes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis_support import RedisServer, fresh_store, redis_store_available
+from test_redis import adm
+
+from sa_middleware.records import LockRequest, Ticket
+from sa_middleware.stores import open_store
+
+redis_store_available()
+
+import redis.asyncio  # noqa: E402  (after the check: under CI a missing extra fails, never skips)
+
+from sa_middleware.stores.redis_pipeline import Pipeline, available  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+WAIT = 10.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    srv = RedisServer(tmp_path, name="pipeline")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        if srv.paused:
+            srv.resume()
+        srv.stop()
+
+
+@contextlib.asynccontextmanager
+async def pipeline_on(server: RedisServer, timeout: float = WAIT) -> AsyncIterator[tuple[Pipeline, Any]]:
+    pool = redis.asyncio.BlockingConnectionPool.from_url(server.url, max_connections=4, socket_timeout=timeout,
+                                                         timeout=2.0)
+    try:
+        yield Pipeline(pool), pool
+    finally:
+        await pool.disconnect()
+
+
+class Writes:
+    """Counts the writes made on asyncio stream writers (each batch of pipelined calls is one)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, marker: bytes = b"") -> None:
+        self.count = 0
+        self.marked = asyncio.Event()  # set once a write carried ``marker``
+        writelines = asyncio.StreamWriter.writelines
+
+        def counted(writer: asyncio.StreamWriter, data: Any) -> None:
+            data = list(data)
+            self.count += 1
+            writelines(writer, data)
+            if marker and marker in b"".join(data):
+                self.marked.set()
+        monkeypatch.setattr(asyncio.StreamWriter, "writelines", counted)
+
+
+def test_hiredis_packs_the_calls() -> None:
+    assert available()  # the redis extra installs hiredis: without it the store falls back to plain calls
+
+
+async def test_answers_reach_their_own_callers_in_one_write(server: RedisServer,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    async with pipeline_on(server) as (pipe, _):
+        assert await pipe.call("PING") in (b"PONG", "PONG")  # connected
+        writes = Writes(monkeypatch)
+        answers = await asyncio.gather(*(pipe.call("ECHO", f"call-{i}") for i in range(50)))
+        assert answers == [f"call-{i}".encode() for i in range(50)]
+        assert writes.count == 1, writes.count  # made in one loop turn: one write
+
+
+async def test_an_error_answer_fails_only_its_own_call(server: RedisServer) -> None:
+    async with pipeline_on(server) as (pipe, _):
+        results = await asyncio.gather(pipe.call("ECHO", "before"), pipe.call("FCALL", "no_such_function", 0),
+                                       pipe.call("ECHO", "after"), return_exceptions=True)
+        assert results[0] == b"before" and results[2] == b"after", results
+        assert isinstance(results[1], redis.ResponseError), results[1]
+        assert await pipe.call("ECHO", "still in step") == b"still in step"
+
+
+async def test_a_cancelled_caller_leaves_the_others_answers_in_order(server: RedisServer,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller cancelled while its call is on the wire: its answer is read and dropped, so the next answer still
+    goes to the next caller."""
+    async with pipeline_on(server) as (pipe, _):
+        await pipe.call("PING")
+        writes = Writes(monkeypatch, marker=b"second")
+        server.pause()
+        try:
+            first = asyncio.create_task(pipe.call("ECHO", "first"))
+            second = asyncio.create_task(pipe.call("ECHO", "second"))
+            await asyncio.wait_for(writes.marked.wait(), WAIT)  # both written to the paused server
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+        finally:
+            server.resume()
+        assert await asyncio.wait_for(second, WAIT) == b"second"
+        assert await pipe.call("ECHO", "third") == b"third"
+
+
+async def test_a_silent_server_fails_the_calls_in_flight_and_the_next_call_reconnects(server: RedisServer) -> None:
+    async with pipeline_on(server, timeout=0.5) as (pipe, _):
+        await pipe.call("PING")
+        server.pause()
+        try:
+            results = await asyncio.wait_for(asyncio.gather(
+                *(pipe.call("ECHO", f"lost-{i}") for i in range(5)), return_exceptions=True), WAIT)
+        finally:
+            server.resume()
+        assert all(isinstance(r, redis.TimeoutError) for r in results), results
+        # the connection that timed out is never used again: its late answers would be out of step
+        assert await pipe.call("ECHO", "fresh") == b"fresh"
+
+
+async def test_a_closed_connection_fails_the_calls_in_flight_and_the_next_call_reconnects(
+        server: RedisServer) -> None:
+    async with pipeline_on(server) as (pipe, _):
+        await pipe.call("PING")
+        results = await asyncio.gather(pipe.call("CLIENT", "KILL", "SKIPME", "no", "TYPE", "normal"),
+                                       pipe.call("ECHO", "after the kill"), return_exceptions=True)
+        assert isinstance(results[0], redis.ConnectionError) or isinstance(results[1], redis.ConnectionError), \
+            results
+        assert await pipe.call("ECHO", "reconnected") == b"reconnected"
+
+
+async def test_an_idle_pipeline_holds_no_connection(server: RedisServer) -> None:
+    async with pipeline_on(server) as (pipe, pool):
+        await asyncio.gather(*(pipe.call("ECHO", str(i)) for i in range(10)))
+        # the reader gave its connection back once nothing was in flight: the pool's four are free (a held one
+        # would make the fourth wait for the pool's 2 s and fail)
+        taken = [await pool.get_connection() for _ in range(4)]
+        for conn in taken:
+            await pool.release(conn)
+
+
+async def test_concurrent_admissions_share_one_connection_and_few_writes(server: RedisServer,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 admissions at once on one loop, each asking for the same exclusive lock: exactly one is granted, the
+    others refused, over one connection in far fewer writes than calls."""
+    store = open_store(fresh_store(server.url))
+    try:
+        warm = await store.aadmit(adm(session_id="warm"))
+        assert isinstance(warm, Ticket)
+        await store.arelease(warm)
+        clients_before = len(server.command("CLIENT", "LIST").splitlines())
+        writes = Writes(monkeypatch)
+        outcomes = await asyncio.gather(*(store.aadmit(adm(sub=f"user-{i}", locks=(LockRequest("order:1"),)))
+                                          for i in range(64)))
+        monkeypatch.undo()
+        granted = [o for o in outcomes if isinstance(o, Ticket)]
+        assert len(granted) == 1, outcomes
+        assert {o.code for o in outcomes if not isinstance(o, Ticket)} == {"object_locked"}
+        assert writes.count < 64 / 4, writes.count
+        assert len(server.command("CLIENT", "LIST").splitlines()) == clients_before  # no new connection
+        await store.arelease(granted[0])
+        assert await store.alocks() == []
+    finally:
+        await store.aclose()
