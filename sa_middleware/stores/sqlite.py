@@ -82,7 +82,7 @@ _FILES = ("", "-wal", "-shm", "-journal")  # the database and the files SQLite k
 
 _WRITER_BUSY_WAIT = 0.01  # seconds a thread's write connection waits in SQLite's busy handler before BEGIN is retried
 _BATCH = 256  # writes one group-commit transaction decides at most
-_LEAD_EXTRA = 4  # batches a leading thread decides for others after its own write, when no other thread waits
+_LEAD_EXTRA = 4  # batches a leading thread decides for others after its own write
 #: seconds a release queued by a thread waits for the next write of its process before the flush thread commits it
 RELEASE_DELAY = 0.002
 _QUEUED, _RUNNING, _DONE, _ABANDONED = range(4)  # the states of a queued write
@@ -95,7 +95,7 @@ class _Busy(StoreUnavailable):
 class _Entry:
     """One write waiting for the next group-commit transaction, and its outcome."""
 
-    __slots__ = ("error", "func", "future", "loop", "prunes", "result", "state", "unawaited")
+    __slots__ = ("error", "func", "future", "loop", "prunes", "result", "state", "unawaited", "wake")
 
     def __init__(self, func: Callable[[sqlite3.Connection, float], Any],
                  loop: asyncio.AbstractEventLoop | None = None, future: asyncio.Future[Any] | None = None,
@@ -105,6 +105,7 @@ class _Entry:
         self.state = _QUEUED
         self.result: Any = None
         self.error: BaseException | None = None
+        self.wake: threading.Condition | None = None  # a waiting thread's own (on the store's lock)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -120,7 +121,8 @@ def _forget_writes_after_fork(store: SQLiteStore) -> None:
     def reset() -> None:
         child = ref()
         if child is not None:
-            child._cond = threading.Condition()
+            child._mutex = threading.RLock()
+            child._cond = threading.Condition(child._mutex)
             child._queue = deque()
             child._leading, child._alone, child._waiting, child._flush_loops = False, 0, 0, set()
             child._reading = 0
@@ -343,7 +345,8 @@ class SQLiteStore(Store):
         self._last_prune = 0.0
         self._audit_writes = 0
         # group commit: the writes of this process waiting for the next transaction, and who decides them
-        self._cond = threading.Condition()
+        self._mutex = threading.RLock()
+        self._cond = threading.Condition(self._mutex)  # for the writers' state; a waiting writer waits on its own
         self._queue: deque[_Entry] = deque()
         self._leading = False  # a thread, or an event loop, is deciding a batch
         self._waiting = 0  # threads waiting for a write of theirs (or to truncate the WAL)
@@ -470,9 +473,10 @@ class SQLiteStore(Store):
                 self._leading = True
             else:
                 self._waiting += 1
+                entry.wake = threading.Condition(self._mutex)  # woken alone: when done, or to take the lead
                 try:
                     while entry.state != _DONE:
-                        self._cond.wait()
+                        entry.wake.wait()
                         if entry.state == _QUEUED and not (self._leading or self._alone):
                             self._leading = lead = True
                             break
@@ -492,7 +496,7 @@ class SQLiteStore(Store):
             while True:
                 with self._cond:
                     done = own is None or own.state == _DONE
-                    if not self._queue or (done and (self._waiting or rounds >= _LEAD_EXTRA)):
+                    if not self._queue or (done and rounds >= _LEAD_EXTRA):
                         return
                     rounds += done
                     batch = self._take()
@@ -518,7 +522,9 @@ class SQLiteStore(Store):
         flushed by their loops (``flush=False``: a thread started for them does)."""
         self._leading = False
         if self._waiting:
-            self._cond.notify_all()
+            next(filter(None, (e.wake for e in self._queue if e.state == _QUEUED)), self._cond).notify()
+            if self._alone:
+                self._cond.notify_all()
         if self._queue and any(e.unawaited and e.loop is None for e in self._queue):
             self._wake_flusher()  # releases queued by threads, should no waiting thread take them
         if self._queue and flush:
@@ -596,8 +602,8 @@ class SQLiteStore(Store):
         with self._cond:
             for entry in batch:
                 entry.state = _DONE
-            if self._waiting:
-                self._cond.notify_all()
+                if entry.wake is not None:
+                    entry.wake.notify()
         for entry in batch:
             if entry.loop is None:
                 if entry.unawaited and entry.error is not None:

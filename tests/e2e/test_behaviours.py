@@ -475,21 +475,21 @@ class LateReleaseStore(SQLiteStore):
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
-        self._cond = threading.Condition()
+        self._admitted = threading.Condition()
         self._admits = 0
 
     def admit(self, admission: Admission) -> Ticket | Denial:
         try:
             return super().admit(admission)
         finally:
-            with self._cond:
+            with self._admitted:
                 self._admits += 1
-                self._cond.notify_all()
+                self._admitted.notify_all()
 
     def release(self, ticket: Ticket) -> None:
-        with self._cond:
+        with self._admitted:
             seen = self._admits
-            self._cond.wait_for(lambda: self._admits > seen, timeout=1.0)  # bounded: the last release waits 1 s
+            self._admitted.wait_for(lambda: self._admits > seen, timeout=1.0)  # bounded: the last release waits 1 s
         super().release(ticket)
 
 
