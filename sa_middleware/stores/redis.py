@@ -68,9 +68,12 @@ from ..rules import FENCE_SLACK, STATUS_RETENTION, _merge_locks
 from . import redis_pipeline
 from .base import Store
 
-__all__ = ["RedisStore"]
+__all__ = ["RELEASE_DELAY", "RedisStore"]
 
 log = logging.getLogger("sa_middleware")
+
+#: seconds a release made by a thread waits for a call of this process to carry it before the flush thread sends it
+RELEASE_DELAY = 0.002
 
 T = TypeVar("T")
 
@@ -260,7 +263,7 @@ class _AsyncClient:
         self.lock = asyncio.Lock()
         self.ready = False
         # one server: the scripts' calls of the loop go out together (see redis_pipeline)
-        self.pipeline = redis_pipeline.Pipeline(client.connection_pool) if pipelined else None
+        self.pipeline = redis_pipeline.LoopPipeline(client.connection_pool) if pipelined else None
 
 
 def _unavailable(exc: Exception) -> StoreError:
@@ -440,13 +443,18 @@ class RedisStore(Store):
         self._constants = (repr(STATUS_RETENTION), repr(FENCE_SLACK),
                            str(_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS))
         self._give_backs: set[asyncio.Task[None]] = set()  # compensations of cancelled admissions, still running
-        # releases made on an event loop, not sent yet (one server or Sentinel): the next call of this process
-        # carries them (an admission inside its own call), or a flush scheduled on the loop sends them together
+        # releases not sent yet (one server or Sentinel): the next call of this process carries them (an admission
+        # inside its own call), or a flush sends them together (scheduled on the loop; from threads, the flush
+        # thread's, RELEASE_DELAY later)
         self._released: list[Ticket] = []
         self._released_lock = threading.Lock()
         self._flush_scheduled = False
+        self._flush_due = threading.Event()  # set when releases made by threads wait for the flush thread
+        self._flusher: threading.Thread | None = None
+        self._stop_flush = threading.Event()
         self._sync_client: Any = None
         self._sync_lock = threading.Lock()
+        self._threads_pipeline: tuple[Any, redis_pipeline.ThreadPipeline] | None = None  # (its client, it)
         # cluster and Sentinel pools refuse at once when full: calls wait for a free connection here instead (up to
         # `timeout`, like the blocking pool of a single server)
         self._bounded = target.mode != "standalone"
@@ -543,6 +551,10 @@ class RedisStore(Store):
         return True
 
     def close(self) -> None:
+        self._stop_flush.set()
+        self._flush_due.set()
+        with contextlib.suppress(StoreError):
+            self._send_released()
         with self._sync_lock:
             client, self._sync_client = self._sync_client, None
         if client is not None:
@@ -633,6 +645,19 @@ class RedisStore(Store):
         finally:
             slots.release()
 
+    def _thread_send(self, client: Any) -> Callable[..., Any]:
+        """How a thread sends a script's call: through the threads' pipeline of ``client`` on one server."""
+        if not self._pipelined:
+            return client.execute_command  # type: ignore[no-any-return]
+        pipeline = self._threads_pipeline
+        if pipeline is None or pipeline[0] is not client:
+            with self._sync_lock:
+                pipeline = self._threads_pipeline
+                if pipeline is None or pipeline[0] is not client:
+                    pipeline = self._threads_pipeline = (
+                        client, redis_pipeline.ThreadPipeline(client.connection_pool))
+        return pipeline[1].call
+
     def _execute_now(self, step: _Step) -> Any:
         client = self._client()
         if isinstance(step, _Scan):
@@ -640,21 +665,22 @@ class RedisStore(Store):
         if isinstance(step, _XRange):
             return client.xrevrange(step.key, max=step.start, min="-", count=step.count)
         name, keys, args = self._invocation(step)
+        send = self._thread_send(client)
         if self._functions:
             function = self._function(name)
             try:
-                return self._result(name, client.fcall(function, len(keys), *keys, *args))
+                return self._result(name, send("FCALL", function, len(keys), *keys, *args))
             except redis.ResponseError as exc:
                 error = _function_error(exc)
                 if error is None:
                     raise
             if error == "missing" and self._load_library(lambda: client.function_load(self._library, replace=True)):
-                return self._result(name, client.fcall(function, len(keys), *keys, *args))
+                return self._result(name, send("FCALL", function, len(keys), *keys, *args))
             self._functions = False
         try:
-            raw = client.evalsha(self._shas[name], len(keys), *keys, *args)
+            raw = send("EVALSHA", self._shas[name], len(keys), *keys, *args)
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH): load it again
-            raw = client.eval(self._scripts[name], len(keys), *keys, *args)
+            raw = send("EVAL", self._scripts[name], len(keys), *keys, *args)
         return self._result(name, raw)
 
     def _function(self, name: str) -> str:
@@ -716,15 +742,12 @@ class RedisStore(Store):
             raw = await send("EVAL", self._scripts[name], len(keys), *keys, *args)
         return self._result(name, raw)
 
-    def _drive(self, flow: _Flow[T]) -> T:
+    def _drive(self, flow: _Flow[T], carried: bool = False) -> T:
         """Run a flow with blocking calls. A failed call is thrown into the flow, which may compensate (more calls)
-        before it gives up; what escapes is StoreUnavailable (or StoreError). Releases still pending go first."""
-        released = self._take_released()
-        if released:
-            try:
-                self._execute(self._release_step(released))
-            except _ERRORS as exc:
-                _release_failed(len(released), exc)
+        before it gives up; what escapes is StoreUnavailable (or StoreError). Releases still pending go first
+        (``carried``: the flow sends them itself, an admission)."""
+        if not carried:
+            self._send_released()
         answer: Any = None
         error: Exception | None = None
         try:
@@ -866,7 +889,7 @@ class RedisStore(Store):
         return {"policy": _policy_json(a.policy)[1], **self._spec(a)}
 
     def admit(self, admission: Admission) -> Ticket | Denial:
-        return self._drive(self._admit(admission))
+        return self._drive(self._admit(admission, carry=not self.cluster), carried=not self.cluster)
 
     async def aadmit(self, admission: Admission) -> Ticket | Denial:
         if not self._on_asyncio():
@@ -1052,20 +1075,61 @@ class RedisStore(Store):
         return ticket
 
     def release(self, ticket: Ticket) -> None:
-        self._drive(self._release(ticket))
+        if not self.release_nowait(ticket):
+            self._drive(self._release(ticket))
 
     def release_nowait(self, ticket: Ticket) -> bool:
-        """On an event loop (one server or Sentinel) the release is sent with the next call of this process (the
-        next admission applies it before it decides), or by a flush scheduled right after the callbacks already
-        queued on the loop: other processes see it at most one event-loop turn (and one round trip) later."""
-        if self.cluster or not self._on_asyncio():
+        """On one server or Sentinel the release is sent with the next call of this process (the next admission
+        applies it before it decides). On an event loop, a flush scheduled right after the callbacks already
+        queued on the loop sends it when no call does: other processes see it at most one event-loop turn (and one
+        round trip) later. From a thread, the store's flush thread sends it when no call did within
+        :data:`RELEASE_DELAY` (2 ms)."""
+        if self.cluster:
             return False
+        on_loop = self._on_asyncio()
         with self._released_lock:
             self._released.append(ticket)
-            schedule, self._flush_scheduled = not self._flush_scheduled, True
-        if schedule:
+            schedule = on_loop and not self._flush_scheduled
+            if schedule:
+                self._flush_scheduled = True
+        if not on_loop:
+            self._flush_later()
+        elif schedule:
             asyncio.get_running_loop().call_soon(self._flush_released)
         return True
+
+    def _flush_later(self) -> None:
+        """Have the flush thread send the pending releases in RELEASE_DELAY, unless a call carries them first."""
+        if not self._flush_due.is_set():
+            self._flush_due.set()
+        flusher = self._flusher
+        if flusher is None or not flusher.is_alive():
+            with self._released_lock:
+                if self._flusher is flusher:
+                    self._stop_flush = threading.Event()  # close() sets it: the thread ends
+                    self._flusher = threading.Thread(target=self._flush_releases, args=(self._stop_flush,),
+                                                     name="sa-middleware-redis-flush", daemon=True)
+                    self._flusher.start()
+
+    def _flush_releases(self, stop: threading.Event) -> None:
+        """The flush thread: sends the releases made by threads that no call carried within RELEASE_DELAY."""
+        due = self._flush_due
+        while True:
+            due.wait()
+            if stop.is_set() or stop.wait(RELEASE_DELAY):
+                return
+            due.clear()
+            self._send_released()
+
+    def _send_released(self) -> None:
+        """Send the pending releases in one call; a failure is logged (what is not released ends with its
+        lease)."""
+        released = self._take_released()
+        if released:
+            try:
+                self._execute(self._release_step(released))
+            except _ERRORS as exc:
+                _release_failed(len(released), exc)
 
     async def arelease(self, ticket: Ticket) -> None:
         if not self.release_nowait(ticket):

@@ -1,11 +1,15 @@
-"""The calls of one event loop to one Redis server, sent on one connection without waiting for earlier answers.
+"""Calls to one Redis server sent together on one connection: the store's calls made on an event loop
+(:class:`LoopPipeline`) and those made by threads (:class:`ThreadPipeline`).
 
-The calls made during one turn of the loop go out in one write, right after the callbacks already queued; one
-reader takes the answers back in order. Under load one connection then carries every call of the loop, with one
-system call each way per batch instead of per call, none of the per-call bookkeeping of a connection pool, and
-Redis works on some calls while the loop prepares the next ones. The connection is taken from the client's pool
-when calls start after a quiet moment and given back as soon as none is left in flight, so an idle store holds
-no connection and the pool's own checks of a connection still apply.
+On an event loop, the calls made during one turn of the loop go out in one write, right after the callbacks
+already queued, without waiting for earlier answers; one reader takes the answers back in order. From threads,
+a thread that calls while no other thread is sending leads: it sends every call queued by then in one write and
+reads their answers, while the other threads wait for theirs (as the SQLite store's group commit does).
+
+Under load one connection then carries the calls, with one system call each way per batch instead of per call and
+none of the per-call bookkeeping of a connection pool. The connection is taken from the client's pool when calls
+start after a quiet moment and given back as soon as none is left, so an idle store holds no connection and the
+pool's own checks of a connection still apply.
 
 An error answer fails its own call only. A connection that fails (closed, or silent past the socket timeout)
 fails every call it carried that still waits for its answer, as each would have failed on a connection of its
@@ -15,13 +19,16 @@ own, and is dropped; calls made afterwards take another.
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
 
-__all__ = ["Pipeline", "available"]
+__all__ = ["LoopPipeline", "ThreadPipeline", "available"]
 
 _Call = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
 
@@ -43,7 +50,7 @@ def available() -> bool:
     return _PACK is not None
 
 
-class Pipeline:
+class LoopPipeline:
     """One event loop's calls to the server behind ``pool`` (a ``redis.asyncio`` connection pool)."""
 
     def __init__(self, pool: Any) -> None:
@@ -163,3 +170,140 @@ def _fail(futures: Iterable[asyncio.Future[Any]], error: Exception) -> None:
     for future in futures:
         if not future.done():
             future.set_exception(error)
+
+
+_BATCH = 256  # calls one write of a thread carries at most
+_LEAD_EXTRA = 4  # batches a leading thread sends for others after its own call
+
+
+class _Waiter:
+    """A thread's call and, once answered, its outcome."""
+
+    __slots__ = ("args", "done", "error", "result", "wake")
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+        self.done = False
+        self.result: Any = None
+        self.error: Exception | None = None
+        self.wake: threading.Condition | None = None  # a waiting thread's own
+
+
+class ThreadPipeline:
+    """The calls of this process's threads to the server behind ``pool`` (a blocking redis-py pool)."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._start()
+        ref = weakref.ref(self)
+
+        def forget() -> None:  # a forked child starts afresh: the parent's callers stay with the parent
+            pipeline = ref()
+            if pipeline is not None:
+                pipeline._start()
+        os.register_at_fork(after_in_child=forget)
+
+    def _start(self) -> None:
+        self._mutex = threading.Lock()
+        self._queue: list[_Waiter] = []
+        self._leading = False
+
+    def call(self, *args: Any) -> Any:
+        """Send one command and return its answer (from any thread); an error answer is raised as redis-py raises
+        it."""
+        waiter = _Waiter(args)
+        with self._mutex:
+            self._queue.append(waiter)
+            lead = not self._leading
+            if lead:
+                self._leading = True
+            else:
+                waiter.wake = threading.Condition(self._mutex)  # woken alone: answered, or to take the lead
+                while not waiter.done:
+                    waiter.wake.wait()
+                    if not waiter.done and not self._leading:
+                        self._leading = lead = True
+                        break
+        if lead:
+            self._lead(waiter)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result
+
+    def _lead(self, own: _Waiter) -> None:
+        """Send what is queued and hand out the answers until ``own`` is answered, then at most
+        :data:`_LEAD_EXTRA` batches more; then give the connection back and let a waiting thread lead."""
+        conn: Any = None
+        rounds = 0
+        try:
+            while True:
+                with self._mutex:
+                    if not self._queue or (own.done and rounds >= _LEAD_EXTRA):
+                        return
+                    rounds += own.done
+                    batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
+                try:
+                    if conn is None:
+                        conn = self._pool.get_connection()
+                    error = _exchange(conn, batch)
+                except Exception as exc:  # no connection to be had
+                    error = exc
+                except BaseException as exc:  # interrupted: the calls in flight cannot know their outcome
+                    self._answer(batch, redis.ConnectionError(f"the call was interrupted ({type(exc).__name__})"))
+                    raise
+                if error is not None:
+                    self._answer(batch, error)
+                    if conn is not None:
+                        _drop(self._pool, conn)
+                        conn = None
+                else:
+                    self._answer(batch)
+        except BaseException:
+            if conn is not None:
+                _drop(self._pool, conn)
+                conn = None
+            raise
+        finally:
+            if conn is not None:
+                self._pool.release(conn)
+            with self._mutex:
+                self._leading = False
+                waiting = next((w.wake for w in self._queue if w.wake is not None), None)
+                if waiting is not None:
+                    waiting.notify()
+
+    def _answer(self, batch: list[_Waiter], error: Exception | None = None) -> None:
+        """Mark the calls of a batch answered (``error``: those not answered yet failed) and wake their threads."""
+        with self._mutex:
+            for waiter in batch:
+                if not waiter.done:
+                    waiter.done = True
+                    if error is not None:
+                        waiter.error = error
+                if waiter.wake is not None:
+                    waiter.wake.notify()
+
+
+def _exchange(conn: Any, batch: list[_Waiter]) -> Exception | None:
+    """Send a batch in one write and read its answers into the waiters (not marked done yet); returns the error
+    that failed the connection, if any (the waiters not answered then keep ``done`` False)."""
+    assert _PACK is not None
+    try:
+        conn.send_packed_command([b"".join([_PACK(w.args) for w in batch])], check_health=False)
+        for waiter in batch:
+            try:
+                waiter.result = conn.read_response()
+            except redis.ResponseError as exc:  # an error answer: the connection stays in step
+                waiter.error = exc
+            waiter.done = True
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _drop(pool: Any, conn: Any) -> None:
+    """Give back a connection whose answers may be out of step with its calls, closed."""
+    try:
+        conn.disconnect()
+    finally:
+        pool.release(conn)

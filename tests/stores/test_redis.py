@@ -294,9 +294,11 @@ def test_a_server_without_functions_runs_the_scripts(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_admission_and_release_are_one_round_trip_each(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_admission_and_its_release_are_one_round_trip(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release made by a thread rides with the next admission of its process: one call, one answer each."""
     import redis.connection
 
+    monkeypatch.setattr(redis_store(), "RELEASE_DELAY", 60.0)  # the flush thread stays out of the count
     with opened(private_uri(server)) as store:
         store.release(ok(store, session_id="warm-up"))  # connects and loads the library
         answers = [0]
@@ -312,11 +314,23 @@ def test_admission_and_release_are_one_round_trip_each(server: RedisServer, monk
             ticket = ok(store, sub=f"user-{i}", device="laptop", credential="jkt", actor="agent", one_time=True,
                         jti=f"j-{i}", locks=(LockRequest("a"), LockRequest("b", "shared")))
             store.release(ticket)
-        monkeypatch.undo()
+        assert answers[0] == rounds  # one answer per admission; each release rode with the next admission
+        monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", read)
         after = commandstats(server)
-        assert answers[0] == 2 * rounds  # one answer read per admission and per release
-        assert after["fcall"] - before["fcall"] == 2 * rounds  # each of them a single FCALL
+        assert after["fcall"] - before["fcall"] == rounds  # each of them a single FCALL
         assert after["function|load"] == before["function|load"]
+        store.close()  # sends the last release
+        assert commandstats(server)["fcall"] - before["fcall"] == rounds + 1
+        assert store.locks() == []
+
+
+def test_a_release_no_call_carries_is_sent_by_the_flush_thread(shared_uri: str) -> None:
+    with opened(shared_uri) as store, opened(shared_uri) as other_host:
+        ticket = ok(store, locks=(LockRequest("obj:flush"),))
+        assert [lock.key for lock in other_host.locks()] == ["obj:flush"]
+        store.release(ticket)  # no later call of this process: the flush thread sends it
+        wait_for(lambda: other_host.locks() == [], "the release sent by the flush thread")
+        assert isinstance(other_host.admit(adm(sub="bob", locks=(LockRequest("obj:flush"),))), Ticket)
 
 
 # ---------------------------------------------------------------------------------------------------- server time

@@ -21,7 +21,7 @@ redis_store_available()
 
 import redis.asyncio  # noqa: E402  (after the check: under CI a missing extra fails, never skips)
 
-from sa_middleware.stores.redis_pipeline import Pipeline, available  # noqa: E402
+from sa_middleware.stores.redis_pipeline import LoopPipeline, available  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 WAIT = 10.0
@@ -45,11 +45,11 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @contextlib.asynccontextmanager
-async def pipeline_on(server: RedisServer, timeout: float = WAIT) -> AsyncIterator[tuple[Pipeline, Any]]:
+async def pipeline_on(server: RedisServer, timeout: float = WAIT) -> AsyncIterator[tuple[LoopPipeline, Any]]:
     pool = redis.asyncio.BlockingConnectionPool.from_url(server.url, max_connections=4, socket_timeout=timeout,
                                                          timeout=2.0)
     try:
-        yield Pipeline(pool), pool
+        yield LoopPipeline(pool), pool
     finally:
         await pool.disconnect()
 
