@@ -67,6 +67,7 @@ from ..records import Admission, AuditKind, AuditRecord, LockInfo, SessionInfo, 
 from ..rules import FENCE_SLACK, STATUS_RETENTION, _merge_locks
 from . import redis_pipeline
 from .base import Store
+from .flush_thread import FlushThread
 
 __all__ = ["RELEASE_DELAY", "RedisStore"]
 
@@ -449,9 +450,7 @@ class RedisStore(Store):
         self._released: list[Ticket] = []
         self._released_lock = threading.Lock()
         self._flush_scheduled = False
-        self._flush_due = threading.Event()  # set when releases made by threads wait for the flush thread
-        self._flusher: threading.Thread | None = None
-        self._stop_flush = threading.Event()
+        self._flusher = FlushThread(self._send_released, RELEASE_DELAY, "sa-middleware-redis-flush")
         self._sync_client: Any = None
         self._sync_lock = threading.Lock()
         self._threads_pipeline: tuple[Any, redis_pipeline.ThreadPipeline] | None = None  # (its client, it)
@@ -551,8 +550,7 @@ class RedisStore(Store):
         return True
 
     def close(self) -> None:
-        self._stop_flush.set()
-        self._flush_due.set()
+        self._flusher.stop()
         with contextlib.suppress(StoreError):
             self._send_released()
         with self._sync_lock:
@@ -1093,33 +1091,10 @@ class RedisStore(Store):
             if schedule:
                 self._flush_scheduled = True
         if not on_loop:
-            self._flush_later()
+            self._flusher.due()
         elif schedule:
             asyncio.get_running_loop().call_soon(self._flush_released)
         return True
-
-    def _flush_later(self) -> None:
-        """Have the flush thread send the pending releases in RELEASE_DELAY, unless a call carries them first."""
-        if not self._flush_due.is_set():
-            self._flush_due.set()
-        flusher = self._flusher
-        if flusher is None or not flusher.is_alive():
-            with self._released_lock:
-                if self._flusher is flusher:
-                    self._stop_flush = threading.Event()  # close() sets it: the thread ends
-                    self._flusher = threading.Thread(target=self._flush_releases, args=(self._stop_flush,),
-                                                     name="sa-middleware-redis-flush", daemon=True)
-                    self._flusher.start()
-
-    def _flush_releases(self, stop: threading.Event) -> None:
-        """The flush thread: sends the releases made by threads that no call carried within RELEASE_DELAY."""
-        due = self._flush_due
-        while True:
-            due.wait()
-            if stop.is_set() or stop.wait(RELEASE_DELAY):
-                return
-            due.clear()
-            self._send_released()
 
     def _send_released(self) -> None:
         """Send the pending releases in one call; a failure is logged (what is not released ends with its

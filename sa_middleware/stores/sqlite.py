@@ -55,6 +55,7 @@ from ..records import (
 )
 from ..rules import FENCE_SLACK, STATUS_RETENTION, evaluate, live_risk
 from .base import Store
+from .flush_thread import FlushThread
 
 __all__ = ["RELEASE_DELAY", "WAL_LIMIT", "SQLiteStore"]
 
@@ -126,7 +127,7 @@ def _forget_writes_after_fork(store: SQLiteStore) -> None:
             child._queue = deque()
             child._leading, child._alone, child._waiting, child._flush_loops = False, 0, 0, set()
             child._reading = 0
-            child._maintenance = child._flusher = None
+            child._maintenance = None
 
     os.register_at_fork(after_in_child=reset)
 
@@ -359,9 +360,8 @@ class SQLiteStore(Store):
         self._checkpoint_due = threading.Event()
         self._maintenance: threading.Thread | None = None
         self._stop_maintenance = threading.Event()
-        self._flush_due = threading.Event()  # set when releases queued by threads wait for the flush thread
-        self._flusher: threading.Thread | None = None
-        self._stop_flush = threading.Event()
+        # commits the releases queued by threads that no write took within RELEASE_DELAY
+        self._flusher = FlushThread(self._flush_releases, RELEASE_DELAY, "sa-middleware-sqlite-flush")
         _forget_writes_after_fork(self)
         _create_private(path)
         with self._transaction() as conn:
@@ -526,7 +526,7 @@ class SQLiteStore(Store):
             if self._alone:
                 self._cond.notify_all()
         if self._queue and any(e.unawaited and e.loop is None for e in self._queue):
-            self._wake_flusher()  # releases queued by threads, should no waiting thread take them
+            self._flusher.due()  # releases queued by threads, should no waiting thread take them
         if self._queue and flush:
             for loop in {e.loop for e in self._queue if e.loop is not None} - self._flush_loops:
                 self._schedule_flush(loop, threadsafe=True)
@@ -833,8 +833,7 @@ class SQLiteStore(Store):
                 self._write(lambda conn, now: None)
         self._stop_maintenance.set()
         self._checkpoint_due.set()
-        self._stop_flush.set()
-        self._flush_due.set()
+        self._flusher.stop()
         # no batch of this process runs on a connection while it closes, and no read (a lease keeper's, say)
         with self._lead_alone(), self._cond:
             while self._reading:
@@ -1108,34 +1107,15 @@ class SQLiteStore(Store):
         with self._cond:
             self._queue.append(entry)
             if not self._leading:  # else the leader decides it, or wakes the flush thread when it stops
-                self._wake_flusher()
+                self._flusher.due()
 
-    def _wake_flusher(self) -> None:
-        """Have the flush thread commit the releases queued by threads in RELEASE_DELAY (the condition is held)."""
-        self._flush_due.set()
-        if self._flusher is None or not self._flusher.is_alive():
-            self._stop_flush = threading.Event()  # close() sets it: the thread ends
-            self._flusher = threading.Thread(target=self._flush_releases, args=(self._stop_flush,),
-                                             name="sa-middleware-sqlite-flush", daemon=True)
-            self._flusher.start()
-
-    def _flush_releases(self, stop: threading.Event) -> None:
-        """The flush thread: commits the releases queued by threads that no write took within RELEASE_DELAY."""
-        due = self._flush_due
-        while True:
-            due.wait()
-            if stop.is_set():
+    def _flush_releases(self) -> None:
+        """In the flush thread: commit what threads queued, unless a leader takes it."""
+        with self._cond:
+            if self._leading or self._alone or not self._queue:
                 return
-            time.sleep(RELEASE_DELAY)
-            due.clear()
-            with self._cond:
-                if self._leading or self._alone or not self._queue:
-                    continue
-                self._leading = True
-            try:
-                self._lead(None)
-            except Exception:
-                log.exception("sa-middleware: queued writes failed")
+            self._leading = True
+        self._lead(None)
 
     @staticmethod
     def _release(conn: sqlite3.Connection, ticket_id: str) -> None:

@@ -1,0 +1,64 @@
+"""The thread that sends what a store's threads left queued (their releases) when no later call carried it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+
+__all__ = ["FlushThread"]
+
+log = logging.getLogger("sa_middleware")
+
+
+class FlushThread:
+    """Runs ``flush`` ``delay`` seconds after :meth:`due` is called (whatever is asked meanwhile joins that run), in
+    a daemon thread started at first use, and again after :meth:`stop` or a fork."""
+
+    def __init__(self, flush: Callable[[], None], delay: float, name: str) -> None:
+        self._flush, self._delay, self._name = flush, delay, name
+        self._start()
+        ref = weakref.ref(self)
+
+        def forget() -> None:  # a forked child starts afresh: the parent's thread stays with the parent
+            flusher = ref()
+            if flusher is not None:
+                flusher._start()
+        os.register_at_fork(after_in_child=forget)
+
+    def _start(self) -> None:
+        self._due = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def due(self) -> None:
+        """Have ``flush`` run within ``delay`` (unless it runs already)."""
+        if not self._due.is_set():
+            self._due.set()
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            with self._lock:
+                if self._thread is thread:
+                    self._stop = threading.Event()
+                    self._thread = threading.Thread(target=self._run, args=(self._due, self._stop), name=self._name,
+                                                    daemon=True)
+                    self._thread.start()
+
+    def stop(self) -> None:
+        """End the thread (at once, without a last run); a later :meth:`due` starts another."""
+        self._stop.set()
+        self._due.set()
+
+    def _run(self, due: threading.Event, stop: threading.Event) -> None:
+        while True:
+            due.wait()
+            if stop.is_set() or stop.wait(self._delay):
+                return
+            due.clear()
+            try:
+                self._flush()
+            except Exception:
+                log.exception("sa-middleware: queued releases not sent")
