@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import weakref
 from collections.abc import Callable
+
+from .forks import afresh_after_fork
 
 __all__ = ["FlushThread"]
 
@@ -20,13 +20,7 @@ class FlushThread:
     def __init__(self, flush: Callable[[], None], delay: float, name: str) -> None:
         self._flush, self._delay, self._name = flush, delay, name
         self._start()
-        ref = weakref.ref(self)
-
-        def forget() -> None:  # a forked child starts afresh: the parent's thread stays with the parent
-            flusher = ref()
-            if flusher is not None:
-                flusher._start()
-        os.register_at_fork(after_in_child=forget)
+        afresh_after_fork(self, FlushThread._start)  # the parent's thread stays with the parent
 
     def _start(self) -> None:
         self._due = threading.Event()

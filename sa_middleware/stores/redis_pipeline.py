@@ -19,14 +19,14 @@ own, and is dropped; calls made afterwards take another.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
+
+from .forks import afresh_after_fork
 
 __all__ = ["LoopPipeline", "ThreadPipeline", "available"]
 
@@ -195,13 +195,7 @@ class ThreadPipeline:
     def __init__(self, pool: Any) -> None:
         self._pool = pool
         self._start()
-        ref = weakref.ref(self)
-
-        def forget() -> None:  # a forked child starts afresh: the parent's callers stay with the parent
-            pipeline = ref()
-            if pipeline is not None:
-                pipeline._start()
-        os.register_at_fork(after_in_child=forget)
+        afresh_after_fork(self, ThreadPipeline._start)  # the parent's callers stay with the parent
 
     def _start(self) -> None:
         self._mutex = threading.Lock()

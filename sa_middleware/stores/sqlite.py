@@ -29,7 +29,6 @@ import os
 import sqlite3
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -56,6 +55,7 @@ from ..records import (
 from ..rules import FENCE_SLACK, STATUS_RETENTION, evaluate, live_risk
 from .base import Store
 from .flush_thread import FlushThread
+from .forks import afresh_after_fork
 
 __all__ = ["RELEASE_DELAY", "WAL_LIMIT", "SQLiteStore"]
 
@@ -115,21 +115,14 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-def _forget_writes_after_fork(store: SQLiteStore) -> None:
+def _forget_writes(child: SQLiteStore) -> None:
     """In a forked child, the group commit starts afresh: the parent's queue and leader stay with the parent."""
-    ref = weakref.ref(store)
-
-    def reset() -> None:
-        child = ref()
-        if child is not None:
-            child._mutex = threading.RLock()
-            child._cond = threading.Condition(child._mutex)
-            child._queue = deque()
-            child._leading, child._alone, child._waiting, child._flush_loops = False, 0, 0, set()
-            child._reading = 0
-            child._maintenance = None
-
-    os.register_at_fork(after_in_child=reset)
+    child._mutex = threading.RLock()
+    child._cond = threading.Condition(child._mutex)
+    child._queue = deque()
+    child._leading, child._alone, child._waiting, child._flush_loops = False, 0, 0, set()
+    child._reading = 0
+    child._maintenance = None
 
 
 def _failure(exc: BaseException) -> BaseException:
@@ -362,7 +355,7 @@ class SQLiteStore(Store):
         self._stop_maintenance = threading.Event()
         # commits the releases queued by threads that no write took within RELEASE_DELAY
         self._flusher = FlushThread(self._flush_releases, RELEASE_DELAY, "sa-middleware-sqlite-flush")
-        _forget_writes_after_fork(self)
+        afresh_after_fork(self, _forget_writes)
         _create_private(path)
         with self._transaction() as conn:
             _schema(sqlite_utils.Database(conn))
