@@ -68,6 +68,7 @@ from ..rules import FENCE_SLACK, STATUS_RETENTION, _merge_locks
 from . import redis_pipeline
 from .base import Store
 from .flush_thread import FlushThread
+from .forks import afresh_after_fork
 
 __all__ = ["RELEASE_DELAY", "RedisStore"]
 
@@ -451,6 +452,7 @@ class RedisStore(Store):
         self._released_lock = threading.Lock()
         self._flush_scheduled = False
         self._flusher = FlushThread(self._send_released, RELEASE_DELAY, "sa-middleware-redis-flush")
+        afresh_after_fork(self, RedisStore._forget_after_fork)
         self._sync_client: Any = None
         self._sync_lock = threading.Lock()
         self._threads_pipeline: tuple[Any, redis_pipeline.ThreadPipeline] | None = None  # (its client, it)
@@ -475,6 +477,12 @@ class RedisStore(Store):
             log.warning("sa-middleware: redis store unreachable at start-up: %s", exc)
         if _flag(bootstrap, "bootstrap"):
             self.bootstrap()
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: the parent's pending releases stay with the parent (it sends them), and locks its
+        threads held are made again."""
+        self._released, self._released_lock, self._flush_scheduled = [], threading.Lock(), False
+        self._sync_lock, self._async_lock = threading.Lock(), threading.Lock()
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> RedisStore:

@@ -84,14 +84,13 @@ class LoopPipeline:
         if writer.transport.is_closing():
             _fail((f for _, f in batch), redis.ConnectionError("the connection to the redis store is closed"))
             return
-        assert _PACK is not None
-        try:
-            data = [_PACK(args) for args, _ in batch]
-        except Exception as exc:  # an argument hiredis cannot send
-            _fail((f for _, f in batch), exc)
-            return
+        data = []
+        for args, future in batch:
+            packed = _packed(args, future)
+            if packed is not None:
+                data.append(packed)
+                self._sent.append(future)
         writer.writelines(data)
-        self._sent.extend(future for _, future in batch)
 
     async def _read(self) -> None:
         """Take a connection, write what is queued, read the answers in order while calls are in flight; then give
@@ -118,8 +117,8 @@ class LoopPipeline:
                     _fail(self._sent, exc)
                     self._sent.clear()
                     self._writer = None
-                    await self._give_back(conn, healthy=False)
-                    conn = None
+                    failed, conn = conn, None
+                    await self._give_back(failed, healthy=False)
                     continue
                 future = self._sent.popleft()
                 if future.done():  # its caller was cancelled meanwhile
@@ -139,9 +138,8 @@ class LoopPipeline:
 
     def _stop(self) -> None:
         self._reader = self._writer = None
-        interrupted = redis.ConnectionError("the call was interrupted")
-        _fail(self._sent, interrupted)
-        _fail((f for _, f in self._queue), interrupted)
+        _fail(self._sent, _interrupted("the loop stopped"))  # sent: they may have run
+        _fail((f for _, f in self._queue), redis.ConnectionError("the call was not sent: the loop stopped"))
         self._sent.clear()
         self._queue = []
 
@@ -164,6 +162,25 @@ class LoopPipeline:
                 await conn.disconnect()
         finally:
             await self._pool.release(conn)
+
+
+def _packed(args: tuple[Any, ...], outcome: asyncio.Future[Any] | _Waiter) -> bytes | None:
+    """One call packed; a call hiredis cannot pack fails alone (None)."""
+    assert _PACK is not None
+    try:
+        return _PACK(args)
+    except Exception as exc:
+        if isinstance(outcome, _Waiter):
+            outcome.error, outcome.done = exc, True
+        elif not outcome.done():
+            outcome.set_exception(exc)
+        return None
+
+
+def _interrupted(why: str) -> redis.TimeoutError:
+    """What a call sent but not answered gets when its caller's reader or leader is interrupted: like a timeout,
+    it may have run (an admission then takes back what it may have been granted)."""
+    return redis.TimeoutError(f"the call was interrupted ({why}); it may have run")
 
 
 def _fail(futures: Iterable[asyncio.Future[Any]], error: Exception) -> None:
@@ -213,11 +230,18 @@ class ThreadPipeline:
                 self._leading = True
             else:
                 waiter.wake = threading.Condition(self._mutex)  # woken alone: answered, or to take the lead
-                while not waiter.done:
-                    waiter.wake.wait()
-                    if not waiter.done and not self._leading:
-                        self._leading = lead = True
-                        break
+                try:
+                    while not waiter.done:
+                        waiter.wake.wait()
+                        if not waiter.done and not self._leading:
+                            self._leading = lead = True
+                            break
+                except BaseException:  # interrupted while waiting (a signal handler raised): leave the queue
+                    if waiter in self._queue:
+                        self._queue.remove(waiter)
+                    if not self._leading:
+                        self._wake_next()  # the lead this thread may have been handed goes on
+                    raise
         if lead:
             self._lead(waiter)
         if waiter.error is not None:
@@ -236,35 +260,42 @@ class ThreadPipeline:
                         return
                     rounds += own.done
                     batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
+                packed = [(w, data) for w in batch if (data := _packed(w.args, w)) is not None]
+                error: Exception | None = None
                 try:
-                    if conn is None:
-                        conn = self._pool.get_connection()
-                    error = _exchange(conn, batch)
+                    if packed:
+                        if conn is None:
+                            conn = self._pool.get_connection()
+                        error = _exchange(conn, packed)
                 except Exception as exc:  # no connection to be had
                     error = exc
-                except BaseException as exc:  # interrupted: the calls in flight cannot know their outcome
-                    self._answer(batch, redis.ConnectionError(f"the call was interrupted ({type(exc).__name__})"))
+                except BaseException as exc:  # interrupted: the calls sent cannot know their outcome
+                    self._answer(batch, _interrupted(type(exc).__name__))
                     raise
+                self._answer(batch, error)
                 if error is not None:
-                    self._answer(batch, error)
                     if conn is not None:
-                        _drop(self._pool, conn)
-                        conn = None
-                else:
-                    self._answer(batch)
+                        failed, conn = conn, None
+                        _drop(self._pool, failed)
+                    if own.done:  # each caller waits for at most about two timeouts of a failing server
+                        return
         except BaseException:
             if conn is not None:
-                _drop(self._pool, conn)
-                conn = None
+                failed, conn = conn, None
+                _drop(self._pool, failed)
             raise
         finally:
             if conn is not None:
                 self._pool.release(conn)
             with self._mutex:
                 self._leading = False
-                waiting = next((w.wake for w in self._queue if w.wake is not None), None)
-                if waiting is not None:
-                    waiting.notify()
+                self._wake_next()
+
+    def _wake_next(self) -> None:
+        """Wake the first thread still waiting in the queue, to lead (the lock is held)."""
+        waiting = next((w.wake for w in self._queue if w.wake is not None), None)
+        if waiting is not None:
+            waiting.notify()
 
     def _answer(self, batch: list[_Waiter], error: Exception | None = None) -> None:
         """Mark the calls of a batch answered (``error``: those not answered yet failed) and wake their threads."""
@@ -278,13 +309,12 @@ class ThreadPipeline:
                     waiter.wake.notify()
 
 
-def _exchange(conn: Any, batch: list[_Waiter]) -> Exception | None:
-    """Send a batch in one write and read its answers into the waiters (not marked done yet); returns the error
-    that failed the connection, if any (the waiters not answered then keep ``done`` False)."""
-    assert _PACK is not None
+def _exchange(conn: Any, batch: list[tuple[_Waiter, bytes]]) -> Exception | None:
+    """Send a batch of packed calls in one write and read their answers into the waiters (not marked done yet);
+    returns the error that failed the connection, if any (the waiters not answered then keep ``done`` False)."""
     try:
-        conn.send_packed_command([b"".join([_PACK(w.args) for w in batch])], check_health=False)
-        for waiter in batch:
+        conn.send_packed_command([b"".join([data for _, data in batch])], check_health=False)
+        for waiter, _ in batch:
             try:
                 waiter.result = conn.read_response()
             except redis.ResponseError as exc:  # an error answer: the connection stays in step

@@ -25,6 +25,7 @@ redis_store_available()
 import redis  # noqa: E402
 import redis.asyncio  # noqa: E402  (after the check: under CI a missing extra fails, never skips)
 
+from sa_middleware.stores import redis_pipeline  # noqa: E402
 from sa_middleware.stores.redis_pipeline import LoopPipeline, ThreadPipeline, available  # noqa: E402
 
 pytestmark = pytest.mark.anyio
@@ -289,3 +290,131 @@ def test_threads_a_forked_child_calls_afresh(server: RedisServer) -> None:
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert pipe.call("ECHO", "parent again") == b"parent again"
+
+
+async def test_a_call_that_cannot_be_packed_fails_alone(server: RedisServer) -> None:
+    async with pipeline_on(server) as (pipe, _):
+        results = await asyncio.gather(pipe.call("ECHO", "a"), pipe.call("ECHO", None), pipe.call("ECHO", "b"),
+                                       return_exceptions=True)
+        assert results[0] == b"a" and results[2] == b"b", results
+        assert isinstance(results[1], TypeError), results[1]
+
+
+def test_threads_a_call_that_cannot_be_packed_fails_alone(server: RedisServer) -> None:
+    with thread_pipeline_on(server) as (pipe, _):
+        results = calls_in_threads(pipe, [("ECHO", "a"), ("ECHO", None), ("ECHO", "b")])
+        assert results[0] == b"a" and results[2] == b"b", results
+        assert isinstance(results[1], TypeError), results[1]
+
+
+class Interrupted(Exception):
+    """Raised in the main thread by a signal handler, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def test_threads_a_waiter_interrupted_while_waiting_does_not_strand_the_others(
+        server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main thread waits behind a leader; a signal handler interrupts it. The thread queued behind it still
+    gets its answer, without any later call: the lead is handed on, not to the thread that left."""
+    monkeypatch.setattr(redis_pipeline, "_LEAD_EXTRA", 0)  # the leader hands over right after its own call
+    with thread_pipeline_on(server) as (pipe, _):
+        assert pipe.call("ECHO", "warm") == b"warm"
+        results: dict[str, Any] = {}
+
+        def call(name: str) -> threading.Thread:
+            thread = threading.Thread(target=lambda: results.__setitem__(name, pipe.call("ECHO", name)))
+            thread.start()
+            return thread
+
+        def interrupt(signum: int, frame: Any) -> None:
+            raise Interrupted()
+        previous = signal.signal(signal.SIGUSR1, interrupt)
+        server.pause()
+        try:
+            leader = call("leader")
+            wait_for(lambda: pipe._leading and not pipe._queue, "the leader's call sent to the paused server")
+
+            def behind() -> None:
+                wait_for(lambda: len(pipe._queue) == 1, "the main thread waiting")
+                results["queued"] = call("queued")
+                wait_for(lambda: len(pipe._queue) == 2, "a second thread waiting behind it")
+                os.kill(os.getpid(), signal.SIGUSR1)
+            helper = threading.Thread(target=behind)
+            helper.start()
+            with pytest.raises(Interrupted):
+                pipe.call("ECHO", "main")
+            helper.join(WAIT)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+            server.resume()
+        leader.join(WAIT)
+        results["queued"].join(WAIT)
+        assert results.get("leader") == b"leader" and results.get("queued") == b"queued", results
+
+
+def test_threads_a_leader_whose_call_failed_hands_over(server: RedisServer) -> None:
+    """With a silent server, the leader's own call times out; it returns at once instead of sending the calls
+    queued meanwhile on a fresh connection (each of which would cost it one more timeout)."""
+    with thread_pipeline_on(server, timeout=0.5) as (pipe, pool):
+        assert pipe.call("ECHO", "warm") == b"warm"
+        senders: list[str] = []
+        conn_class = pool.connection_class
+        send = conn_class.send_packed_command
+
+        def recorded(self: Any, command: Any, check_health: bool = True) -> None:
+            senders.append(threading.current_thread().name)
+            send(self, command, check_health)
+        conn_class.send_packed_command = recorded
+        try:
+            server.pause()
+            try:
+                results: dict[str, Any] = {}
+
+                def call(name: str) -> None:
+                    try:
+                        results[name] = pipe.call("ECHO", name)
+                    except Exception as exc:
+                        results[name] = exc
+                leader = threading.Thread(target=call, args=("leader",), name="leader")
+                leader.start()
+                wait_for(lambda: senders == ["leader"], "the leader's call sent to the paused server")
+                others = [threading.Thread(target=call, args=(f"t{i}",), name=f"t{i}") for i in range(3)]
+                for t in others:
+                    t.start()
+                wait_for(lambda: len(pipe._queue) == 3, "three calls queued behind the leader")
+                leader.join(WAIT)
+                assert isinstance(results["leader"], redis.TimeoutError), results
+            finally:
+                server.resume()
+            for t in others:
+                t.join(WAIT)
+        finally:
+            conn_class.send_packed_command = send
+        assert senders.count("leader") == 1, senders  # the queued calls went out with a thread of their own
+        assert all(results[f"t{i}"] == f"t{i}".encode() for i in range(3)), results
+
+
+def test_a_forked_child_of_the_store_releases_afresh(server: RedisServer) -> None:
+    """A child forked while a thread of the parent held the store's release queue releases on its own; the
+    parent's pending releases stay with the parent."""
+    store = open_store(fresh_store(server.url))
+    try:
+        ticket = store.admit(adm(locks=(LockRequest("order:fork"),)))
+        assert isinstance(ticket, Ticket)
+        store.release(ticket)  # pending: the next call of the parent carries it
+        with store._released_lock:  # type: ignore[attr-defined]
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                signal.alarm(int(WAIT))
+                try:
+                    pending = len(store._released)  # type: ignore[attr-defined]
+                    child = store.admit(adm(sub="child", session_id="child-1"))
+                    store.release(child)
+                    code = 0 if pending == 0 and isinstance(child, Ticket) else 2
+                finally:
+                    os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert isinstance(store.admit(adm(sub="bob", locks=(LockRequest("order:fork"),))), Ticket)
+    finally:
+        store.close()
