@@ -41,10 +41,14 @@ class FlushThread:
                                                     daemon=True)
                     self._thread.start()
 
-    def stop(self) -> None:
-        """End the thread (at once, without a last run); a later :meth:`due` starts another."""
+    def stop(self, wait: float = 0.0) -> None:
+        """End the thread without a last run, waiting up to ``wait`` seconds for a run in progress to finish; a
+        later :meth:`due` starts another."""
         self._stop.set()
         self._due.set()
+        thread = self._thread
+        if wait > 0 and thread is not None and thread is not threading.current_thread():
+            thread.join(wait)
 
     def _run(self, due: threading.Event, stop: threading.Event) -> None:
         while True:
@@ -52,6 +56,8 @@ class FlushThread:
             if stop.is_set() or stop.wait(self._delay):
                 return
             due.clear()
+            if stop.is_set():  # stopped after the wait, its wake-up just cleared
+                return
             try:
                 self._flush()
             except Exception:

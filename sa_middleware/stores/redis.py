@@ -450,7 +450,9 @@ class RedisStore(Store):
         # thread's, RELEASE_DELAY later)
         self._released: list[Ticket] = []
         self._released_lock = threading.Lock()
-        self._flush_scheduled = False
+        # event loops with a flush of the releases scheduled (one per loop: a loop closed before its flush ran does
+        # not hold up the others)
+        self._flush_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._flusher = FlushThread(self._send_released, RELEASE_DELAY, "sa-middleware-redis-flush")
         afresh_after_fork(self, RedisStore._forget_after_fork)
         self._sync_client: Any = None
@@ -481,7 +483,7 @@ class RedisStore(Store):
     def _forget_after_fork(self) -> None:
         """In a forked child: the parent's pending releases stay with the parent (it sends them), and locks its
         threads held are made again."""
-        self._released, self._released_lock, self._flush_scheduled = [], threading.Lock(), False
+        self._released, self._released_lock, self._flush_loops = [], threading.Lock(), weakref.WeakSet()
         self._sync_lock, self._async_lock = threading.Lock(), threading.Lock()
 
     @classmethod
@@ -558,7 +560,7 @@ class RedisStore(Store):
         return True
 
     def close(self) -> None:
-        self._flusher.stop()
+        self._flusher.stop(wait=self.timeout)  # a send in progress ends before the client closes
         with contextlib.suppress(StoreError):
             self._send_released()
         with self._sync_lock:
@@ -1092,16 +1094,19 @@ class RedisStore(Store):
         :data:`RELEASE_DELAY` (2 ms)."""
         if self.cluster:
             return False
-        on_loop = self._on_asyncio()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a thread (or trio)
+            with self._released_lock:
+                self._released.append(ticket)
+            self._flusher.due()
+            return True
         with self._released_lock:
             self._released.append(ticket)
-            schedule = on_loop and not self._flush_scheduled
-            if schedule:
-                self._flush_scheduled = True
-        if not on_loop:
-            self._flusher.due()
-        elif schedule:
-            asyncio.get_running_loop().call_soon(self._flush_released)
+            schedule = loop not in self._flush_loops
+            self._flush_loops.add(loop)
+        if schedule:
+            loop.call_soon(self._flush_released, loop)
         return True
 
     def _send_released(self) -> None:
@@ -1118,14 +1123,14 @@ class RedisStore(Store):
         if not self.release_nowait(ticket):
             await self._aop(lambda: self._release(ticket))
 
-    def _flush_released(self) -> None:
+    def _flush_released(self, loop: asyncio.AbstractEventLoop) -> None:
         """Send the releases no call has carried yet (in a task of the loop)."""
         with self._released_lock:
-            self._flush_scheduled = False
+            self._flush_loops.discard(loop)
             if not self._released:
                 return
 
-        task = asyncio.get_running_loop().create_task(self._asend_released((Exception,)))
+        task = loop.create_task(self._asend_released((Exception,)))
         self._give_backs.add(task)
         task.add_done_callback(self._give_backs.discard)
 

@@ -418,3 +418,38 @@ def test_a_forked_child_of_the_store_releases_afresh(server: RedisServer) -> Non
         assert isinstance(store.admit(adm(sub="bob", locks=(LockRequest("order:fork"),))), Ticket)
     finally:
         store.close()
+
+
+def test_a_loop_stuck_before_its_flush_does_not_hold_up_another_loops_releases(server: RedisServer) -> None:
+    """Loop A schedules the flush of a release and never runs it (blocked, or closed); a release made on loop B
+    still gets a flush of its own, so other processes see it without waiting for this process's next call."""
+    uri = fresh_store(server.url)
+    store, other = open_store(uri), open_store(uri)
+    stuck, release = threading.Event(), threading.Event()
+    try:
+        def loop_a() -> None:
+            async def run() -> None:
+                ticket = await store.aadmit(adm(sub="a", locks=(LockRequest("order:a"),)))
+                assert isinstance(ticket, Ticket)
+                assert store.release_nowait(ticket)  # its flush is scheduled on this loop...
+                stuck.set()
+                release.wait(WAIT)  # ...which is blocked meanwhile
+            asyncio.run(run())
+        a = threading.Thread(target=loop_a)
+        a.start()
+        assert stuck.wait(WAIT)
+
+        async def loop_b() -> None:
+            ticket = await store.aadmit(adm(sub="b", locks=(LockRequest("order:b"),)))
+            assert isinstance(ticket, Ticket)
+            await store.arelease(ticket)
+            await asyncio.sleep(0)  # the flush scheduled on this loop starts
+            await asyncio.gather(*store._give_backs)  # type: ignore[attr-defined]
+        asyncio.run(loop_b())
+        assert [lock.key for lock in other.locks()] == [], other.locks()  # both sent by loop B's flush
+        release.set()
+        a.join(WAIT)
+    finally:
+        release.set()
+        store.close()
+        other.close()
