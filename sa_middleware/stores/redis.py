@@ -530,11 +530,9 @@ class RedisStore(Store):
         return cluster(startup_nodes=[node(h, p) for h, p in t.nodes], username=t.username, password=t.password,
                        max_connections=self.max_connections, retry=no_retry, **common)
 
-    async def _async_client(self) -> Any:
-        """This event loop's ``redis.asyncio`` client (its connections belong to the loop that opened them)."""
-        return (await self._async_entry()).client
-
     async def _async_entry(self) -> _AsyncClient:
+        """This event loop's ``redis.asyncio`` client and pipeline (its connections belong to the loop that opened
+        them)."""
         loop = asyncio.get_running_loop()
         with self._async_lock:
             entry = self._async_clients.get(loop)

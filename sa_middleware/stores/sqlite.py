@@ -515,9 +515,11 @@ class SQLiteStore(Store):
         flushed by their loops (``flush=False``: a thread started for them does)."""
         self._leading = False
         if self._waiting:
-            next(filter(None, (e.wake for e in self._queue if e.state == _QUEUED)), self._cond).notify()
+            waiter = next((e.wake for e in self._queue if e.wake is not None and e.state == _QUEUED), None)
+            if waiter is not None:
+                waiter.notify()  # the first thread still waiting for its write takes the lead
             if self._alone:
-                self._cond.notify_all()
+                self._cond.notify_all()  # a truncation or close() waiting to lead alone
         if self._queue and any(e.unawaited and e.loop is None for e in self._queue):
             self._flusher.due()  # releases queued by threads, should no waiting thread take them
         if self._queue and flush:
