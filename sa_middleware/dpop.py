@@ -105,8 +105,13 @@ class Binding:
         The stores compare ``"<this>|<user agent>"``; the user agent (client-chosen, may contain ``|``) comes after
         the first ``|``, and this part never contains one, so no user agent can pose as a proven key.
         """
+        if not self.jkt and not self.x5t:
+            return address.replace("|", "/")
         keys = [f"{name}:{value}" for name, value in (("jkt", self.jkt), ("x5t", self.x5t)) if value]
-        return " ".join([address.replace("|", "/"), *keys]) if keys else address.replace("|", "/")
+        return " ".join([address.replace("|", "/"), *keys])
+
+
+_UNBOUND = Binding()
 
 
 # -- thumbprints and hashes ----------------------------------------------------------------------------------------
@@ -313,6 +318,8 @@ class SenderConstraints:
     def check(self, request: RequestInfo, scheme: str, token: str, claims: Mapping[str, Any]) -> Binding | Denial:
         """The keys ``request`` proved, or the denial; ``scheme`` is the Authorization scheme, lower-case."""
         cnf = claims.get("cnf")
+        if cnf is None and scheme == "bearer" and not request.client_cert and "dpop" not in request.headers:
+            return _UNBOUND  # a bearer token bound to nothing, presented without a proof or a certificate
         if cnf is not None and not isinstance(cnf, Mapping):
             return Denial("invalid_token", "claim cnf must be an object")
         bound_jkt = _cnf_member(cnf, "jkt")

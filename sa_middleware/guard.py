@@ -41,7 +41,7 @@ from .dpop import DEFAULT_DPOP_ALGORITHMS, Binding, SenderConstraints
 from .errors import ConfigurationError, InvalidToken, KeysUnavailable, StoreError
 from .observe import build_observer
 from .operations import Operations, finite_number
-from .policy import Policy, RouteMatch, RouteTable
+from .policy import LockMode, Policy, RouteMatch, RouteTable
 from .records import Admission, AuditRecord, LockRequest, Ticket
 from .stores.base import Store
 from .tokens import TokenVerifier, VerifiedToken
@@ -382,7 +382,7 @@ class Guard(Operations):
             actor=f.actor, credential=f.credential, device=f.device,
             client=(binding or Binding()).client(request.client), user_agent=request.user_agent,
             route=match.route or request.path[:_MAX_ID], token_scopes=f.scopes, auth_time=f.auth_time,
-            acr=f.acr, policy=policy, locks=tuple(LockRequest(key, policy.lock_mode) for key in match.lock_keys),
+            acr=f.acr, policy=policy, locks=_lock_requests(match.lock_keys, policy.lock_mode),
             lease=self.lease, session_idle=self.session_idle,
             audit_admitted=self.audit_admissions, audit_locked=policy.on_lock_conflict != "wait", iss=f.iss)
 
@@ -733,6 +733,11 @@ class Guard(Operations):
 
 
 _METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
+
+
+def _lock_requests(keys: Sequence[str], mode: LockMode) -> tuple[LockRequest, ...]:
+    """The locks an admission asks for: one per rendered key, in the route's mode."""
+    return tuple(LockRequest(key, mode) for key in keys) if keys else ()
 
 
 def _method_override(request: RequestInfo) -> str | None:

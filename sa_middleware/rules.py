@@ -82,7 +82,11 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
         return _deny(v, "token_revoked", "the principal's account is disabled")
 
     # session status
-    session = next((x for x in s.sessions if x.session_id == a.session_id), None)
+    session = None
+    for x in s.sessions:
+        if x.session_id == a.session_id:
+            session = x
+            break
     if session is not None and not owns(session, a):
         return _deny(v, "invalid_token", "the session id belongs to another principal")
     if p.sessions_before is not None and (a.token_iat is None or a.token_iat <= p.sessions_before):
@@ -164,7 +168,7 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
             return _deny(v, "conflicting_action", "a conflicting action of this principal is in flight", 1)
 
     # risk
-    risk = live_risk(p.risk, now)
+    risk = live_risk(p.risk, now) if p.risk else []
     if pol.max_risk is not None:
         level = sum(amount for amount, _ in risk)
         if level > pol.max_risk:
@@ -173,7 +177,7 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
 
     # object locks
     grants: list[tuple[str, str, int]] = []
-    for req in _merge_locks(a.locks):
+    for req in _merge_locks(a.locks) if a.locks else ():
         holders = [h for h in s.lock_holders.get(req.key, []) if h.ticket_id != a.ticket_id]
         blocking = [h for h in holders if req.mode == "exclusive" or h.mode == "exclusive"]
         if blocking:
