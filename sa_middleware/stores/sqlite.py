@@ -262,6 +262,11 @@ def _tags(text: str) -> frozenset[str]:
     return _NO_TAGS if text == "[]" else frozenset(json.loads(text))
 
 
+def _risk(text: str | None) -> list[tuple[int, float]]:
+    """A principal's risk entries as stored (JSON), as the rule reads them."""
+    return [] if text is None or text == "[]" else [tuple(x) for x in json.loads(text)]
+
+
 def _tags_text(tags: frozenset[str]) -> str:
     return json.dumps(sorted(tags)) if tags else "[]"
 
@@ -1013,7 +1018,8 @@ class SQLiteStore(Store):
                 holders.setdefault(r[1], []).append(LockHolder(*r[2:9]))
             else:
                 fences[r[1]] = r[2]
-        if a.iss and any(("", x) in found and (a.iss, x) not in found for x in {a.sub, a.actor} if x):
+        if a.iss and (("", a.sub) in found or ("", a.actor) in found) and any(
+                ("", x) in found and (a.iss, x) not in found for x in {a.sub, a.actor} if x):
             _adopt(conn, a.iss, a.sub, a.actor)  # the first use under this issuer of a subject stored without one
             for x in (a.sub, a.actor):
                 if x and (a.iss, x) not in found and ("", x) in found:
@@ -1021,7 +1027,7 @@ class SQLiteStore(Store):
         principal, markers = PrincipalState(), []
         mine, actor = found.get((a.iss, a.sub)), found.get((a.iss, a.actor)) if a.actor else None
         if mine is not None:
-            principal = PrincipalState(mine[0], mine[1], [tuple(x) for x in json.loads(mine[2] or "[]")],
+            principal = PrincipalState(mine[0], mine[1], _risk(mine[2]),
                                        frozenset(json.loads(mine[3])) if mine[3] is not None else None, mine[4],
                                        *mine[7:11])
             if mine[5] is not None:
