@@ -230,12 +230,14 @@ def _add_issuer_to_principals(db: sqlite_utils.Database, columns: dict[str, type
     db.execute("ALTER TABLE principals_upgrade RENAME TO principals")
 
 
+# (the principal's rows as four index lookups ORed: "iss IN (?, '') AND sub IN (?, ?)" costs SQLite several times
+# more, for the lists it builds)
 _SNAPSHOT_SQL = (
-    f"SELECT 0, iss, sub, {_PRINCIPAL_COLUMNS}, NULL, NULL, NULL FROM principals WHERE iss IN (?, '') "
-    f"AND sub IN (?, ?) UNION ALL SELECT 1, {_SESSION_COLUMNS} FROM sessions WHERE ((iss = ? AND sub = ?) OR "
-    f"session_id = ?) AND expires > ? UNION ALL SELECT 2, ticket_id, sub, session_id, token_hash, client, tags, "
-    f"conflicts, exclusive, expires, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM tickets WHERE iss = ? AND sub = ? "
-    f"AND expires > ?")
+    f"SELECT 0, iss, sub, {_PRINCIPAL_COLUMNS}, NULL, NULL, NULL FROM principals WHERE (iss = ? AND sub = ?) OR "
+    f"(iss = '' AND sub = ?) OR (iss = ? AND sub = ?) OR (iss = '' AND sub = ?) UNION ALL SELECT 1, "
+    f"{_SESSION_COLUMNS} FROM sessions WHERE ((iss = ? AND sub = ?) OR session_id = ?) AND expires > ? UNION ALL "
+    f"SELECT 2, ticket_id, sub, session_id, token_hash, client, tags, conflicts, exclusive, expires, NULL, NULL, "
+    f"NULL, NULL, NULL, NULL, NULL FROM tickets WHERE iss = ? AND sub = ? AND expires > ?")
 _NULLS = ", NULL" * 8
 
 
@@ -995,7 +997,9 @@ class SQLiteStore(Store):
         # one statement reads the principal (and its actor) under the token's issuer and without one (the state to
         # adopt on first use), its live sessions and its tickets in flight: rows tagged 0, 1 and 2
         # (and, for an admission asking for locks, the holders of its keys and their fencing counters: 3 and 4)
-        params: tuple[Any, ...] = (a.iss, a.sub, a.actor or a.sub, a.iss, a.sub, a.session_id, now, a.iss, a.sub, now)
+        other = a.actor or a.sub
+        params: tuple[Any, ...] = (a.iss, a.sub, a.sub, a.iss, other, other, a.iss, a.sub, a.session_id, now, a.iss,
+                                   a.sub, now)
         keys = [lock.key for lock in a.locks]
         if keys:
             params = (*params, *keys, now, *keys)

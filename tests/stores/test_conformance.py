@@ -1345,6 +1345,20 @@ def test_state_stored_without_an_issuer_is_adopted_by_an_issuers_principal(d: Dr
     d.deny("stale_generation", iss=B, session_id="alice-4", token_gen=0)  # every issuer inherits it
 
 
+def test_an_actor_compromised_before_issuers_stays_compromised_under_an_issuer(d: Driver,
+                                                                              request: pytest.FixtureRequest) -> None:
+    d.passes(sub="bob", session_id="bob-delegated", actor="agent-7")  # stored before issuers
+    d.store.report_compromise("agent-7", None)
+    if request.node.callspec.params["case"] == "redis-cluster":  # nothing is inherited there (see above)
+        d.passes(sub="bob", iss=A, session_id="bob-a", actor="agent-7")
+        return
+    # the actor's marker reaches the issuer's actor, whether the subject or only the actor has issuer-less state
+    d.deny("credential_compromised", sub="bob", iss=A, session_id="bob-a", actor="agent-7")
+    d.deny("credential_compromised", sub="carol", iss=A, session_id="carol-a", actor="agent-7")
+    d.passes(sub="carol", iss=A, session_id="carol-b", actor="agent-8")
+    d.passes(sub="bob", iss=A, session_id="bob-b", actor="agent-7", token_iat=later(d.clock))
+
+
 def test_a_reset_reaches_the_generation_an_issuers_principal_inherits(d: Driver,
                                                                       request: pytest.FixtureRequest) -> None:
     d.store.rotate("alice")  # stored before issuers
