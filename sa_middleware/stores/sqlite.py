@@ -158,16 +158,10 @@ def _schema(db: sqlite_utils.Database) -> None:
                            "credential": str, "actor": str, "marked_at": float, "marked_generation": int,
                            "cleared_at": float, "iss": str}, pk="session_id", not_null={"iss"}, defaults={"iss": ""},
                           if_not_exists=True)
-    db.table("tickets").create({"ticket_id": str, "sub": str, "session_id": str, "token_hash": str, "client": str,
-                          "tags": str, "conflicts": str, "exclusive": int, "expires": float, "iss": str},
-                         pk="ticket_id", not_null={"iss"}, defaults={"iss": ""}, if_not_exists=True)
-    db.table("locks").create({"key": str, "ticket_id": str, "mode": str, "sub": str, "session_id": str, "kind": str,
-                        "fence": int, "expires": float, "iss": str}, pk=("key", "ticket_id"), not_null={"iss"},
-                        defaults={"iss": ""}, if_not_exists=True)
-    for table in ("sessions", "tickets", "locks"):
-        if "iss" not in db.table(table).columns_dict:
-            db.table(table).add_column("iss", str, not_null_default="")
-    db.table("fences").create({"key": str, "value": int}, pk="key", if_not_exists=True)
+    for name, definition in _KEYED_TABLES.items():
+        _keyed_table(db, name, definition)
+    if "iss" not in db.table("sessions").columns_dict:
+        db.table("sessions").add_column("iss", str, not_null_default="")
     db.table("devices").create({"device_id": str, "compliant": int, "updated": float}, pk="device_id",
                          if_not_exists=True)
     db.table("jtis").create({"jti": str, "expires": float}, pk="jti", if_not_exists=True)
@@ -187,6 +181,33 @@ def _schema(db: sqlite_utils.Database) -> None:
     # a ticket's locks go with it (release, prune): one statement per release
     db.execute("CREATE TRIGGER IF NOT EXISTS tickets_release_locks AFTER DELETE ON tickets BEGIN "
                "DELETE FROM locks WHERE ticket_id = old.ticket_id; END")
+
+
+#: the tables of an admission's writes whose rows are found by their text key, kept WITHOUT ROWID: one B-tree each
+#: instead of a table and the index of its key, so an admission and its release write fewer pages
+_KEYED_TABLES = {
+    "tickets": "ticket_id TEXT PRIMARY KEY, sub TEXT, session_id TEXT, token_hash TEXT, client TEXT, tags TEXT, "
+               "conflicts TEXT, exclusive INTEGER, expires FLOAT, iss TEXT NOT NULL DEFAULT ''",
+    "locks": "key TEXT, ticket_id TEXT, mode TEXT, sub TEXT, session_id TEXT, kind TEXT, fence INTEGER, expires FLOAT, "
+             "iss TEXT NOT NULL DEFAULT '', PRIMARY KEY (key, ticket_id)",
+    "fences": "key TEXT PRIMARY KEY, value INTEGER",
+}
+
+
+def _keyed_table(db: sqlite_utils.Database, name: str, columns: str) -> None:
+    """Create a keyed table, or upgrade one created by an earlier version (a rowid table, perhaps without the
+    ``iss`` column) in place: its rows are copied into the new table (a missing ``iss`` is "")."""
+    row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()
+    if row is not None and "WITHOUT ROWID" in row[0].upper():
+        return
+    if row is None:
+        db.execute(f"CREATE TABLE {name} ({columns}) WITHOUT ROWID")
+        return
+    db.execute(f"CREATE TABLE {name}_upgrade ({columns}) WITHOUT ROWID")
+    names = ", ".join(c for c in db.table(f"{name}_upgrade").columns_dict if c in db.table(name).columns_dict)
+    db.execute(f"INSERT INTO {name}_upgrade ({names}) SELECT {names} FROM {name}")
+    db.execute(f"DROP TABLE {name}")  # its indexes and triggers too: _schema creates them again
+    db.execute(f"ALTER TABLE {name}_upgrade RENAME TO {name}")
 
 
 def _create_private(path: str) -> None:
@@ -438,6 +459,7 @@ class SQLiteStore(Store):
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
+            raise
             raise
 
     def _begin(self, nowait: bool) -> sqlite3.Connection:

@@ -279,6 +279,53 @@ def test_a_database_written_before_issuers_is_upgraded_and_its_state_kept(tmp_pa
         conn.close()
 
 
+def test_tickets_locks_and_fences_of_an_earlier_schema_are_kept_by_the_upgrade(tmp_path: Path) -> None:
+    """Earlier versions kept tickets, locks and fences in rowid tables: the first open copies them into tables
+    without rowids, and what was in flight stays in force (a held lock blocks, its release frees it, fencing tokens
+    keep growing)."""
+    path = tmp_path / "rowid.db"
+    now = time.time()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript("""
+        CREATE TABLE [tickets] ([ticket_id] TEXT PRIMARY KEY, [sub] TEXT, [session_id] TEXT, [token_hash] TEXT,
+            [client] TEXT, [tags] TEXT, [conflicts] TEXT, [exclusive] INTEGER, [expires] FLOAT,
+            [iss] TEXT NOT NULL DEFAULT '');
+        CREATE TABLE [locks] ([key] TEXT, [ticket_id] TEXT, [mode] TEXT, [sub] TEXT, [session_id] TEXT, [kind] TEXT,
+            [fence] INTEGER, [expires] FLOAT, [iss] TEXT NOT NULL DEFAULT '', PRIMARY KEY ([key], [ticket_id]));
+        CREATE TABLE [fences] ([key] TEXT PRIMARY KEY, [value] INTEGER);
+        CREATE INDEX [idx_tickets_sub] ON [tickets] ([sub]);
+        CREATE INDEX [idx_locks_ticket_id] ON [locks] ([ticket_id]);
+        CREATE TRIGGER tickets_release_locks AFTER DELETE ON tickets BEGIN
+            DELETE FROM locks WHERE ticket_id = old.ticket_id; END;
+    """)
+    fence = int(now * 1_000_000) + 10_000_000  # ahead of the clock: the next token must still exceed it
+    conn.execute("INSERT INTO tickets VALUES ('t-old', 'bob', 'bob-1', 'h', '127.0.0.1|ua', '[]', '[]', 0, ?, '')",
+                 (now + 600,))
+    conn.execute("INSERT INTO locks VALUES ('object:7', 't-old', 'exclusive', 'bob', 'bob-1', 'human', ?, ?, '')",
+                 (fence, now + 600))
+    conn.execute("INSERT INTO fences VALUES ('object:7', ?)", (fence,))
+    conn.close()
+    store = SQLiteStore(str(path))
+    try:
+        blocked = store.admit(admission(session_id="alice-1", locks=(LockRequest("object:7"),)))
+        assert isinstance(blocked, Denial) and blocked.code == "object_locked"
+        store.release(Ticket("t-old", "bob", "bob-1", {"object:7": fence}, now + 600))
+        granted = store.admit(admission(session_id="alice-1", locks=(LockRequest("object:7"),)))
+        assert isinstance(granted, Ticket) and granted.fencing_tokens["object:7"] > fence
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    try:
+        for table in ("tickets", "locks", "fences"):
+            (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+            assert sql.upper().endswith("WITHOUT ROWID"), sql
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert {"idx_tickets_sub", "idx_locks_ticket_id", "tickets_release_locks"} <= names
+        assert not any(name.endswith("_upgrade") for name in names)
+    finally:
+        conn.close()
+
+
 # -- group commit -------------------------------------------------------------------------------------------------
 
 def test_threads_and_the_event_loop_of_one_process_never_wait_for_each_other_in_sqlite(tmp_path: Path) -> None:
