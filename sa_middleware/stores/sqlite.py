@@ -385,8 +385,12 @@ class SQLiteStore(Store):
         self._flusher = FlushThread(self._flush_releases, RELEASE_DELAY, "sa-middleware-sqlite-flush")
         afresh_after_fork(self, _forget_writes)
         _create_private(path)
-        with self._transaction() as conn:
-            _schema(sqlite_utils.Database(conn))
+        try:
+            with self._transaction() as conn:
+                _schema(sqlite_utils.Database(conn))
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StoreError(f"sqlite store {path!r}: its tables could not be created or upgraded: {exc}") from exc
         if path != ":memory:":
             _warn_if_loose(path)
 

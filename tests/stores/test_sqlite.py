@@ -14,6 +14,7 @@ import pytest
 from support import admission_of
 
 from sa_middleware.denials import Denial
+from sa_middleware.errors import StoreError
 from sa_middleware.records import Admission, LockRequest, Ticket
 from sa_middleware.stores.sqlite import SQLiteStore
 
@@ -324,6 +325,15 @@ def test_tickets_locks_and_fences_of_an_earlier_schema_are_kept_by_the_upgrade(t
         assert not any(name.endswith("_upgrade") for name in names)
     finally:
         conn.close()
+
+
+def test_a_database_whose_tables_cannot_be_set_up_is_refused_when_the_store_opens(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE VIEW tickets AS SELECT 1 AS ticket_id")  # a name the store needs, taken by something else
+    conn.close()
+    with pytest.raises(StoreError, match="could not be created or upgraded"):
+        SQLiteStore(str(path))
 
 
 # -- group commit -------------------------------------------------------------------------------------------------
