@@ -83,6 +83,9 @@ _FILES = ("", "-wal", "-shm", "-journal")  # the database and the files SQLite k
 
 _WRITER_BUSY_WAIT = 0.01  # seconds a thread's write connection waits in SQLite's busy handler before BEGIN is retried
 _BATCH = 256  # writes one group-commit transaction decides at most
+#: writes one flush on the event loop decides at most: the rest waits for the next turn of the loop, after the
+#: callbacks queued meanwhile (the responses of the requests just decided), so a burst never holds the loop long
+_LOOP_BATCH = 16
 _LEAD_EXTRA = 4  # batches a leading thread decides for others after its own write
 #: seconds a release queued by a thread waits for the next write of its process before the flush thread commits it
 RELEASE_DELAY = 0.002
@@ -532,11 +535,11 @@ class SQLiteStore(Store):
             with self._cond:
                 self._hand_over()
 
-    def _take(self) -> list[_Entry]:
-        """The queue's head, at most :data:`_BATCH` entries (abandoned ones dropped); the condition is held."""
+    def _take(self, limit: int = _BATCH) -> list[_Entry]:
+        """The queue's head, at most ``limit`` entries (abandoned ones dropped); the condition is held."""
         batch: list[_Entry] = []
         queue = self._queue
-        while queue and len(batch) < _BATCH:
+        while queue and len(batch) < limit:
             entry = queue.popleft()
             if entry.state == _QUEUED:
                 entry.state = _RUNNING
@@ -701,7 +704,7 @@ class SQLiteStore(Store):
             if self._leading or self._alone or not self._queue:
                 return  # the leader takes what is queued, or schedules this flush again when it stops
             self._leading = True
-            batch = self._take()
+            batch = self._take(_LOOP_BATCH)
         flush = True
         try:
             self._execute(batch, nowait=True, loop=loop)

@@ -77,6 +77,37 @@ async def test_locked_database_waits_in_a_thread_and_never_blocks_the_loop(tmp_p
 
 
 @pytest.mark.anyio
+async def test_a_burst_on_the_event_loop_is_decided_in_bounded_flushes(tmp_path: Path) -> None:
+    # a flush decides at most _LOOP_BATCH writes, then lets the loop run the callbacks queued meanwhile (here a
+    # probe queued while the first flush runs) before the next flush takes the rest
+    import asyncio
+
+    from sa_middleware.stores import sqlite as sqlite_store
+
+    store = SQLiteStore(str(tmp_path / "sa.db"))
+    decided: list[str] = []
+    probe: list[int] = []
+    admit = store._admit
+
+    def recording(conn: sqlite3.Connection, now: float, a: Admission) -> Any:
+        if not decided:
+            asyncio.get_running_loop().call_soon(lambda: probe.append(len(decided)))
+        decided.append(a.ticket_id)
+        return admit(conn, now, a)
+
+    store._admit = recording  # type: ignore[method-assign]
+    burst = 2 * sqlite_store._LOOP_BATCH + 3
+    try:
+        outcomes = await asyncio.gather(*(store.aadmit(admission(sub=f"u{i}", session_id=f"u{i}-1", locks=()))
+                                          for i in range(burst)))
+        assert all(isinstance(o, Ticket) for o in outcomes)
+        assert len(decided) == burst
+        assert probe == [sqlite_store._LOOP_BATCH]
+    finally:
+        store.close()
+
+
+@pytest.mark.anyio
 async def test_inline_off_uses_worker_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SQLiteStore(str(tmp_path / "sa.db"), inline=False)
     calls: list[str] = []
