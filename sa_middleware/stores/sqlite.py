@@ -467,7 +467,6 @@ class SQLiteStore(Store):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-            raise
 
     def _begin(self, nowait: bool) -> sqlite3.Connection:
         """``BEGIN IMMEDIATE`` on this thread's connection: at once or :class:`_Busy` (``nowait``), or retried in
