@@ -358,6 +358,31 @@ def test_tickets_locks_and_fences_of_an_earlier_schema_are_kept_by_the_upgrade(t
         conn.close()
 
 
+def test_a_new_file_gets_the_stores_page_size_and_an_existing_file_keeps_its_own(tmp_path: Path) -> None:
+    from sa_middleware.stores.sqlite import PAGE_SIZE
+
+    existing = tmp_path / "existing.db"
+    conn = sqlite3.connect(existing)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("CREATE TABLE unrelated (x)")
+    conn.close()
+    for path, expected in ((tmp_path / "new.db", PAGE_SIZE), (existing, 4096)):
+        store = SQLiteStore(str(path))
+        try:
+            ticket = store.admit(admission(locks=()))
+            assert isinstance(ticket, Ticket)
+            store.release(ticket)
+        finally:
+            store.close()
+        check = sqlite3.connect(path)
+        try:
+            assert check.execute("PRAGMA page_size").fetchone() == (expected,)
+            assert check.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        finally:
+            check.close()
+    assert PAGE_SIZE != 4096  # else the test could not tell the two apart
+
+
 def test_a_database_whose_tables_cannot_be_set_up_is_refused_when_the_store_opens(tmp_path: Path) -> None:
     path = tmp_path / "foreign.db"
     conn = sqlite3.connect(path)
