@@ -86,8 +86,9 @@ _FILES = ("", "-wal", "-shm", "-journal")  # the database and the files SQLite k
 PAGE_SIZE = 1024
 _WRITER_BUSY_WAIT = 0.01  # seconds a thread's write connection waits in SQLite's busy handler before BEGIN is retried
 _BATCH = 256  # writes one group-commit transaction decides at most
-#: writes one flush on the event loop decides at most: the rest waits for the next turn of the loop, after the
-#: callbacks queued meanwhile (the responses of the requests just decided), so a burst never holds the loop long
+#: writes with a waiting caller (admissions) one flush on the event loop decides at most: the rest waits for the next
+#: turn of the loop, after the callbacks queued meanwhile (the responses of the requests just decided), so a burst
+#: never holds the loop long. Releases ride along (cheap, and none is left behind when the loop closes).
 _LOOP_BATCH = 16
 _LEAD_EXTRA = 4  # batches a leading thread decides for others after its own write
 #: seconds a release queued by a thread waits for the next write of its process before the flush thread commits it
@@ -202,18 +203,29 @@ _KEYED_TABLES = {
 
 def _keyed_table(db: sqlite_utils.Database, name: str, columns: str) -> None:
     """Create a keyed table, or upgrade one created by an earlier version (a rowid table, perhaps without the
-    ``iss`` column) in place: its rows are copied into the new table (a missing ``iss`` is "")."""
+    ``iss`` column) in place: its rows are copied into the new table (a missing ``iss`` is ""), and its indexes and
+    triggers are created again on it (views naming it keep working)."""
     row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()
     if row is not None and "WITHOUT ROWID" in row[0].upper():
         return
     if row is None:
         db.execute(f"CREATE TABLE {name} ({columns}) WITHOUT ROWID")
         return
+    attached = [sql for (sql,) in db.execute("SELECT sql FROM sqlite_master WHERE type IN ('index', 'trigger') "
+                                             "AND tbl_name = ? AND sql IS NOT NULL", [name]).fetchall()]
     db.execute(f"CREATE TABLE {name}_upgrade ({columns}) WITHOUT ROWID")
     names = ", ".join(c for c in db.table(f"{name}_upgrade").columns_dict if c in db.table(name).columns_dict)
     db.execute(f"INSERT INTO {name}_upgrade ({names}) SELECT {names} FROM {name}")
-    db.execute(f"DROP TABLE {name}")  # its indexes and triggers too: _schema creates them again
-    db.execute(f"ALTER TABLE {name}_upgrade RENAME TO {name}")
+    db.execute(f"DROP TABLE {name}")
+    # the legacy rename leaves alone the views and triggers that name the table (they find the new one under the
+    # same name); the checked rename would refuse them while the name is missing
+    db.execute("PRAGMA legacy_alter_table = ON")
+    try:
+        db.execute(f"ALTER TABLE {name}_upgrade RENAME TO {name}")
+    finally:
+        db.execute("PRAGMA legacy_alter_table = OFF")
+    for sql in attached:
+        db.execute(sql)
 
 
 def _create_private(path: str) -> None:
@@ -293,7 +305,7 @@ def _tags(text: str) -> frozenset[str]:
 
 def _risk(text: str | None) -> list[tuple[int, float]]:
     """A principal's risk entries as stored (JSON), as the rule reads them."""
-    return [] if text is None or text == "[]" else [tuple(x) for x in json.loads(text)]
+    return [] if not text or text == "[]" else [tuple(x) for x in json.loads(text)]
 
 
 def _tags_text(tags: frozenset[str]) -> str:
@@ -443,11 +455,15 @@ class SQLiteStore(Store):
         deadline = time.monotonic() + self.timeout
         while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             try:
-                conn.execute("PRAGMA journal_mode = WAL")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower()
             except sqlite3.OperationalError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)  # another process holds the file; bounded by the store's timeout
+                continue
+            if mode != "wal":  # refused for good (an in-memory database): each connection would see its own
+                raise ConfigurationError(f"sqlite store {self.path!r}: the database cannot use WAL mode (it stays "
+                                         f"in {mode!r} mode); for a store in this process only, use memory://")
 
     def _connection(self, kind: str = "conn") -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, kind, None)
@@ -538,12 +554,19 @@ class SQLiteStore(Store):
             with self._cond:
                 self._hand_over()
 
-    def _take(self, limit: int = _BATCH) -> list[_Entry]:
-        """The queue's head, at most ``limit`` entries (abandoned ones dropped); the condition is held."""
+    def _take(self, awaited: int = _BATCH) -> list[_Entry]:
+        """The queue's head, in order: at most :data:`_BATCH` entries, of which at most ``awaited`` have a caller
+        waiting (releases, which nobody waits for, ride along); abandoned ones are dropped. The condition is
+        held."""
         batch: list[_Entry] = []
         queue = self._queue
-        while queue and len(batch) < limit:
-            entry = queue.popleft()
+        while queue and len(batch) < _BATCH:
+            entry = queue[0]
+            if entry.state == _QUEUED and not entry.unawaited:
+                if awaited == 0:
+                    break
+                awaited -= 1
+            queue.popleft()
             if entry.state == _QUEUED:
                 entry.state = _RUNNING
                 batch.append(entry)

@@ -14,7 +14,7 @@ import pytest
 from support import admission_of
 
 from sa_middleware.denials import Denial
-from sa_middleware.errors import StoreError
+from sa_middleware.errors import ConfigurationError, StoreError
 from sa_middleware.records import Admission, LockRequest, Ticket
 from sa_middleware.stores.sqlite import SQLiteStore
 
@@ -103,6 +103,37 @@ async def test_a_burst_on_the_event_loop_is_decided_in_bounded_flushes(tmp_path:
         assert all(isinstance(o, Ticket) for o in outcomes)
         assert len(decided) == burst
         assert probe == [sqlite_store._LOOP_BATCH]
+    finally:
+        store.close()
+
+
+def test_releases_queued_as_the_event_loop_ends_are_committed_before_it_closes(tmp_path: Path) -> None:
+    # many requests end together as a server shuts down: their releases are committed while the loop still runs,
+    # not left queued (holding their locks for other processes) until this process writes again
+    import asyncio
+
+    from sa_middleware.stores import sqlite as sqlite_store
+
+    path = tmp_path / "sa.db"
+    store = SQLiteStore(str(path))
+    count = 20 * sqlite_store._LOOP_BATCH
+
+    async def main() -> None:
+        tickets = await asyncio.gather(*(store.aadmit(admission(sub=f"u{i}", session_id=f"u{i}-1",
+                                                                locks=(LockRequest(f"obj:{i}"),)))
+                                         for i in range(count)))
+        for ticket in tickets:
+            assert isinstance(ticket, Ticket)
+            assert store.release_nowait(ticket)
+
+    try:
+        asyncio.run(main())
+        check = sqlite3.connect(path)
+        try:
+            assert check.execute("SELECT count(*) FROM tickets").fetchone() == (0,)
+            assert check.execute("SELECT count(*) FROM locks").fetchone() == (0,)
+        finally:
+            check.close()
     finally:
         store.close()
 
@@ -356,6 +387,61 @@ def test_tickets_locks_and_fences_of_an_earlier_schema_are_kept_by_the_upgrade(t
         assert not any(name.endswith("_upgrade") for name in names)
     finally:
         conn.close()
+
+
+def test_the_upgrade_keeps_views_indexes_and_triggers_that_operators_added(tmp_path: Path) -> None:
+    path = tmp_path / "custom.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript("""
+        CREATE TABLE [tickets] ([ticket_id] TEXT PRIMARY KEY, [sub] TEXT, [session_id] TEXT, [token_hash] TEXT,
+            [client] TEXT, [tags] TEXT, [conflicts] TEXT, [exclusive] INTEGER, [expires] FLOAT,
+            [iss] TEXT NOT NULL DEFAULT '');
+        CREATE TABLE [locks] ([key] TEXT, [ticket_id] TEXT, [mode] TEXT, [sub] TEXT, [session_id] TEXT, [kind] TEXT,
+            [fence] INTEGER, [expires] FLOAT, [iss] TEXT NOT NULL DEFAULT '', PRIMARY KEY ([key], [ticket_id]));
+        CREATE TABLE [fences] ([key] TEXT PRIMARY KEY, [value] INTEGER);
+        CREATE TRIGGER tickets_release_locks AFTER DELETE ON tickets BEGIN
+            DELETE FROM locks WHERE ticket_id = old.ticket_id; END;
+        CREATE VIEW lock_monitor AS SELECT key, sub, expires FROM locks;
+        CREATE INDEX ops_tickets_expires ON tickets (expires);
+        CREATE TABLE ops_log (what TEXT);
+        CREATE TRIGGER ops_fence_log AFTER INSERT ON fences BEGIN INSERT INTO ops_log VALUES (new.key); END;
+    """)
+    conn.close()
+    store = SQLiteStore(str(path))
+    try:
+        ticket = store.admit(admission(locks=(LockRequest("object:9"),)))
+        assert isinstance(ticket, Ticket)
+        check = sqlite3.connect(path)
+        try:
+            assert check.execute("SELECT key, sub FROM lock_monitor").fetchall() == [("object:9", "alice")]
+            assert check.execute("SELECT what FROM ops_log").fetchall() == [("object:9",)]
+            names = {row[0] for row in check.execute("SELECT name FROM sqlite_master")}
+            assert {"ops_tickets_expires", "ops_fence_log", "lock_monitor"} <= names
+        finally:
+            check.close()
+    finally:
+        store.close()
+
+
+def test_a_principal_row_with_an_empty_risk_value_is_read_as_no_risk(tmp_path: Path) -> None:
+    path = tmp_path / "sa.db"
+    store = SQLiteStore(str(path))
+    try:
+        assert isinstance(store.admit(admission(token_gen=1, locks=())), Ticket)  # the principal's row exists
+        edit = sqlite3.connect(path)
+        edited = edit.execute("UPDATE principals SET risk = '' WHERE sub = 'alice'").rowcount  # by hand, or a tool
+        edit.commit()
+        edit.close()
+        assert edited == 1
+        assert isinstance(store.admit(admission(session_id="alice-2", token_gen=1, locks=())), Ticket)
+    finally:
+        store.close()
+
+
+def test_an_in_memory_database_is_refused_with_a_clear_error() -> None:
+    # each connection of the store would see a database of its own: refused at once, never a hang
+    with pytest.raises(ConfigurationError, match="memory://"):
+        SQLiteStore(":memory:")
 
 
 def test_a_new_file_gets_the_stores_page_size_and_an_existing_file_keeps_its_own(tmp_path: Path) -> None:
