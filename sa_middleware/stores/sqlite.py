@@ -1077,11 +1077,12 @@ class SQLiteStore(Store):
                 holders.setdefault(r[1], []).append(LockHolder(*r[2:9]))
             else:
                 fences[r[1]] = r[2]
-        if a.iss and (("", a.sub) in found or ("", a.actor) in found) and any(
-                ("", x) in found and (a.iss, x) not in found for x in {a.sub, a.actor} if x):
-            _adopt(conn, a.iss, a.sub, a.actor)  # the first use under this issuer of a subject stored without one
-            for x in (a.sub, a.actor):
-                if x and (a.iss, x) not in found and ("", x) in found:
+        if a.iss and (("", a.sub) in found or ("", a.actor) in found):  # a row stored before issuers was read
+            # the first use under this issuer of a subject (or actor) stored without one
+            adopted = [x for x in (a.sub, a.actor) if x and (a.iss, x) not in found and ("", x) in found]
+            if adopted:
+                _adopt(conn, a.iss, *adopted)
+                for x in adopted:
                     found[(a.iss, x)] = found[("", x)]
         principal, markers = PrincipalState(), []
         mine, actor = found.get((a.iss, a.sub)), found.get((a.iss, a.actor)) if a.actor else None

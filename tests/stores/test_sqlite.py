@@ -342,6 +342,17 @@ def test_a_database_written_before_issuers_is_upgraded_and_its_state_kept(tmp_pa
         conn.close()
 
 
+#: tickets, locks and fences as earlier versions created them (rowid tables)
+_ROWID_TABLES = """
+    CREATE TABLE [tickets] ([ticket_id] TEXT PRIMARY KEY, [sub] TEXT, [session_id] TEXT, [token_hash] TEXT,
+        [client] TEXT, [tags] TEXT, [conflicts] TEXT, [exclusive] INTEGER, [expires] FLOAT,
+        [iss] TEXT NOT NULL DEFAULT '');
+    CREATE TABLE [locks] ([key] TEXT, [ticket_id] TEXT, [mode] TEXT, [sub] TEXT, [session_id] TEXT, [kind] TEXT,
+        [fence] INTEGER, [expires] FLOAT, [iss] TEXT NOT NULL DEFAULT '', PRIMARY KEY ([key], [ticket_id]));
+    CREATE TABLE [fences] ([key] TEXT PRIMARY KEY, [value] INTEGER);
+"""
+
+
 def test_tickets_locks_and_fences_of_an_earlier_schema_are_kept_by_the_upgrade(tmp_path: Path) -> None:
     """Earlier versions kept tickets, locks and fences in rowid tables: the first open copies them into tables
     without rowids, and what was in flight stays in force (a held lock blocks, its release frees it, fencing tokens
@@ -349,13 +360,7 @@ def test_tickets_locks_and_fences_of_an_earlier_schema_are_kept_by_the_upgrade(t
     path = tmp_path / "rowid.db"
     now = time.time()
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript("""
-        CREATE TABLE [tickets] ([ticket_id] TEXT PRIMARY KEY, [sub] TEXT, [session_id] TEXT, [token_hash] TEXT,
-            [client] TEXT, [tags] TEXT, [conflicts] TEXT, [exclusive] INTEGER, [expires] FLOAT,
-            [iss] TEXT NOT NULL DEFAULT '');
-        CREATE TABLE [locks] ([key] TEXT, [ticket_id] TEXT, [mode] TEXT, [sub] TEXT, [session_id] TEXT, [kind] TEXT,
-            [fence] INTEGER, [expires] FLOAT, [iss] TEXT NOT NULL DEFAULT '', PRIMARY KEY ([key], [ticket_id]));
-        CREATE TABLE [fences] ([key] TEXT PRIMARY KEY, [value] INTEGER);
+    conn.executescript(_ROWID_TABLES + """
         CREATE INDEX [idx_tickets_sub] ON [tickets] ([sub]);
         CREATE INDEX [idx_locks_ticket_id] ON [locks] ([ticket_id]);
         CREATE TRIGGER tickets_release_locks AFTER DELETE ON tickets BEGIN
@@ -392,13 +397,7 @@ def test_tickets_locks_and_fences_of_an_earlier_schema_are_kept_by_the_upgrade(t
 def test_the_upgrade_keeps_views_indexes_and_triggers_that_operators_added(tmp_path: Path) -> None:
     path = tmp_path / "custom.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript("""
-        CREATE TABLE [tickets] ([ticket_id] TEXT PRIMARY KEY, [sub] TEXT, [session_id] TEXT, [token_hash] TEXT,
-            [client] TEXT, [tags] TEXT, [conflicts] TEXT, [exclusive] INTEGER, [expires] FLOAT,
-            [iss] TEXT NOT NULL DEFAULT '');
-        CREATE TABLE [locks] ([key] TEXT, [ticket_id] TEXT, [mode] TEXT, [sub] TEXT, [session_id] TEXT, [kind] TEXT,
-            [fence] INTEGER, [expires] FLOAT, [iss] TEXT NOT NULL DEFAULT '', PRIMARY KEY ([key], [ticket_id]));
-        CREATE TABLE [fences] ([key] TEXT PRIMARY KEY, [value] INTEGER);
+    conn.executescript(_ROWID_TABLES + """
         CREATE TRIGGER tickets_release_locks AFTER DELETE ON tickets BEGIN
             DELETE FROM locks WHERE ticket_id = old.ticket_id; END;
         CREATE VIEW lock_monitor AS SELECT key, sub, expires FROM locks;
