@@ -7,6 +7,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from .frozen import fast_init
 from .records import storable_text
 
 __all__ = ["VIEW_POLICIES_READ", "RequestInfo", "SAContext", "admitted"]
@@ -33,6 +34,7 @@ class admitted:  # lower case: used as a function, ``with admitted(True): ...``
         VIEW_POLICIES_READ.reset(self._token)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
     """A framework-neutral view of one request. ``headers`` keys are lower-case.
@@ -68,6 +70,7 @@ class RequestInfo:
         return self.path if self.app_path is None else self.app_path
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SAContext:
     """The authorisation context of an admitted request, as the view sees it.

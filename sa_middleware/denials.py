@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from .frozen import fast_init
+
 __all__ = ["CODES", "Denial"]
 
 #: code -> (status, title). The codes and their statuses are part of the public contract.
@@ -32,6 +34,7 @@ CODES: Final[dict[str, tuple[int, str]]] = {
 }
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Denial:
     """A refused request: a stable ``code`` (see :data:`CODES`), a safe ``detail``, and hints for the response.

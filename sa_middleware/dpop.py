@@ -51,6 +51,7 @@ from jwt.api_jws import PyJWS
 from .context import RequestInfo
 from .denials import Denial
 from .errors import ConfigurationError, InvalidToken
+from .frozen import fast_init
 from .operations import finite_number
 
 __all__ = [
@@ -83,6 +84,7 @@ class InvalidDPoPProof(InvalidToken):
     """A DPoP proof failed verification (RFC 9449 section 4.3). The message is safe to show."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Proof:
     """A verified DPoP proof: the RFC 7638 thumbprint of its key, its ``jti`` and ``iat``."""
@@ -92,6 +94,7 @@ class Proof:
     iat: float
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Binding:
     """The keys a request proved it holds: a DPoP proof's key (``jkt``), a TLS client certificate (``x5t``)."""

@@ -14,7 +14,6 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -39,11 +38,13 @@ from .context import RequestInfo, SAContext
 from .denials import Denial
 from .dpop import DEFAULT_DPOP_ALGORITHMS, Binding, SenderConstraints
 from .errors import ConfigurationError, InvalidToken, KeysUnavailable, StoreError
+from .frozen import fast_init
 from .observe import build_observer
 from .operations import Operations, finite_number
 from .policy import LockMode, Policy, RouteMatch, RouteTable
 from .records import Admission, AuditRecord, LockRequest, Ticket
 from .stores.base import Store
+from .stores.forks import afresh_after_fork
 from .tokens import TokenVerifier, VerifiedToken
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ _KEY_NOTES_EVERY = 2.0  # seconds between two looks at the store's key notes (re
 _MAX_GEN = 2**53 - 1  # exact in every store (SQLite integers, Lua doubles)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """An admitted request: the view's context and the ticket to release (``None`` on public routes and on
@@ -132,37 +134,38 @@ class _Keeper:
         self._store, self._lease = store, lease
         self._flush, self._flush_every = flush, flush_every
         self._check = check
+        self._wake = threading.Event()
+        self._start()
+        afresh_after_fork(self, _Keeper._start)  # a child keeps its own tickets, with its own thread
+
+    def _start(self) -> None:
+        # the tickets are a dict written without a lock: setting and popping a key, and copying the dict, are each
+        # atomic (under the GIL, and in free-threaded builds with the dict's own lock)
         self._live: dict[str, Ticket] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pid = 0
 
     def _ensure(self) -> None:
-        if self._thread is None or self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._run, name="sa-middleware-keeper", daemon=True)
-            self._thread.start()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sa-middleware-keeper", daemon=True)
+                self._thread.start()
 
     def add(self, ticket: Ticket) -> None:
-        with self._lock:
-            self._live[ticket.ticket_id] = ticket
+        self._live[ticket.ticket_id] = ticket
+        if self._thread is None:
             self._ensure()
 
     def poke(self) -> None:
         """Make sure the thread runs (something was buffered for it to write)."""
-        if self._thread is not None and self._pid == os.getpid():
-            return
-        with self._lock:
+        if self._thread is None:
             self._ensure()
 
     def discard(self, ticket_id: str) -> None:
-        with self._lock:
-            self._live.pop(ticket_id, None)
+        self._live.pop(ticket_id, None)
 
     def live(self) -> list[Ticket]:
-        with self._lock:
-            return list(self._live.values())
+        return list(self._live.copy().values())
 
     def stop(self) -> None:
         self._wake.set()
@@ -285,7 +288,7 @@ class Guard(Operations):
         self._key_notes: int | None = None  # the store's key-notes generation this Guard has applied
         self._watched: list[TokenVerifier] = []  # other verifiers the key operations reach (watch_keys)
         # (issuer, subject) -> whether its latest token had a generation claim; and what the store has not learnt yet
-        self._gen_claims: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        self._gen_claims: dict[tuple[str, str], bool] = {}
         self._gen_pending: dict[tuple[str, str], bool] = {}
         self._gen_lock = threading.Lock()
         self._keeper = _Keeper(self.store, self.lease, self.flush, check=self._apply_key_notes)
@@ -675,14 +678,16 @@ class Guard(Operations):
 
     def _note_generation_claim(self, principal: tuple[str, str], present: bool) -> None:
         """Remember whether the tokens of ``principal`` (issuer, subject) carry a generation claim; the store
-        learns it (for the warning of ``rotate``) from the keeper, once per principal and change."""
+        learns it (for the warning of ``rotate``) from the keeper, once per principal and change. The
+        principals remembered are the last ones noted (a principal forgotten is noted again, once)."""
+        if self._gen_claims.get(principal) is present:  # the usual case: nothing new, no lock taken
+            return
         with self._gen_lock:
-            if self._gen_claims.get(principal) == present:
-                self._gen_claims.move_to_end(principal)
+            if self._gen_claims.get(principal) is present:
                 return
             self._gen_claims[principal] = self._gen_pending[principal] = present
             if len(self._gen_claims) > _GEN_CLAIMS_KEPT:
-                self._gen_claims.popitem(last=False)
+                self._gen_claims.pop(next(iter(self._gen_claims)))
             if len(self._gen_pending) > _GEN_CLAIMS_KEPT:
                 self._gen_pending.pop(next(iter(self._gen_pending)))
 

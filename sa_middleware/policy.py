@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from .errors import ConfigurationError, InvalidRequest
+from .frozen import fast_init
 
 __all__ = [
     "MAX_LOCK_KEY", "TARGET_KINDS", "EffectivePolicy", "Policy", "RouteMatch", "RouteTable", "as_policy", "lock_fields",
@@ -322,6 +323,7 @@ _METHODS = frozenset({"*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
                       "WEBSOCKET"})
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
     """The route a request matched, its path parameters and its resolved policy."""

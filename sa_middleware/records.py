@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .frozen import fast_init
 from .policy import EffectivePolicy
 
 __all__ = [
@@ -29,6 +30,7 @@ def storable_text(text: str) -> str:
     return text
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class LockRequest:
     key: str
@@ -88,6 +90,7 @@ class PrincipalState:
     assurance_at: float | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Marker:
     """A compromise marker: tokens of this principal / actor / credential / device issued before ``at`` (or
@@ -132,6 +135,7 @@ class TicketRecord:
     expires: float
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class LockHolder:
     ticket_id: str
@@ -172,6 +176,7 @@ class Snapshot:
     markers: list[Marker] = field(default_factory=list)  # principal, actor, credential and device markers
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Ticket:
     """An admitted request: hand it back to ``release``."""
@@ -205,6 +210,7 @@ class Verdict:
     record_jti: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
     """One entry of the audit trail (``Guard.audit``, ``sa-middleware audit``).
