@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -75,23 +76,15 @@ class _Held:
     keys: tuple[str, ...]
 
 
-class _StoreLock:
-    """The store's one lock; once the store is closed, entering it raises StoreUnavailable (a closed store answers
-    nothing, as the SQLite and Redis stores do)."""
-
-    __slots__ = ("_lock", "closed")
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self.closed = False
+class _Closed:
+    """The lock of a closed store: entering it raises StoreUnavailable (a closed store answers nothing, as the
+    SQLite and Redis stores do)."""
 
     def __enter__(self) -> None:
-        if self.closed:
-            raise StoreUnavailable("memory store closed")
-        self._lock.acquire()
+        raise StoreUnavailable("memory store closed")
 
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
+    def __exit__(self, *exc: object) -> None:  # never entered
+        pass
 
 
 class MemoryStore(Store):
@@ -101,7 +94,7 @@ class MemoryStore(Store):
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._lock = _StoreLock()
+        self._lock: AbstractContextManager[Any] = threading.RLock()  # the store's one lock
         self._principals: dict[_Who, _Principal] = {}
         self._sessions: dict[str, SessionInfo] = {}
         self._owned: dict[_Who, dict[str, None]] = {}  # (iss, sub) -> its session ids
@@ -121,7 +114,7 @@ class MemoryStore(Store):
 
     def close(self) -> None:
         """Forget nothing, answer nothing: every later call raises StoreUnavailable."""
-        self._lock.closed = True
+        self._lock = _Closed()
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> MemoryStore:
