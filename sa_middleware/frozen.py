@@ -4,6 +4,8 @@ view's context), so their constructors sit on the hot path."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import sys
 from typing import Any, TypeVar
 
 __all__ = ["fast_init"]
@@ -36,12 +38,14 @@ def fast_init(cls: type[T]) -> type[T]:
     if params is None or not params.frozen or "__slots__" not in cls.__dict__:
         raise TypeError(f"fast_init needs a @dataclass(frozen=True, slots=True) class, not {cls.__name__}")
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    if list(inspect.signature(cls.__init__).parameters)[1:] != [f.name for f in fields]:  # an InitVar, say
+        raise TypeError(f"fast_init cannot build {cls.__name__}: its constructor takes more than its fields")
     names: dict[str, Any] = {f"{_PREFIX}factory": _FACTORY}
     args: list[str] = []
     body: list[str] = []
     for i, f in enumerate(fields):
-        if f.name.startswith(_PREFIX) or f.name == "self" or not f.init or f.kw_only:
-            raise TypeError(f"fast_init cannot build {cls.__name__}.{f.name}")
+        if f.name.startswith(_PREFIX) or f.name == "self" or not f.init or f.kw_only or f.name not in cls.__dict__:
+            raise TypeError(f"fast_init cannot build {cls.__name__}.{f.name}")  # not in __dict__: inherited
         setter = names[f"{_PREFIX}set{i}"] = cls.__dict__[f.name].__set__  # the slot's own descriptor
         assert callable(setter)
         if f.default is not dataclasses.MISSING:
@@ -62,7 +66,8 @@ def fast_init(cls: type[T]) -> type[T]:
               f" def __init__(self, {', '.join(args)}):\n" + "\n".join(body or ["  pass"]) + "\n"
               " return __init__\n")
     namespace: dict[str, Any] = {}
-    exec(source, {}, namespace)
+    # run in the class's module, as the dataclass's own constructor is: its annotations resolve there
+    exec(source, sys.modules[cls.__module__].__dict__, namespace)
     init = namespace[f"{_PREFIX}make"](**names)
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__

@@ -136,7 +136,7 @@ class _Keeper:
         self._check = check
         self._wake = threading.Event()
         self._start()
-        afresh_after_fork(self, _Keeper._start)  # a child keeps its own tickets, with its own thread
+        afresh_after_fork(self, _Keeper._after_fork)
 
     def _start(self) -> None:
         # the tickets are a dict written without a lock: setting and popping a key, and copying the dict, are each
@@ -144,21 +144,33 @@ class _Keeper:
         self._live: dict[str, Ticket] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def _after_fork(self) -> None:
+        """In a forked child: its own tickets, lock and thread (the parent's thread stays with the parent), and its
+        own wake-up event (set if the parent's keeper was stopped)."""
+        stopped = self._wake.is_set()
+        self._wake = threading.Event()
+        if stopped:
+            self._wake.set()
+        self._start()
 
     def _ensure(self) -> None:
         with self._lock:
-            if self._thread is None:
+            # another pid: a child forked without the fork hooks (uWSGI without its fork-hook options)
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, name="sa-middleware-keeper", daemon=True)
                 self._thread.start()
 
     def add(self, ticket: Ticket) -> None:
         self._live[ticket.ticket_id] = ticket
-        if self._thread is None:
+        if self._thread is None or self._pid != os.getpid():
             self._ensure()
 
     def poke(self) -> None:
         """Make sure the thread runs (something was buffered for it to write)."""
-        if self._thread is None:
+        if self._thread is None or self._pid != os.getpid():
             self._ensure()
 
     def discard(self, ticket_id: str) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import pickle
-from dataclasses import dataclass, field
+import typing
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import pytest
@@ -44,6 +45,13 @@ def test_the_constructor_takes_what_the_dataclass_took(cls: type) -> None:
             assert repr(parameter.default) == repr(reference.default), name
         else:
             assert parameter.default == reference.default, name
+
+
+@pytest.mark.parametrize("cls", BUILT_PER_REQUEST, ids=lambda c: c.__name__)
+def test_the_constructor_annotations_resolve(cls: type) -> None:
+    hints = typing.get_type_hints(cls.__init__)  # tools reading the constructor (documentation, injection)
+    assert set(hints) == {f.name for f in dataclasses.fields(cls)} | {"return"}
+    inspect.signature(cls, eval_str=True)
 
 
 def test_instances_are_frozen_equal_and_picklable() -> None:
@@ -99,6 +107,22 @@ def test_classes_it_cannot_build_exactly_are_refused() -> None:
     class NotInInit:
         a: int = field(init=False, default=1)
 
-    for cls in (Mutable, NoSlots, KeywordOnly, NotInInit):
+    @dataclass(frozen=True, slots=True)
+    class WithInitVar:
+        a: int
+        b: InitVar[int]
+
+        def __post_init__(self, b: int) -> None:
+            pass
+
+    @dataclass(frozen=True, slots=True)
+    class Base:
+        a: int
+
+    @dataclass(frozen=True, slots=True)
+    class Inherits(Base):
+        b: int = 0
+
+    for cls in (Mutable, NoSlots, KeywordOnly, NotInInit, WithInitVar, Inherits):
         with pytest.raises(TypeError, match="fast_init"):
             fast_init(cls)
