@@ -333,9 +333,11 @@ def test_threads_a_waiter_interrupted_while_waiting_does_not_strand_the_others(
             leader = call("leader")
             wait_for(lambda: pipe._leading and not pipe._queue, "the leader's call sent to the paused server")
 
+            queued: list[threading.Thread] = []  # the thread (its answer goes to results["queued"])
+
             def behind() -> None:
                 wait_for(lambda: len(pipe._queue) == 1, "the main thread waiting")
-                results["queued"] = call("queued")
+                queued.append(call("queued"))
                 wait_for(lambda: len(pipe._queue) == 2, "a second thread waiting behind it")
                 os.kill(os.getpid(), signal.SIGUSR1)
             helper = threading.Thread(target=behind)
@@ -347,7 +349,7 @@ def test_threads_a_waiter_interrupted_while_waiting_does_not_strand_the_others(
             signal.signal(signal.SIGUSR1, previous)
             server.resume()
         leader.join(WAIT)
-        results["queued"].join(WAIT)
+        queued[0].join(WAIT)
         assert results.get("leader") == b"leader" and results.get("queued") == b"queued", results
 
 
