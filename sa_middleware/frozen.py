@@ -46,8 +46,7 @@ def fast_init(cls: type[T]) -> type[T]:
     for i, f in enumerate(fields):
         if f.name.startswith(_PREFIX) or f.name == "self" or not f.init or f.kw_only or f.name not in cls.__dict__:
             raise TypeError(f"fast_init cannot build {cls.__name__}.{f.name}")  # not in __dict__: inherited
-        setter = names[f"{_PREFIX}set{i}"] = cls.__dict__[f.name].__set__  # the slot's own descriptor
-        assert callable(setter)
+        names[f"{_PREFIX}set{i}"] = cls.__dict__[f.name].__set__  # the slot's own descriptor
         if f.default is not dataclasses.MISSING:
             names[f"{_PREFIX}default{i}"] = f.default
             args.append(f"{f.name}={_PREFIX}default{i}")

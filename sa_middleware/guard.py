@@ -165,8 +165,7 @@ class _Keeper:
 
     def add(self, ticket: Ticket) -> None:
         self._live[ticket.ticket_id] = ticket
-        if self._thread is None or self._pid != os.getpid():
-            self._ensure()
+        self.poke()
 
     def poke(self) -> None:
         """Make sure the thread runs (something was buffered for it to write)."""
