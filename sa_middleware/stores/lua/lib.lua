@@ -20,7 +20,7 @@
 
 local sa = {ops = {}}
 -- the context of the current call (sa.begin)
-local PREFIX, CLOCK, EPOCH, AUDIT_MAX, AUDIT_RETENTION, RET, FENCE_SLACK, SLACK
+local PREFIX, CLOCK, EPOCH, AUDIT_MAX, AUDIT_RETENTION, RET, FENCE_SLACK, SLACK, PKEYS
 
 function sa.begin(keys, argv)
   EPOCH, CLOCK, PREFIX, AUDIT_MAX, AUDIT_RETENTION = keys[1], argv[2], argv[3], argv[5], tonumber(argv[6])
@@ -28,6 +28,7 @@ function sa.begin(keys, argv)
   FENCE_SLACK = tonumber(argv[8])
   SLACK = tonumber(argv[9])
   sa.RET, sa.FENCE_SLACK, sa.SLACK, sa.EPOCH = RET, FENCE_SLACK, SLACK, EPOCH
+  PKEYS = {}
 end
 
 -- a route's policy from its JSON: decoded once per distinct text while the function library stays loaded (a script
@@ -102,10 +103,23 @@ function sa.key(kind, id, suffix)
 end
 
 -- a principal's keys: issuer and subject share one hash tag (RedisStore._principal). The empty issuer (tokens
--- without `iss`) keeps the tag of the subject alone, as stored before issuers were recorded.
+-- without `iss`) keeps the tag of the subject alone, as stored before issuers were recorded. Computed once per
+-- principal and call (PKEYS: issuer -> subject -> key without suffix).
 function sa.pkey(sub, iss, suffix)
-  if iss == nil or iss == '' then return sa.key('p', sub, suffix) end
-  return sa.key('pi', string.gsub(string.gsub(iss, '%%', '%%25'), '|', '%%7C') .. '|' .. sub, suffix)
+  iss = iss or ''
+  local known = PKEYS[iss]
+  if known == nil then
+    known = {}
+    PKEYS[iss] = known
+  end
+  local base = known[sub]
+  if base == nil then
+    if iss == '' then base = sa.key('p', sub)
+    else base = sa.key('pi', string.gsub(string.gsub(iss, '%%', '%%25'), '|', '%%7C') .. '|' .. sub) end
+    known[sub] = base
+  end
+  if suffix == nil then return base end
+  return base .. suffix
 end
 
 -- on one server (`lg`): an issuer's principal seen for the first time takes the state its subject had before
@@ -160,25 +174,36 @@ function sa.hdel(key, fields)
   end
 end
 
-local NUMS = {c = true, l = true, e = true, ma = true, mg = true, ca = true, ix = true, f = true}
-
+-- a record's numbers are stored as strings (17 significant digits): c, l, e, ma, mg, ca, ix, f
 function sa.dec(raw)
   local r = cjson.decode(raw)
-  for k in pairs(NUMS) do
-    local v = r[k]
-    if v ~= nil then r[k] = tonumber(v) end
-  end
+  local v = r.c if v ~= nil then r.c = tonumber(v) end
+  v = r.l if v ~= nil then r.l = tonumber(v) end
+  v = r.e if v ~= nil then r.e = tonumber(v) end
+  v = r.ma if v ~= nil then r.ma = tonumber(v) end
+  v = r.mg if v ~= nil then r.mg = tonumber(v) end
+  v = r.ca if v ~= nil then r.ca = tonumber(v) end
+  v = r.ix if v ~= nil then r.ix = tonumber(v) end
+  v = r.f if v ~= nil then r.f = tonumber(v) end
   return r
 end
 
+-- the JSON of a record (without its `id` and `raw`): the record's own table is encoded with its numbers formatted,
+-- then given back its values (no copy: this runs several times per admission)
 function sa.enc(r)
-  local o = {}
-  for k, v in pairs(r) do
-    if k ~= 'id' and k ~= 'raw' then
-      if NUMS[k] then o[k] = sa.fmt(v) else o[k] = v end
-    end
-  end
-  return cjson.encode(o)
+  local id, raw, c, l, e, ma, mg, ca, ix, f = r.id, r.raw, r.c, r.l, r.e, r.ma, r.mg, r.ca, r.ix, r.f
+  r.id, r.raw = nil, nil
+  if c ~= nil then r.c = string.format('%.17g', c) end
+  if l ~= nil then r.l = string.format('%.17g', l) end
+  if e ~= nil then r.e = string.format('%.17g', e) end
+  if ma ~= nil then r.ma = string.format('%.17g', ma) end
+  if mg ~= nil then r.mg = string.format('%.17g', mg) end
+  if ca ~= nil then r.ca = string.format('%.17g', ca) end
+  if ix ~= nil then r.ix = string.format('%.17g', ix) end
+  if f ~= nil then r.f = string.format('%.17g', f) end
+  local out = cjson.encode(r)
+  r.id, r.raw, r.c, r.l, r.e, r.ma, r.mg, r.ca, r.ix, r.f = id, raw, c, l, e, ma, mg, ca, ix, f
+  return out
 end
 
 -- live records of a hash (field = id, value = JSON with an expiry `e`); dead ones are deleted when `prune`
