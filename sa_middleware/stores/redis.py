@@ -42,6 +42,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from json.encoder import encode_basestring_ascii as _json_str  # a str as a JSON string (the C encoder)
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
@@ -285,6 +286,11 @@ def _audit_fields(record: AuditRecord) -> dict[str, Any]:
             fields[name] = value
     return fields
 
+
+#: an admission's fields of its token (RedisStore._spec_json): their values -> their JSON members
+_token_fragments: dict[tuple[Any, ...], str] = {}
+#: the fields of an admission's JSON that are the request's own
+_REQUEST_FIELDS = frozenset(("tid", "client", "ua", "route", "locks"))
 
 #: policy object -> (its JSON fragment, that fragment as a dict); a policy is usually one object per route
 _policy_fragments: dict[int, tuple[EffectivePolicy, str, dict[str, Any]]] = {}
@@ -890,6 +896,23 @@ class RedisStore(Store):
         }
         return {k: v for k, v in spec.items() if v is not None}
 
+    def _spec_json(self, a: Admission) -> str:
+        """:meth:`_spec` as JSON: the fields a token's admissions share come from a fragment made once per distinct
+        set of values (a warm principal's admissions differ only in ticket, client, user agent, route and locks)."""
+        key = (a.sub, a.kind, a.session_id, a.token_hash, a.token_exp, a.token_iat, a.token_gen, a.jti, a.actor,
+               a.credential, a.device, a.token_scopes, a.auth_time, a.acr, a.lease, a.session_idle,
+               a.audit_admitted, a.audit_locked, a.iss, self.cluster)
+        fragment = _token_fragments.get(key)
+        if fragment is None:
+            shared = {k: v for k, v in self._spec(a).items() if k not in _REQUEST_FIELDS}
+            fragment = json.dumps(shared, separators=(",", ":"), allow_nan=False)[1:-1]
+            if len(_token_fragments) >= 4096:  # bounded: principals and tokens come and go
+                _token_fragments.clear()
+            _token_fragments[key] = fragment
+        locks = ",".join(f"[{_json_str(r.key)},{_json_str(r.mode)}]" for r in _merge_locks(a.locks)) if a.locks else ""
+        return (f'{{"tid":{_json_str(a.ticket_id)},"client":{_json_str(a.client)},"ua":{_json_str(a.user_agent)},'
+                f'"route":{_json_str(a.route)},"locks":[{locks}],{fragment}}}')
+
     def _cluster_spec(self, a: Admission) -> dict[str, Any]:
         """:meth:`_spec` with the policy, for the steps of a cluster admission."""
         return {"policy": _policy_json(a.policy)[1], **self._spec(a)}
@@ -926,7 +949,7 @@ class RedisStore(Store):
         if not self.cluster:
             carried = self._take_released() if carry else []
             try:
-                r = yield _Call("admit", pkey, self._spec(a), (_policy_json(a.policy)[0],
+                r = yield _Call("admit", pkey, self._spec_json(a), (_policy_json(a.policy)[0],
                                                                *self._release_args(carried)))
             except _ERRORS as exc:
                 if carried:

@@ -30,6 +30,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis_support import (
     HOST,
     RedisServer,
@@ -237,6 +239,33 @@ def test_lua_scripts_are_package_data() -> None:
     assert "function sa.release" in release and "sa.ops" not in release  # the release path defines nothing else
     name, code = module._library()  # Redis 7 and later: every file once, as a function library
     assert code.startswith(f"#!lua name={name}\n") and code.count("redis.register_function(") == 2
+
+
+_TEXT = st.text(st.characters(codec="utf-8") | st.sampled_from('"\\/\x00\x1f\u2028{}%|'), max_size=12)
+_MAYBE_TEXT = st.none() | _TEXT
+_NUMBER = st.floats(min_value=0, max_value=2e9, allow_nan=False) | st.integers(0, 2**53 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sub=_TEXT, session_id=_TEXT, client=_TEXT, user_agent=_TEXT, route=_TEXT, jti=_MAYBE_TEXT,
+       actor=_MAYBE_TEXT, credential=_MAYBE_TEXT, device=_MAYBE_TEXT, acr=_MAYBE_TEXT, iss=_TEXT,
+       token_exp=_NUMBER, token_iat=st.none() | _NUMBER, token_gen=st.none() | st.integers(0, 2**53 - 1),
+       auth_time=st.none() | _NUMBER, token_scopes=st.frozensets(_TEXT, max_size=3),
+       locks=st.lists(st.tuples(_TEXT, st.sampled_from(["shared", "exclusive"])), max_size=3),
+       audit_admitted=st.booleans(), lease=_NUMBER, cluster=st.booleans())
+def test_the_admission_json_is_the_admission(locks: list[tuple[str, str]], cluster: bool, **values: Any) -> None:
+    """The admission as the script reads it: built from a fragment per token's values, it decodes to exactly what
+    the admission holds (hostile text included), and two admissions differing in one value never share it."""
+    module = redis_store()
+    store = object.__new__(module.RedisStore)
+    store.cluster = cluster
+    a = adm(**values, locks=tuple(LockRequest(key, mode) for key, mode in locks))
+    assert json.loads(store._spec_json(a)) == store._spec(a)
+    assert json.loads(store._spec_json(a)) == store._spec(a)  # again, from the cached fragment
+    for name, other in (("sub", values["sub"] + "x"), ("token_exp", values["token_exp"] + 1),
+                        ("token_gen", (values["token_gen"] or 0) + 1), ("iss", values["iss"] + "x")):
+        changed = adm(**{**values, name: other}, locks=a.locks)
+        assert json.loads(store._spec_json(changed)) == store._spec(changed)
 
 
 # ---------------------------------------------------------------------------------------------------- scripts
