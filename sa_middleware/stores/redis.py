@@ -287,6 +287,8 @@ def _audit_fields(record: AuditRecord) -> dict[str, Any]:
     return fields
 
 
+#: a script's answer from its JSON (decoded first: ``json.loads`` would guess the encoding of bytes)
+_json_decode = json.JSONDecoder().decode
 #: an admission's fields of its token (RedisStore._spec_json): their values -> their JSON members
 _token_fragments: dict[tuple[Any, ...], str] = {}
 #: the fields of an admission's JSON that are the request's own
@@ -456,6 +458,8 @@ class RedisStore(Store):
         # thread's, RELEASE_DELAY later)
         self._released: list[Ticket] = []
         self._released_lock = threading.Lock()
+        # (issuer, subject) -> the hash of its tickets (a release names it; computed once per principal)
+        self._ticket_hashes: dict[tuple[str, str], str] = {}
         # event loops with a flush of the releases scheduled (one per loop: a loop closed before its flush ran does
         # not hold up the others)
         self._flush_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
@@ -624,7 +628,7 @@ class RedisStore(Store):
                 str(self.audit_max_records), repr(float(self.audit_retention)), *self._constants, *call.extra]
 
     def _answer(self, raw: Any) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(raw)
+        result: dict[str, Any] = _json_decode(raw.decode() if isinstance(raw, bytes) else raw)
         if result.get("lost"):
             log.warning("sa-middleware: the Redis store lost its state (its epoch marker was missing: flushed, or "
                         "restarted without persistence); tokens issued before %s are refused", result.get("since"))
@@ -945,11 +949,10 @@ class RedisStore(Store):
 
     def _admit(self, a: Admission, carry: bool = False) -> _Flow[Ticket | Denial]:
         """The admission; with ``carry``, its call also applies the releases still pending (first)."""
-        pkey = self._principal(a.sub, a.iss)
-        if not self.cluster:
+        if not self.cluster:  # one server: the call needs no key to route it
             carried = self._take_released() if carry else []
             try:
-                r = yield _Call("admit", pkey, self._spec_json(a), (_policy_json(a.policy)[0],
+                r = yield _Call("admit", "", self._spec_json(a), (_policy_json(a.policy)[0],
                                                                *self._release_args(carried)))
             except _ERRORS as exc:
                 if carried:
@@ -960,7 +963,7 @@ class RedisStore(Store):
             if "d" in r:
                 return Denial(r["d"], r.get("m", ""), r.get("r"))
             return self._issue(a, r, _map(r.get("f")))
-        return (yield from self._admit_cluster(a, self._cluster_spec(a), pkey))
+        return (yield from self._admit_cluster(a, self._cluster_spec(a), self._principal(a.sub, a.iss)))
 
     def _give_back(self, a: Admission, locks: Iterable[str] | None = None, jti: bool = True,
                    undo: dict[str, Any] | None = None) -> _Flow[None]:
@@ -1174,8 +1177,14 @@ class RedisStore(Store):
 
     def _ticket_keys(self, ticket: Ticket) -> list[str]:
         """The hashes that hold a ticket: its principal's tickets, the holders of its locks."""
-        holders = [self._key("l", lock) for lock in ticket.fencing_tokens]
-        return [self._principal(ticket.sub, ticket.iss, ":tk"), *holders]
+        tickets = self._ticket_hashes.get((ticket.iss, ticket.sub))
+        if tickets is None:
+            if len(self._ticket_hashes) >= 4096:  # bounded: principals come and go
+                self._ticket_hashes.clear()
+            tickets = self._ticket_hashes[(ticket.iss, ticket.sub)] = self._principal(ticket.sub, ticket.iss, ":tk")
+        if not ticket.fencing_tokens:
+            return [tickets]
+        return [tickets, *(self._key("l", lock) for lock in ticket.fencing_tokens)]
 
     def _release_args(self, tickets: Sequence[Ticket]) -> list[str]:
         """Releases as arguments of a call (one server): per ticket, its id, the number of its keys, its keys."""
