@@ -209,6 +209,10 @@ def _int(value: Any) -> int:
     return int(float(value))
 
 
+def _opt(kind: Callable[[Any], T], value: Any) -> T | None:
+    return None if value is None else kind(value)
+
+
 def _opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -888,15 +892,17 @@ class RedisStore(Store):
     # -- admission ---------------------------------------------------------------------------------------------
 
     def _spec(self, a: Admission) -> dict[str, Any]:
-        """The admission as the Lua rule reads it (``policy``: the route's policy, under its Python field names)."""
+        """The admission as the Lua rule reads it (``policy``: the route's policy, under its Python field names).
+        Numbers and flags are normalised (``float``, ``int``, ``bool``): values Python holds equal encode the same,
+        which :meth:`_spec_json`'s cache relies on."""
         spec: dict[str, Any] = {
             "tid": a.ticket_id, "sub": a.sub, "kind": a.kind, "sid": a.session_id, "th": a.token_hash,
-            "exp": a.token_exp, "iat": a.token_iat, "gen": a.token_gen, "jti": a.jti, "actor": a.actor,
-            "cred": a.credential, "dev": a.device, "client": a.client, "ua": a.user_agent,
-            "tscopes": sorted(a.token_scopes), "auth_time": a.auth_time, "acr": a.acr,
-            "locks": [[r.key, r.mode] for r in _merge_locks(a.locks)], "lease": a.lease, "idle": a.session_idle,
-            "route": a.route, "audit_admitted": a.audit_admitted, "audit_locked": a.audit_locked, "iss": a.iss,
-            "lg": bool(a.iss) and not self.cluster,
+            "exp": float(a.token_exp), "iat": _opt(float, a.token_iat), "gen": _opt(int, a.token_gen), "jti": a.jti,
+            "actor": a.actor, "cred": a.credential, "dev": a.device, "client": a.client, "ua": a.user_agent,
+            "tscopes": sorted(a.token_scopes), "auth_time": _opt(float, a.auth_time), "acr": a.acr,
+            "locks": [[r.key, r.mode] for r in _merge_locks(a.locks)], "lease": float(a.lease),
+            "idle": float(a.session_idle), "route": a.route, "audit_admitted": bool(a.audit_admitted),
+            "audit_locked": bool(a.audit_locked), "iss": a.iss, "lg": bool(a.iss) and not self.cluster,
         }
         return {k: v for k, v in spec.items() if v is not None}
 

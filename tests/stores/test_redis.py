@@ -266,6 +266,9 @@ def test_the_admission_json_is_the_admission(locks: list[tuple[str, str]], clust
                         ("token_gen", (values["token_gen"] or 0) + 1), ("iss", values["iss"] + "x")):
         changed = adm(**{**values, name: other}, locks=a.locks)
         assert json.loads(store._spec_json(changed)) == store._spec(changed)
+    # values Python holds equal (False and 0) share the cached fragment: they must mean the same to the script
+    twin = adm(**{**values, "audit_admitted": int(values["audit_admitted"])}, locks=a.locks)
+    assert json.loads(store._spec_json(twin))["audit_admitted"] is values["audit_admitted"]
 
 
 # ---------------------------------------------------------------------------------------------------- scripts
