@@ -260,6 +260,20 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform(), "load_average_at_start": load}
 
 
+def checkout(path: Path) -> dict[str, Any]:
+    """A copy of the package measured: its path and, in a git checkout, its commit and whether it has changes."""
+    def git(*command: str) -> str | None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["git", "-C", str(path), *command], capture_output=True, text=True, timeout=10)
+            if out.returncode == 0:
+                return out.stdout.strip()
+        return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"path": str(path), "commit": git("rev-parse", "HEAD"), "changed": bool(status) if status is not None
+            else None}
+
+
 def targets(asgi: dict[str, Any], wsgi: dict[str, Any], inproc: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target with the figure measured and whether it is met."""
     rows: list[tuple[str, float | None, str, float]] = []
@@ -336,7 +350,8 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     started = time.time()
     results: dict[str, Any] = {
-        "machine": machine(), "tools": tools,
+        "machine": machine(), "tools": tools, "checkout": checkout(HERE.parent),
+        "trees": {label: checkout(Path(path)) for label, path in args.trees.items()},
         "settings": {"quick": quick, "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
                      "wrk": f"-t1 -c{args.connections}", "principals": 64, "objects": 997,
                      "asgi_server": "uvicorn, 1 worker, no access log", "wsgi_server": "gunicorn, 1 worker, gthread, "

@@ -1,7 +1,7 @@
 """In-process figures: ``Guard.admit`` + ``Guard.release`` per request on each store, on the plain route and the lock
 route, with 64 principals rotating (their tokens already verified and cached, as on a warm server), and, for Redis,
-the server time one admission plus its release costs (``INFO commandstats`` deltas) and the SQL statements one
-admission plus its release runs on SQLite.
+the server time one admission plus its release costs (``INFO commandstats`` deltas), the round trip of a PING (the
+floor under any Redis call) and the SQL statements one admission plus its release runs on SQLite.
 
     python benchmarks/inprocess.py [--rounds 5] [--batch 400] [--redis redis://127.0.0.1:6379/0]
 """
@@ -92,6 +92,18 @@ def redis_server_time(guard: Guard, requests: list[RequestInfo], client: Any) ->
             "cpu_us": (cpu_after - cpu_before) * 1e6 / n}
 
 
+def redis_round_trip_us(client: Any, count: int = 2000) -> float:
+    """Median microseconds of a PING round trip from this process (redis-py, one connection): the floor under any
+    call to the server, whatever it runs."""
+    client.ping()
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        client.ping()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e6
+
+
 def sqlite_statements(guard: Guard, request: RequestInfo) -> int | None:
     """SQL statements one admission plus its release runs, on every connection the store opened (``None`` when it
     keeps no SQLite connections). A release that joins the next write is counted with the next admission."""
@@ -154,6 +166,8 @@ def measure(redis_uri: str | None, rounds: int, batch: int,
             import redis
 
             client = redis.Redis.from_url(redis_uri)
+            results["redis"]["ping_us"] = round(redis_round_trip_us(client), 1)
+            progress(f"redis PING round trip: {results['redis']['ping_us']} us")
             for key in client.scan_iter(match=f"{prefix}:*", count=5000):
                 client.unlink(key)
             client.close()
