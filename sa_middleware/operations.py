@@ -16,16 +16,20 @@ from __future__ import annotations
 import logging
 import math
 import shlex
+import threading
 import time
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio.to_thread
+
 from .audit import DEFAULT_AUDIT_BUFFER, AuditBuffer
 from .errors import ConfigurationError, IssuerRequired, StoreUnavailable
 from .records import AuditRecord, LockInfo, SessionInfo
 from .stores.base import Store, check_audit_retention, open_store, scoped
+from .stores.forks import afresh_after_fork
 from .tokens import _KID_SHAPE
 
 __all__ = ["MAX_AUDIT_LIMIT", "Operations"]
@@ -40,6 +44,36 @@ _FLUSH_BATCH = 1000  # records per store call when the buffer is written
 _REFUSED_ALONE = 3  # records refused one by one, none written, after which the store is taken to be failing
 #: the most records one ``audit`` query returns
 MAX_AUDIT_LIMIT = 10_000
+#: seconds a flush waits at most for another thread's flush still writing (a store call is bounded by its timeout)
+_FLUSH_WAIT = 10.0
+
+
+class _ThreadFlushes:
+    """The audit flushes of this process's threads still writing (the keeper's, every second). A flush waits for
+    them before it returns, so records another thread took from the buffer are in the store when an explicit flush,
+    or ``audit()``, says the buffer was written."""
+
+    def __init__(self) -> None:
+        self._start()
+        afresh_after_fork(self, _ThreadFlushes._start)  # a parent's thread may have been writing at the fork
+
+    def _start(self) -> None:
+        self.cond = threading.Condition()
+        self.count = 0
+
+    def enter(self) -> None:
+        with self.cond:
+            self.count += 1
+
+    def leave(self) -> None:
+        with self.cond:
+            self.count -= 1
+            self.cond.notify_all()
+
+    def wait(self) -> None:
+        """Until no thread's flush is writing (at most :data:`_FLUSH_WAIT` seconds)."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.count == 0, timeout=_FLUSH_WAIT)
 
 
 class Operations:
@@ -66,6 +100,7 @@ class Operations:
         #: the issuers a principal named without one may belong to (None: any the store knows)
         self.issuers: tuple[str, ...] | None = None if issuer is None else (_issuer(issuer),)
         self._audit = AuditBuffer(audit_buffer)
+        self._flushing = _ThreadFlushes()
         self._audit_unsupported = False
         self.store: Store = open_store(store)
         self.store.configure_audit(retention=audit_retention, max_records=audit_max_records)
@@ -102,22 +137,28 @@ class Operations:
         """Write the buffered audit records now (the Guard's keeper does it every second); returns how many were
         written. A failing store keeps them buffered for the next flush; a record the store refuses (not because it
         is down) is written escaped, or dropped and counted: it never holds back the records after it."""
-        flow = self._flush()
-        error: Exception | None = None
+        self._flushing.enter()
         try:
-            while True:
-                batch = flow.send(error)
-                try:
-                    self.store.record_audit(batch)
-                    error = None
-                except Exception as exc:
-                    error = exc
-        except StopIteration as stop:
-            written: int = stop.value
-            return written
+            flow = self._flush()
+            error: Exception | None = None
+            try:
+                while True:
+                    batch = flow.send(error)
+                    try:
+                        self.store.record_audit(batch)
+                        error = None
+                    except Exception as exc:
+                        error = exc
+            except StopIteration as stop:
+                written: int = stop.value
+        finally:
+            self._flushing.leave()
+        self._flushing.wait()
+        return written
 
     async def aflush_audit(self) -> int:
-        """Async twin of :meth:`flush_audit`."""
+        """Async twin of :meth:`flush_audit` (a thread's flush still writing is waited for in a worker thread; a
+        flush on the event loop is not counted, so a thread never waits for the loop it may be blocking)."""
         flow = self._flush()
         error: Exception | None = None
         try:
@@ -130,7 +171,9 @@ class Operations:
                     error = exc
         except StopIteration as stop:
             written: int = stop.value
-            return written
+        if self._flushing.count:
+            await anyio.to_thread.run_sync(self._flushing.wait)
+        return written
 
     def _flush(self) -> Generator[list[AuditRecord], Exception | None, int]:
         """The batches to write (the driver sends back what each write raised, or None). A batch the store refuses

@@ -259,6 +259,68 @@ def test_close_writes_the_buffer(idp: DemoIssuer, tmp_path: Path) -> None:
         store.close()
 
 
+class _HeldWrite(MemoryStore):
+    """A store whose first audit write waits for ``go``; it notes whether the trail was read before that write
+    landed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing, self.go = threading.Event(), threading.Event()
+        self.read_early = False
+
+    def record_audit(self, records: Sequence[AuditRecord]) -> None:
+        if not self.writing.is_set():
+            self.writing.set()
+            assert self.go.wait(10), "the test never let the write land"
+        super().record_audit(records)
+
+    def audit(self, **query: Any) -> list[AuditRecord]:
+        self.read_early = self.read_early or not self.go.is_set()
+        return super().audit(**query)
+
+
+@pytest.mark.parametrize("side", ["thread", "event loop"])
+def test_audit_waits_for_a_flush_another_thread_is_writing(side: str) -> None:
+    """The keeper took the buffered records and is still writing them when the app asks for the trail: the answer
+    comes once that write has landed, and holds the records."""
+    import anyio
+
+    store = _HeldWrite()
+    ops = Operations(store)
+    ops._audit.add(AuditRecord("denial", "invalid_token", "middleware", time=time.time(), detail="held"))
+    keeper = threading.Thread(target=ops.flush_audit)
+    keeper.start()
+    assert store.writing.wait(10)
+    waiting = threading.Event()  # the reader reached the point where it waits for the keeper (or read already)
+    wait = ops._flushing.wait
+
+    def noted_wait() -> None:
+        waiting.set()
+        wait()
+
+    ops._flushing.wait = noted_wait  # type: ignore[method-assign]
+    original_read = store.audit
+
+    def noted_read(**query: Any) -> list[AuditRecord]:
+        waiting.set()
+        return original_read(**query)
+
+    store.audit = noted_read  # type: ignore[method-assign]
+    answer: list[list[AuditRecord]] = []
+
+    async def aread() -> None:
+        answer.append(await ops.aaudit())
+
+    reader = threading.Thread(target=lambda: answer.append(ops.audit()) if side == "thread" else anyio.run(aread))
+    reader.start()
+    assert waiting.wait(10)
+    store.go.set()
+    reader.join(10)
+    keeper.join(10)
+    assert not store.read_early, "the trail was read while the keeper's write was still in flight"
+    assert [r.detail for r in answer[0]] == ["held"]
+
+
 @pytest.mark.anyio
 async def test_the_async_path_records_the_same(idp: DemoIssuer, guard: Guard, spy: SpyStore) -> None:
     sub = fresh()
