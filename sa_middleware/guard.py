@@ -302,7 +302,8 @@ class Guard(Operations):
         self._gen_claims: dict[tuple[str, str], bool] = {}
         self._gen_pending: dict[tuple[str, str], bool] = {}
         self._gen_lock = threading.Lock()
-        self._keeper = _Keeper(self.store, self.lease, self.flush, check=self._apply_key_notes)
+        self._keeper = _Keeper(self.store, self.lease, lambda: self._flush_held(wait=False),
+                               check=self._apply_key_notes)
         #: metrics and tracing (sa_middleware.observe); None when both are off
         self.observer = build_observer(self, metrics, tracing)
 
@@ -706,7 +707,12 @@ class Guard(Operations):
     def flush(self) -> None:
         """Write what this process holds for the store now: the buffered audit records and which principals'
         tokens carry a generation claim (the keeper does it every second)."""
-        self.flush_audit()
+        self._flush_held(wait=True)
+
+    def _flush_held(self, wait: bool) -> None:
+        """:meth:`flush`; ``wait``: return once the audit flushes other threads started before have finished (the
+        keeper does not wait: its lease renewals come first)."""
+        self._flush_audit(wait=wait)
         with self._gen_lock:
             pending, self._gen_pending = self._gen_pending, {}
         if not pending:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shlex
 import threading
 import time
@@ -23,7 +24,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import anyio.to_thread
+import anyio
 
 from .audit import DEFAULT_AUDIT_BUFFER, AuditBuffer
 from .errors import ConfigurationError, IssuerRequired, StoreUnavailable
@@ -44,36 +45,71 @@ _FLUSH_BATCH = 1000  # records per store call when the buffer is written
 _REFUSED_ALONE = 3  # records refused one by one, none written, after which the store is taken to be failing
 #: the most records one ``audit`` query returns
 MAX_AUDIT_LIMIT = 10_000
-#: seconds a flush waits at most for another thread's flush still writing (a store call is bounded by its timeout)
+#: seconds an explicit flush waits at most for the flushes started before it (a store call is bounded by its timeout)
 _FLUSH_WAIT = 10.0
 
 
-class _ThreadFlushes:
-    """The audit flushes of this process's threads still writing (the keeper's, every second). A flush waits for
-    them before it returns, so records another thread took from the buffer are in the store when an explicit flush,
-    or ``audit()``, says the buffer was written."""
+class _Flushes:
+    """The audit flushes of this process still writing, numbered as they start. An explicit flush (``audit()``,
+    ``flush_audit()``) waits for those that started before it, so records another thread took from the buffer (the
+    keeper's flush, every second) are in the store when it returns; it never waits for a flush that started after
+    it, and the keeper waits for nobody."""
 
     def __init__(self) -> None:
         self._start()
-        afresh_after_fork(self, _ThreadFlushes._start)  # a parent's thread may have been writing at the fork
+        afresh_after_fork(self, _Flushes._start)  # a parent's thread may have been writing at the fork
 
     def _start(self) -> None:
-        self.cond = threading.Condition()
-        self.count = 0
+        self._cond = threading.Condition()
+        self._running: set[int] = set()
+        self._next = 0
+        self._pid = os.getpid()
 
-    def enter(self) -> None:
-        with self.cond:
-            self.count += 1
+    def enter(self) -> int:
+        """A thread's flush starts: its number. (A flush on an event loop is not counted: a thread waiting for it
+        could be blocking the loop it needs.)"""
+        with self._cond:
+            self._check_fork()
+            number, self._next = self._next, self._next + 1
+            self._running.add(number)
+            return number
 
-    def leave(self) -> None:
-        with self.cond:
-            self.count -= 1
-            self.cond.notify_all()
+    def mark(self) -> int:
+        """The number the next flush would get: the flushes before it are those running now."""
+        with self._cond:
+            self._check_fork()
+            return self._next
 
-    def wait(self) -> None:
-        """Until no thread's flush is writing (at most :data:`_FLUSH_WAIT` seconds)."""
-        with self.cond:
-            self.cond.wait_for(lambda: self.count == 0, timeout=_FLUSH_WAIT)
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():  # forked without the fork hooks (uWSGI): the parent's flushes stay there
+            self._running, self._pid = set(), os.getpid()
+
+    def leave(self, number: int) -> None:
+        with self._cond:
+            self._running.discard(number)
+            self._cond.notify_all()
+
+    def earlier(self, number: int) -> bool:
+        """Whether a thread's flush started before ``number`` is still writing."""
+        with self._cond:
+            return any(n < number for n in self._running)
+
+    def wait(self, number: int) -> None:
+        """Until every flush started before flush ``number`` has finished (at most :data:`_FLUSH_WAIT` s)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self.earlier(number), timeout=_FLUSH_WAIT):
+                log.warning("sa-middleware: an audit flush of another thread is still writing after %ss; the "
+                            "records it holds may be missing from this answer", _FLUSH_WAIT)
+
+    async def await_earlier(self, number: int) -> None:
+        """:meth:`wait` on an event loop: polled, so it never holds a worker thread and can be cancelled."""
+        deadline = time.monotonic() + _FLUSH_WAIT
+        while self.earlier(number):
+            if time.monotonic() >= deadline:
+                log.warning("sa-middleware: an audit flush of another thread is still writing after %ss; the "
+                            "records it holds may be missing from this answer", _FLUSH_WAIT)
+                return
+            await anyio.sleep(0.002)
 
 
 class Operations:
@@ -100,7 +136,7 @@ class Operations:
         #: the issuers a principal named without one may belong to (None: any the store knows)
         self.issuers: tuple[str, ...] | None = None if issuer is None else (_issuer(issuer),)
         self._audit = AuditBuffer(audit_buffer)
-        self._flushing = _ThreadFlushes()
+        self._flushing = _Flushes()
         self._audit_unsupported = False
         self.store: Store = open_store(store)
         self.store.configure_audit(retention=audit_retention, max_records=audit_max_records)
@@ -136,8 +172,12 @@ class Operations:
     def flush_audit(self) -> int:
         """Write the buffered audit records now (the Guard's keeper does it every second); returns how many were
         written. A failing store keeps them buffered for the next flush; a record the store refuses (not because it
-        is down) is written escaped, or dropped and counted: it never holds back the records after it."""
-        self._flushing.enter()
+        is down) is written escaped, or dropped and counted: it never holds back the records after it. Returns
+        once the flushes other threads started before it (which may hold records taken earlier) have finished."""
+        return self._flush_audit(wait=True)
+
+    def _flush_audit(self, wait: bool) -> int:
+        number = self._flushing.enter()
         try:
             flow = self._flush()
             error: Exception | None = None
@@ -152,13 +192,19 @@ class Operations:
             except StopIteration as stop:
                 written: int = stop.value
         finally:
-            self._flushing.leave()
-        self._flushing.wait()
+            self._flushing.leave(number)
+        if wait:
+            self._flushing.wait(number)
         return written
 
     async def aflush_audit(self) -> int:
-        """Async twin of :meth:`flush_audit` (a thread's flush still writing is waited for in a worker thread; a
-        flush on the event loop is not counted, so a thread never waits for the loop it may be blocking)."""
+        """Async twin of :meth:`flush_audit`."""
+        number = self._flushing.mark()
+        written = await self._aflush_audit()
+        await self._flushing.await_earlier(number)
+        return written
+
+    async def _aflush_audit(self) -> int:
         flow = self._flush()
         error: Exception | None = None
         try:
@@ -171,9 +217,7 @@ class Operations:
                     error = exc
         except StopIteration as stop:
             written: int = stop.value
-        if self._flushing.count:
-            await anyio.to_thread.run_sync(self._flushing.wait)
-        return written
+            return written
 
     def _flush(self) -> Generator[list[AuditRecord], Exception | None, int]:
         """The batches to write (the driver sends back what each write raised, or None). A batch the store refuses

@@ -259,24 +259,30 @@ def test_close_writes_the_buffer(idp: DemoIssuer, tmp_path: Path) -> None:
         store.close()
 
 
-class _HeldWrite(MemoryStore):
-    """A store whose first audit write waits for ``go``; it notes whether the trail was read before that write
-    landed."""
+class _HeldWrites(MemoryStore):
+    """A store whose audit writes of records detailed in ``held`` wait for their event; it notes whether the trail
+    was read while such a write was still waiting."""
 
-    def __init__(self) -> None:
+    def __init__(self, *held: str) -> None:
         super().__init__()
-        self.writing, self.go = threading.Event(), threading.Event()
+        self.writing = {detail: threading.Event() for detail in held}
+        self.go = {detail: threading.Event() for detail in held}
         self.read_early = False
 
     def record_audit(self, records: Sequence[AuditRecord]) -> None:
-        if not self.writing.is_set():
-            self.writing.set()
-            assert self.go.wait(10), "the test never let the write land"
+        for record in records:
+            if record.detail in self.go:
+                self.writing[record.detail].set()
+                assert self.go[record.detail].wait(10), "the test never let the write land"
         super().record_audit(records)
 
     def audit(self, **query: Any) -> list[AuditRecord]:
-        self.read_early = self.read_early or not self.go.is_set()
+        self.read_early = self.read_early or not all(go.is_set() for go in self.go.values())
         return super().audit(**query)
+
+
+def _buffer(ops: Operations, detail: str) -> None:
+    ops._audit.add(AuditRecord("denial", "invalid_token", "middleware", time=time.time(), detail=detail))
 
 
 @pytest.mark.parametrize("side", ["thread", "event loop"])
@@ -285,26 +291,24 @@ def test_audit_waits_for_a_flush_another_thread_is_writing(side: str) -> None:
     comes once that write has landed, and holds the records."""
     import anyio
 
-    store = _HeldWrite()
+    store = _HeldWrites("held")
     ops = Operations(store)
-    ops._audit.add(AuditRecord("denial", "invalid_token", "middleware", time=time.time(), detail="held"))
-    keeper = threading.Thread(target=ops.flush_audit)
+    _buffer(ops, "held")
+    keeper = threading.Thread(target=lambda: ops._flush_audit(wait=False))
     keeper.start()
-    assert store.writing.wait(10)
-    waiting = threading.Event()  # the reader reached the point where it waits for the keeper (or read already)
-    wait = ops._flushing.wait
+    assert store.writing["held"].wait(10)
+    deciding = threading.Event()  # the reader asked whether an earlier flush still writes (or read the trail)
+    earlier, read = ops._flushing.earlier, store.audit
 
-    def noted_wait() -> None:
-        waiting.set()
-        wait()
-
-    ops._flushing.wait = noted_wait  # type: ignore[method-assign]
-    original_read = store.audit
+    def noted_earlier(number: int) -> bool:
+        deciding.set()
+        return earlier(number)
 
     def noted_read(**query: Any) -> list[AuditRecord]:
-        waiting.set()
-        return original_read(**query)
+        deciding.set()
+        return read(**query)
 
+    ops._flushing.earlier = noted_earlier  # type: ignore[method-assign]
     store.audit = noted_read  # type: ignore[method-assign]
     answer: list[list[AuditRecord]] = []
 
@@ -313,12 +317,39 @@ def test_audit_waits_for_a_flush_another_thread_is_writing(side: str) -> None:
 
     reader = threading.Thread(target=lambda: answer.append(ops.audit()) if side == "thread" else anyio.run(aread))
     reader.start()
-    assert waiting.wait(10)
-    store.go.set()
+    assert deciding.wait(10)
+    store.go["held"].set()
     reader.join(10)
     keeper.join(10)
     assert not store.read_early, "the trail was read while the keeper's write was still in flight"
     assert [r.detail for r in answer[0]] == ["held"]
+
+
+def test_a_flush_waits_neither_for_later_flushes_nor_in_the_keeper() -> None:
+    """An explicit flush waits only for the flushes started before it (never for one started while it wrote), and
+    the keeper's flush waits for none: its lease renewals come first."""
+    store = _HeldWrites("first", "later")
+    ops = Operations(store)
+    _buffer(ops, "first")
+    done = {name: threading.Event() for name in ("first", "later", "keeper")}
+
+    def flush(name: str, wait: bool = True) -> None:
+        ops._flush_audit(wait=wait)
+        done[name].set()
+
+    threading.Thread(target=flush, args=("first",)).start()
+    assert store.writing["first"].wait(10)
+    _buffer(ops, "later")
+    threading.Thread(target=flush, args=("later",)).start()
+    assert store.writing["later"].wait(10)
+    threading.Thread(target=flush, args=("keeper", False)).start()
+    assert done["keeper"].wait(10), "the keeper's flush waited for the flushes of other threads"
+    store.go["first"].set()
+    assert done["first"].wait(10), "a flush waited for a flush that started after it"
+    assert not done["later"].is_set()  # it waits for "first" no more, but its own write is still held
+    store.go["later"].set()
+    assert done["later"].wait(10)
+    assert sorted(r.detail for r in store.audit()) == ["first", "later"]
 
 
 @pytest.mark.anyio
