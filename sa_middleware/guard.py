@@ -56,6 +56,7 @@ log = logging.getLogger("sa_middleware")
 
 _MAX_ID = 256
 _GEN_CLAIMS_KEPT = 4096  # principals whose generation-claim note this process remembers
+_KEEPER_STOP_WAIT = 5.0  # seconds Guard.close() waits at most for the keeper's store call in progress
 _KEY_NOTES_EVERY = 2.0  # seconds between two looks at the store's key notes (refresh / drop asked by an operator)
 _MAX_GEN = 2**53 - 1  # exact in every store (SQLite integers, Lua doubles)
 
@@ -179,7 +180,12 @@ class _Keeper:
         return list(self._live.copy().values())
 
     def stop(self) -> None:
+        """Stop the thread and wait for what it is doing (a renewal, a flush) to finish, at most
+        :data:`_KEEPER_STOP_WAIT` seconds: nothing it writes reaches a store closed after this."""
         self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and self._pid == os.getpid():
+            thread.join(_KEEPER_STOP_WAIT)
 
     def _run(self) -> None:
         every = self._lease / 3

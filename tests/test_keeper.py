@@ -99,3 +99,41 @@ def test_a_stopped_keeper_stays_stopped_in_a_child() -> None:
     keeper._thread.join(10)
     assert not keeper._thread.is_alive()  # it saw the stop at once: nothing renewed
     assert "late" not in store.seen
+
+
+class _HeldRenewal(RecordingStore):
+    """Its first renewal waits for ``go``; ``finished`` is set once it returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewing, self.go, self.finished = threading.Event(), threading.Event(), threading.Event()
+
+    def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
+        if not self.renewing.is_set():
+            self.renewing.set()
+            assert self.go.wait(10), "the test never let the renewal finish"
+            self.finished.set()
+        super().renew(tickets, lease)
+
+
+def test_stop_waits_for_the_store_call_in_progress() -> None:
+    """Guard.close() stops the keeper before it closes the store: the renewal in progress ends first, and the
+    thread is gone when stop() returns."""
+    store = _HeldRenewal()
+    keeper = _Keeper(store, lease=0.15)  # type: ignore[arg-type]
+    keeper.add(_ticket("held"))
+    assert store.renewing.wait(10)
+    stopping, seen = threading.Event(), []
+
+    def stop() -> None:
+        stopping.set()
+        keeper.stop()
+        seen.append(store.finished.is_set())
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    assert stopping.wait(10)
+    store.go.set()
+    stopper.join(10)
+    assert seen == [True], "stop() returned while the keeper was still renewing"
+    assert keeper._thread is not None and not keeper._thread.is_alive()
