@@ -209,8 +209,13 @@ def _int(value: Any) -> int:
     return int(float(value))
 
 
-def _opt(kind: Callable[[Any], T], value: Any) -> T | None:
-    return None if value is None else kind(value)
+def _remember(cache: dict[Any, T], key: Any, value: T) -> T:
+    """Keep ``value`` under ``key`` in a cache of at most 4096 entries (emptied when full: what it holds comes and
+    goes with principals, tokens and policies)."""
+    if len(cache) >= 4096:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _opt_float(value: Any) -> float | None:
@@ -316,9 +321,8 @@ def _policy_json(policy: EffectivePolicy) -> tuple[str, dict[str, Any]]:
             fields[name] = sorted(value) if isinstance(value, frozenset) else list(value) if isinstance(
                 value, tuple) else value
     text = json.dumps(fields, separators=(",", ":"), allow_nan=False)
-    if len(_policy_fragments) >= 4096:  # policies made per request: keep the cache bounded
-        _policy_fragments.clear()
-    _policy_fragments[id(policy)] = (policy, text, fields)  # the entry keeps the policy alive: its id stays its own
+    # the entry keeps the policy alive: its id stays its own
+    _remember(_policy_fragments, id(policy), (policy, text, fields))
     return text, fields
 
 
@@ -897,9 +901,10 @@ class RedisStore(Store):
         which :meth:`_spec_json`'s cache relies on."""
         spec: dict[str, Any] = {
             "tid": a.ticket_id, "sub": a.sub, "kind": a.kind, "sid": a.session_id, "th": a.token_hash,
-            "exp": float(a.token_exp), "iat": _opt(float, a.token_iat), "gen": _opt(int, a.token_gen), "jti": a.jti,
-            "actor": a.actor, "cred": a.credential, "dev": a.device, "client": a.client, "ua": a.user_agent,
-            "tscopes": sorted(a.token_scopes), "auth_time": _opt(float, a.auth_time), "acr": a.acr,
+            "exp": float(a.token_exp), "iat": _opt_float(a.token_iat),
+            "gen": None if a.token_gen is None else int(a.token_gen), "jti": a.jti, "actor": a.actor,
+            "cred": a.credential, "dev": a.device, "client": a.client, "ua": a.user_agent,
+            "tscopes": sorted(a.token_scopes), "auth_time": _opt_float(a.auth_time), "acr": a.acr,
             "locks": [[r.key, r.mode] for r in _merge_locks(a.locks)], "lease": float(a.lease),
             "idle": float(a.session_idle), "route": a.route, "audit_admitted": bool(a.audit_admitted),
             "audit_locked": bool(a.audit_locked), "iss": a.iss, "lg": bool(a.iss) and not self.cluster,
@@ -915,10 +920,8 @@ class RedisStore(Store):
         fragment = _token_fragments.get(key)
         if fragment is None:
             shared = {k: v for k, v in self._spec(a).items() if k not in _REQUEST_FIELDS}
-            fragment = json.dumps(shared, separators=(",", ":"), allow_nan=False)[1:-1]
-            if len(_token_fragments) >= 4096:  # bounded: principals and tokens come and go
-                _token_fragments.clear()
-            _token_fragments[key] = fragment
+            fragment = _remember(_token_fragments, key,
+                                 json.dumps(shared, separators=(",", ":"), allow_nan=False)[1:-1])
         locks = ",".join(f"[{_json_str(r.key)},{_json_str(r.mode)}]" for r in _merge_locks(a.locks)) if a.locks else ""
         return (f'{{"tid":{_json_str(a.ticket_id)},"client":{_json_str(a.client)},"ua":{_json_str(a.user_agent)},'
                 f'"route":{_json_str(a.route)},"locks":[{locks}],{fragment}}}')
@@ -1183,13 +1186,9 @@ class RedisStore(Store):
 
     def _ticket_keys(self, ticket: Ticket) -> list[str]:
         """The hashes that hold a ticket: its principal's tickets, the holders of its locks."""
-        tickets = self._ticket_hashes.get((ticket.iss, ticket.sub))
-        if tickets is None:
-            if len(self._ticket_hashes) >= 4096:  # bounded: principals come and go
-                self._ticket_hashes.clear()
-            tickets = self._ticket_hashes[(ticket.iss, ticket.sub)] = self._principal(ticket.sub, ticket.iss, ":tk")
-        if not ticket.fencing_tokens:
-            return [tickets]
+        who = (ticket.iss, ticket.sub)
+        tickets = self._ticket_hashes.get(who) or _remember(self._ticket_hashes, who,
+                                                             self._principal(ticket.sub, ticket.iss, ":tk"))
         return [tickets, *(self._key("l", lock) for lock in ticket.fencing_tokens)]
 
     def _release_args(self, tickets: Sequence[Ticket]) -> list[str]:
