@@ -98,18 +98,21 @@ class _Flushes:
         """Until every flush started before flush ``number`` has finished (at most :data:`_FLUSH_WAIT` s)."""
         with self._cond:
             if not self._cond.wait_for(lambda: not self.earlier(number), timeout=_FLUSH_WAIT):
-                log.warning("sa-middleware: an audit flush of another thread is still writing after %ss; the "
-                            "records it holds may be missing from this answer", _FLUSH_WAIT)
+                _still_writing()
 
     async def await_earlier(self, number: int) -> None:
         """:meth:`wait` on an event loop: polled, so it never holds a worker thread and can be cancelled."""
         deadline = time.monotonic() + _FLUSH_WAIT
         while self.earlier(number):
             if time.monotonic() >= deadline:
-                log.warning("sa-middleware: an audit flush of another thread is still writing after %ss; the "
-                            "records it holds may be missing from this answer", _FLUSH_WAIT)
+                _still_writing()
                 return
             await anyio.sleep(0.002)
+
+
+def _still_writing() -> None:
+    log.warning("sa-middleware: an audit flush of another thread is still writing after %ss; the records it holds "
+                "may be missing from this answer", _FLUSH_WAIT)
 
 
 class Operations:
@@ -179,32 +182,36 @@ class Operations:
     def _flush_audit(self, wait: bool) -> int:
         number = self._flushing.enter()
         try:
-            flow = self._flush()
-            error: Exception | None = None
-            try:
-                while True:
-                    batch = flow.send(error)
-                    try:
-                        self.store.record_audit(batch)
-                        error = None
-                    except Exception as exc:
-                        error = exc
-            except StopIteration as stop:
-                written: int = stop.value
+            written = self._write_audit()
         finally:
             self._flushing.leave(number)
         if wait:
             self._flushing.wait(number)
         return written
 
+    def _write_audit(self) -> int:
+        flow = self._flush()
+        error: Exception | None = None
+        try:
+            while True:
+                batch = flow.send(error)
+                try:
+                    self.store.record_audit(batch)
+                    error = None
+                except Exception as exc:
+                    error = exc
+        except StopIteration as stop:
+            written: int = stop.value
+            return written
+
     async def aflush_audit(self) -> int:
         """Async twin of :meth:`flush_audit`."""
         number = self._flushing.mark()
-        written = await self._aflush_audit()
+        written = await self._awrite_audit()
         await self._flushing.await_earlier(number)
         return written
 
-    async def _aflush_audit(self) -> int:
+    async def _awrite_audit(self) -> int:
         flow = self._flush()
         error: Exception | None = None
         try:
