@@ -147,8 +147,9 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
     # it is one of at most max_sessions. A session that is not active yet counts as the newest.
     evict: list[str] = []
     if pol.max_sessions is not None:
-        others = sorted((x for x in s.sessions if x.session_id != a.session_id and is_active(x, a.session_idle, now)),
-                        key=_age)
+        others = [x for x in s.sessions if x.session_id != a.session_id and is_active(x, a.session_idle, now)]
+        if len(others) > 1:
+            others.sort(key=_age)
         if pol.on_session_limit == "evict_oldest":
             evict = [x.session_id for x in others[:max(0, len(others) - pol.max_sessions + 1)]]
         else:
@@ -212,7 +213,8 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
     expires = now + a.lease
     v.ticket_record = TicketRecord(a.ticket_id, a.sub, a.session_id, a.token_hash, client, pol.tags, pol.conflicts,
                                    pol.exclusive, expires)
-    v.ticket = Ticket(a.ticket_id, a.sub, a.session_id, {key: fence for key, _, fence in grants}, expires, a.iss)
+    v.ticket = Ticket(a.ticket_id, a.sub, a.session_id, {key: fence for key, _, fence in grants} if grants else {},
+                      expires, a.iss)
     return v
 
 

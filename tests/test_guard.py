@@ -12,7 +12,7 @@ import pytest
 
 from sa_middleware import Admitted, ConfigurationError, Denial, Guard, Policy, RequestInfo, StoreUnavailable
 from sa_middleware.guard import Outcome
-from sa_middleware.records import Admission, Ticket
+from sa_middleware.records import Admission, LockRequest, Ticket
 from sa_middleware.stores.memory import MemoryStore
 from sa_middleware.tokens import generate_rsa_key, mint_token
 
@@ -301,7 +301,9 @@ def test_token_reuse_from_another_client(guard: Guard) -> None:
 # ------------------------------------------------------------------------------------------ claims -> admission
 
 
-@pytest.mark.parametrize("guard", [{"sender_constraint": "upstream"}], indirect=True)  # cnf as a relation only
+# sender_constraint="upstream": cnf as a relation only
+@pytest.mark.parametrize("guard", [{"sender_constraint": "upstream", "lease": 17, "session_idle": 333,
+                                    "audit_admissions": True}], indirect=True)
 def test_claims_feed_the_admission(guard: Guard, store: SpyStore) -> None:
     now = int(time.time())
     raw = token(sid="s-1", jti="j-1", gen=4, scp=["a", "b"], auth_time=now - 5, acr="urn:example:mfa",
@@ -316,8 +318,13 @@ def test_claims_feed_the_admission(guard: Guard, store: SpyStore) -> None:
     assert a.token_iat == now - 60 and a.token_exp == now + 600 + guard.leeway  # accepted until exp + leeway
     assert a.client == "10.1.1.1" and a.user_agent == "ua/1"
     assert (a.policy.max_auth_age, a.policy.acr_values) == (300, ("urn:example:mfa",))
-    assert a.route == "POST /mfa"
-    assert a.lease == guard.lease and a.session_idle == guard.session_idle
+    assert a.route == "POST /mfa" and a.iss == ISS and a.locks == ()
+    assert (a.lease, a.session_idle, a.audit_admitted, a.audit_locked) == (17.0, 333.0, True, True)
+    assert len(a.ticket_id) == 32 and int(a.ticket_id, 16) >= 0
+    admitted(guard.admit(request("POST", "/wait/7", raw, client="10.1.1.1", ua="ua/1")))
+    a = store.calls[-1][0]
+    assert a.locks == (LockRequest("pay:7", "exclusive"),) and a.route == "POST /wait/{id:int}"
+    assert (a.audit_admitted, a.audit_locked) == (True, False)  # the Guard records a lock wait's last refusal
 
 
 def test_scope_string_claim(guard: Guard) -> None:

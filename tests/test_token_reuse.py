@@ -386,11 +386,13 @@ def test_denials_under_the_dpop_scheme_answer_with_a_dpop_challenge(guard: Guard
 
 def test_asgi_request_info_reads_scheme_host_and_client_certificate(ca: Authority) -> None:
     cert = ca.issue("client-f")
-    scope: dict[str, Any] = {"type": "http", "method": "GET", "path": "/x", "scheme": "https",
+    scope: dict[str, Any] = {"type": "http", "method": "PUT", "path": "/api/x", "root_path": "/api", "scheme": "https",
                              "server": ("10.1.1.1", 8443), "client": ("10.0.0.1", 5000), "headers": [],
                              "extensions": {"tls": {"client_cert_chain": [cert.cert_pem, "ca"], "server_cert": None}}}
     info = asgi_request_info(scope)
     assert (info.scheme, info.host, info.client_cert) == ("https", "10.1.1.1:8443", cert.cert_pem)
+    assert (info.method, info.path, info.app_path, info.client, info.websocket, info.session) == \
+        ("PUT", "/api/x", "/x", "10.0.0.1", False, None)
     scope["headers"] = [(b"host", b"api.example")]
     scope["extensions"] = {"tls": {"client_cert_chain": []}}
     info = asgi_request_info(scope)

@@ -124,9 +124,11 @@ class MemoryStore(Store):
 
     def _put_session(self, s: SessionInfo) -> None:
         old = self._sessions.get(s.session_id)
-        if old is not None and (old.iss, old.sub) != (s.iss, s.sub):
-            self._unindex(old)
         self._sessions[s.session_id] = s
+        if old is not None and old.iss == s.iss and old.sub == s.sub:
+            return  # indexed already (a session seen again)
+        if old is not None:
+            self._unindex(old)
         self._owned.setdefault((s.iss, s.sub), {})[s.session_id] = None
 
     def _unindex(self, s: SessionInfo) -> None:
@@ -238,7 +240,7 @@ class MemoryStore(Store):
             self._set_status(session_id, status, now)
         if v.ticket_record is not None:
             t = v.ticket_record
-            keys = tuple(key for key, _, _ in v.lock_grants)
+            keys = tuple([key for key, _, _ in v.lock_grants]) if v.lock_grants else ()
             self._tickets[t.ticket_id] = _Held(t, (a.iss, a.sub), keys)
             self._in_flight.setdefault((a.iss, a.sub), {})[t.ticket_id] = t
             for key, mode, fence in v.lock_grants:
