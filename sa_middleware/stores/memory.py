@@ -185,6 +185,9 @@ class MemoryStore(Store):
                 self._prune(now)
             a = admission
             verdict = evaluate(a, self._snapshot(now, a))
+            if verdict.ticket is not None and not verdict.session_status and not a.audit_admitted:
+                self._apply(now, a, verdict)  # the usual admission: nothing for the audit trail
+                return verdict.ticket
             before: dict[str, tuple[str, str]] = {sid: (s.sub, s.status) for sid in verdict.session_status
                       if (s := self._sessions.get(sid)) is not None}
             self._apply(now, a, verdict)
