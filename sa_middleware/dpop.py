@@ -55,7 +55,7 @@ from .frozen import fast_init
 from .operations import finite_number
 
 __all__ = [
-    "DEFAULT_DPOP_ALGORITHMS", "Binding", "DPoPVerifier", "InvalidDPoPProof", "Proof", "SenderConstraints",
+    "DEFAULT_DPOP_ALGORITHMS", "UNBOUND", "Binding", "DPoPVerifier", "InvalidDPoPProof", "Proof", "SenderConstraints",
     "access_token_hash", "certificate_thumbprint", "jwk_thumbprint",
 ]
 
@@ -114,7 +114,8 @@ class Binding:
         return " ".join([address.replace("|", "/"), *keys])
 
 
-_UNBOUND = Binding()
+#: the binding of a request that proved no key: a bearer token bound to nothing
+UNBOUND = Binding()
 
 
 # -- thumbprints and hashes ----------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ class SenderConstraints:
         """The keys ``request`` proved, or the denial; ``scheme`` is the Authorization scheme, lower-case."""
         cnf = claims.get("cnf")
         if cnf is None and scheme == "bearer" and not request.client_cert and "dpop" not in request.headers:
-            return _UNBOUND  # a bearer token bound to nothing, presented without a proof or a certificate
+            return UNBOUND  # a bearer token bound to nothing, presented without a proof or a certificate
         if cnf is not None and not isinstance(cnf, Mapping):
             return Denial("invalid_token", "claim cnf must be an object")
         bound_jkt = _cnf_member(cnf, "jkt")
