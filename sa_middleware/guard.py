@@ -321,7 +321,7 @@ class Guard(Operations):
 
     def _flow(self, request: RequestInfo, match: RouteMatch | None) -> Generator[_Step, Any, Outcome]:
         outcome = yield from self._decide(request, match)
-        if isinstance(outcome, Denial) and _scheme(request) == "dpop" and "auth_scheme" not in outcome.extra:
+        if isinstance(outcome, Denial) and _credentials(request)[0] == "dpop" and "auth_scheme" not in outcome.extra:
             outcome = self.constraints.challenge(outcome)  # answer in the scheme the client used (RFC 9449 7.1)
         return outcome
 
@@ -767,11 +767,6 @@ def _method_override(request: RequestInfo) -> str | None:
         if value is not None and value.strip().upper() != request.method.upper():
             return f"the {name} header is refused: send the request with the method itself"
     return None
-
-
-def _scheme(request: RequestInfo) -> str:
-    """The request's Authorization scheme, lower-case ("" without one)."""
-    return request.headers.get("authorization", "").strip().partition(" ")[0].lower()
 
 
 def _credentials(request: RequestInfo) -> tuple[str, str | InvalidToken | None]:
