@@ -298,7 +298,7 @@ def _audit_fields(record: AuditRecord) -> dict[str, Any]:
 
 #: a script's answer from its JSON (decoded first: ``json.loads`` would guess the encoding of bytes)
 _json_decode = json.JSONDecoder().decode
-#: an admission's fields of its token (RedisStore._spec_json): their values -> their JSON members
+#: an admission's fields of its token (RedisStore._spec_json): their values -> their JSON object
 _token_fragments: dict[tuple[Any, ...], str] = {}
 #: the fields of an admission's JSON that are the request's own
 _REQUEST_FIELDS = frozenset(("tid", "client", "ua", "route", "locks"))
@@ -458,8 +458,9 @@ class RedisStore(Store):
         self._shas = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._scripts.items()}
         self._library_name, self._library = _library()
         self._functions = True  # False once the server turned out to have no functions (or refused to load them)
-        self._constants = (repr(STATUS_RETENTION), repr(FENCE_SLACK),
-                           str(_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS))
+        # the end of the script's constants (lib.lua): numbers written as strings, in a JSON list
+        self._constants = (f'"{STATUS_RETENTION!r}","{FENCE_SLACK!r}",'
+                           f'"{_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS}"]')
         self._give_backs: set[asyncio.Task[None]] = set()  # compensations of cancelled admissions, still running
         # releases not sent yet (one server or Sentinel): the next call of this process carries them (an admission
         # inside its own call), or a flush sends them together (scheduled on the loop; from threads, the flush
@@ -632,8 +633,8 @@ class RedisStore(Store):
         clock = "" if self._clock is None else repr(float(self._clock()))
         payload = call.payload if isinstance(call.payload, str) else json.dumps(call.payload, separators=(",", ":"),
                                                                                 allow_nan=False)
-        return [call.op, clock, self.prefix, payload,
-                str(self.audit_max_records), repr(float(self.audit_retention)), *self._constants, *call.extra]
+        constants = f'["{self.audit_max_records}","{float(self.audit_retention)!r}",{self._constants}'
+        return [call.op, clock, self.prefix, payload, constants, *call.extra]
 
     def _answer(self, raw: Any) -> dict[str, Any]:
         result: dict[str, Any] = _json_decode(raw.decode() if isinstance(raw, bytes) else raw)
@@ -911,20 +912,20 @@ class RedisStore(Store):
         }
         return {k: v for k, v in spec.items() if v is not None}
 
-    def _spec_json(self, a: Admission) -> str:
-        """:meth:`_spec` as JSON: the fields a token's admissions share come from a fragment made once per distinct
-        set of values (a warm principal's admissions differ only in ticket, client, user agent, route and locks)."""
+    def _spec_json(self, a: Admission) -> tuple[str, str]:
+        """:meth:`_spec` as two JSON objects: the request's own fields, and the fields a token's admissions share
+        (made once per distinct set of values: a warm principal's admissions differ only in ticket, client, user
+        agent, route and locks; the script decodes each distinct text once too)."""
         key = (a.sub, a.kind, a.session_id, a.token_hash, a.token_exp, a.token_iat, a.token_gen, a.jti, a.actor,
                a.credential, a.device, a.token_scopes, a.auth_time, a.acr, a.lease, a.session_idle,
                a.audit_admitted, a.audit_locked, a.iss, self.cluster)
-        fragment = _token_fragments.get(key)
-        if fragment is None:
+        token = _token_fragments.get(key)
+        if token is None:
             shared = {k: v for k, v in self._spec(a).items() if k not in _REQUEST_FIELDS}
-            fragment = _remember(_token_fragments, key,
-                                 json.dumps(shared, separators=(",", ":"), allow_nan=False)[1:-1])
+            token = _remember(_token_fragments, key, json.dumps(shared, separators=(",", ":"), allow_nan=False))
         locks = ",".join(f"[{_json_str(r.key)},{_json_str(r.mode)}]" for r in _merge_locks(a.locks)) if a.locks else ""
         return (f'{{"tid":{_json_str(a.ticket_id)},"client":{_json_str(a.client)},"ua":{_json_str(a.user_agent)},'
-                f'"route":{_json_str(a.route)},"locks":[{locks}],{fragment}}}')
+                f'"route":{_json_str(a.route)},"locks":[{locks}]}}', token)
 
     def _cluster_spec(self, a: Admission) -> dict[str, Any]:
         """:meth:`_spec` with the policy, for the steps of a cluster admission."""
@@ -961,8 +962,9 @@ class RedisStore(Store):
         if not self.cluster:  # one server: the call needs no key to route it
             carried = self._take_released() if carry else []
             try:
-                r = yield _Call("admit", "", self._spec_json(a), (_policy_json(a.policy)[0],
-                                                               *self._release_args(carried)))
+                request, token = self._spec_json(a)
+                r = yield _Call("admit", "", request, (_policy_json(a.policy)[0], token,
+                                                       *self._release_args(carried)))
             except _ERRORS as exc:
                 if carried:
                     _release_failed(len(carried), exc)

@@ -7,6 +7,11 @@
 
 local COMPROMISED = 'this context is related to a reported compromise; re-authenticate'
 
+local function listed(list)
+  if list ~= nil and #list > 0 then return list end
+  return nil
+end
+
 local function deny(v, code, detail, retry)
   v.code, v.detail, v.retry = code, detail, retry
   return v
@@ -224,13 +229,15 @@ function sa.evaluate(a, s, with_locks)
     return deny(v, 'too_many_in_flight', 'at most ' .. a.policy.max_in_flight ..
       (a.policy.max_in_flight == 1 and ' request may be in flight' or ' requests may be in flight'), 1)
   end
-  local tags, conflicts = sa.set(a.policy.tags), sa.set(a.policy.conflicts)
-  for _, t in ipairs(s.tickets) do
-    if a.policy.exclusive or t.x then
-      return deny(v, 'conflicting_action', 'another action of this principal is in flight', 1)
-    end
-    if sa.intersects(t.tg, conflicts) or sa.intersects(t.cf, tags) then
-      return deny(v, 'conflicting_action', 'a conflicting action of this principal is in flight', 1)
+  if #s.tickets > 0 then
+    local tags, conflicts = sa.set(a.policy.tags), sa.set(a.policy.conflicts)
+    for _, t in ipairs(s.tickets) do
+      if a.policy.exclusive or t.x then
+        return deny(v, 'conflicting_action', 'another action of this principal is in flight', 1)
+      end
+      if sa.intersects(t.tg, conflicts) or sa.intersects(t.cf, tags) then
+        return deny(v, 'conflicting_action', 'a conflicting action of this principal is in flight', 1)
+      end
     end
   end
 
@@ -288,10 +295,9 @@ function sa.evaluate(a, s, with_locks)
     v.risk = risk
   end
   v.jti = a.policy.one_time
-  local locks = {}
-  for _, req in ipairs(a.locks) do locks[#locks + 1] = req[1] end
-  v.ticket = {sid = a.sid, th = a.th, cl = client, tg = a.policy.tags, cf = a.policy.conflicts, x = a.policy.exclusive,
-              e = now + a.lease, lk = locks}
+  -- what later admissions of the principal read of it (an empty list or a false flag is left out)
+  v.ticket = {sid = a.sid, th = a.th, cl = client, tg = listed(a.policy.tags), cf = listed(a.policy.conflicts),
+              x = a.policy.exclusive or nil, e = now + a.lease}
   return v
 end
 
@@ -387,12 +393,14 @@ function sa.result(v)
   return {ok = 1, e = sa.fmt(v.ticket.e), f = fences}
 end
 
--- one server: the whole admission, one call, one round trip. argv[10]: the route's policy (JSON, see sa.policy);
--- then the releases this process made since its last call, applied first (per ticket: its id, the number of its
--- keys, those keys: RedisStore._release_args)
+-- one server: the whole admission, one call, one round trip. The payload holds the request's own fields; argv[6]
+-- is the route's policy (JSON, see sa.policy), argv[7] the fields of the token (JSON, see sa.token); then the
+-- releases this process made since its last call, applied first (per ticket: its id, the number of its keys, those
+-- keys: RedisStore._release_args)
 sa.ops.admit = function(a, now, since, argv)
-  a.policy = sa.policy(argv[10])
-  local i = 11
+  setmetatable(a, sa.token(argv[7]))
+  a.policy = sa.policy(argv[6])
+  local i = 8
   while argv[i] ~= nil do
     local tid, n = argv[i], tonumber(argv[i + 1])
     for j = i + 2, i + 1 + n do redis.call('HDEL', argv[j], tid) end

@@ -8,40 +8,62 @@
 -- top-level definitions on every call, so the scripts of the hot path define only what they use.
 --
 -- A call (sa.main): ARGV[1] names the operation, ARGV[2] is a clock override for tests ('' = the server's TIME),
--- ARGV[3] the key prefix, ARGV[4] the operation's payload (JSON), then constants shared with Python (never copied
--- here): ARGV[5] the audit trail's maximum records, ARGV[6] its retention (seconds), ARGV[7] rules.STATUS_RETENTION,
--- ARGV[8] rules.FENCE_SLACK, ARGV[9] how many milliseconds a key outlives its records, then what the operation
--- takes besides its payload (the admission: its policy). KEYS[1] is the epoch marker of
--- the slot the call runs in; the other KEYS only route the call (in a cluster every key a call touches lives in
--- KEYS[1]'s slot).
+-- ARGV[3] the key prefix, ARGV[4] the operation's payload (JSON), ARGV[5] the constants shared with Python (never
+-- copied here), a JSON list of numbers written as strings: the audit trail's maximum records, its retention
+-- (seconds), rules.STATUS_RETENTION, rules.FENCE_SLACK, how many milliseconds a key outlives its records; then what
+-- the operation takes besides its payload (the admission: its policy and its token's fields). KEYS[1] is the epoch
+-- marker of the slot the call runs in; the other KEYS only route the call (in a cluster every key a call touches
+-- lives in KEYS[1]'s slot).
 --
 -- Times are seconds (floats) of the server's clock. Records are JSON; numbers inside them are written as strings
 -- with 17 significant digits, because cjson keeps only 14 and a watermark must compare exactly.
 
 local sa = {ops = {}}
--- the context of the current call (sa.begin)
-local PREFIX, CLOCK, EPOCH, AUDIT_MAX, AUDIT_RETENTION, RET, FENCE_SLACK, SLACK, PKEYS
 
-function sa.begin(keys, argv)
-  EPOCH, CLOCK, PREFIX, AUDIT_MAX, AUDIT_RETENTION = keys[1], argv[2], argv[3], argv[5], tonumber(argv[6])
-  RET = tonumber(argv[7]) -- rules.STATUS_RETENTION: a status outlives the token it was set on
-  FENCE_SLACK = tonumber(argv[8])
-  SLACK = tonumber(argv[9])
-  sa.RET, sa.FENCE_SLACK, sa.SLACK, sa.EPOCH = RET, FENCE_SLACK, SLACK, EPOCH
-  PKEYS = {}
+-- a JSON text decoded (and made into what `make` makes of it) once per distinct text while the function library
+-- stays loaded (a script decodes it on every call); at most `size` texts are kept, then the cache starts afresh. The
+-- tables are shared by the calls given the same text: never modify them.
+local function decoder(size, make)
+  local known, count = {}, 0
+  return function(text)
+    local value = known[text]
+    if value == nil then
+      value = cjson.decode(text)
+      if make ~= nil then value = make(value) end
+      if count >= size then known, count = {}, 0 end
+      known[text], count = value, count + 1
+    end
+    return value
+  end
 end
 
--- a route's policy from its JSON: decoded once per distinct text while the function library stays loaded (a script
--- decodes it on every call). The table is shared by the calls that use the same policy: never modify it.
-local POLICIES, POLICY_COUNT = {}, 0
-function sa.policy(text)
-  local policy = POLICIES[text]
-  if policy == nil then
-    policy = cjson.decode(text)
-    if POLICY_COUNT >= 512 then POLICIES, POLICY_COUNT = {}, 0 end
-    POLICIES[text], POLICY_COUNT = policy, POLICY_COUNT + 1
+-- a route's policy from its JSON
+sa.policy = decoder(512)
+-- the fields an admission takes from its token (RedisStore._spec_json), as the metatable that lends them to the
+-- admission's own table (its request's fields)
+sa.token = decoder(2048, function(fields) return {__index = fields} end)
+-- the constants of a call (ARGV[5])
+local constants = decoder(16, function(c)
+  return {c[1], tonumber(c[2]), tonumber(c[3]), tonumber(c[4]), tonumber(c[5])}
+end)
+
+-- the context of the current call (sa.begin)
+local PREFIX, CLOCK, EPOCH, AUDIT_MAX, AUDIT_RETENTION, RET, FENCE_SLACK, SLACK, PKEYS
+-- principals' key names (sa.pkey) by prefix: kept while the function library stays loaded (a script computes them
+-- again on every call), at most PKEY_MAX of them (then started afresh)
+local PKEY_CACHE, PKEY_COUNT, PKEY_MAX = {}, 0, 4096
+
+function sa.begin(keys, argv)
+  EPOCH, CLOCK, PREFIX = keys[1], argv[2], argv[3]
+  local c = constants(argv[5])
+  -- RET: rules.STATUS_RETENTION, a status outlives the token it was set on
+  AUDIT_MAX, AUDIT_RETENTION, RET, FENCE_SLACK, SLACK = c[1], c[2], c[3], c[4], c[5]
+  sa.RET, sa.FENCE_SLACK, sa.SLACK, sa.EPOCH = RET, FENCE_SLACK, SLACK, EPOCH
+  PKEYS = PKEY_CACHE[PREFIX]
+  if PKEYS == nil then
+    PKEYS = {}
+    PKEY_CACHE[PREFIX] = PKEYS
   end
-  return policy
 end
 
 function sa.fmt(x)
@@ -104,7 +126,7 @@ end
 
 -- a principal's keys: issuer and subject share one hash tag (RedisStore._principal). The empty issuer (tokens
 -- without `iss`) keeps the tag of the subject alone, as stored before issuers were recorded. Computed once per
--- principal and call (PKEYS: issuer -> subject -> key without suffix).
+-- principal (PKEYS: issuer -> subject -> key without suffix, for the prefix of the call).
 function sa.pkey(sub, iss, suffix)
   iss = iss or ''
   local known = PKEYS[iss]
@@ -116,7 +138,12 @@ function sa.pkey(sub, iss, suffix)
   if base == nil then
     if iss == '' then base = sa.key('p', sub)
     else base = sa.key('pi', string.gsub(string.gsub(iss, '%%', '%%25'), '|', '%%7C') .. '|' .. sub) end
-    known[sub] = base
+    if PKEY_COUNT >= PKEY_MAX then
+      PKEY_CACHE, PKEY_COUNT, known = {}, 0, {}
+      PKEYS = {[iss] = known}
+      PKEY_CACHE[PREFIX] = PKEYS
+    end
+    known[sub], PKEY_COUNT = base, PKEY_COUNT + 1
   end
   if suffix == nil then return base end
   return base .. suffix
