@@ -66,9 +66,24 @@ function sa.begin(keys, argv)
   end
 end
 
+-- a number as text with 17 significant digits. Formatting is slow next to a lookup and a call writes the same few
+-- times several times (the clock, a session's creation and expiry, a ticket's expiry), so the texts are kept while
+-- the function library stays loaded, at most FMT_MAX of them (then started afresh)
+local FMT_CACHE, FMT_COUNT, FMT_MAX = {}, 0, 4096
+local function fmt(x)
+  local text = FMT_CACHE[x]
+  if text == nil then
+    text = string.format('%.17g', x)
+    if x ~= x then return text end -- NaN is no table key
+    if FMT_COUNT >= FMT_MAX then FMT_CACHE, FMT_COUNT = {}, 0 end
+    FMT_CACHE[x], FMT_COUNT = text, FMT_COUNT + 1
+  end
+  return text
+end
+
 function sa.fmt(x)
   if x == nil then return nil end
-  return string.format('%.17g', x)
+  return fmt(x)
 end
 
 -- at most `n` bytes of a UTF-8 string, never ending inside a character (a cut character is left out)
@@ -220,14 +235,14 @@ end
 function sa.enc(r)
   local id, raw, c, l, e, ma, mg, ca, ix, f = r.id, r.raw, r.c, r.l, r.e, r.ma, r.mg, r.ca, r.ix, r.f
   r.id, r.raw = nil, nil
-  if c ~= nil then r.c = string.format('%.17g', c) end
-  if l ~= nil then r.l = string.format('%.17g', l) end
-  if e ~= nil then r.e = string.format('%.17g', e) end
-  if ma ~= nil then r.ma = string.format('%.17g', ma) end
-  if mg ~= nil then r.mg = string.format('%.17g', mg) end
-  if ca ~= nil then r.ca = string.format('%.17g', ca) end
-  if ix ~= nil then r.ix = string.format('%.17g', ix) end
-  if f ~= nil then r.f = string.format('%.17g', f) end
+  if c ~= nil then r.c = fmt(c) end
+  if l ~= nil then r.l = fmt(l) end
+  if e ~= nil then r.e = fmt(e) end
+  if ma ~= nil then r.ma = fmt(ma) end
+  if mg ~= nil then r.mg = fmt(mg) end
+  if ca ~= nil then r.ca = fmt(ca) end
+  if ix ~= nil then r.ix = fmt(ix) end
+  if f ~= nil then r.f = fmt(f) end
   local out = cjson.encode(r)
   r.id, r.raw, r.c, r.l, r.e, r.ma, r.mg, r.ca, r.ix, r.f = id, raw, c, l, e, ma, mg, ca, ix, f
   return out
