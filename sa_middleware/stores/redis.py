@@ -458,9 +458,9 @@ class RedisStore(Store):
         self._shas = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._scripts.items()}
         self._library_name, self._library = _library()
         self._functions = True  # False once the server turned out to have no functions (or refused to load them)
-        # the end of the script's constants (lib.lua): numbers written as strings, in a JSON list
+        # the script's constants after the audit trail's (lib.lua: numbers written as strings, in a JSON list)
         self._constants = (f'"{STATUS_RETENTION!r}","{FENCE_SLACK!r}",'
-                           f'"{_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS}"]')
+                           f'"{_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS}"')
         self._give_backs: set[asyncio.Task[None]] = set()  # compensations of cancelled admissions, still running
         # releases not sent yet (one server or Sentinel): the next call of this process carries them (an admission
         # inside its own call), or a flush sends them together (scheduled on the loop; from threads, the flush
@@ -633,7 +633,7 @@ class RedisStore(Store):
         clock = "" if self._clock is None else repr(float(self._clock()))
         payload = call.payload if isinstance(call.payload, str) else json.dumps(call.payload, separators=(",", ":"),
                                                                                 allow_nan=False)
-        constants = f'["{self.audit_max_records}","{float(self.audit_retention)!r}",{self._constants}'
+        constants = f'["{self.audit_max_records}","{float(self.audit_retention)!r}",{self._constants}]'
         return [call.op, clock, self.prefix, payload, constants, *call.extra]
 
     def _answer(self, raw: Any) -> dict[str, Any]:

@@ -302,6 +302,27 @@ def test_the_function_library_is_loaded_once_and_again_after_a_flush(server: Red
         assert "evalsha" not in after and "eval" not in after
 
 
+def test_the_librarys_caches_start_afresh_when_full_and_never_mix_prefixes(tmp_path: Path) -> None:
+    """The library keeps principals' key names, tokens' fields and the texts of numbers between calls, each cache
+    bounded: well past every bound (4,200 principals, each with its own token), decisions still find each
+    principal's state, and two stores on one server (two prefixes) never share a principal's keys."""
+    first, other = store_uri("redis", tmp_path), store_uri("redis", tmp_path)
+    try:
+        with opened(first) as a, opened(other) as b:
+            ok(a, sub="first", max_sessions=1)
+            for i in range(4200):
+                a.release(ok(a, sub=f"p{i}", max_sessions=1))
+                if i % 1000 == 0:  # the other prefix, between the calls that fill the caches
+                    ok(b, sub="first", session_id="first-2", max_sessions=1)
+            refused(a, "too_many_sessions", sub="first", session_id="first-2", max_sessions=1)
+            ok(a, sub="first", max_sessions=1)
+            refused(b, "too_many_sessions", sub="first", session_id="first-1", max_sessions=1)
+            refused(a, "too_many_sessions", sub="p0", session_id="p0-2", max_sessions=1)
+    finally:
+        forget_prefix(first)
+        forget_prefix(other)
+
+
 def test_a_server_without_functions_runs_the_scripts(tmp_path: Path) -> None:
     """Before Redis 7 (no FCALL) the store runs the same code as scripts: EVALSHA, loaded again after a NOSCRIPT."""
     srv = RedisServer(tmp_path, name="nofunctions", extra_args=["--rename-command", "FCALL", ""])
