@@ -229,7 +229,8 @@ class _Call:
     op: str
     route: str
     payload: dict[str, Any] | str  # a str: JSON already
-    extra: tuple[str, ...] = ()  # arguments after the constants (the admission: its policy's JSON)
+    extra: tuple[str, ...] = ()  # arguments after the constants (the admission: its policy's JSON, its token's
+    # fields' JSON, then the releases it carries)
 
 
 @dataclass(frozen=True, slots=True)

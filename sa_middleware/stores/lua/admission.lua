@@ -3,7 +3,9 @@
 -- sa.evaluate is sa_middleware/rules.py's `evaluate`, line for line: the same checks in the same order with the same
 -- codes, details and Retry-After values (tests/stores/test_rule_agreement.py runs both on the same cases). The
 -- admission `a` carries the route's policy as `a.policy`: the fields of records.EffectivePolicy under their Python
--- names (a field that is None is absent).
+-- names (a field that is None is absent). On one server `a` holds only the request's own fields and borrows its
+-- token's fields from a table shared by the calls of that token (sa.token, through `__index`): never iterate it,
+-- encode it or read it with rawget, and never write into the tables it lends.
 
 local COMPROMISED = 'this context is related to a reported compromise; re-authenticate'
 

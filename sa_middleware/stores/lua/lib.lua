@@ -99,8 +99,8 @@ function sa.cut(text, n)
   return cut
 end
 
--- the audit trail: a stream in the slot of the epoch marker (next to it), at most ARGV[5] records, kept ARGV[6]
--- seconds
+-- the audit trail: a stream in the slot of the epoch marker (next to it), at most AUDIT_MAX records, kept
+-- AUDIT_RETENTION seconds (the first two constants of ARGV[5])
 function sa.audit(records, now)
   if #records == 0 then return end
   local key = (string.gsub(EPOCH, 'epoch$', 'audit'))
@@ -197,7 +197,8 @@ function sa.epoch(now)
 end
 
 -- make a key live at least `seconds` more (never shortens a TTL; keys without one get one). Records carry their own
--- expiry; a key outlives its records by ARGV[9] milliseconds (RedisStore: a second, a minute under a test clock).
+-- expiry; a key outlives its records by SLACK milliseconds (the last constant of ARGV[5]; RedisStore: a second, a
+-- minute under a test clock).
 -- `fresh`: the key was created by this call (it did not exist when read), so it has no TTL yet.
 function sa.keep(key, seconds, fresh)
   local ms = math.ceil(seconds * 1000) + SLACK
