@@ -39,7 +39,7 @@ from .denials import Denial
 from .dpop import DEFAULT_DPOP_ALGORITHMS, UNBOUND, Binding, SenderConstraints
 from .errors import ConfigurationError, InvalidToken, KeysUnavailable, StoreError
 from .frozen import fast_init
-from .observe import build_observer
+from .observe import Probe, build_observer
 from .operations import Operations, finite_number
 from .policy import LockMode, Policy, RouteMatch, RouteTable
 from .records import Admission, AuditRecord, LockRequest, Ticket
@@ -319,12 +319,6 @@ class Guard(Operations):
         """The route and policy for a request (adapters pass their own router's match to ``admit`` instead)."""
         return self.routes.match("WEBSOCKET" if request.websocket else request.method, request.route_path)
 
-    def _flow(self, request: RequestInfo, match: RouteMatch | None) -> Generator[_Step, Any, Outcome]:
-        outcome = yield from self._decide(request, match)
-        if isinstance(outcome, Denial) and _credentials(request)[0] == "dpop" and "auth_scheme" not in outcome.extra:
-            outcome = self.constraints.challenge(outcome)  # answer in the scheme the client used (RFC 9449 7.1)
-        return outcome
-
     def _decide(self, request: RequestInfo, match: RouteMatch | None) -> Generator[_Step, Any, Outcome]:
         match = match or self.match(request)
         refusal = match.refusal or _method_override(request)
@@ -469,7 +463,7 @@ class Guard(Operations):
         if self.observer is not None:
             match = match or self.match(request)
             probe = self.observer.admission(request, match)
-        flow = self._flow(request, match)
+        flow = self._decide(request, match)
         answer: Any = None
         verified: Any = None
         asked: Admission | None = None
@@ -494,12 +488,7 @@ class Guard(Operations):
                 if probe is not None:
                     probe.after(step, answer)
         except StopIteration as stop:
-            outcome: Outcome = stop.value
-            if probe is not None:
-                probe.finish(outcome, asked)
-            if not (isinstance(outcome, Admitted) and (outcome.ticket is not None or asked is None)):
-                self._audit_outcome(outcome, request, match, asked, answer, verified)
-            return outcome
+            return self._finish(stop.value, request, match, probe, asked, answer, verified)
 
     async def aadmit(self, request: RequestInfo, match: RouteMatch | None = None) -> Outcome:
         """Decide a request without blocking the event loop (ASGI). Never raises for bad input or a failing store."""
@@ -507,7 +496,7 @@ class Guard(Operations):
         if self.observer is not None:
             match = match or self.match(request)
             probe = self.observer.admission(request, match)
-        flow = self._flow(request, match)
+        flow = self._decide(request, match)
         answer: Any = None
         verified: Any = None
         asked: Admission | None = None
@@ -533,12 +522,19 @@ class Guard(Operations):
                 if probe is not None:
                     probe.after(step, answer)
         except StopIteration as stop:
-            outcome: Outcome = stop.value
-            if probe is not None:
-                probe.finish(outcome, asked)
-            if not (isinstance(outcome, Admitted) and (outcome.ticket is not None or asked is None)):
-                self._audit_outcome(outcome, request, match, asked, answer, verified)
-            return outcome
+            return self._finish(stop.value, request, match, probe, asked, answer, verified)
+
+    def _finish(self, outcome: Outcome, request: RequestInfo, match: RouteMatch | None, probe: Probe | None,
+                asked: Admission | None, answer: Any, verified: Any) -> Outcome:
+        """The end of a decision (both drivers): a denial answered in the scheme the client used (RFC 9449 7.1),
+        reported to the observer, and audited unless the store recorded it."""
+        if isinstance(outcome, Denial) and "auth_scheme" not in outcome.extra and _credentials(request)[0] == "dpop":
+            outcome = self.constraints.challenge(outcome)
+        if probe is not None:
+            probe.finish(outcome, asked)
+        if isinstance(outcome, Denial) or (outcome.ticket is None and asked is not None):
+            self._audit_outcome(outcome, request, match, asked, answer, verified)
+        return outcome
 
     def _audit_outcome(self, outcome: Outcome, request: RequestInfo, match: RouteMatch | None,
                        asked: Admission | None, answer: Any, verified: Any) -> None:

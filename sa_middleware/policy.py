@@ -340,7 +340,7 @@ class _Route:
     key: str
     method: str
     regex: re.Pattern[str]
-    convert: dict[str, Any]
+    typed: dict[str, Any]  # the convertors of the parameters that are not str
     policy: EffectivePolicy
     rank: tuple[int, int, int]
     params: frozenset[str] = field(default_factory=frozenset)
@@ -420,7 +420,8 @@ class RouteTable:
         except ConfigurationError as exc:
             raise ConfigurationError(f"route {key!r}: {exc}") from None
         rank = (literal, -path_params, method != "*")
-        return _Route(key, method, re.compile(pattern), convert, effective, rank, frozenset(convert), policy)
+        typed = {name: func for name, func in convert.items() if func is not str}
+        return _Route(key, method, re.compile(pattern), typed, effective, rank, frozenset(convert), policy)
 
     def _effective(self, policy: Policy | None, table: Policy | None) -> EffectivePolicy:
         """``policy`` (an endpoint's ``@policy``) over the table entry ``table`` over ``default_policy``; cached."""
@@ -478,8 +479,10 @@ class RouteTable:
             m = route.regex.match(path)
             if m is None:
                 continue
+            params = m.groupdict()
             try:
-                params = {name: route.convert[name](value) for name, value in m.groupdict().items()}
+                for name, func in route.typed.items():
+                    params[name] = func(params[name])
             except (ValueError, OverflowError):  # e.g. an int of more digits than Python converts: not this route
                 continue
             return route, params

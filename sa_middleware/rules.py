@@ -10,6 +10,7 @@ the same code.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from .records import Admission, LockRequest, SessionInfo, SessionStatus, Snapshot, Ticket, TicketRecord, Verdict
 
@@ -179,8 +180,9 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
     # object locks
     grants: list[tuple[str, str, int]] = []
     for req in _merge_locks(a.locks) if a.locks else ():
-        holders = [h for h in s.lock_holders.get(req.key, []) if h.ticket_id != a.ticket_id]
-        blocking = [h for h in holders if req.mode == "exclusive" or h.mode == "exclusive"]
+        held = s.lock_holders.get(req.key)
+        blocking = [h for h in held if h.ticket_id != a.ticket_id
+                    and (req.mode == "exclusive" or h.mode == "exclusive")] if held else None
         if blocking:
             retry = _seconds(min(h.expires for h in blocking) - now)
             if pol.on_lock_conflict == "pause":
@@ -218,8 +220,10 @@ def evaluate(a: Admission, s: Snapshot) -> Verdict:
     return v
 
 
-def _merge_locks(locks: tuple[LockRequest, ...]) -> list[LockRequest]:
+def _merge_locks(locks: tuple[LockRequest, ...]) -> Sequence[LockRequest]:
     """One request per key; exclusive wins when two templates render the same key."""
+    if len(locks) == 1:
+        return locks
     merged: dict[str, LockRequest] = {}
     for req in locks:
         if req.key not in merged or req.mode == "exclusive":
