@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import fields
+from operator import attrgetter
 
 from .records import Admission, LockRequest, SessionInfo, SessionStatus, Snapshot, Ticket, TicketRecord, Verdict
 
-__all__ = ["FENCE_SLACK", "STATUS_RETENTION", "evaluate", "is_active", "is_newer", "live_risk", "next_fence", "owns"]
+__all__ = ["FENCE_SLACK", "SEEN_PRECISION", "STATUS_RETENTION", "evaluate", "is_active", "is_newer", "live_risk",
+           "next_fence", "owns", "seen_again"]
 
 #: seconds a paused, revoked or compromised session is remembered beyond its last token's expiry, so a refreshed
 #: token with the same session id cannot bring it back without an operator
@@ -23,6 +26,12 @@ STATUS_RETENTION = 86400.0
 #: seconds a lock key's fencing counter outlives the key's last lock (a Redis TTL beyond the lease; SQLite prunes
 #: counters that lag the clock by more than this): how far the store clock may step back without reissuing a token
 FENCE_SLACK = 60.0
+
+#: seconds a stored session's ``last_seen`` may lag its latest admission (at most; a hundredth of ``session_idle``
+#: when that is shorter): a session seen again with nothing else changed is not written again before then
+SEEN_PRECISION = 1.0
+
+_ALL_BUT_LAST_SEEN = attrgetter(*(f.name for f in fields(SessionInfo) if f.name != "last_seen"))
 
 
 def next_fence(last: int, now: float) -> int:
@@ -39,6 +48,14 @@ def is_newer(marker_at: float, marker_gen: int | None, token_iat: float | None, 
     if marker_gen is not None and token_gen is not None:
         return token_gen > marker_gen
     return token_iat is not None and token_iat > marker_at
+
+
+def seen_again(session: SessionInfo, stored: SessionInfo | None, session_idle: float) -> bool:
+    """Whether an admission's session record may be left as stored: nothing but ``last_seen`` changed, and the
+    stored one is less than ``min(SEEN_PRECISION, session_idle / 100)`` seconds old (the SQLite and Redis stores
+    skip that write; ``is_active`` then counts a session idle at most that much early)."""
+    return (stored is not None and session.last_seen - stored.last_seen < min(SEEN_PRECISION, session_idle / 100)
+            and _ALL_BUT_LAST_SEEN(session) == _ALL_BUT_LAST_SEEN(stored))
 
 
 def is_active(session: SessionInfo, session_idle: float, now: float) -> bool:

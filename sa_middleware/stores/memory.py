@@ -33,7 +33,7 @@ from ..records import (
     TicketRecord,
     Verdict,
 )
-from ..rules import FENCE_SLACK, STATUS_RETENTION, evaluate, live_risk
+from ..rules import FENCE_SLACK, STATUS_RETENTION, evaluate, live_risk, seen_again
 from .base import Store
 from .sqlite import _admission_audit, _outcome
 
@@ -235,7 +235,7 @@ class MemoryStore(Store):
             st.generation = max(st.generation, v.new_generation or 0)
             if v.risk is not None:
                 st.risk = list(v.risk)
-        if v.session is not None:
+        if v.session is not None and not seen_again(v.session, self._sessions.get(a.session_id), a.session_idle):
             self._put_session(v.session)
         for session_id, status in v.session_status.items():
             if v.session is not None and session_id == v.session.session_id:

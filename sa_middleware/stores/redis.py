@@ -65,7 +65,7 @@ from ..denials import Denial
 from ..errors import ConfigurationError, StoreError, StoreUnavailable
 from ..policy import EffectivePolicy
 from ..records import Admission, AuditKind, AuditRecord, LockInfo, SessionInfo, Ticket
-from ..rules import FENCE_SLACK, STATUS_RETENTION, _merge_locks
+from ..rules import FENCE_SLACK, SEEN_PRECISION, STATUS_RETENTION, _merge_locks
 from . import redis_pipeline
 from .base import Store
 from .flush_thread import FlushThread
@@ -461,7 +461,7 @@ class RedisStore(Store):
         self._functions = True  # False once the server turned out to have no functions (or refused to load them)
         # the script's constants after the audit trail's (lib.lua: numbers written as strings, in a JSON list)
         self._constants = (f'"{STATUS_RETENTION!r}","{FENCE_SLACK!r}",'
-                           f'"{_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS}"')
+                           f'"{_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS}","{SEEN_PRECISION!r}"')
         self._give_backs: set[asyncio.Task[None]] = set()  # compensations of cancelled admissions, still running
         # releases not sent yet (one server or Sentinel): the next call of this process carries them (an admission
         # inside its own call), or a flush sends them together (scheduled on the loop; from threads, the flush

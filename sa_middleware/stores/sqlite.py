@@ -52,7 +52,7 @@ from ..records import (
     TicketRecord,
     Verdict,
 )
-from ..rules import FENCE_SLACK, STATUS_RETENTION, evaluate, live_risk
+from ..rules import FENCE_SLACK, STATUS_RETENTION, evaluate, live_risk, seen_again
 from .base import Store
 from .flush_thread import FlushThread
 from .forks import afresh_after_fork
@@ -1115,7 +1115,9 @@ class SQLiteStore(Store):
                          (a.iss, a.sub, v.new_generation or 0, json.dumps(v.risk or []),
                           None if v.risk is None else json.dumps(v.risk)))
         s = v.session
-        if s is not None and stored is not None and (s.sub, s.iss, s.actor, s.device, s.credential) == (
+        if s is not None and seen_again(s, stored, a.session_idle):
+            pass  # the same session seen again within SEEN_PRECISION, nothing else changed: left as stored
+        elif s is not None and stored is not None and (s.sub, s.iss, s.actor, s.device, s.credential) == (
                 stored.sub, stored.iss, stored.actor, stored.device, stored.credential):
             # the same session seen again: its indexed columns stay as they are
             conn.execute("UPDATE sessions SET kind = ?, status = ?, created = ?, last_seen = ?, expires = ?, "

@@ -28,6 +28,7 @@ from support import admission_of
 
 from sa_middleware.denials import Denial
 from sa_middleware.records import Admission, LockRequest, Ticket
+from sa_middleware.rules import SEEN_PRECISION
 from sa_middleware.stores.base import Store
 from sa_middleware.stores.memory import MemoryStore
 from sa_middleware.stores.sqlite import SQLiteStore
@@ -1173,6 +1174,33 @@ def test_sessions_track_the_latest_request(d: Driver) -> None:
     (session,) = d.store.sessions("alice", 900)
     assert session.user_agent == "b"
     assert session.last_seen > session.created
+
+
+def test_last_seen_lags_the_latest_admission_by_at_most_its_precision(d: Driver) -> None:
+    # needs_clock
+    start = d.clock()
+    d.passes()
+    d.clock.advance(0.4)
+    d.passes()  # nothing changed: a store may leave the record as it is
+    (session,) = d.store.sessions("alice", 900)
+    assert start - 0.01 <= session.last_seen and d.clock() - session.last_seen < SEEN_PRECISION
+    d.clock.advance(0.8)
+    d.passes()  # the stored time is a second old or more: written
+    (session,) = d.store.sessions("alice", 900)
+    assert session.last_seen >= start + 1.19
+    d.passes(user_agent="other")  # anything else changed: written at once
+    (session,) = d.store.sessions("alice", 900)
+    assert session.user_agent == "other" and session.last_seen >= start + 1.19
+
+
+def test_last_seen_is_precise_to_a_hundredth_of_a_short_session_idle(d: Driver) -> None:
+    # needs_clock
+    start = d.clock()
+    d.passes(session_idle=20.0)  # precision: 0.2 seconds
+    d.clock.advance(0.3)
+    d.passes(session_idle=20.0)
+    (session,) = d.store.sessions("alice", 20.0)
+    assert session.last_seen >= start + 0.29
 
 
 def test_sessions_excludes_idle_ones(d: Driver) -> None:

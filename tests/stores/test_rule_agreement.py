@@ -1,7 +1,8 @@
 """The admission rule is written twice: in Python (``rules.py``, which the memory and SQLite stores evaluate) and in
 Lua (the Redis store). This test keeps them equal: the same operations, on the same clock, go to a memory store and to
 a Redis store, and every outcome must match: the code, the detail and Retry-After of a denial, the fencing tokens of
-an admission, and what was written (each principal's sessions with their status and times, every held lock).
+an admission, and what was written (each principal's sessions with their status, times and client, every held
+lock).
 
 The operations come from a table of cases (the rule's branches, one by one) and from hypothesis, which generates
 sequences of admissions under random policies mixed with releases, operator actions and the clock moving on.
@@ -47,6 +48,7 @@ class Admit:
     client: str = "10.0.0.1"
     jti: str | None = None
     policy: tuple[tuple[str, Any], ...] = ()
+    same_token: bool = False  # the token of the sequence's first request (its expiry), not a fresh one
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Pair:
         from sa_middleware.stores.redis import RedisStore
 
         self.clock = Clock()
+        self.start = self.clock.now
         self.memory = MemoryStore(clock=self.clock)
         self.redis = RedisStore.from_uri(redis_uri, timeout=10.0, clock=self.clock)
         self.held: list[tuple[Ticket, Ticket]] = []  # (memory's, Redis's) ticket of one admission
@@ -92,7 +95,8 @@ class Pair:
         locks = tuple(LockRequest(key, mode) for key, mode in policy.pop("locks", ()))
         return admission_of(
             ticket_id=f"t{self.serial}", sub=op.sub, kind=op.kind, session_id=f"{op.sub}-{op.session}",
-            token_hash=f"hash:{op.sub}-{op.session}", token_exp=now + 3600, token_iat=now - op.iat_ago,
+            token_hash=f"hash:{op.sub}-{op.session}",
+            token_exp=(self.start if op.same_token else now) + 3600, token_iat=now - op.iat_ago,
             token_gen=op.gen, jti=op.jti, actor=None, credential=None, device=None, client=f"{op.client}|ua",
             user_agent="ua", route="PUT /docs/{id}", locks=locks, lease=30.0, session_idle=IDLE, **policy)
 
@@ -136,8 +140,9 @@ class Pair:
         return store.revoke_session(session_id)
 
     def state(self, store: Store) -> tuple[Any, ...]:
-        sessions = {sub: [(s.session_id, s.sub, s.kind, s.status, s.created, s.last_seen, s.expires, s.marked_at,
-                           s.marked_generation, s.cleared_at) for s in store.sessions(sub, IDLE)] for sub in SUBS}
+        sessions = {sub: [(s.session_id, s.sub, s.kind, s.status, s.created, s.last_seen, s.expires, s.client,
+                           s.user_agent, s.marked_at, s.marked_generation, s.cleared_at)
+                          for s in store.sessions(sub, IDLE)] for sub in SUBS}
         locks = [(x.key, x.mode, x.fencing_token, x.ticket_id, x.sub, x.session_id, x.expires)
                  for x in store.locks()]
         return sessions, locks
@@ -215,6 +220,11 @@ CASES: dict[str, list[Op]] = {
                                         Admit("bob", 1, client="10.9.9.9"),
                                         Admit("bob", 2, jti="j1", policy=(("one_time", True),)),
                                         Admit("bob", 2, jti="j1", policy=(("one_time", True),))],
+    "a session seen again is written once a second, or at once when it changed": [
+        Admit("alice", 1, same_token=True), Advance(0.25), Admit("alice", 1, same_token=True), Advance(0.25),
+        Admit("alice", 1, client="10.0.0.2", same_token=True), Advance(0.9),
+        Admit("alice", 1, client="10.0.0.2", same_token=True), Advance(1.1),
+        Admit("alice", 1, client="10.0.0.2", same_token=True), Admit("alice", 1)],
     "leases lapse": [Admit("alice", 1, policy=(("locks", (("doc:1", "exclusive"),)),)), Advance(31),
                      Admit("bob", 1, policy=(("locks", (("doc:1", "exclusive"),)),))],
 }
@@ -223,6 +233,16 @@ CASES: dict[str, list[Op]] = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_table_of_cases(pair: Pair, name: str) -> None:
     check(pair, CASES[name])
+
+
+def test_a_session_seen_again_within_the_precision_is_left_as_stored(pair: Pair) -> None:
+    first = pair.clock()
+    check(pair, [Admit("alice", 1, same_token=True), Advance(0.25), Admit("alice", 1, same_token=True)])
+    for store in (pair.memory, pair.redis):
+        assert [s.last_seen for s in store.sessions("alice", IDLE)] == [first]
+    check(pair, [Advance(0.8), Admit("alice", 1, same_token=True)])  # a second after the stored time: written
+    for store in (pair.memory, pair.redis):
+        assert [s.last_seen for s in store.sessions("alice", IDLE)] == [pair.clock()]
 
 
 # -- generated sequences -----------------------------------------------------------------------------------------
@@ -245,7 +265,7 @@ _policies = st.fixed_dictionaries({}, optional={
 _admits = st.builds(Admit, sub=st.sampled_from(SUBS), session=st.integers(1, 3),
                     kind=st.sampled_from(["human", "agent", "service"]), gen=st.none() | st.integers(0, 2),
                     iat_ago=st.sampled_from([60.0, 1.0, -0.5]), client=st.sampled_from(["10.0.0.1", "10.0.0.2"]),
-                    policy=_policies)
+                    policy=_policies, same_token=st.booleans())
 _ops = st.one_of(
     _admits, _admits, _admits,
     st.builds(Release, index=st.integers(0, 5)),

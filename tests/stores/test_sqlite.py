@@ -35,6 +35,29 @@ def admission(**overrides: Any) -> Admission:
     return admission_of(**values)
 
 
+def test_a_session_seen_again_within_a_second_is_not_written_again(tmp_path: Path) -> None:
+    clock = [1_700_000_000.0]
+    store = SQLiteStore(str(tmp_path / "sa.db"), clock=lambda: clock[0])
+    plain = {"locks": (), "token_exp": clock[0] + 3600, "token_iat": clock[0] - 60}
+    try:
+        store.release(store.admit(admission(**plain)))
+        seen: list[str] = []
+        for conn in store._connections:
+            conn.set_trace_callback(seen.append)
+        for step, user_agent in ((0.5, "ua"), (0.4, "changed"), (0.2, "changed"), (1.0, "changed")):
+            clock[0] += step
+            seen.clear()
+            store.release(store.admit(admission(**plain, user_agent=user_agent)))
+            writes = [x for x in seen if x.startswith("UPDATE sessions")]
+            (session,) = store.sessions("alice", 900)
+            if (step, user_agent) in ((0.5, "ua"), (0.2, "changed")):  # nothing new within the second
+                assert writes == [] and session.last_seen < clock[0]
+            else:
+                assert len(writes) == 1 and session.last_seen == clock[0] and session.user_agent == user_agent
+    finally:
+        store.close()
+
+
 @pytest.mark.anyio
 async def test_free_database_is_decided_inline_without_a_thread(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:

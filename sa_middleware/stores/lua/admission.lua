@@ -303,6 +303,19 @@ function sa.evaluate(a, s, with_locks)
   return v
 end
 
+-- rules.seen_again: a session record left as stored, because nothing but its last-seen time changed and the stored
+-- one is less than min(SEEN_PRECISION, session_idle / 100) seconds old
+local function seen_again(rec, old, now, idle)
+  if old == nil or not old.raw or now - old.l >= math.min(sa.SEEN, idle / 100) then return false end
+  for k, x in pairs(rec) do
+    if k ~= 'l' and old[k] ~= x then return false end
+  end
+  for k in pairs(old) do
+    if rec[k] == nil and k ~= 'raw' then return false end
+  end
+  return true
+end
+
 -- the principal-slot writes of a verdict. Returns the undo record (what a compensation restores) and, when the
 -- session index's lease must be extended, the seconds it must live from now.
 function sa.apply_principal(a, s, v, now, writer)
@@ -325,10 +338,12 @@ function sa.apply_principal(a, s, v, now, writer)
       touch = rec.ix - now
     end
     rec.w = writer
-    redis.call('HSET', skey, rec.id, sa.enc(rec))
-    -- the key already outlives a stored record that expires no earlier (on the server's clock)
-    local stored = s.session ~= nil and s.session.raw ~= nil and s.session.raw ~= false
-    if not (stored and rec.e <= s.session.e and sa.real_clock()) then sa.keep(skey, rec.e - now, #s.sessions == 0) end
+    if not seen_again(rec, s.session, now, a.idle) then
+      redis.call('HSET', skey, rec.id, sa.enc(rec))
+      -- the key already outlives a stored record that expires no earlier (on the server's clock)
+      local stored = s.session ~= nil and s.session.raw ~= nil and s.session.raw ~= false
+      if not (stored and rec.e <= s.session.e and sa.real_clock()) then sa.keep(skey, rec.e - now, #s.sessions == 0) end
+    end
   end
   for _, sid in ipairs(v.status_order) do
     local st = v.status[sid]

@@ -10,10 +10,10 @@
 -- A call (sa.main): ARGV[1] names the operation, ARGV[2] is a clock override for tests ('' = the server's TIME),
 -- ARGV[3] the key prefix, ARGV[4] the operation's payload (JSON), ARGV[5] the constants shared with Python (never
 -- copied here), a JSON list of numbers written as strings: the audit trail's maximum records, its retention
--- (seconds), rules.STATUS_RETENTION, rules.FENCE_SLACK, how many milliseconds a key outlives its records; then what
--- the operation takes besides its payload (the admission: its policy and its token's fields). KEYS[1] is the epoch
--- marker of the slot the call runs in; the other KEYS only route the call (in a cluster every key a call touches
--- lives in KEYS[1]'s slot).
+-- (seconds), rules.STATUS_RETENTION, rules.FENCE_SLACK, how many milliseconds a key outlives its records,
+-- rules.SEEN_PRECISION; then what the operation takes besides its payload (the admission: its policy and its token's
+-- fields). KEYS[1] is the epoch marker of the slot the call runs in; the other KEYS only route the call (in a cluster
+-- every key a call touches lives in KEYS[1]'s slot).
 --
 -- Times are seconds (floats) of the server's clock. Records are JSON; numbers inside them are written as strings
 -- with 17 significant digits, because cjson keeps only 14 and a watermark must compare exactly.
@@ -44,11 +44,11 @@ sa.policy = decoder(512)
 sa.token = decoder(2048, function(fields) return {__index = fields} end)
 -- the constants of a call (ARGV[5])
 local constants = decoder(16, function(c)
-  return {c[1], tonumber(c[2]), tonumber(c[3]), tonumber(c[4]), tonumber(c[5])}
+  return {c[1], tonumber(c[2]), tonumber(c[3]), tonumber(c[4]), tonumber(c[5]), tonumber(c[6])}
 end)
 
 -- the context of the current call (sa.begin)
-local PREFIX, CLOCK, EPOCH, AUDIT_MAX, AUDIT_RETENTION, RET, FENCE_SLACK, SLACK, PKEYS
+local PREFIX, CLOCK, EPOCH, AUDIT_MAX, AUDIT_RETENTION, RET, FENCE_SLACK, SLACK, SEEN, PKEYS
 -- principals' key names (sa.pkey) by prefix: kept while the function library stays loaded (a script computes them
 -- again on every call), at most PKEY_MAX of them (then started afresh)
 local PKEY_CACHE, PKEY_COUNT, PKEY_MAX = {}, 0, 4096
@@ -57,8 +57,8 @@ function sa.begin(keys, argv)
   EPOCH, CLOCK, PREFIX = keys[1], argv[2], argv[3]
   local c = constants(argv[5])
   -- RET: rules.STATUS_RETENTION, a status outlives the token it was set on
-  AUDIT_MAX, AUDIT_RETENTION, RET, FENCE_SLACK, SLACK = c[1], c[2], c[3], c[4], c[5]
-  sa.RET, sa.FENCE_SLACK, sa.SLACK, sa.EPOCH = RET, FENCE_SLACK, SLACK, EPOCH
+  AUDIT_MAX, AUDIT_RETENTION, RET, FENCE_SLACK, SLACK, SEEN = c[1], c[2], c[3], c[4], c[5], c[6]
+  sa.RET, sa.FENCE_SLACK, sa.SLACK, sa.SEEN, sa.EPOCH = RET, FENCE_SLACK, SLACK, SEEN, EPOCH
   PKEYS = PKEY_CACHE[PREFIX]
   if PKEYS == nil then
     PKEYS = {}
@@ -197,7 +197,7 @@ function sa.epoch(now)
 end
 
 -- make a key live at least `seconds` more (never shortens a TTL; keys without one get one). Records carry their own
--- expiry; a key outlives its records by SLACK milliseconds (the last constant of ARGV[5]; RedisStore: a second, a
+-- expiry; a key outlives its records by SLACK milliseconds (the fifth constant of ARGV[5]; RedisStore: a second, a
 -- minute under a test clock).
 -- `fresh`: the key was created by this call (it did not exist when read), so it has no TTL yet.
 function sa.keep(key, seconds, fresh)
