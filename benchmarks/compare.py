@@ -9,7 +9,9 @@ is measured on ``GET /plain`` (``Policy(max_sessions=5)``) and on ``PUT /objects
 (``Policy(locks=["object:{id}"])``, 997 objects) with wrk (``-t1 -c32``, a warm-up, then the measured run), 64
 principals each with its own RS256 token, requests rotating over them. Configurations are alternated within each
 round (forwards, then backwards), every server is started fresh on a fresh store; the figures are medians over
-the rounds. Redis is a private ``redis-server`` started for the run (persistence off) unless ``--redis`` names one.
+the rounds. The in-process figures (``benchmarks/inprocess.py``, a fresh interpreter per package and round) are
+taken the same way: packages alternated within each round, medians over the rounds. Redis is a private
+``redis-server`` started for the run (persistence off) unless ``--redis`` names one.
 
 Needs wrk (Debian/Ubuntu: ``apt-get install wrk``; macOS: ``brew install wrk``) and the bench extra
 (``pip install -e '.[bench]'``: uvicorn, uvloop, httptools, gunicorn, starlette, flask, redis).
@@ -248,6 +250,29 @@ def inprocess(redis_uri: str, quick: bool, pythonpath: str) -> dict[str, Any]:
     return result
 
 
+def median_of(runs: list[Any]) -> Any:
+    """The figure-by-figure median of several runs' results (nested dicts of numbers)."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: median_of([run[key] for run in runs if key in run]) for key in first}
+    if isinstance(first, int | float) and not isinstance(first, bool):
+        value = statistics.median(runs)
+        return round(value, 1) if isinstance(value, float) else value
+    return first
+
+
+def inprocess_rounds(redis_uri: str, quick: bool, rounds: int, paths: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The in-process figures of each package (label -> PYTHONPATH), measured like the HTTP configurations:
+    ``rounds`` rounds, the packages alternated within each (forwards, then backwards), medians over the rounds."""
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in paths}
+    labels = list(paths)
+    for round_ in range(rounds):
+        for label in labels if round_ % 2 == 0 else labels[::-1]:
+            print(f"  in-process round {round_ + 1} {label or 'this checkout'}", flush=True)
+            runs[label].append(inprocess(redis_uri, quick, paths[label]))
+    return {label: median_of(found) for label, found in runs.items()}
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError):
@@ -366,10 +391,10 @@ def main() -> None:
             results["wsgi"] = bench.run("wsgi", configs, ["plain"])
         if "inprocess" in parts:
             print("in-process", flush=True)
-            results["in_process"] = inprocess(redis_uri, quick, bench.env["PYTHONPATH"])
-            for label, path in args.trees.items():
-                results[f"in_process@{label}"] = inprocess(redis_uri, quick,
-                                                           os.pathsep.join([path, bench.env["PYTHONPATH"]]))
+            paths = {"": bench.env["PYTHONPATH"], **{label: os.pathsep.join([path, bench.env["PYTHONPATH"]])
+                                                    for label, path in args.trees.items()}}
+            for label, figures in inprocess_rounds(redis_uri, quick, args.rounds, paths).items():
+                results[f"in_process@{label}" if label else "in_process"] = figures
         if bench.prefixes:
             import redis
 
