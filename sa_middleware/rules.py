@@ -52,8 +52,8 @@ def is_newer(marker_at: float, marker_gen: int | None, token_iat: float | None, 
 
 def seen_again(session: SessionInfo, stored: SessionInfo | None, session_idle: float) -> bool:
     """Whether an admission's session record may be left as stored: nothing but ``last_seen`` changed, and the
-    stored one is less than ``min(SEEN_PRECISION, session_idle / 100)`` seconds old (the SQLite and Redis stores
-    skip that write; ``is_active`` then counts a session idle at most that much early)."""
+    stored one is less than ``min(SEEN_PRECISION, session_idle / 100)`` seconds old (every store then skips that
+    write, the Redis store in Lua; ``is_active`` may count a session idle at most that much early)."""
     return (stored is not None and session.last_seen - stored.last_seen < min(SEEN_PRECISION, session_idle / 100)
             and _ALL_BUT_LAST_SEEN(session) == _ALL_BUT_LAST_SEEN(stored))
 
