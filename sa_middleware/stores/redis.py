@@ -14,7 +14,8 @@ default 128), ``bootstrap`` (see below). Every other keyword argument goes to th
 
 How it works: the rules run in Lua (package data ``stores/lua/*.lua``). On Redis 7 and later the code is a function
 library loaded once per server (named after its code, so versions side by side never meet) and called with FCALL;
-it is loaded again when a server does not have it (a restart without persistence, FUNCTION FLUSH). Before Redis 7
+it is loaded again when a server does not have it (a restart without persistence, FUNCTION FLUSH), once for all the
+calls of a process that found it missing together. Before Redis 7
 (or when the user may not load functions) the same code runs as scripts called with EVALSHA and loaded again after a
 NOSCRIPT; the admission, the release and the lease renewal each have a lean script of their own. On one server (or
 behind Sentinel) an admission is one call and a release another;
@@ -269,7 +270,8 @@ _Flow = Generator[_Step, Any, T]
 
 
 class _AsyncClient:
-    """A ``redis.asyncio`` client of one event loop, and whether it is initialised."""
+    """A ``redis.asyncio`` client of one event loop, whether it is initialised, and the lock its calls take to
+    initialise it or to load the function library again."""
 
     def __init__(self, client: Any, pipelined: bool) -> None:
         self.client = client
@@ -459,6 +461,8 @@ class RedisStore(Store):
         self._shas = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._scripts.items()}
         self._library_name, self._library = _library()
         self._functions = True  # False once the server turned out to have no functions (or refused to load them)
+        self._library_loads = 0  # loads of the library after an FCALL found it missing (threads load it once)
+        self._library_lock = threading.Lock()
         # the script's constants after the audit trail's (lib.lua: numbers written as strings, in a JSON list)
         self._constants = (f'"{STATUS_RETENTION!r}","{FENCE_SLACK!r}",'
                            f'"{_KEY_SLACK_MS if clock is None else _TEST_CLOCK_KEY_SLACK_MS}","{SEEN_PRECISION!r}"')
@@ -505,6 +509,7 @@ class RedisStore(Store):
         threads held are made again."""
         self._released, self._released_lock, self._flush_loops = [], threading.Lock(), weakref.WeakSet()
         self._sync_lock, self._async_lock = threading.Lock(), threading.Lock()
+        self._library_lock = threading.Lock()
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> RedisStore:
@@ -693,14 +698,15 @@ class RedisStore(Store):
         name, keys, args = self._invocation(step)
         send = self._thread_send(client)
         if self._functions:
-            function = self._function(name)
+            function, loads = self._function(name), self._library_loads
             try:
                 return self._result(name, send("FCALL", function, len(keys), *keys, *args))
             except redis.ResponseError as exc:
                 error = _function_error(exc)
                 if error is None:
                     raise
-            if error == "missing" and self._load_library(lambda: client.function_load(self._library, replace=True)):
+            if error == "missing" and self._reload_library(
+                    loads, lambda: client.function_load(self._library, replace=True)):
                 return self._result(name, send("FCALL", function, len(keys), *keys, *args))
             self._functions = False
         try:
@@ -717,14 +723,19 @@ class RedisStore(Store):
         """What a call of the script ``name`` answered (a release answers nothing to decode)."""
         return raw if name == "release" else self._answer(raw)
 
-    def _load_library(self, load: Callable[[], Any]) -> bool:
-        """Load the function library (on every master of a cluster); False when the server refuses (a user without
-        the right to load functions): the store then runs scripts."""
-        try:
-            load()
-        except redis.ResponseError as exc:
-            _library_refused(exc)
-            return False
+    def _reload_library(self, seen: int, load: Callable[[], Any]) -> bool:
+        """Load the function library again (on every master of a cluster) after an FCALL found it missing, once for
+        all the threads that found it so: ``seen`` is the count of loads taken before their call, and a load since
+        then came after the server answered it. False when the server refuses (a user without the right to load
+        functions): the store then runs scripts."""
+        with self._library_lock:
+            if self._library_loads == seen:
+                try:
+                    load()
+                except redis.ResponseError as exc:
+                    _library_refused(exc)
+                    return False
+                self._library_loads += 1
         return True
 
     def _invocation(self, step: _Call | _Release) -> tuple[str, list[str], list[str]]:
@@ -745,7 +756,7 @@ class RedisStore(Store):
         name, keys, args = self._invocation(step)
         send = client.execute_command if entry.pipeline is None else entry.pipeline.call
         if self._functions:
-            function = self._function(name)
+            function, loads = self._function(name), self._library_loads
             try:
                 return self._result(name, await send("FCALL", function, len(keys), *keys, *args))
             except redis.ResponseError as exc:
@@ -754,11 +765,15 @@ class RedisStore(Store):
                     raise
             loaded = False
             if error == "missing":
-                try:
-                    await client.function_load(self._library, replace=True)
-                    loaded = True
-                except redis.ResponseError as exc:
-                    _library_refused(exc)
+                async with entry.lock:  # the loop's calls that found it missing together load it once
+                    loaded = self._library_loads != loads
+                    if not loaded:
+                        try:
+                            await client.function_load(self._library, replace=True)
+                            self._library_loads += 1
+                            loaded = True
+                        except redis.ResponseError as exc:
+                            _library_refused(exc)
             if loaded:
                 return self._result(name, await send("FCALL", function, len(keys), *keys, *args))
             self._functions = False

@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,43 @@ def test_the_function_library_is_loaded_once_and_again_after_a_flush(server: Red
         after = commandstats(server)
         assert after["function|load"] == 2  # one reload, then FCALL again
         assert "evalsha" not in after and "eval" not in after
+
+
+def test_threads_finding_the_library_missing_together_load_it_once(server: RedisServer) -> None:
+    threads = 8
+    with opened(private_uri(server)) as store:
+        ok(store, session_id="s-0")
+        server.command("FUNCTION", "FLUSH")
+        start = threading.Barrier(threads)
+
+        def admit(i: int) -> None:
+            start.wait()
+            store.release(ok(store, session_id=f"s-{i + 1}"))
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(admit, range(threads)))
+        ok(store, session_id="s-last")
+        after = commandstats(server)
+        assert after["function|load"] == 2
+        assert after["fcall"] >= threads + 2 and "evalsha" not in after
+
+
+@pytest.mark.anyio
+async def test_calls_of_an_event_loop_finding_the_library_missing_together_load_it_once(server: RedisServer) -> None:
+    import asyncio
+
+    calls = 8
+    store = open_store(private_uri(server))
+    try:
+        assert isinstance(await store.aadmit(adm(session_id="s-0")), Ticket)
+        server.command("FUNCTION", "FLUSH")
+        admitted = await asyncio.gather(*(store.aadmit(adm(session_id=f"s-{i + 1}")) for i in range(calls)))
+        assert all(isinstance(ticket, Ticket) for ticket in admitted)
+        after = commandstats(server)
+        assert after["function|load"] == 2
+        assert after["fcall"] >= calls + 1 and "evalsha" not in after
+    finally:
+        await store.aclose()
 
 
 def test_the_librarys_caches_start_afresh_when_full_and_never_mix_prefixes(tmp_path: Path) -> None:
