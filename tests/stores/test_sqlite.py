@@ -44,6 +44,13 @@ def test_a_session_seen_again_within_a_second_is_not_written_again(tmp_path: Pat
         seen: list[str] = []
         for conn in store._connections:
             conn.set_trace_callback(seen.append)
+        connect = store._connect
+
+        def traced(kind: str) -> sqlite3.Connection:  # a thread that leads later (the flush thread) opens its own
+            conn = connect(kind)
+            conn.set_trace_callback(seen.append)
+            return conn
+        store._connect = traced  # type: ignore[method-assign]
         for step, user_agent in ((0.5, "ua"), (0.4, "changed"), (0.2, "changed"), (1.0, "changed")):
             clock[0] += step
             seen.clear()
