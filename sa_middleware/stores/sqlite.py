@@ -165,8 +165,10 @@ def _schema(db: sqlite_utils.Database) -> None:
                            "credential": str, "actor": str, "marked_at": float, "marked_generation": int,
                            "cleared_at": float, "iss": str}, pk="session_id", not_null={"iss"}, defaults={"iss": ""},
                           if_not_exists=True)
-    for name, definition in _KEYED_TABLES.items():
-        _keyed_table(db, name, definition)
+    for name, (fields, key) in _KEYED_TABLES.items():
+        _keyed_table(db, name, fields, key)
+    for index in _DROPPED_INDEXES:
+        db.execute(f"DROP INDEX IF EXISTS {index}")
     if "iss" not in db.table("sessions").columns_dict:
         db.table("sessions").add_column("iss", str, not_null_default="")
     db.table("devices").create({"device_id": str, "compliant": int, "updated": float}, pk="device_id",
@@ -182,8 +184,7 @@ def _schema(db: sqlite_utils.Database) -> None:
     for columns in (["time"], ["sub", "time"], ["session_id", "time"], ["code", "time"]):
         db.table("audit").create_index(columns, if_not_exists=True)
     for table, columns in (("sessions", ["sub"]), ("sessions", ["iss", "sub"]), ("sessions", ["actor"]),
-                           ("sessions", ["device"]), ("sessions", ["credential"]), ("tickets", ["sub"]),
-                           ("locks", ["ticket_id"])):
+                           ("sessions", ["device"]), ("sessions", ["credential"]), ("locks", ["ticket_id"])):
         db.table(table).create_index(columns, if_not_exists=True)
     # a ticket's locks go with it (release, prune): one statement per release
     db.execute("CREATE TRIGGER IF NOT EXISTS tickets_release_locks AFTER DELETE ON tickets BEGIN "
@@ -191,29 +192,34 @@ def _schema(db: sqlite_utils.Database) -> None:
 
 
 #: the tables of an admission's writes whose rows are found by their text key, kept WITHOUT ROWID: one B-tree each
-#: instead of a table and the index of its key, so an admission and its release write fewer pages
+#: instead of a table and the index of its key, so an admission and its release write fewer pages. Name -> (columns,
+#: primary key). A principal's tickets sit together under its key: the snapshot reads them and a release deletes
+#: one without an index by principal to keep
 _KEYED_TABLES = {
-    "tickets": "ticket_id TEXT PRIMARY KEY, sub TEXT, session_id TEXT, token_hash TEXT, client TEXT, tags TEXT, "
-               "conflicts TEXT, exclusive INTEGER, expires FLOAT, iss TEXT NOT NULL DEFAULT ''",
-    "locks": "key TEXT, ticket_id TEXT, mode TEXT, sub TEXT, session_id TEXT, kind TEXT, fence INTEGER, expires FLOAT, "
-             "iss TEXT NOT NULL DEFAULT '', PRIMARY KEY (key, ticket_id)",
-    "fences": "key TEXT PRIMARY KEY, value INTEGER",
+    "tickets": ("ticket_id TEXT, sub TEXT, session_id TEXT, token_hash TEXT, client TEXT, tags TEXT, conflicts TEXT, "
+                "exclusive INTEGER, expires FLOAT, iss TEXT NOT NULL DEFAULT ''", ("iss", "sub", "ticket_id")),
+    "locks": ("key TEXT, ticket_id TEXT, mode TEXT, sub TEXT, session_id TEXT, kind TEXT, fence INTEGER, "
+              "expires FLOAT, iss TEXT NOT NULL DEFAULT ''", ("key", "ticket_id")),
+    "fences": ("key TEXT, value INTEGER", ("key",)),
 }
+#: indexes earlier versions kept that the keys above now serve
+_DROPPED_INDEXES = ("idx_tickets_sub",)
 
 
-def _keyed_table(db: sqlite_utils.Database, name: str, columns: str) -> None:
+def _keyed_table(db: sqlite_utils.Database, name: str, columns: str, key: tuple[str, ...]) -> None:
     """Create a keyed table, or upgrade one created by an earlier version (a rowid table, perhaps without the
-    ``iss`` column) in place: its rows are copied into the new table (a missing ``iss`` is ""), and its indexes and
-    triggers are created again on it (views naming it keep working)."""
+    ``iss`` column, or one with another primary key) in place: its rows are copied into the new table (a missing
+    ``iss`` is ""), and its indexes and triggers are created again on it (views naming it keep working)."""
     row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()
-    if row is not None and "WITHOUT ROWID" in row[0].upper():
+    if row is not None and "WITHOUT ROWID" in row[0].upper() and _primary_key(db, name) == key:
         return
+    definition = f"{columns}, PRIMARY KEY ({', '.join(key)})"
     if row is None:
-        db.execute(f"CREATE TABLE {name} ({columns}) WITHOUT ROWID")
+        db.execute(f"CREATE TABLE {name} ({definition}) WITHOUT ROWID")
         return
     attached = [sql for (sql,) in db.execute("SELECT sql FROM sqlite_master WHERE type IN ('index', 'trigger') "
                                              "AND tbl_name = ? AND sql IS NOT NULL", [name]).fetchall()]
-    db.execute(f"CREATE TABLE {name}_upgrade ({columns}) WITHOUT ROWID")
+    db.execute(f"CREATE TABLE {name}_upgrade ({definition}) WITHOUT ROWID")
     names = ", ".join(c for c in db.table(f"{name}_upgrade").columns_dict if c in db.table(name).columns_dict)
     db.execute(f"INSERT INTO {name}_upgrade ({names}) SELECT {names} FROM {name}")
     db.execute(f"DROP TABLE {name}")
@@ -226,6 +232,20 @@ def _keyed_table(db: sqlite_utils.Database, name: str, columns: str) -> None:
         db.execute("PRAGMA legacy_alter_table = OFF")
     for sql in attached:
         db.execute(sql)
+
+
+def _primary_key(db: sqlite_utils.Database, name: str) -> tuple[str, ...]:
+    """The columns of a table's primary key, in the key's order."""
+    return tuple(column for _, column in sorted((row[5], row[1]) for row in db.execute(
+        f"PRAGMA table_info({name})").fetchall() if row[5]))
+
+
+#: a ticket's row: (issuer, subject, ticket id)
+_TicketKey = tuple[str, str, str]
+
+
+def _key(ticket: Ticket) -> _TicketKey:
+    return ticket.iss, ticket.sub, ticket.ticket_id
 
 
 def _create_private(path: str) -> None:
@@ -682,7 +702,7 @@ class SQLiteStore(Store):
         assert future is not None and entry.loop is not None
         if future.cancelled():
             if entry.error is None and isinstance(entry.result, Verdict) and entry.result.ticket is not None:
-                self._queue_release(entry.result.ticket.ticket_id, entry.loop)
+                self._queue_release(_key(entry.result.ticket), entry.loop)
         elif entry.error is not None:
             future.set_exception(entry.error)
         else:
@@ -719,8 +739,8 @@ class SQLiteStore(Store):
             if entry.loop not in self._flush_loops:
                 self._schedule_flush(entry.loop)
 
-    def _queue_release(self, ticket_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self._queue_write(_Entry(lambda conn, now: self._release(conn, ticket_id), loop, unawaited=True))
+    def _queue_release(self, key: _TicketKey, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue_write(_Entry(lambda conn, now: self._release(conn, key), loop, unawaited=True))
 
     def _flush_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Decide what is queued in one transaction on the loop, never waiting for the write lock: when another
@@ -935,13 +955,14 @@ class SQLiteStore(Store):
         if future.done() and not future.cancelled() and future.exception() is None:
             verdict = future.result()
             if isinstance(verdict, Verdict) and verdict.ticket is not None:
-                self._queue_release(verdict.ticket.ticket_id, entry.loop)
+                self._queue_release(_key(verdict.ticket), entry.loop)
         # otherwise the future was cancelled with the caller: _settle gives the ticket back once decided
 
     async def _admit_in_thread(self, admission: Admission) -> Ticket | Denial:
         # a cancelled caller never gets the ticket the worker may still commit: whoever comes second (the worker
         # finishing, or the cancelled caller) releases it
         state = {"finished": False, "abandoned": False}
+        key = (admission.iss, admission.sub, admission.ticket_id)
         guard = threading.Lock()
 
         def work() -> Ticket | Denial:
@@ -952,7 +973,7 @@ class SQLiteStore(Store):
                     state["finished"] = True
                     abandoned = state["abandoned"]
                 if abandoned:
-                    self._give_back(admission.ticket_id)
+                    self._give_back(key)
 
         try:
             return await self._run(work)
@@ -962,24 +983,24 @@ class SQLiteStore(Store):
                     state["abandoned"] = True
                     finished = state["finished"]
                 if finished:
-                    threading.Thread(target=self._give_back, args=(admission.ticket_id,), daemon=True,
+                    threading.Thread(target=self._give_back, args=(key,), daemon=True,
                                      name="sa-middleware-sqlite-give-back").start()
             raise
 
-    def _give_back(self, ticket_id: str) -> None:
+    def _give_back(self, key: _TicketKey) -> None:
         with suppress(StoreError):  # StoreUnavailable too: what is left ends with the lease
-            self._write(lambda conn, now: self._release(conn, ticket_id))
+            self._write(lambda conn, now: self._release(conn, key))
 
     def release_nowait(self, ticket: Ticket) -> bool:
-        ticket_id = ticket.ticket_id
+        key = _key(ticket)
         # group commit: on the event loop a release joins the next transaction of this process (the next flush of
         # the loop, right after the callbacks already queued): other processes see it at most one event-loop
         # turn later, or once the thread leading commits it
         loop = self._inline_loop()
         if loop is not None:
-            self._queue_release(ticket_id, loop)
+            self._queue_release(key, loop)
             return True
-        done, _ = self._try_inline(lambda conn, now: self._release(conn, ticket_id))
+        done, _ = self._try_inline(lambda conn, now: self._release(conn, key))
         return done
 
     def _admit(self, conn: sqlite3.Connection, now: float, a: Admission) -> Verdict:
@@ -1163,10 +1184,10 @@ class SQLiteStore(Store):
         self._prune_audit(conn, now)
 
     def release(self, ticket: Ticket) -> None:
-        ticket_id = ticket.ticket_id
+        key = _key(ticket)
         # group commit: the release joins the next write of this process (which decides it first), or the flush
         # thread commits it RELEASE_DELAY later: other processes see it within about that delay
-        entry = _Entry(lambda conn, now: self._release(conn, ticket_id), unawaited=True)
+        entry = _Entry(lambda conn, now: self._release(conn, key), unawaited=True)
         with self._cond:
             self._queue.append(entry)
             if not self._leading:  # else the leader decides it, or wakes the flush thread when it stops
@@ -1181,9 +1202,9 @@ class SQLiteStore(Store):
         self._lead(None)
 
     @staticmethod
-    def _release(conn: sqlite3.Connection, ticket_id: str) -> None:
-        if not conn.execute("DELETE FROM tickets WHERE ticket_id = ?", (ticket_id,)).rowcount:
-            conn.execute("DELETE FROM locks WHERE ticket_id = ?", (ticket_id,))  # the trigger deletes the others
+    def _release(conn: sqlite3.Connection, key: _TicketKey) -> None:
+        if not conn.execute("DELETE FROM tickets WHERE iss = ? AND sub = ? AND ticket_id = ?", key).rowcount:
+            conn.execute("DELETE FROM locks WHERE ticket_id = ?", (key[2],))  # the trigger deletes the others
 
     def renew(self, tickets: Sequence[Ticket], lease: float) -> None:
         if not tickets:
@@ -1192,9 +1213,10 @@ class SQLiteStore(Store):
         marks = ",".join("?" * len(ticket_ids))
 
         def run(conn: sqlite3.Connection, now: float) -> None:
-            for table in ("tickets", "locks"):
-                conn.execute(f"UPDATE {table} SET expires = ? WHERE ticket_id IN ({marks}) AND expires > ?",
-                             (now + lease, *ticket_ids, now))
+            conn.executemany("UPDATE tickets SET expires = ? WHERE iss = ? AND sub = ? AND ticket_id = ? AND "
+                             "expires > ?", [(now + lease, *_key(t), now) for t in tickets])
+            conn.execute(f"UPDATE locks SET expires = ? WHERE ticket_id IN ({marks}) AND expires > ?",
+                         (now + lease, *ticket_ids, now))
         self._write(run)
 
     # -- operations --------------------------------------------------------------------------------------------

@@ -418,8 +418,59 @@ def test_tickets_locks_and_fences_of_an_earlier_schema_are_kept_by_the_upgrade(t
             (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
             assert sql.upper().endswith("WITHOUT ROWID"), sql
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-        assert {"idx_tickets_sub", "idx_locks_ticket_id", "tickets_release_locks"} <= names
+        assert {"idx_locks_ticket_id", "tickets_release_locks"} <= names
+        assert "idx_tickets_sub" not in names  # a principal's tickets are found by the table's key
         assert not any(name.endswith("_upgrade") for name in names)
+        key = sorted((row[5], row[1]) for row in conn.execute("PRAGMA table_info(tickets)") if row[5])
+        assert [column for _, column in key] == ["iss", "sub", "ticket_id"]
+    finally:
+        conn.close()
+
+
+def test_tickets_keyed_by_their_id_alone_are_keyed_by_principal_and_stay_in_force(tmp_path: Path) -> None:
+    """The previous version kept tickets under their id, with an index by subject: the first open keys them by
+    (issuer, subject, ticket id) and drops the index. A ticket in flight still counts and its release frees its
+    lock; a release as the previous version writes it (by ticket id alone) still works on the new table."""
+    path = tmp_path / "keyed.db"
+    now = time.time()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript("""
+        CREATE TABLE tickets (ticket_id TEXT PRIMARY KEY, sub TEXT, session_id TEXT, token_hash TEXT, client TEXT,
+            tags TEXT, conflicts TEXT, exclusive INTEGER, expires FLOAT, iss TEXT NOT NULL DEFAULT '') WITHOUT ROWID;
+        CREATE TABLE locks (key TEXT, ticket_id TEXT, mode TEXT, sub TEXT, session_id TEXT, kind TEXT,
+            fence INTEGER, expires FLOAT, iss TEXT NOT NULL DEFAULT '', PRIMARY KEY (key, ticket_id)) WITHOUT ROWID;
+        CREATE INDEX idx_tickets_sub ON tickets (sub);
+        CREATE INDEX idx_locks_ticket_id ON locks (ticket_id);
+        CREATE TRIGGER tickets_release_locks AFTER DELETE ON tickets BEGIN
+            DELETE FROM locks WHERE ticket_id = old.ticket_id; END;
+    """)
+    for ticket_id, key in (("t-1", "object:1"), ("t-2", "object:2")):
+        conn.execute("INSERT INTO tickets VALUES (?, 'bob', 'bob-1', 'h', '127.0.0.1|ua', '[]', '[]', 0, ?, '')",
+                     (ticket_id, now + 600))
+        conn.execute("INSERT INTO locks VALUES (?, ?, 'exclusive', 'bob', 'bob-1', 'human', 1, ?, '')",
+                     (key, ticket_id, now + 600))
+    conn.close()
+    store = SQLiteStore(str(path))
+    try:
+        busy = store.admit(admission(sub="bob", session_id="bob-1", locks=(), max_in_flight=2))
+        assert isinstance(busy, Denial) and busy.code == "too_many_in_flight"
+        store.release(Ticket("t-1", "bob", "bob-1", {"object:1": 1}, now + 600))
+        old_release = sqlite3.connect(path, isolation_level=None)
+        try:
+            assert old_release.execute("DELETE FROM tickets WHERE ticket_id = 't-2'").rowcount == 1
+        finally:
+            old_release.close()
+        for key in ("object:1", "object:2"):
+            assert isinstance(store.admit(admission(session_id="alice-1", locks=(LockRequest(key),))), Ticket)
+        assert isinstance(store.admit(admission(sub="bob", session_id="bob-1", locks=(), max_in_flight=1)), Ticket)
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    try:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert "idx_tickets_sub" not in names and "tickets_release_locks" in names
+        key = sorted((row[5], row[1]) for row in conn.execute("PRAGMA table_info(tickets)") if row[5])
+        assert [column for _, column in key] == ["iss", "sub", "ticket_id"]
     finally:
         conn.close()
 
