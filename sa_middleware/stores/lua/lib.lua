@@ -218,7 +218,7 @@ function sa.hdel(key, fields)
 end
 
 -- a record's numbers are stored as strings (17 significant digits): c, l, e, ma, mg, ca, ix, f
-function sa.dec(raw)
+local function decode_record(raw)
   local r = cjson.decode(raw)
   local v = r.c if v ~= nil then r.c = tonumber(v) end
   v = r.l if v ~= nil then r.l = tonumber(v) end
@@ -228,6 +228,23 @@ function sa.dec(raw)
   v = r.ca if v ~= nil then r.ca = tonumber(v) end
   v = r.ix if v ~= nil then r.ix = tonumber(v) end
   v = r.f if v ~= nil then r.f = tonumber(v) end
+  return r
+end
+
+-- a record decoded from its JSON: a copy of its fields, decoded once per distinct text while the function library
+-- stays loaded (a session seen again is stored unchanged, and each admission of a principal reads its tickets in
+-- flight again), at most DEC_MAX texts (then started afresh). The copy is the caller's to change; its values are
+-- shared with the decoded one, and the record's lists (tags, conflicts) are never changed.
+local DEC_CACHE, DEC_COUNT, DEC_MAX = {}, 0, 2048
+function sa.dec(raw)
+  local decoded = DEC_CACHE[raw]
+  if decoded == nil then
+    decoded = decode_record(raw)
+    if DEC_COUNT >= DEC_MAX then DEC_CACHE, DEC_COUNT = {}, 0 end
+    DEC_CACHE[raw], DEC_COUNT = decoded, DEC_COUNT + 1
+  end
+  local r = {}
+  for k, x in pairs(decoded) do r[k] = x end
   return r
 end
 
