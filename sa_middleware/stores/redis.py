@@ -301,9 +301,9 @@ def _audit_fields(record: AuditRecord) -> dict[str, Any]:
 
 #: a script's answer from its JSON (decoded first: ``json.loads`` would guess the encoding of bytes)
 _json_decode = json.JSONDecoder().decode
-#: an admission's fields of its token (RedisStore._spec_json): their values -> their JSON object
+#: an admission's fields of its token (RedisStore._spec_args): their values -> their JSON object
 _token_fragments: dict[tuple[Any, ...], str] = {}
-#: the fields of an admission's JSON that are the request's own
+#: the fields of an admission that are the request's own (sent as arguments of their own)
 _REQUEST_FIELDS = frozenset(("tid", "client", "ua", "route", "locks"))
 
 #: policy object -> (its JSON fragment, that fragment as a dict); a policy is usually one object per route
@@ -915,7 +915,7 @@ class RedisStore(Store):
     def _spec(self, a: Admission) -> dict[str, Any]:
         """The admission as the Lua rule reads it (``policy``: the route's policy, under its Python field names).
         Numbers and flags are normalised (``float``, ``int``, ``bool``): values Python holds equal encode the same,
-        which :meth:`_spec_json`'s cache relies on."""
+        which :meth:`_spec_args`'s cache relies on."""
         spec: dict[str, Any] = {
             "tid": a.ticket_id, "sub": a.sub, "kind": a.kind, "sid": a.session_id, "th": a.token_hash,
             "exp": float(a.token_exp), "iat": _opt_float(a.token_iat),
@@ -928,10 +928,12 @@ class RedisStore(Store):
         }
         return {k: v for k, v in spec.items() if v is not None}
 
-    def _spec_json(self, a: Admission) -> tuple[str, str]:
-        """:meth:`_spec` as two JSON objects: the request's own fields, and the fields a token's admissions share
-        (made once per distinct set of values: a warm principal's admissions differ only in ticket, client, user
-        agent, route and locks; the script decodes each distinct text once too)."""
+    def _spec_args(self, a: Admission) -> tuple[tuple[str, str, str, str, str], str]:
+        """:meth:`_spec` as the admission's call sends it: the request's own fields as arguments (ticket id,
+        client, user agent, route, and the locks as a JSON list, "" for none: the script decodes nothing of them),
+        and the fields a token's admissions share as one JSON object (made once per distinct set of values: a warm
+        principal's admissions differ only in ticket, client, user agent, route and locks; the script decodes each
+        distinct text once too)."""
         key = (a.sub, a.kind, a.session_id, a.token_hash, a.token_exp, a.token_iat, a.token_gen, a.jti, a.actor,
                a.credential, a.device, a.token_scopes, a.auth_time, a.acr, a.lease, a.session_idle,
                a.audit_admitted, a.audit_locked, a.iss, self.cluster)
@@ -939,9 +941,9 @@ class RedisStore(Store):
         if token is None:
             shared = {k: v for k, v in self._spec(a).items() if k not in _REQUEST_FIELDS}
             token = _remember(_token_fragments, key, json.dumps(shared, separators=(",", ":"), allow_nan=False))
-        locks = ",".join(f"[{_json_str(r.key)},{_json_str(r.mode)}]" for r in _merge_locks(a.locks)) if a.locks else ""
-        return (f'{{"tid":{_json_str(a.ticket_id)},"client":{_json_str(a.client)},"ua":{_json_str(a.user_agent)},'
-                f'"route":{_json_str(a.route)},"locks":[{locks}]}}', token)
+        locks = ("[" + ",".join(f"[{_json_str(r.key)},{_json_str(r.mode)}]" for r in _merge_locks(a.locks)) + "]"
+                 if a.locks else "")
+        return (a.ticket_id, a.client, a.user_agent, a.route, locks), token
 
     def _cluster_spec(self, a: Admission) -> dict[str, Any]:
         """:meth:`_spec` with the policy, for the steps of a cluster admission."""
@@ -978,9 +980,9 @@ class RedisStore(Store):
         if not self.cluster:  # one server: the call needs no key to route it
             carried = self._take_released() if carry else []
             try:
-                request, token = self._spec_json(a)
-                r = yield _Call("admit", "", request, (_policy_json(a.policy)[0], token,
-                                                       *self._release_args(carried)))
+                (tid, *request), token = self._spec_args(a)
+                r = yield _Call("admit", "", tid, (_policy_json(a.policy)[0], token, *request,
+                                                   *self._release_args(carried)))
             except _ERRORS as exc:
                 if carried:
                     _release_failed(len(carried), exc)

@@ -410,14 +410,19 @@ function sa.result(v)
   return {ok = 1, e = sa.fmt(v.ticket.e), f = fences}
 end
 
--- one server: the whole admission, one call, one round trip. The payload holds the request's own fields; argv[6]
--- is the route's policy (JSON, see sa.policy), argv[7] the fields of the token (JSON, see sa.token); then the
--- releases this process made since its last call, applied first (per ticket: its id, the number of its keys, those
--- keys: RedisStore._release_args)
-sa.ops.admit = function(a, now, since, argv)
-  setmetatable(a, sa.token(argv[7]))
+-- one server: the whole admission, one call, one round trip. The payload is the ticket id; argv[6] is the route's
+-- policy (JSON, see sa.policy), argv[7] the fields of the token (JSON, see sa.token), argv[8] to argv[11] the
+-- request's own fields: client, user agent, route, locks (a JSON list, '' for none); then the releases this
+-- process made since its last call, applied first (per ticket: its id, the number of its keys, those keys:
+-- RedisStore._release_args)
+local NO_LOCKS = {}
+sa.ops.admit = function(tid, now, since, argv)
+  local locks = NO_LOCKS
+  if argv[11] ~= '' then locks = cjson.decode(argv[11]) end
+  local a = setmetatable({tid = tid, client = argv[8], ua = argv[9], route = argv[10], locks = locks},
+                         sa.token(argv[7]))
   a.policy = sa.policy(argv[6])
-  local i = 8
+  local i = 12
   while argv[i] ~= nil do
     local tid, n = argv[i], tonumber(argv[i + 1])
     for j = i + 2, i + 1 + n do redis.call('HDEL', argv[j], tid) end

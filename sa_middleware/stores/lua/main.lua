@@ -3,6 +3,8 @@
 -- argv[1]. The listings (READ_ONLY) only read the marker.
 
 local READ_ONLY = {now = true, sessions = true, locks = true}
+-- operations whose payload is a plain text, not JSON (the admission: its ticket id)
+local PLAIN = {admit = true}
 
 function sa.main(keys, argv)
   local handler = sa.ops[argv[1]]
@@ -17,7 +19,9 @@ function sa.main(keys, argv)
   else
     since, lost = sa.epoch(now)
   end
-  local result = handler(cjson.decode(argv[4]), now, since, argv)
+  local payload = argv[4]
+  if not PLAIN[argv[1]] then payload = cjson.decode(payload) end
+  local result = handler(payload, now, since, argv)
   result.now = sa.fmt(now)
   result.since = sa.fmt(result.since or since)
   if lost then
