@@ -39,7 +39,7 @@ end
 
 -- a route's policy from its JSON
 sa.policy = decoder(512)
--- the fields an admission takes from its token (RedisStore._spec_json), as the metatable that lends them to the
+-- the fields an admission takes from its token (RedisStore._spec_args), as the metatable that lends them to the
 -- admission's own table (its request's fields)
 sa.token = decoder(2048, function(fields) return {__index = fields} end)
 -- the constants of a call (ARGV[5])
