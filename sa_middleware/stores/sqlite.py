@@ -244,7 +244,8 @@ def _primary_key(db: sqlite_utils.Database, name: str) -> tuple[str, ...]:
 _TicketKey = tuple[str, str, str]
 
 
-def _key(ticket: Ticket) -> _TicketKey:
+def _key(ticket: Ticket | Admission) -> _TicketKey:
+    """The row of a ticket, or of the ticket an admission asks for."""
     return ticket.iss, ticket.sub, ticket.ticket_id
 
 
@@ -962,7 +963,7 @@ class SQLiteStore(Store):
         # a cancelled caller never gets the ticket the worker may still commit: whoever comes second (the worker
         # finishing, or the cancelled caller) releases it
         state = {"finished": False, "abandoned": False}
-        key = (admission.iss, admission.sub, admission.ticket_id)
+        key = _key(admission)
         guard = threading.Lock()
 
         def work() -> Ticket | Denial:
