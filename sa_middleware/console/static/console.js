@@ -13,6 +13,14 @@ const PALETTE = ["#c62828", "#6a1b9a", "#1565c0", "#ef6c00", "#00838f", "#ad1457
 let csrf = null;
 let auditQuery = "";
 let pending = null;  // the action waiting for its reason
+let drawn = {};  // what each part of the page was last drawn from: a part is drawn again only when that changes
+
+function changed(part, data) {
+  const text = JSON.stringify(data);
+  if (drawn[part] === text) return false;
+  drawn[part] = text;
+  return true;
+}
 
 function show(value) {
   if (value === null || value === undefined) return "";
@@ -48,6 +56,7 @@ async function api(path, options) {
 
 function loggedOut() {
   csrf = null;
+  drawn = {};
   document.getElementById("main").hidden = true;
   document.getElementById("logout").hidden = true;
   document.getElementById("login").hidden = false;
@@ -200,10 +209,13 @@ async function refresh() {
     document.getElementById("main").hidden = false;
     document.getElementById("logout").hidden = false;
     document.getElementById("who").textContent = "operator: " + show(state.operator);
-    renderSessions(state.sessions);
-    renderLocks(state.locks, state.now);
-    renderAudit((await api("api/audit" + auditQuery)).records);
-    renderChart(await api("api/chart"));
+    // a table drawn afresh while the operator clicks in it would lose the click: draw only what changed
+    if (changed("sessions", state.sessions)) renderSessions(state.sessions);
+    if (changed("locks", [state.locks, state.now])) renderLocks(state.locks, state.now);
+    const audit = (await api("api/audit" + auditQuery)).records;
+    if (changed("audit", audit)) renderAudit(audit);
+    const chart = await api("api/chart");
+    if (changed("chart", chart)) renderChart(chart);
     setStatus("updated " + new Date().toLocaleTimeString());
   } catch (e) {
     setStatus(e.message, true);
