@@ -348,7 +348,11 @@ def test_lifespan_passes_through(guard: Guard, tmp_path: Path) -> None:
 
 
 def test_realm_in_the_challenge(issuer: DemoIssuer) -> None:
-    sent = refused(make_guard(issuer, "memory://", realm="workbench"), http_scope("/docs/1"))
+    g = make_guard(issuer, "memory://", realm="workbench")
+    try:
+        sent = refused(g, http_scope("/docs/1"))
+    finally:
+        g.close()
     headers = dict(sent[0]["headers"])
     assert sent[0]["status"] == 401
     assert headers[b"www-authenticate"] == b'Bearer realm="workbench"'
@@ -514,7 +518,10 @@ def broken(base: type[SQLiteStore], exc: BaseException, path: Path) -> SQLiteSto
 def test_store_failure_is_503(issuer: DemoIssuer, tmp_path: Path, base: type[SQLiteStore],
                               exc: BaseException) -> None:
     g = make_guard(issuer, broken(base, exc, tmp_path / "broken.db"), retry_after=7)
-    sent = refused(g, http_scope("/docs/1", issuer.token(sub())))
+    try:
+        sent = refused(g, http_scope("/docs/1", issuer.token(sub())))
+    finally:
+        g.close()
     assert sent[0]["status"] == 503
     headers = dict(sent[0]["headers"])
     assert headers[b"retry-after"] == b"7"

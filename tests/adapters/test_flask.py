@@ -377,19 +377,25 @@ def _too_many_in_flight(e: Env) -> TestResponse:
 
 
 def _store_unavailable(e: Env) -> TestResponse:
-    broken = make_app(e.bench, SessionAware(guard=Guard(store=Broken(), keys=e.issuer.public_pem,
-                                                        algorithms=["RS256"], issuer=e.issuer.issuer,
-                                                        audience=e.issuer.audience)))
-    tok = e.issuer.token(sub())
-    assert broken.test_client().get("/open", headers=auth(tok)).status_code == 200  # fail_open
-    return e.refused(lambda: broken.test_client().get("/whoami", headers=auth(tok)))
+    guard = Guard(store=Broken(), keys=e.issuer.public_pem, algorithms=["RS256"], issuer=e.issuer.issuer,
+                  audience=e.issuer.audience)
+    try:
+        broken = make_app(e.bench, SessionAware(guard=guard))
+        tok = e.issuer.token(sub())
+        assert broken.test_client().get("/open", headers=auth(tok)).status_code == 200  # fail_open
+        return e.refused(lambda: broken.test_client().get("/whoami", headers=auth(tok)))
+    finally:
+        guard.close()
 
 
 def _keys_unavailable(e: Env) -> TestResponse:
-    down = make_app(e.bench, SessionAware(guard=Guard(store="memory://", jwks_url=unreachable_jwks_url(),
-                                                      algorithms=["RS256"], issuer=e.issuer.issuer,
-                                                      audience=e.issuer.audience)))
-    return e.refused(lambda: down.test_client().get("/whoami", headers=auth(e.issuer.token(sub()))))
+    guard = Guard(store="memory://", jwks_url=unreachable_jwks_url(), algorithms=["RS256"], issuer=e.issuer.issuer,
+                  audience=e.issuer.audience)
+    try:
+        down = make_app(e.bench, SessionAware(guard=guard))
+        return e.refused(lambda: down.test_client().get("/whoami", headers=auth(e.issuer.token(sub()))))
+    finally:
+        guard.close()
 
 
 def _invalid_request(e: Env) -> TestResponse:

@@ -244,6 +244,18 @@ READY_TIMEOUT = 30.0
 SUMMARY_FILE = Path(os.environ.get("SA_REDIS_COUNTS", "/tmp/sa-redis-counts.json"))
 
 
+def lease_end(store: str, key: str) -> float:
+    """When the lease of the lock on ``key`` ends, as the store records it (read after its holder was killed: no
+    renewal follows); now, if it ended already."""
+    from sa_middleware.stores import open_store
+
+    opened = open_store(store)
+    try:
+        return next((info.expires for info in opened.locks() if info.key == key), time.time())
+    finally:
+        opened.close()
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
