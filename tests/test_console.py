@@ -144,8 +144,8 @@ def test_console_in_chromium(app: tuple[str, Guard, str], console_cli: str, issu
 
     driver = browser()
     try:
-        # the page draws its tables afresh every poll: an element found before may be gone when it is used, so
-        # the test reads a table in one script and finds what it clicks again when it was redrawn meanwhile
+        # the page draws a table afresh when a poll finds it changed: an element found before may be gone when it
+        # is used, so the test reads a table in one script and finds what it clicks again if it was redrawn
         wait = WebDriverWait(driver, WAIT, ignored_exceptions=(StaleElementReferenceException,))
 
         def texts(css: str) -> list[str]:

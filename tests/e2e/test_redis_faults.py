@@ -424,7 +424,7 @@ def test_killed_lock_holder_frees_lock_and_ticket_within_one_lease(lock_pool: Se
         assert (busy.status_code, code_of(busy.status_code, busy.json())) == (429, "too_many_in_flight")
 
         os.kill(holder_srv.proc.pid, signal.SIGKILL)
-        killed_at = time.monotonic()
+        killed_at, killed_wall = time.monotonic(), time.time()
         holder_srv.proc.wait(5)
         held_until = lease_end(pool.store, lock_key)  # no renewal follows the kill
 
@@ -453,7 +453,8 @@ def test_killed_lock_holder_frees_lock_and_ticket_within_one_lease(lock_pool: Se
     thread.join(5)
 
     kind = pool.store.split(":", 1)[0]
-    counts = {"store": kind, "lease_s": LEASE, "renewals_before_kill": renewals,
+    counts = {"store": kind, "lease_s": LEASE, "lease_left_at_kill_s": round(held_until - killed_wall, 3),
+              "renewals_before_kill": renewals,
               "lock_free_after_kill_s": round(lock_free_after, 3), "answers": {f"{s} {c}": n
                                                                                 for (s, c), n in answers.items()},
               "holder_ticket_gone_after_s": round(ticket_free_after, 3)}
@@ -463,6 +464,7 @@ def test_killed_lock_holder_frees_lock_and_ticket_within_one_lease(lock_pool: Se
     assert admitted is not None, f"lock never free after its lease\n{report}\n{pool.logs()}"
     assert jobs is not None, f"the killed holder's ticket lives on past its lease\n{report}"
     assert not early, f"freed before the killed holder's lease ran out: {early}\n{report}"
+    assert held_until <= killed_wall + LEASE + 0.01, f"the lock outlives one lease after the crash\n{report}"
     assert set(answers) <= {(200, "ok"), (423, "object_locked"), (429, "too_many_in_flight")}, report
     body = admitted.json()
     assert body["pid"] == other_srv.proc.pid, report
