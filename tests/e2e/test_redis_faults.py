@@ -171,30 +171,25 @@ def get(server: Server, route: str, token: str) -> tuple[int, str, httpx.Respons
 
 
 def poll(server: Server, route: str, token: str, until: Callable[[int, str], bool], allowed: set[tuple[int, str]],
-         timeout: float = WAIT) -> tuple[list[tuple[int, str]], float]:
+         timeout: float = WAIT) -> tuple[list[tuple[int, str]], float, httpx.Response]:
     """Repeat a request until ``until(status, code)``; every answer on the way must be in ``allowed``.
-    Returns the answers and the seconds it took."""
+    Returns the answers, the seconds it took and the last response."""
     started = time.monotonic()
     seen: list[tuple[int, str]] = []
     while True:
-        status, code, _ = get(server, route, token)
+        status, code, resp = get(server, route, token)
         seen.append((status, code))
         if until(status, code):
-            return seen, time.monotonic() - started
+            return seen, time.monotonic() - started, resp
         assert (status, code) in allowed, f"unexpected {status} {code} while waiting; seen {Counter(seen)}"
         assert time.monotonic() - started < timeout, f"no recovery within {timeout}s: {Counter(seen)}"
         time.sleep(0.05)
 
 
-def settled(server: Server, route: str, token: str) -> tuple[int, str, httpx.Response]:
-    """The first answer that is not a 503: the store's calls have a short timeout, which one slow answer of a busy
-    machine can exceed (the request is then refused with store_unavailable and tried again)."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        answer = get(server, route, token)
-        if answer[0] != 503 or time.monotonic() > deadline:
-            return answer
-        time.sleep(0.05)
+def settled(server: Server, route: str, token: str) -> tuple[list[tuple[int, str]], float, httpx.Response]:
+    """:func:`poll` until an answer is not store_unavailable: the store's calls have a short timeout, which one slow
+    answer of a busy machine can exceed (the request is then refused with store_unavailable and tried again)."""
+    return poll(server, route, token, lambda status, code: status != 503, {(503, "store_unavailable")})
 
 
 def fresh_token(issuer: Issuer, sub: str, **claims: Any) -> str:
@@ -286,9 +281,8 @@ def test_killed_redis_gives_503_then_restarted_recovers_and_detects_the_loss(
     up_at = now_ns()
 
     # the same app processes answer again, and refuse the token issued before the loss
-    recovery = [poll(s, "/ping", old, lambda status, code: status != 503, {(503, "store_unavailable")})
-                for s in servers]
-    old_answers = [settled(s, route, old)[:2] for s in servers for route in ("/ping", "/open")]
+    recovery = [settled(s, "/ping", old) for s in servers]
+    old_answers = [settled(s, route, old)[0][-1] for s in servers for route in ("/ping", "/open")]
     new = fresh_token(pool.issuer, sub)
     new_answers = [settled(s, "/ping", new)[2] for s in servers]
     latencies = [a.seconds for a in down if a.route == "/ping" and a.status == 503]
@@ -298,8 +292,8 @@ def test_killed_redis_gives_503_then_restarted_recovers_and_detects_the_loss(
                                                                          for a in down)),
         "latency_503_client": percentiles(latencies),
         "store_call_failed_server": percentiles(server_timings(pool, down_at, up_started)),
-        "first_answers_after_restart": [seen[-1] for seen, _ in recovery],
-        "recovered_after_restart_s": [round(took, 4) for _, took in recovery],
+        "first_answers_after_restart": [seen[-1] for seen, _, _ in recovery],
+        "recovered_after_restart_s": [round(took, 4) for _, took, _ in recovery],
         "old_token_after_restart": old_answers, "new_token_after_restart": [r.status_code for r in new_answers],
         "statuses_500": sum(a.status == 500 for a in load.answers), "transport_errors": len(load.errors),
     }
@@ -314,7 +308,7 @@ def test_killed_redis_gives_503_then_restarted_recovers_and_detects_the_loss(
     assert ping_down and {(a.status, a.code) for a in ping_down} == {(503, "store_unavailable")}, report
     assert all(a.retry_after.isdigit() for a in ping_down), report
     assert open_down and {(a.status, a.code) for a in open_down} == {(200, "ok")}, report
-    assert [seen[-1] for seen, _ in recovery] == [(401, "token_revoked")] * 2, f"loss not detected\n{report}"
+    assert [seen[-1] for seen, _, _ in recovery] == [(401, "token_revoked")] * 2, f"loss not detected\n{report}"
     assert old_answers == [(401, "token_revoked")] * 4, report
     assert [r.status_code for r in new_answers] == [200, 200], [r.text for r in new_answers]
     assert {r.json()["pid"] for r in new_answers} == {s.proc.pid for s in servers}, "the app was not restarted"

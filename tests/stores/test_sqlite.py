@@ -421,10 +421,15 @@ def test_tickets_locks_and_fences_of_an_earlier_schema_are_kept_by_the_upgrade(t
         assert {"idx_locks_ticket_id", "tickets_release_locks"} <= names
         assert "idx_tickets_sub" not in names  # a principal's tickets are found by the table's key
         assert not any(name.endswith("_upgrade") for name in names)
-        key = sorted((row[5], row[1]) for row in conn.execute("PRAGMA table_info(tickets)") if row[5])
-        assert [column for _, column in key] == ["iss", "sub", "ticket_id"]
+        assert primary_key(conn, "tickets") == ["iss", "sub", "ticket_id"]
     finally:
         conn.close()
+
+
+def primary_key(conn: sqlite3.Connection, table: str) -> list[str]:
+    """The columns of a table's primary key, in the key's order."""
+    return [column for _, column in sorted((row[5], row[1]) for row in conn.execute(f"PRAGMA table_info({table})")
+                                           if row[5])]
 
 
 def test_tickets_keyed_by_their_id_alone_are_keyed_by_principal_and_stay_in_force(tmp_path: Path) -> None:
@@ -469,8 +474,7 @@ def test_tickets_keyed_by_their_id_alone_are_keyed_by_principal_and_stay_in_forc
     try:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         assert "idx_tickets_sub" not in names and "tickets_release_locks" in names
-        key = sorted((row[5], row[1]) for row in conn.execute("PRAGMA table_info(tickets)") if row[5])
-        assert [column for _, column in key] == ["iss", "sub", "ticket_id"]
+        assert primary_key(conn, "tickets") == ["iss", "sub", "ticket_id"]
     finally:
         conn.close()
 
